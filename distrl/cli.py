@@ -1,0 +1,81 @@
+"""Command-line parsing shared by distrl's entry points: ``--config`` plus one dotted flag per
+config field (``--learner.lr 3e-5``), with each field's help text."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from distrl import config as cfg
+from distrl.errors import ConfigError, DistrlError
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config`` and one ``--section.field`` flag per config field to ``parser``."""
+    parser.add_argument(
+        "--config",
+        default="default",
+        metavar="NAME_OR_YAML",
+        help=f"packaged config ({', '.join(cfg.NAMED_CONFIGS)}) or a YAML file "
+        "(default: %(default)s)",
+    )
+    group = parser.add_argument_group("config fields (override the config file)")
+    defaults = cfg.to_dict(cfg.RunConfig())
+    for path, tp, f in cfg.iter_fields():
+        default: Any = defaults
+        for part in path.split("."):
+            default = default[part]
+        checks = ", ".join(
+            f"{k} {v}" for k, v in f.metadata.items() if k in ("ge", "gt", "le", "lt")
+        )
+        extra = f"; {checks}" if checks else ""
+        group.add_argument(
+            f"--{path}",
+            dest=f"cfg:{path}",
+            default=None,
+            metavar=cfg._type_name(tp).upper().replace(" ", ""),
+            help=f"{f.metadata.get('help', '')} (default: {default!r}{extra})".replace("%", "%%"),
+        )
+
+
+def parse_config(
+    parser: argparse.ArgumentParser, argv: list[str] | None, aliases: dict[str, str] | None = None
+) -> tuple[argparse.Namespace, cfg.RunConfig]:
+    """Parse ``argv`` and return the namespace and the validated ``RunConfig``.
+
+    Unknown flags and bad values raise ConfigError naming the flag and its closest spelling.
+
+    Args:
+        parser: a parser set up with ``add_config_arguments``.
+        argv: command-line arguments (``sys.argv[1:]`` when None).
+        aliases: namespace attribute -> dotted config field for convenience flags
+            (``output_dir`` -> ``output.dir``).
+    """
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flag = next((u for u in unknown if u.startswith("--")), unknown[0])
+        options = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+        close = difflib.get_close_matches(flag.split("=")[0], options, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"unknown option {flag}{hint}; see --help")
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
+    for attr, path in (aliases or {}).items():
+        if getattr(args, attr, None) is not None:
+            overrides[path] = getattr(args, attr)
+    return args, cfg.load_config(args.config, overrides)
+
+
+def run_main(main: Callable[[], int]) -> None:
+    """Run a CLI ``main``; a DistrlError is printed as one line and exits with status 2."""
+    try:
+        code = main()
+    except DistrlError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)

@@ -1,0 +1,482 @@
+"""Run configuration: one frozen dataclass per component, nested in ``RunConfig``.
+
+A config comes from a packaged named YAML (``tiny``, ``default``) or a YAML file, then dotted
+overrides (``learner.lr=3e-5`` or ``--learner.lr 3e-5`` on the command line). Every value is
+checked against its field's type and range before anything heavy starts; errors name the dotted
+field and, for unknown keys, the closest valid spelling. Field help texts become ``--help``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from distrl.errors import ConfigError
+
+NAMED_CONFIGS = ("tiny", "default")
+
+
+def _f(default: Any, help: str, **checks: Any) -> Any:
+    """A dataclass field with help text and optional range checks (ge, gt, le, lt)."""
+    meta = {"help": help, **checks}
+    if isinstance(default, (dict, list, tuple)) and not isinstance(default, str):
+        frozen = default
+        return field(default_factory=lambda: type(frozen)(frozen), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = _f(
+        "default",
+        "policy: 'default' (packaged SmolLM2-135M-Instruct), 'tiny-llama', "
+        "'tiny-gpt2' (random, for tests), a local Hugging Face folder or a hub id",
+    )
+    reference: str | None = _f(
+        None,
+        "frozen reference model for the KL penalty and perplexity "
+        "rewards; empty means a frozen copy of the initial policy",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
+        "auto", "parameter dtype; auto = bfloat16 on a CUDA device that supports it, else float32"
+    )
+    device: Literal["auto", "cpu", "cuda"] = _f(
+        "auto", "device for the learner and rollout models; auto = CUDA when present"
+    )
+    gradient_checkpointing: bool = _f(False, "trade compute for memory in the learner")
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    name: str = _f(
+        "auto",
+        "'auto' (the model's own), 'gpt2', 'tiktoken:cl100k_base', "
+        "'tiktoken:o200k_base', 'tiktoken:gpt2', or a Hugging Face folder",
+    )
+    chat_template: bool = _f(
+        True, "format prompts with the tokenizer's chat template when it has one"
+    )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = _f(
+        "default", "prompts: 'default' (packaged conversations) or a .jsonl, .txt or .parquet file"
+    )
+    validation: str | None = _f(
+        None, "held-out prompts file; empty = split off val_fraction of train"
+    )
+    val_fraction: float = _f(
+        0.05, "fraction of train held out when no validation file is given", ge=0.0, lt=1.0
+    )
+    max_examples: int | None = _f(None, "read at most this many examples", ge=1)
+    max_prompt_tokens: int = _f(128, "prompts are cut to their last this-many tokens", ge=1)
+    system_prompt: str | None = _f(None, "system message put before every chat prompt")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    num_workers: int = _f(2, "rollout worker actors", ge=1)
+    batch_size: int = _f(8, "prompts each worker generates for per rollout", ge=1)
+    max_new_tokens: int = _f(32, "longest continuation, in policy tokens", ge=1)
+    temperature: float = _f(1.0, "sampling temperature", gt=0.0)
+    top_p: float = _f(1.0, "nucleus sampling mass; 1 = off", gt=0.0, le=1.0)
+    top_k: int = _f(0, "sample from the k most likely tokens; 0 = off", ge=0)
+    max_policy_lag: int = _f(
+        1, "drop rollouts made by a policy more than this many versions old", ge=0
+    )
+
+
+@dataclass(frozen=True)
+class RewardComponent:
+    name: str = _f("diversity", "reward component name, or a user function 'pkg.mod:func'")
+    weight: float = _f(1.0, "weight of this component in the total reward")
+    options: dict[str, Any] = _f({}, "options passed to the component")
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    components: tuple[RewardComponent, ...] = _f(
+        (RewardComponent(),),
+        "weighted reward components summed into the total, as a YAML list "
+        "of {name, weight, options}",
+    )
+    num_actors: int = _f(1, "reward scorer actors in the pool", ge=1)
+    batch_size: int = _f(32, "samples per scorer call", ge=1)
+    on_error: Literal["raise", "drop"] = _f(
+        "raise",
+        "a component that raises or returns NaN: stop with an error, or drop and count the samples",
+    )
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    lr: float = _f(1e-5, "AdamW learning rate", gt=0.0, le=1.0)
+    weight_decay: float = _f(0.0, "AdamW weight decay", ge=0.0)
+    max_grad_norm: float = _f(1.0, "clip the gradient norm to this", gt=0.0)
+    warmup_steps: int = _f(0, "linear learning-rate warm-up, in optimizer steps", ge=0)
+    max_nonfinite_updates: int = _f(3, "stop after this many non-finite updates in a row", ge=1)
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    epochs: int = _f(2, "passes over each rollout batch", ge=1)
+    minibatch_size: int = _f(8, "sequences per optimizer step", ge=1)
+    clip: float = _f(0.2, "surrogate clip range epsilon", gt=0.0, lt=1.0)
+    value_clip: float = _f(0.2, "value-loss clip range; 0 = unclipped", ge=0.0)
+    vf_coef: float = _f(0.5, "value-loss coefficient", ge=0.0)
+    ent_coef: float = _f(0.0, "entropy-bonus coefficient", ge=0.0)
+    gamma: float = _f(1.0, "discount per token", ge=0.0, le=1.0)
+    gae_lambda: float = _f(0.95, "GAE lambda", ge=0.0, le=1.0)
+    kl_coef: float = _f(
+        0.05, "per-token KL penalty coefficient (initial value if adaptive)", ge=0.0
+    )
+    kl_target: float | None = _f(
+        None, "adapt kl_coef toward this KL per sequence; empty = fixed coefficient", gt=0.0
+    )
+    kl_horizon: int = _f(10000, "adaptive KL controller horizon, in samples", ge=1)
+    target_kl: float | None = _f(
+        None, "stop an update's epochs early past this approximate KL", gt=0.0
+    )
+    whiten_advantages: bool = _f(True, "normalise advantages to zero mean, unit variance")
+    ce_coef: float = _f(
+        0.0, "cross-entropy coefficient on reference responses, when the data has them", ge=0.0
+    )
+
+
+@dataclass(frozen=True)
+class DQNConfig:
+    q_network: Literal["lm_head", "performer", "mlp"] = _f(
+        "lm_head",
+        "Q-network: a Q head on the policy LM, a Performer over tokens, or an MLP over "
+        "a state embedding",
+    )
+    gamma: float = _f(0.99, "discount per token", ge=0.0, le=1.0)
+    n_step: int = _f(1, "n-step TD targets", ge=1)
+    double_q: bool = _f(True, "Double Q-learning targets")
+    target_update_interval: int = _f(100, "learner steps between target-network syncs", ge=1)
+    exploration: Literal["epsilon", "ucb"] = _f("epsilon", "exploration rule when acting")
+    epsilon_start: float = _f(0.2, "initial epsilon", ge=0.0, le=1.0)
+    epsilon_end: float = _f(0.02, "final epsilon", ge=0.0, le=1.0)
+    epsilon_decay_steps: int = _f(1000, "learner steps to decay epsilon over", ge=1)
+    ucb_c: float = _f(1.0, "UCB exploration constant", ge=0.0)
+    action_top_k: int = _f(
+        32, "actions = the reference LM's top-k tokens; 0 = full vocabulary", ge=0
+    )
+    batch_size: int = _f(64, "transitions per learner step", ge=1)
+    updates_per_iteration: int = _f(8, "learner steps per iteration", ge=1)
+    learning_starts: int = _f(256, "transitions in replay before learning starts", ge=0)
+    prune_sparsity: float = _f(
+        0.0, "magnitude-prune the state encoder's linear layers to this sparsity", ge=0.0, lt=1.0
+    )
+    autoencoder_dim: int | None = _f(
+        None, "compress state embeddings to this size with an autoencoder; empty = off", ge=1
+    )
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    capacity: int = _f(100_000, "transitions held; the oldest are overwritten", ge=1)
+    prioritized: bool = _f(True, "prioritized (sum-tree) instead of uniform sampling")
+    alpha: float = _f(0.6, "priority exponent", ge=0.0)
+    beta_start: float = _f(0.4, "initial importance-sampling exponent", ge=0.0, le=1.0)
+    beta_end: float = _f(1.0, "final importance-sampling exponent", ge=0.0, le=1.0)
+    beta_anneal_steps: int = _f(10_000, "learner steps to anneal beta over", ge=1)
+    snapshot_every: int = _f(
+        0, "write a Parquet snapshot every this many iterations; 0 = only with checkpoints", ge=0
+    )
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    address: str | None = _f(
+        None,
+        "Ray cluster to attach to ('auto' or host:port); empty = the "
+        "job's cluster under `ray job submit`, else an embedded local Ray",
+    )
+    num_cpus: int | None = _f(None, "CPUs of an embedded local Ray; ignored on a cluster", ge=1)
+    object_store_memory: int | None = _f(
+        None, "object store bytes of an embedded local Ray", ge=78_643_200
+    )
+    rollout_cpus: float = _f(1.0, "CPUs per rollout worker", ge=0.0)
+    rollout_gpus: float = _f(0.0, "GPU share per rollout worker", ge=0.0)
+    learner_cpus: float = _f(1.0, "CPUs of the learner", ge=0.0)
+    learner_gpus: float = _f(0.0, "GPUs of the learner", ge=0.0)
+    reward_cpus: float = _f(1.0, "CPUs per reward actor", ge=0.0)
+    reward_gpus: float = _f(0.0, "GPU share per reward actor", ge=0.0)
+    replay_cpus: float = _f(0.0, "CPUs of the replay actor", ge=0.0)
+    custom: dict[str, dict[str, float]] = _f(
+        {}, "extra custom resources per role, e.g. {rollout: {inference_node: 0.01}}"
+    )
+    torch_threads: int | None = _f(None, "torch threads per actor; empty = its CPU count", ge=1)
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str | None = _f(None, "run directory; empty = ./runs/<algo>-<timestamp>")
+    checkpoint_every: int = _f(10, "iterations between checkpoints", ge=1)
+    keep_checkpoints: int = _f(3, "step checkpoints kept besides best/ and final/", ge=1)
+    eval_every: int = _f(5, "iterations between held-out evaluations; 0 = never", ge=0)
+    eval_examples: int = _f(16, "held-out prompts per evaluation", ge=1)
+    tensorboard: bool = _f(True, "write TensorBoard event files")
+    plots: bool = _f(True, "write PNG plots of the training curves")
+    progress: bool = _f(True, "show a progress bar")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    algo: Literal["ppo", "dqn"] = _f("ppo", "learning algorithm")
+    seed: int = _f(0, "random seed", ge=0)
+    iterations: int = _f(100, "training iterations (rollout, score, learn, publish)", ge=1)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    dqn: DQNConfig = field(default_factory=DQNConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self) -> None:
+        if self.ppo.minibatch_size > self.rollout.batch_size * self.rollout.num_workers:
+            raise ConfigError(
+                f"ppo.minibatch_size ({self.ppo.minibatch_size}) is larger than a rollout "
+                f"batch (rollout.batch_size x rollout.num_workers = "
+                f"{self.rollout.batch_size * self.rollout.num_workers})"
+            )
+        if self.replay.beta_end < self.replay.beta_start:
+            raise ConfigError("replay.beta_end must be >= replay.beta_start")
+
+
+# ---- building and checking ---------------------------------------------------------------
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(
+            "empty" if a is type(None) else _type_name(a) for a in typing.get_args(tp)
+        )
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_range(path: str, value: float, meta: dict[str, Any]) -> None:
+    bounds = {
+        "ge": (">=", lambda a, b: a >= b),
+        "gt": (">", lambda a, b: a > b),
+        "le": ("<=", lambda a, b: a <= b),
+        "lt": ("<", lambda a, b: a < b),
+    }
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{path}: {value!r} is not a finite number")
+    for key, (_, ok) in bounds.items():
+        if key in meta and not ok(value, meta[key]):
+            allowed = " and ".join(f"{bounds[k][0]} {meta[k]}" for k in bounds if k in meta)
+            raise ConfigError(f"{path}: {value!r} is out of range (allowed: {allowed})")
+
+
+def _convert(path: str, value: Any, tp: Any, meta: dict[str, Any]) -> Any:
+    """Check ``value`` against type ``tp`` (and the field's range) and return it converted."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(path, value, inner, meta)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: {value!r} is not one of {_type_name(tp)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, path)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+        return tuple(_convert(f"{path}[{i}]", v, args[0], {}) for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
+        if args and args[1] is not Any:
+            return {str(k): _convert(f"{path}.{k}", v, args[1], {}) for k, v in value.items()}
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads '3e-5' as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {type(value).__name__} {value!r}")
+        value = float(value)
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {type(value).__name__} {value!r}")
+    elif tp is str:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{path}: expected a non-empty string, got {value!r}")
+        return value
+    _check_range(path, value, meta)
+    return value
+
+
+def _unknown(path: str, key: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f" (did you mean '{_join(path, close[0])}'?)" if close else ""
+    return ConfigError(
+        f"unknown config key '{_join(path, key)}'{hint}; valid keys here: {', '.join(valid)}"
+    )
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def build(cls: type, data: Any, path: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, checking every key, type and range.
+
+    Raises:
+        ConfigError: naming the dotted field at fault.
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = _hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise _unknown(path, str(key), list(fields))
+        kwargs[key] = _convert(_join(path, key), value, hints[key], dict(fields[key].metadata))
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Return a config as plain YAML-ready data (tuples become lists)."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(config)
+
+
+def read_yaml(source: str) -> dict[str, Any]:
+    """Read a packaged named config (``tiny``, ``default``) or a YAML file into a mapping."""
+    if source in NAMED_CONFIGS:
+        text = resources.files("distrl.configs").joinpath(f"{source}.yaml").read_text()
+        name = f"packaged config '{source}'"
+    else:
+        file = Path(source)
+        if not file.is_file():
+            raise ConfigError(
+                f"config {source!r} is neither a packaged config "
+                f"({', '.join(NAMED_CONFIGS)}) nor an existing YAML file"
+            )
+        text, name = file.read_text(encoding="utf-8"), str(file)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{name}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{name}: expected a mapping of config sections, got {type(data).__name__}"
+        )
+    return data
+
+
+def field_type(path: str) -> Any:
+    """Return the annotated type of dotted field ``path`` of ``RunConfig``."""
+    cls, tp = RunConfig, RunConfig
+    for part in path.split("."):
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"unknown config key '{path}'")
+        hints = _hints(cls)
+        if part not in hints:
+            raise _unknown(path.rsplit(".", 1)[0] if "." in path else "", part, list(hints))
+        tp = hints[part]
+        cls = tp
+    return tp
+
+
+def apply_override(data: dict[str, Any], path: str, raw: str | Any) -> None:
+    """Set dotted ``path`` in nested ``data`` to ``raw`` (a string is parsed as YAML)."""
+    field_type(path)  # unknown keys fail here, with a suggestion
+    value = raw
+    if isinstance(raw, str):
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else raw
+        except yaml.YAMLError:
+            value = raw
+        if value is None and raw.strip().lower() not in ("", "null", "none", "~"):
+            value = raw
+    *parents, leaf = path.split(".")
+    node = data
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[leaf] = value
+
+
+def load_config(source: str = "default", overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Load, override and validate a ``RunConfig``.
+
+    Args:
+        source: a packaged config name (``tiny``, ``default``) or a YAML file path.
+        overrides: dotted field -> value (strings are parsed as YAML, e.g. ``"3e-5"``).
+    """
+    data = read_yaml(source)
+    for path, value in (overrides or {}).items():
+        apply_override(data, path, value)
+    return build(RunConfig, data)
+
+
+def dump_yaml(config: RunConfig, file: Path) -> None:
+    """Write the resolved config as YAML (loadable again with ``load_config``)."""
+    file.write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+
+
+def iter_fields(cls: type = RunConfig, prefix: str = "") -> typing.Iterator[tuple[str, Any, Any]]:
+    """Yield ``(dotted name, type, dataclasses.Field)`` for every leaf field of ``cls``."""
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from iter_fields(tp, _join(prefix, f.name))
+        else:
+            yield _join(prefix, f.name), tp, f

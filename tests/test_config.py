@@ -1,0 +1,134 @@
+import argparse
+import dataclasses
+
+import pytest
+import yaml
+
+from distrl import cli
+from distrl.config import (
+    NAMED_CONFIGS,
+    RunConfig,
+    dump_yaml,
+    iter_fields,
+    load_config,
+    to_dict,
+)
+from distrl.errors import ConfigError
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    cli.add_config_arguments(parser)
+    parser.add_argument("--output-dir", dest="output_dir")
+    return cli.parse_config(parser, argv, aliases={"output_dir": "output.dir"})
+
+
+@pytest.mark.parametrize("name", NAMED_CONFIGS)
+def test_packaged_configs_load(name):
+    config = load_config(name)
+    assert isinstance(config, RunConfig)
+    assert dataclasses.is_dataclass(config.learner)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.learner.lr = 1.0
+
+
+def test_yaml_round_trip(tmp_path):
+    config = load_config("tiny", {"learner.lr": "3e-5", "reward.components": "[{name: length}]"})
+    dump_yaml(config, tmp_path / "config.yaml")
+    again = load_config(str(tmp_path / "config.yaml"))
+    assert again == config
+    assert again.learner.lr == 3e-5
+    assert again.reward.components[0].name == "length"
+
+
+def test_cli_overrides_and_aliases():
+    _, config = parse(
+        [
+            "--config",
+            "tiny",
+            "--learner.lr",
+            "3e-5",
+            "--rollout.num_workers",
+            "3",
+            "--ppo.kl_target",
+            "0.1",
+            "--output-dir",
+            "somewhere",
+            "--tokenizer.chat_template",
+            "false",
+        ]
+    )
+    assert config.learner.lr == pytest.approx(3e-5)
+    assert config.rollout.num_workers == 3
+    assert config.ppo.kl_target == pytest.approx(0.1)
+    assert config.output.dir == "somewhere"
+    assert config.tokenizer.chat_template is False
+
+
+def test_empty_value_means_none():
+    _, config = parse(["--config", "tiny", "--ppo.kl_target", "null"])
+    assert config.ppo.kl_target is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["--learner.lrr", "1"], "--learner.lr"),
+        (["--learner.lr", "-1"], "learner.lr: -1.0 is out of range (allowed: > 0.0"),
+        (["--learner.lr", "fast"], "learner.lr: expected a number, got str 'fast'"),
+        (["--rollout.num_workers", "2.5"], "rollout.num_workers: expected an integer"),
+        (["--rollout.top_p", "1.5"], "rollout.top_p: 1.5 is out of range"),
+        (["--algo", "sac"], "algo: 'sac' is not one of 'ppo' | 'dqn'"),
+        (["--output.tensorboard", "maybe"], "output.tensorboard: expected true or false"),
+        (
+            ["--reward.components", "[{name: x, wieght: 1}]"],
+            "reward.components[0].wieght' (did you mean 'reward.components[0].weight'",
+        ),
+        (["--ppo.minibatch_size", "1000"], "ppo.minibatch_size (1000) is larger"),
+        (["--learner.lr", "nan"], "learner.lr: nan is not a finite number"),
+    ],
+)
+def test_cli_errors_name_the_field(argv, fragment):
+    with pytest.raises(ConfigError) as info:
+        parse(["--config", "tiny", *argv])
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("learner:\n  lrr: 0.1\n", "unknown config key 'learner.lrr' (did you mean 'learner.lr'?)"),
+        ("lerner:\n  lr: 0.1\n", "did you mean 'learner'"),
+        ("learner:\n  lr: -0.1\n", "learner.lr: -0.1 is out of range"),
+        ("learner: 3\n", "learner: expected a mapping"),
+        ("rollout:\n  batch_size: '8'\n", "rollout.batch_size: expected an integer, got str"),
+        ("seed: 1\nlearner: [1, 2\n", "invalid YAML"),
+        ("- a\n- b\n", "expected a mapping of config sections"),
+        ("reward:\n  components: {name: x}\n", "reward.components: expected a list"),
+    ],
+)
+def test_yaml_errors_name_the_field(tmp_path, text, fragment):
+    file = tmp_path / "bad.yaml"
+    file.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(file))
+    assert fragment in str(info.value)
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="neither a packaged config"):
+        load_config("no/such/file.yaml")
+
+
+def test_every_field_has_help_and_a_flag():
+    parser = argparse.ArgumentParser()
+    cli.add_config_arguments(parser)
+    text = parser.format_help()
+    for path, _, f in iter_fields():
+        assert f.metadata.get("help"), path
+        assert f"--{path}" in text
+
+
+def test_to_dict_is_yaml_ready():
+    text = yaml.safe_dump(to_dict(load_config("default")))
+    assert "components" in text and "!!python" not in text
