@@ -1,0 +1,172 @@
+"""Rollout worker: holds a policy copy, loads published weights, generates continuations.
+
+A plain class; ``distrl.actors`` makes it a Ray actor. Trajectories come back as numpy arrays
+stamped with the policy version that made them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import GenerationConfig
+
+from distrl.config import ModelConfig, RolloutConfig, TokenizerConfig
+from distrl.models import VersionedWeights, set_weights
+from distrl.policy import build_model, build_tokenizer, left_pad
+
+
+@dataclass
+class Trajectories:
+    """A batch of generations. ``B`` sequences, ``P`` prompt and ``T`` response tokens.
+
+    Attributes:
+        prompt_ids: (B, P) int64, left-padded. prompt_mask: (B, P) int64.
+        response_ids: (B, T) int64, right-padded. response_mask: (B, T) float32, 1 up to and
+            including the first EOS.
+        logprobs: (B, T) float32, log-probabilities of the sampled tokens under
+            ``softmax(logits / temperature)``, the distribution the learner recomputes.
+        texts: (B,) decoded responses. example_ids: (B,) indices into the prompt set.
+        version: policy version that generated the batch. seconds: generation wall time.
+    """
+
+    prompt_ids: np.ndarray
+    prompt_mask: np.ndarray
+    response_ids: np.ndarray
+    response_mask: np.ndarray
+    logprobs: np.ndarray
+    texts: np.ndarray
+    example_ids: np.ndarray
+    version: int
+    seconds: float
+
+    @property
+    def num_tokens(self) -> int:
+        """Generated (unpadded) tokens."""
+        return int(self.response_mask.sum())
+
+    @staticmethod
+    def concat(parts: list[Trajectories]) -> Trajectories:
+        """Join batches (re-padding prompts and responses to a common width)."""
+        pad_p = max(p.prompt_ids.shape[1] for p in parts)
+        pad_t = max(p.response_ids.shape[1] for p in parts)
+
+        def left(a: np.ndarray) -> np.ndarray:
+            return np.pad(a, ((0, 0), (pad_p - a.shape[1], 0)))
+
+        def right(a: np.ndarray) -> np.ndarray:
+            return np.pad(a, ((0, 0), (0, pad_t - a.shape[1])))
+
+        return Trajectories(
+            prompt_ids=np.concatenate([left(p.prompt_ids) for p in parts]),
+            prompt_mask=np.concatenate([left(p.prompt_mask) for p in parts]),
+            response_ids=np.concatenate([right(p.response_ids) for p in parts]),
+            response_mask=np.concatenate([right(p.response_mask) for p in parts]),
+            logprobs=np.concatenate([right(p.logprobs) for p in parts]),
+            texts=np.concatenate([p.texts for p in parts]),
+            example_ids=np.concatenate([p.example_ids for p in parts]),
+            version=min(p.version for p in parts),
+            seconds=max(p.seconds for p in parts),
+        )
+
+
+def response_mask(ids: torch.Tensor, eos_id: int | None) -> torch.Tensor:
+    """1.0 on tokens up to and including the first ``eos_id`` of each row: (B, T) -> (B, T)."""
+    if eos_id is None:
+        return torch.ones_like(ids, dtype=torch.float32)
+    is_eos = (ids == eos_id).long()
+    before = is_eos.cumsum(-1) - is_eos  # EOS tokens strictly before each position
+    return (before == 0).float()
+
+
+class RolloutWorker:
+    """Generates batched continuations with the KV cache and records their logprobs."""
+
+    def __init__(
+        self,
+        *,
+        model: ModelConfig,
+        tokenizer: TokenizerConfig,
+        rollout: RolloutConfig,
+        seed: int,
+        worker_index: int = 0,
+        torch_threads: int | None = None,
+    ) -> None:
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.config = rollout
+        self.tokenizer = build_tokenizer(model, tokenizer)
+        self.model = build_model(model, self.tokenizer, seed=seed)
+        self.device = next(self.model.parameters()).device
+        self.version = 0
+        self.seed = seed * 1000 + worker_index
+        self.calls = 0
+
+    def set_weights(self, weights: VersionedWeights) -> int:
+        """Load published weights; returns the version now held."""
+        if weights.version != self.version:
+            set_weights(self.model, weights.state)
+            self.version = weights.version
+        return self.version
+
+    def generation_config(self, greedy: bool = False) -> GenerationConfig:
+        """Sampling settings from the rollout config (top_k 0 and top_p 1 mean off)."""
+        c = self.config
+        return GenerationConfig(
+            do_sample=not greedy,
+            temperature=None if greedy else c.temperature,
+            top_p=None if greedy else c.top_p,
+            top_k=None if greedy else c.top_k,
+            max_new_tokens=c.max_new_tokens,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: list[list[int]], example_ids: list[int], *, greedy: bool = False
+    ) -> Trajectories:
+        """Generate one continuation per prompt.
+
+        Args:
+            prompts: token ids of each prompt (from ``distrl.policy.encode_prompts``).
+            example_ids: index of each prompt in the prompt set, returned with the batch.
+            greedy: argmax decoding (for evaluation) instead of sampling.
+        """
+        start = time.perf_counter()
+        torch.manual_seed(self.seed + 7919 * self.calls)
+        self.calls += 1
+        ids, mask = left_pad(prompts, self.tokenizer.pad_token_id)
+        ids_t = torch.from_numpy(ids).to(self.device)
+        mask_t = torch.from_numpy(mask).to(self.device)
+        out = self.model.generate(
+            input_ids=ids_t,
+            attention_mask=mask_t,
+            generation_config=self.generation_config(greedy),
+        )
+        response = out.sequences[:, ids.shape[1] :]
+        # Raw logits (before top-k/top-p warping) over the temperature: what the learner computes.
+        logits = torch.stack(out.logits, dim=1).float()
+        temperature = 1.0 if greedy else self.config.temperature
+        logprobs = torch.log_softmax(logits / temperature, dim=-1)
+        logprobs = logprobs.gather(-1, response.unsqueeze(-1)).squeeze(-1)
+        rmask = response_mask(response, self.tokenizer.eos_token_id)
+        texts = [
+            self.tokenizer.decode(row[: int(m.sum())].tolist())
+            for row, m in zip(response.cpu(), rmask.cpu())
+        ]
+        return Trajectories(
+            prompt_ids=ids,
+            prompt_mask=mask,
+            response_ids=response.cpu().numpy(),
+            response_mask=rmask.cpu().numpy(),
+            logprobs=(logprobs * rmask).cpu().numpy(),
+            texts=np.array(texts, dtype=np.str_),
+            example_ids=np.asarray(example_ids, dtype=np.int64),
+            version=self.version,
+            seconds=time.perf_counter() - start,
+        )

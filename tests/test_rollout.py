@@ -1,0 +1,81 @@
+import numpy as np
+import pytest
+import torch
+
+from distrl.config import load_config
+from distrl.data import load_examples
+from distrl.models import VersionedWeights, get_weights
+from distrl.policy import encode_prompts
+from distrl.rollout import RolloutWorker, Trajectories, response_mask
+
+
+@pytest.fixture(scope="module")
+def setup():
+    config = load_config("tiny", {"rollout.max_new_tokens": 6})
+    worker = RolloutWorker(
+        model=config.model, tokenizer=config.tokenizer, rollout=config.rollout, seed=0
+    )
+    examples = load_examples("default", limit=6)
+    prompts = encode_prompts(examples, worker.tokenizer, config.tokenizer, config.data)
+    return config, worker, prompts
+
+
+def test_response_mask_stops_after_first_eos():
+    ids = torch.tensor([[5, 2, 2, 7], [5, 6, 7, 8], [2, 9, 9, 9]])
+    expected = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.float32)
+    assert torch.equal(response_mask(ids, 2), expected)
+
+
+def test_generate_returns_compact_arrays(setup):
+    config, worker, prompts = setup
+    batch = worker.generate(prompts, list(range(len(prompts))))
+    b = len(prompts)
+    assert batch.prompt_ids.shape[0] == b and batch.prompt_ids.dtype == np.int64
+    assert batch.response_ids.shape == (b, 6)
+    assert batch.logprobs.dtype == np.float32 and batch.logprobs.shape == (b, 6)
+    assert np.all(batch.logprobs <= 0)
+    assert np.all(batch.logprobs[batch.response_mask == 0] == 0)
+    assert batch.texts.shape == (b,) and batch.texts.dtype.kind == "U"
+    assert batch.version == 0
+    # Left padding: each prompt's last token sits in the last column.
+    for row, p in zip(batch.prompt_ids, prompts):
+        assert row[-len(p) :].tolist() == p
+
+
+def test_sampling_is_seeded_and_greedy_is_deterministic(setup):
+    config, _, prompts = setup
+    a = RolloutWorker(
+        model=config.model, tokenizer=config.tokenizer, rollout=config.rollout, seed=0
+    )
+    b = RolloutWorker(
+        model=config.model, tokenizer=config.tokenizer, rollout=config.rollout, seed=0
+    )
+    assert np.array_equal(
+        a.generate(prompts, [0] * len(prompts)).response_ids,
+        b.generate(prompts, [0] * len(prompts)).response_ids,
+    )
+    g1 = a.generate(prompts, [0] * len(prompts), greedy=True)
+    g2 = a.generate(prompts, [0] * len(prompts), greedy=True)
+    assert np.array_equal(g1.response_ids, g2.response_ids)
+
+
+def test_set_weights_changes_generation_and_version(setup):
+    config, worker, prompts = setup
+    before = worker.generate(prompts, [0] * len(prompts), greedy=True)
+    state = {k: v + 0.5 * torch.randn_like(v) for k, v in get_weights(worker.model).items()}
+    assert worker.set_weights(VersionedWeights(3, state)) == 3
+    after = worker.generate(prompts, [0] * len(prompts), greedy=True)
+    assert after.version == 3
+    assert not np.array_equal(before.logprobs, after.logprobs)
+
+
+def test_concat_repads(setup):
+    _, worker, prompts = setup
+    a = worker.generate(prompts[:2], [0, 1])
+    b = worker.generate(prompts[2:], [2, 3, 4, 5])
+    both = Trajectories.concat([a, b])
+    assert both.prompt_ids.shape[0] == 6
+    assert both.example_ids.tolist() == [0, 1, 2, 3, 4, 5]
+    assert np.array_equal(
+        both.prompt_mask.sum(1), np.concatenate([a.prompt_mask.sum(1), b.prompt_mask.sum(1)])
+    )
