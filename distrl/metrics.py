@@ -1,0 +1,248 @@
+"""Training metrics: one JSON line per step, TensorBoard scalars and PNG plots.
+
+Keys are namespaced (``reward/total``, ``learner/policy_loss``, ``time/rollout_s``); the part
+before the first ``/`` picks the plot a key is drawn in.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+from distrl.errors import DataError
+
+METRICS_FILE = "metrics.jsonl"
+GROUP_ORDER = ("reward", "learner", "eval", "rollout", "time")
+Record = dict[str, Any]
+
+
+class MetricsLogger:
+    """Writes metrics for one run under ``run_dir``.
+
+    Args:
+        run_dir: The run's output folder (created if missing).
+        tensorboard: Also write scalars under ``run_dir/tensorboard/``.
+        plots: Whether ``plot`` draws anything.
+        resume: Keep an existing ``metrics.jsonl`` (minus a truncated last line) instead of
+            starting a new one.
+    """
+
+    def __init__(
+        self, run_dir: Path, *, tensorboard: bool = True, plots: bool = True, resume: bool = False
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / METRICS_FILE
+        self.tensorboard = tensorboard
+        self.plots = plots
+        self.history: list[Record] = []
+        if resume and self.path.exists():
+            self.history, complete = _read(self.path)
+            if not complete:
+                _rewrite(self.path, self.history)
+        else:
+            _rewrite(self.path, [])
+        # TensorBoard hides events at or after purge_step left by an earlier process.
+        steps = [r["step"] for r in self.history]
+        self._purge_step = max(steps) + 1 if steps else 0
+        self._writer = None  # made on first use, so truncate_after can still set purge_step
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (kept open)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Append one step's metrics; the line is on disk when this returns.
+
+        Args:
+            step: Training iteration the metrics belong to.
+            metrics: Namespaced scalars; non-finite floats are stored as ``null``.
+        """
+        if "step" in metrics:
+            raise ValueError("metrics must not contain a 'step' key; pass it as `step`")
+        record: Record = {"step": int(step)}
+        record.update({key: _clean(key, value) for key, value in metrics.items()})
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.history.append(record)
+        if self.tensorboard:
+            writer = self._tensorboard_writer()
+            for key, value in record.items():
+                if key != "step" and _is_number(value):
+                    writer.add_scalar(key, value, global_step=record["step"])
+            writer.flush()
+
+    def truncate_after(self, step: int) -> None:
+        """Drop every logged step after ``step`` (a run resuming from an earlier checkpoint)."""
+        self.history = [r for r in self.history if r["step"] <= step]
+        self._file.close()
+        _rewrite(self.path, self.history)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (kept open)
+        if self._writer is None:
+            self._purge_step = min(self._purge_step, step + 1)
+
+    def plot(self) -> list[Path]:
+        """Draw ``plots/training.png`` (one panel per namespace) and ``plots/<namespace>.png``.
+
+        Returns:
+            The PNG files written; empty when plotting is off or nothing was logged.
+        """
+        if not self.plots or not self.history:
+            return []
+        groups = _group_series(self.history)
+        out = self.run_dir / "plots"
+        out.mkdir(exist_ok=True)
+        paths = [_save(_figure(groups, f"distrl: {self.run_dir.name}"), out / "training.png")]
+        for name, series in groups.items():
+            filename = re.sub(r"[^\w.-]", "_", name) + ".png"
+            paths.append(_save(_figure({name: series}, name), out / filename))
+        return paths
+
+    def close(self) -> None:
+        """Close the JSONL file and the TensorBoard writer."""
+        self._file.close()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def _tensorboard_writer(self):
+        if self._writer is None:
+            # Imported here: tensorboard is slow to import and optional (tensorboard=False).
+            from torch.utils.tensorboard import SummaryWriter
+
+            log_dir = self.run_dir / "tensorboard"
+            self._writer = SummaryWriter(str(log_dir), purge_step=self._purge_step)
+        return self._writer
+
+
+def read_metrics(path: Path) -> list[Record]:
+    """Read a ``metrics.jsonl``, dropping a truncated last line (a killed writer).
+
+    Raises:
+        DataError: A line other than the last is not a JSON object with a ``step``.
+    """
+    return _read(Path(path))[0]
+
+
+def format_progress(metrics: dict[str, Any], keys: list[str]) -> str:
+    """Short ``name=value`` pairs for a tqdm postfix, e.g. ``total=0.512 kl=0.0031``.
+
+    Keys missing from ``metrics`` or not finite numbers are left out; a key is shortened to its
+    last ``/`` part unless that would be ambiguous among ``keys``.
+    """
+    short = [key.rsplit("/", 1)[-1] for key in keys]
+    parts = []
+    for key, name in zip(keys, short):
+        value = metrics.get(key)
+        if _is_number(value):
+            label = name if short.count(name) == 1 else key
+            parts.append(f"{label}={value:.4g}")
+    return " ".join(parts)
+
+
+def _clean(key: str, value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy and torch scalars
+        value = value.item()
+    if value is None or isinstance(value, (str, int)):
+        return int(value) if isinstance(value, bool) else value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    raise TypeError(f"metric {key!r} is a {type(value).__name__}, not a number")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _read(path: Path) -> tuple[list[Record], bool]:
+    """Records and whether the file was complete (no truncated last line)."""
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    records: list[Record] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not a JSON object with an integer 'step'")
+        except ValueError as exc:
+            if number == len(lines):
+                warnings.warn(f"{path}: dropping truncated last line {number}", stacklevel=3)
+                return records, False
+            raise DataError(f"{path}:{number}: bad metrics line ({exc})") from None
+        records.append(record)
+    # A last line without its newline must be rewritten before anything is appended to it.
+    return records, not text or text.endswith("\n")
+
+
+def _rewrite(path: Path, records: list[Record]) -> None:
+    """Replace ``path`` atomically so a crash leaves either the old or the new file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in records)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _group_series(history: list[Record]) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
+    """``{namespace: {key: (steps, values)}}`` in plotting order; gaps are skipped."""
+    groups: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
+    for record in history:
+        for key, value in record.items():
+            if key == "step" or not _is_number(value):
+                continue
+            name = key.split("/", 1)[0] if "/" in key else "other"
+            steps, values = groups.setdefault(name, {}).setdefault(key, ([], []))
+            steps.append(record["step"])
+            values.append(value)
+    rank = {name: i for i, name in enumerate(GROUP_ORDER)}
+    order = sorted(groups, key=lambda name: (rank.get(name, len(rank)), name))
+    return {name: groups[name] for name in order}
+
+
+def _figure(groups: dict[str, dict[str, tuple[list[int], list[float]]]], title: str):
+    # Figure + Agg canvas instead of pyplot: no global backend switch, safe off the main thread.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    ncols = min(len(groups), 2) or 1
+    nrows = max(1, math.ceil(len(groups) / ncols))
+    fig = Figure(figsize=(6.5 * ncols, 4 * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    fig.suptitle(title)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, (name, series) in zip(axes, groups.items()):
+        for key, (steps, values) in sorted(series.items()):
+            marker = "o" if len(steps) <= 50 else None
+            ax.plot(steps, values, marker=marker, markersize=3, label=key.split("/", 1)[-1])
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.set_ylabel(name)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    for ax in axes[len(groups) :]:
+        ax.set_visible(False)
+    return fig
+
+
+def _save(fig, path: Path) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fig.savefig(tmp, format="png", dpi=100)
+    os.replace(tmp, path)
+    return path
