@@ -1,0 +1,359 @@
+"""PPO learner: policy with value head, frozen reference model, optimizer, KL controller.
+
+A plain class; ``distrl.actors`` makes it the one learner actor. ``train`` turns a scored batch
+of trajectories into minibatch PPO updates and bumps the policy version.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distrl.algos import ppo
+from distrl.checkpoint import load_torch_state, rng_state, save_torch_state, set_rng_state
+from distrl.config import LearnerConfig, ModelConfig, PPOConfig, TokenizerConfig
+from distrl.models import PolicyWithValue, VersionedWeights, get_weights, set_weights
+from distrl.policy import build_model, build_tokenizer, left_pad, position_ids
+from distrl.rollout import Trajectories
+from distrl.tokenizers import HFTokenizer
+
+STATE_FILE = "distrl_state.pt"
+
+
+class NonFiniteError(RuntimeError):
+    """Too many updates in a row had a non-finite loss or gradient."""
+
+
+class Learner:
+    """Runs PPO updates on scored trajectories and publishes versioned weights."""
+
+    def __init__(
+        self,
+        *,
+        model: ModelConfig,
+        tokenizer: TokenizerConfig,
+        learner: LearnerConfig,
+        ppo_config: PPOConfig,
+        temperature: float,
+        seed: int,
+        torch_threads: int | None = None,
+    ) -> None:
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        torch.manual_seed(seed)
+        self.config, self.ppo, self.temperature = learner, ppo_config, temperature
+        self.tokenizer_spec = tokenizer.name
+        self.tokenizer = build_tokenizer(model, tokenizer)
+        policy = build_model(model, self.tokenizer, seed=seed)
+        if model.gradient_checkpointing:
+            policy.gradient_checkpointing_enable()
+        self.reference = (
+            (
+                build_model(model, self.tokenizer, seed=seed, name=model.reference)
+                if model.reference
+                else copy.deepcopy(policy)
+            )
+            .eval()
+            .requires_grad_(False)
+        )
+        self.net = PolicyWithValue(policy)
+        self.device = next(policy.parameters()).device
+        self.optimizer = torch.optim.AdamW(
+            self.net.parameters(), lr=learner.lr, weight_decay=learner.weight_decay
+        )
+        self.kl = ppo.KLController(ppo_config.kl_coef, ppo_config.kl_target, ppo_config.kl_horizon)
+        self.version = 0
+        self.steps = 0  # optimizer steps taken
+        self.nonfinite_in_a_row = 0
+
+    # ---- weights -------------------------------------------------------------------------
+
+    def weights(self) -> VersionedWeights:
+        """The policy's current weights, stamped with its version."""
+        return VersionedWeights(self.version, get_weights(self.net.model))
+
+    # ---- forward passes ------------------------------------------------------------------
+
+    def _forward(
+        self,
+        model: torch.nn.Module,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        start: int,
+        with_values: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, V) predicting tokens ``ids[:, start:]``, and values (B, T) if asked."""
+        hidden = model.base_model(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False
+        ).last_hidden_state[:, start - 1 : -1]
+        logits = model.get_output_embeddings()(hidden).float() / self.temperature
+        return logits, (self.net.value_head(hidden) if with_values else None)
+
+    def _tensors(self, batch: Trajectories) -> tuple[torch.Tensor, ...]:
+        ids = np.concatenate([batch.prompt_ids, batch.response_ids], axis=1)
+        resp_mask = batch.response_mask.astype(np.int64)
+        mask = np.concatenate([batch.prompt_mask, resp_mask], axis=1)
+
+        def t(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+
+        return t(ids), t(mask), t(batch.response_ids), t(batch.response_mask).float()
+
+    @torch.no_grad()
+    def logprobs(self, batch: Trajectories) -> np.ndarray:
+        """Log-probabilities (B, T) of the batch's response tokens under the current policy."""
+        ids, mask, tokens, rmask = self._tensors(batch)
+        logits, _ = self._forward(self.net.model, ids, mask, batch.prompt_ids.shape[1])
+        return (ppo.logprobs_from_logits(logits, tokens) * rmask).cpu().numpy()
+
+    # ---- the PPO update ------------------------------------------------------------------
+
+    def train(
+        self, batch: Trajectories, scores: np.ndarray, references: list[list[int]] | None = None
+    ) -> dict[str, float]:
+        """One PPO update on a scored batch; returns ``learner/*`` metrics.
+
+        Args:
+            batch: trajectories from the rollout workers.
+            scores: (B,) total reward per sequence from the reward pool.
+            references: token ids of reference responses per sequence, for the optional
+                cross-entropy term (``ppo.ce_coef``); empty lists where there is none.
+        """
+        start_time = time.perf_counter()
+        c = self.ppo
+        ids, mask, tokens, rmask = self._tensors(batch)
+        start = batch.prompt_ids.shape[1]
+        old_logprobs = torch.from_numpy(batch.logprobs).to(self.device)
+        with torch.no_grad():
+            self.net.eval()
+            logits, old_values = self._forward(self.net.model, ids, mask, start, with_values=True)
+            ref_logits, _ = self._forward(self.reference, ids, mask, start)
+            ref_logprobs = ppo.logprobs_from_logits(ref_logits, tokens)
+            del logits, ref_logits
+            rewards, kl = ppo.kl_shaped_rewards(
+                scores=torch.as_tensor(scores, dtype=torch.float32, device=self.device),
+                logprobs=old_logprobs,
+                ref_logprobs=ref_logprobs,
+                mask=rmask,
+                kl_coef=self.kl.value,
+            )
+            advantages, returns = ppo.gae(
+                rewards=rewards,
+                values=old_values * rmask,
+                mask=rmask,
+                gamma=c.gamma,
+                lam=c.gae_lambda,
+            )
+            if c.whiten_advantages:
+                advantages = ppo.whiten(advantages, rmask)
+        self.net.train()
+        stats: dict[str, list[float]] = {}
+        skipped = 0
+        n = ids.shape[0]
+        stop = False
+        for _ in range(c.epochs):
+            for idx in torch.randperm(n).split(c.minibatch_size):
+                out = self._minibatch(
+                    idx,
+                    ids,
+                    mask,
+                    tokens,
+                    rmask,
+                    start,
+                    old_logprobs,
+                    old_values,
+                    advantages,
+                    returns,
+                    references,
+                )
+                if out is None:
+                    skipped += 1
+                    continue
+                for k, v in out.items():
+                    stats.setdefault(k, []).append(v)
+                if c.target_kl is not None and out["approx_kl"] > c.target_kl:
+                    stop = True
+                    break
+            if stop:
+                break
+        self.net.eval()
+        seq_kl = float(kl.sum(-1).mean())
+        self.kl.update(kl=seq_kl, n_samples=n)
+        self.version += 1
+        seconds = time.perf_counter() - start_time
+        metrics = {f"learner/{k}": float(np.mean(v)) for k, v in stats.items()}
+        metrics.update(
+            {
+                "learner/kl": seq_kl,
+                "learner/kl_coef": self.kl.value,
+                "learner/skipped_updates": float(skipped),
+                "learner/early_stopped": float(stop),
+                "learner/version": float(self.version),
+                "learner/tokens_per_s": c.epochs * float(mask.sum()) / max(seconds, 1e-9),
+                "time/learn_s": seconds,
+            }
+        )
+        return metrics
+
+    def _minibatch(
+        self,
+        idx,
+        ids,
+        mask,
+        tokens,
+        rmask,
+        start,
+        old_logprobs,
+        old_values,
+        advantages,
+        returns,
+        references,
+    ) -> dict[str, float] | None:
+        """One optimizer step on rows ``idx``; None when it was skipped as non-finite."""
+        c = self.ppo
+        m = rmask[idx]
+        logits, values = self._forward(self.net.model, ids[idx], mask[idx], start, True)
+        logprobs = ppo.logprobs_from_logits(logits, tokens[idx])
+        pg_loss, pg_stats = ppo.policy_loss(
+            logprobs=logprobs,
+            old_logprobs=old_logprobs[idx],
+            advantages=advantages[idx],
+            mask=m,
+            clip=c.clip,
+        )
+        v_loss, v_clipfrac = ppo.value_loss(
+            values=values,
+            old_values=old_values[idx],
+            returns=returns[idx],
+            mask=m,
+            clip=c.value_clip,
+        )
+        entropy = ppo.masked_mean(ppo.entropy_from_logits(logits), m)
+        loss = pg_loss + c.vf_coef * v_loss - c.ent_coef * entropy
+        ce = None
+        if c.ce_coef > 0 and references is not None:
+            ce = self._reference_nll(
+                [references[i] for i in idx.tolist()], ids[idx], mask[idx], start
+            )
+            if ce is not None:
+                loss = loss + c.ce_coef * ce
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.config.max_grad_norm)
+        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_in_a_row += 1
+            if self.nonfinite_in_a_row >= self.config.max_nonfinite_updates:
+                raise NonFiniteError(
+                    f"{self.nonfinite_in_a_row} updates in a row had a non-finite loss or "
+                    f"gradient (learner.max_nonfinite_updates); last loss {loss.item()}"
+                )
+            return None
+        self.nonfinite_in_a_row = 0
+        for group in self.optimizer.param_groups:
+            warm = self.config.warmup_steps
+            group["lr"] = (
+                self.config.lr * min(1.0, (self.steps + 1) / warm) if warm else self.config.lr
+            )
+        self.optimizer.step()
+        self.steps += 1
+        out = {
+            "policy_loss": pg_loss.item(),
+            "value_loss": v_loss.item(),
+            "entropy": entropy.item(),
+            "clipfrac": pg_stats["clipfrac"].item(),
+            "approx_kl": pg_stats["approx_kl"].item(),
+            "value_clipfrac": v_clipfrac.item(),
+            "grad_norm": grad_norm.item(),
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
+        if ce is not None:
+            out["ce_loss"] = ce.item()
+        return out
+
+    def _reference_nll(
+        self, references: list[list[int]], ids: torch.Tensor, mask: torch.Tensor, start: int
+    ) -> torch.Tensor | None:
+        """Mean NLL of reference responses after their prompts (rows without one are ignored)."""
+        rows = [i for i, r in enumerate(references) if r]
+        if not rows:
+            return None
+        ref_ids, ref_mask = left_pad([r[::-1] for r in (references[i] for i in rows)], 0)
+        ref_ids, ref_mask = ref_ids[:, ::-1].copy(), ref_mask[:, ::-1].copy()  # right-padded
+        r_ids = torch.from_numpy(ref_ids).to(self.device)
+        r_mask = torch.from_numpy(ref_mask).to(self.device)
+        full_ids = torch.cat([ids[rows, :start], r_ids], 1)
+        full_mask = torch.cat([mask[rows, :start], r_mask], 1)
+        logits, _ = self._forward(self.net.model, full_ids, full_mask, start)
+        nll = -ppo.logprobs_from_logits(logits * self.temperature, r_ids)
+        return ppo.masked_mean(nll, r_mask.float())
+
+    @torch.no_grad()
+    def reference_metrics(
+        self, prompts: list[list[int]], references: list[list[int]]
+    ) -> dict[str, float]:
+        """Token accuracy and perplexity of reference responses under the policy (seed 004)."""
+        pairs = [(p, r) for p, r in zip(prompts, references) if r]
+        if not pairs:
+            return {}
+        ids_np, mask_np = left_pad([p for p, _ in pairs], self.tokenizer.pad_token_id)
+        ids, mask = torch.from_numpy(ids_np), torch.from_numpy(mask_np)
+        nll = self._reference_nll(
+            [r for _, r in pairs], ids.to(self.device), mask.to(self.device), ids.shape[1]
+        )
+        # Accuracy: greedy next-token match on the reference tokens.
+        hits, total = 0, 0
+        for p, r in pairs:
+            full = torch.tensor([p + r], device=self.device)
+            logits, _ = self._forward(self.net.model, full, torch.ones_like(full), len(p))
+            hits += int((logits.argmax(-1)[0] == full[0, len(p) :]).sum())
+            total += len(r)
+        return {
+            "eval/ref_perplexity": math.exp(min(float(nll), 50.0)),
+            "eval/ref_token_accuracy": hits / max(total, 1),
+        }
+
+    # ---- checkpoints ---------------------------------------------------------------------
+
+    def save(self, folder: str, extra: dict | None = None) -> None:
+        """Write the policy as a Hugging Face folder plus ``distrl_state.pt`` into ``folder``."""
+        path = Path(folder)
+        self.net.model.save_pretrained(path)
+        if isinstance(self.tokenizer, HFTokenizer):
+            self.tokenizer.tok.save_pretrained(path)
+        (path / "distrl_tokenizer.json").write_text(json.dumps({"spec": self.tokenizer_spec}))
+        save_torch_state(
+            path / STATE_FILE,
+            {
+                "value_head": self.net.value_head.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "kl": self.kl.state_dict(),
+                "version": self.version,
+                "steps": self.steps,
+                "rng": rng_state(),
+                "extra": extra or {},
+            },
+        )
+
+    def load(self, folder: str) -> dict:
+        """Restore policy, value head, optimizer, KL controller and RNG from ``save``; returns extra."""
+        from safetensors.torch import load_file
+
+        path = Path(folder)
+        weights = {}
+        for file in sorted(path.glob("*.safetensors")):
+            weights.update(load_file(file))
+        set_weights(self.net.model, weights)
+        state = load_torch_state(path / STATE_FILE)
+        self.net.value_head.load_state_dict(state["value_head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.kl.load_state_dict(state["kl"])
+        self.version, self.steps = int(state["version"]), int(state["steps"])
+        set_rng_state(state["rng"])
+        return state["extra"]

@@ -1,0 +1,128 @@
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from distrl.config import load_config
+from distrl.data import load_examples
+from distrl.learner import Learner
+from distrl.policy import encode_prompts
+from distrl.rollout import RolloutWorker
+
+
+def make(config):
+    learner = Learner(
+        model=config.model,
+        tokenizer=config.tokenizer,
+        learner=config.learner,
+        ppo_config=config.ppo,
+        temperature=config.rollout.temperature,
+        seed=config.seed,
+    )
+    worker = RolloutWorker(
+        model=config.model, tokenizer=config.tokenizer, rollout=config.rollout, seed=config.seed
+    )
+    return learner, worker
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    config = load_config("tiny")
+    _, worker = make(config)
+    examples = load_examples("default", limit=8)
+    return encode_prompts(examples, worker.tokenizer, config.tokenizer, config.data)
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_recomputed_logprobs_match_the_workers(prompts, model, temperature):
+    """With weights unchanged, the first PPO ratio is exactly 1 (within 1e-4 in log space)."""
+    config = load_config(
+        "tiny",
+        {"model.name": model, "rollout.temperature": temperature, "rollout.max_new_tokens": 12},
+    )
+    learner, worker = make(config)
+    batch = worker.generate(prompts, list(range(len(prompts))))
+    recomputed = learner.logprobs(batch)
+    assert np.abs(recomputed - batch.logprobs).max() < 1e-4
+
+
+def test_train_step_changes_parameters_and_bumps_version(prompts):
+    config = load_config("tiny", {"ppo.epochs": 2})
+    learner, worker = make(config)
+    before = {k: v.clone() for k, v in learner.net.named_parameters()}
+    batch = worker.generate(prompts, list(range(len(prompts))))
+    scores = np.linspace(-1, 1, len(prompts)).astype(np.float32)
+    metrics = learner.train(batch, scores)
+    assert learner.version == 1 and learner.weights().version == 1
+    changed = [k for k, v in learner.net.named_parameters() if not torch.equal(v, before[k])]
+    assert any("value_head" in k for k in changed)
+    assert any("value_head" not in k for k in changed)
+    for key in (
+        "policy_loss",
+        "value_loss",
+        "entropy",
+        "clipfrac",
+        "approx_kl",
+        "kl",
+        "kl_coef",
+        "grad_norm",
+        "tokens_per_s",
+    ):
+        assert np.isfinite(metrics[f"learner/{key}"]), key
+
+
+def test_learning_raises_the_rewarded_tokens_probability(prompts):
+    """Reward sequences by whether they contain token 11 (','); its logprob must rise."""
+    config = load_config("tiny", {"learner.lr": 1e-2, "ppo.epochs": 4, "ppo.kl_coef": 0.0})
+    learner, worker = make(config)
+    batch = worker.generate(prompts * 4, list(range(len(prompts) * 4)))
+    scores = (batch.response_ids == batch.response_ids[0, 0]).any(1).astype(np.float32)
+    assert 0 < scores.sum() < len(scores)
+    before = learner.logprobs(batch)
+    for _ in range(3):
+        learner.train(batch, scores)
+    after = learner.logprobs(batch)
+    rewarded = scores.astype(bool)
+    gain = (after - before).sum(1)
+    assert gain[rewarded].mean() > gain[~rewarded].mean()
+
+
+def test_nonfinite_updates_are_skipped_then_stop(prompts):
+    config = load_config("tiny", {"learner.max_nonfinite_updates": 2, "ppo.epochs": 1})
+    learner, worker = make(config)
+    batch = worker.generate(prompts, list(range(len(prompts))))
+    before = {k: v.clone() for k, v in learner.net.named_parameters()}
+    scores = np.full(len(prompts), np.nan, dtype=np.float32)
+    with pytest.raises(RuntimeError, match="non-finite"):
+        learner.train(batch, scores)
+    for k, v in learner.net.named_parameters():
+        assert torch.equal(v, before[k]), k
+
+
+def test_save_and_load_round_trip(tmp_path, prompts):
+    config = load_config("tiny")
+    learner, worker = make(config)
+    batch = worker.generate(prompts, list(range(len(prompts))))
+    learner.train(batch, np.ones(len(prompts), dtype=np.float32))
+    learner.save(str(tmp_path), {"step": 1})
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert hf.config.vocab_size == learner.tokenizer.vocab_size
+    fresh, _ = make(config)
+    assert fresh.load(str(tmp_path)) == {"step": 1}
+    assert fresh.version == 1 and fresh.steps == learner.steps
+    assert np.allclose(fresh.logprobs(batch), learner.logprobs(batch), atol=1e-6)
+    assert (
+        fresh.optimizer.state_dict()["state"].keys()
+        == learner.optimizer.state_dict()["state"].keys()
+    )
+
+
+def test_reference_metrics(prompts):
+    config = load_config("tiny")
+    learner, _ = make(config)
+    refs = [[11, 12, 13]] * len(prompts)
+    out = learner.reference_metrics(prompts, refs)
+    assert 0.0 <= out["eval/ref_token_accuracy"] <= 1.0
+    # A random 50k-vocab model is about uniform: perplexity near the vocabulary size.
+    assert 1e4 < out["eval/ref_perplexity"] < 2e5
