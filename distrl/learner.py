@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from distrl.algos import ppo
 from distrl.checkpoint import load_torch_state, rng_state, save_torch_state, set_rng_state
@@ -342,8 +343,7 @@ class Learner:
         )
 
     def load(self, folder: str) -> dict:
-        """Restore policy, value head, optimizer, KL controller and RNG from ``save``; returns extra."""
-        from safetensors.torch import load_file
+        """Restore policy, value head, optimizer, KL controller and RNG; return the extra dict."""
 
         path = Path(folder)
         weights = {}
