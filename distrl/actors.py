@@ -1,0 +1,145 @@
+"""The one module that imports Ray: it turns distrl's plain role classes into actors and pools.
+
+Roles (``RewardScorer``, later rollout workers, the learner, the replay buffer) know nothing of
+Ray. Here they become actors with resources from ``ResourcesConfig`` and are restarted when they
+die (``max_restarts=-1``), with the interrupted call retried (``max_task_retries=-1``). Only the
+driver-side pools below call ``ray.get``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import ray
+from ray.exceptions import RayTaskError
+
+from distrl.config import ResourcesConfig, RewardConfig
+from distrl.errors import DistrlError
+from distrl.rewards import (
+    RewardBatch,
+    RewardScorer,
+    ScoreResult,
+    check_reward_config,
+    component_keys,
+)
+
+
+def actor_options(
+    cpus: float,
+    gpus: float = 0.0,
+    custom: dict[str, float] | None = None,
+    *,
+    max_restarts: int = -1,
+    max_task_retries: int = -1,
+    runtime_env: dict[str, Any] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Options for ``ray.remote(cls).options(...)``: resources and restart policy.
+
+    Args:
+        cpus: CPUs the actor holds (fractions allowed).
+        gpus: GPUs (or a share of one) the actor holds.
+        custom: custom resources, e.g. ``{"inference_node": 0.01}``.
+        max_restarts: restarts after the actor dies; -1 = always.
+        max_task_retries: retries of a call interrupted by a death; -1 = always.
+        runtime_env: Ray runtime environment of the actor (env vars, ``py_modules``...).
+        **extra: any other ``.options`` keyword (``name``, ``scheduling_strategy``...).
+    """
+    options: dict[str, Any] = {
+        "num_cpus": cpus,
+        "num_gpus": gpus,
+        "max_restarts": max_restarts,
+        "max_task_retries": max_task_retries,
+        **extra,
+    }
+    if custom:
+        options["resources"] = dict(custom)
+    if runtime_env:
+        options["runtime_env"] = runtime_env
+    return options
+
+
+def make_actor(cls: type, options: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+    """Start ``cls(*args, **kwargs)`` as an actor with ``options`` (see ``actor_options``)."""
+    return ray.remote(cls).options(**options).remote(*args, **kwargs)
+
+
+def get(refs: Any) -> Any:
+    """``ray.get`` that re-raises distrl's own errors from inside an actor as themselves.
+
+    Ray wraps an actor's exception in ``RayTaskError``; a ``RewardError`` (or any
+    ``DistrlError``) then reaches the driver as that error with its own message.
+    """
+    try:
+        return ray.get(refs)
+    except RayTaskError as err:
+        if isinstance(err.cause, DistrlError):
+            raise err.cause from None
+        raise
+
+
+class RewardPool:
+    """``RewardScorer`` actors that score batches in chunks, concurrently, keeping order.
+
+    Args:
+        reward_config: components, ``num_actors`` and ``batch_size`` (samples per call).
+        resources_config: ``reward_cpus``, ``reward_gpus``, ``custom["reward"]``,
+            ``torch_threads`` of each actor.
+        seed: seed of any random reference model.
+        num_actors: overrides ``reward_config.num_actors``.
+        runtime_env: Ray runtime environment of the actors (e.g. where user functions live).
+    """
+
+    def __init__(
+        self,
+        reward_config: RewardConfig,
+        resources_config: ResourcesConfig | None = None,
+        seed: int = 0,
+        *,
+        num_actors: int | None = None,
+        runtime_env: dict[str, Any] | None = None,
+    ) -> None:
+        check_reward_config(reward_config)  # fail in the driver, not in N actors
+        resources = resources_config or ResourcesConfig()
+        self.config = reward_config
+        options = actor_options(
+            resources.reward_cpus,
+            resources.reward_gpus,
+            resources.custom.get("reward"),
+            runtime_env=runtime_env,
+        )
+        self.actors = [
+            make_actor(
+                RewardScorer, options, reward_config, seed, torch_threads=resources.torch_threads
+            )
+            for _ in range(num_actors or reward_config.num_actors)
+        ]
+        # Wait for the model loads here, so the first score() is not charged for them and a
+        # scorer that cannot start fails now.
+        get([actor.ready.remote() for actor in self.actors])
+
+    def score(self, batch: RewardBatch) -> ScoreResult:
+        """Score ``batch``: chunks of ``batch_size`` go round-robin to the actors at once.
+
+        Raises:
+            RewardError: as ``RewardScorer.score``, naming the sample's index in ``batch``.
+        """
+        if len(batch) == 0:
+            keys = component_keys(self.config)
+            return ScoreResult(np.zeros(0), {k: np.zeros(0) for k in keys}, np.zeros(0, bool))
+        size = self.config.batch_size
+        starts = range(0, len(batch), size)
+        result_refs = [
+            self.actors[k % len(self.actors)].score.remote(
+                batch.select(range(start, min(start + size, len(batch)))), start
+            )
+            for k, start in enumerate(starts)
+        ]
+        return ScoreResult.concat(get(result_refs))
+
+    def shutdown(self) -> None:
+        """Kill the actors (without restarting them)."""
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []
