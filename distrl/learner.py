@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from distrl.algos import ppo
 from distrl.checkpoint import load_torch_state, rng_state, save_torch_state, set_rng_state
 from distrl.config import LearnerConfig, ModelConfig, PPOConfig, TokenizerConfig
+from distrl.errors import DistrlError
 from distrl.models import PolicyWithValue, VersionedWeights, get_weights, set_weights
 from distrl.policy import build_model, build_tokenizer, left_pad, position_ids
 from distrl.rollout import Trajectories
@@ -27,7 +28,7 @@ from distrl.tokenizers import HFTokenizer
 STATE_FILE = "distrl_state.pt"
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(DistrlError, RuntimeError):
     """Too many updates in a row had a non-finite loss or gradient."""
 
 

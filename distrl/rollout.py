@@ -6,6 +6,7 @@ stamped with the policy version that made them.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -16,6 +17,16 @@ from transformers import GenerationConfig
 from distrl.config import ModelConfig, RolloutConfig, TokenizerConfig
 from distrl.models import VersionedWeights, set_weights
 from distrl.policy import build_model, build_tokenizer, left_pad
+
+ARRAY_FIELDS = (
+    "prompt_ids",
+    "prompt_mask",
+    "response_ids",
+    "response_mask",
+    "logprobs",
+    "texts",
+    "example_ids",
+)
 
 
 @dataclass
@@ -46,6 +57,13 @@ class Trajectories:
     def num_tokens(self) -> int:
         """Generated (unpadded) tokens."""
         return int(self.response_mask.sum())
+
+    def select(self, rows: np.ndarray) -> Trajectories:
+        """The sequences at ``rows`` (an index array), same padding."""
+        return dataclasses.replace(
+            self,
+            **{name: getattr(self, name)[rows] for name in ARRAY_FIELDS},
+        )
 
     @staticmethod
     def concat(parts: list[Trajectories]) -> Trajectories:

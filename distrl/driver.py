@@ -1,0 +1,351 @@
+"""The driver loop: rollout -> score -> learn -> publish -> log -> checkpoint, each stage timed.
+
+Only this module (and the actor pools it uses) calls ``ray.get``. Everything the user can get
+wrong (config, data, tokenizer, reward functions) is checked before Ray starts.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from distrl import actors
+from distrl.checkpoint import (
+    latest_checkpoint,
+    prune_checkpoints,
+    verify_checkpoint,
+    write_checkpoint,
+)
+from distrl.config import RunConfig, dump_yaml
+from distrl.data import Example, load_examples, split
+from distrl.errors import DistrlError
+from distrl.learner import Learner
+from distrl.metrics import MetricsLogger, format_progress
+from distrl.policy import build_tokenizer, encode_prompts
+from distrl.rewards import RewardBatch, check_reward_config
+from distrl.rollout import RolloutWorker, Trajectories
+
+PROGRESS_KEYS = ["reward/total", "learner/kl", "eval/reward", "rollout/tokens_per_s"]
+
+
+@dataclass
+class Prompts:
+    """Encoded prompts with the examples they came from, served in shuffled epochs."""
+
+    examples: list[Example]
+    ids: list[list[int]]
+    references: list[list[int]]
+    seed: int
+    epoch: int = 0
+    cursor: int = 0
+    order: list[int] = field(default_factory=list)
+
+    def next(self, n: int) -> list[int]:
+        """Indices of the next ``n`` prompts (reshuffled each epoch, reproducibly)."""
+        out = []
+        while len(out) < n:
+            if self.cursor == 0 or not self.order:
+                self.order = list(range(len(self.ids)))
+                random.Random(self.seed + self.epoch).shuffle(self.order)
+            out.append(self.order[self.cursor])
+            self.cursor += 1
+            if self.cursor == len(self.order):
+                self.epoch, self.cursor = self.epoch + 1, 0
+        return out
+
+    def state(self) -> dict[str, int]:
+        """Position in the prompt stream, for checkpoints."""
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load(self, state: dict[str, int]) -> None:
+        """Continue from ``state()``."""
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self.order = []
+        if self.cursor:
+            self.order = list(range(len(self.ids)))
+            random.Random(self.seed + self.epoch).shuffle(self.order)
+
+
+def prepare(config: RunConfig) -> tuple[Prompts, Prompts]:
+    """Check rewards, read and encode data, before any actor starts: (train, validation)."""
+    check_reward_config(config.reward)
+    tokenizer = build_tokenizer(config.model, config.tokenizer)
+    examples = load_examples(config.data.train, limit=config.data.max_examples)
+    if config.data.validation:
+        train, val = examples, load_examples(config.data.validation)
+    else:
+        train, val = split(examples, val_fraction=config.data.val_fraction, seed=config.seed)
+
+    def encode(part: list[Example]) -> Prompts:
+        ids = encode_prompts(part, tokenizer, config.tokenizer, config.data)
+        refs = [
+            tokenizer.encode(e.reference)[: config.rollout.max_new_tokens * 4]
+            if e.reference
+            else []
+            for e in part
+        ]
+        return Prompts(part, ids, refs, seed=config.seed)
+
+    return encode(train), encode(val or train[: config.output.eval_examples])
+
+
+def run_dir_for(config: RunConfig) -> Path:
+    """The run directory: ``output.dir`` or ``./runs/<algo>-<timestamp>``."""
+    if config.output.dir:
+        return Path(config.output.dir)
+    return Path("runs") / f"{config.algo}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def init_ray(config: RunConfig) -> None:
+    """Attach to a running cluster (``resources.address``, or RAY_ADDRESS inside ``ray job
+    submit``) or start an embedded local Ray; local-only options never go to a cluster."""
+    if ray.is_initialized():
+        return
+    address = config.resources.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(
+            address="local",
+            num_cpus=config.resources.num_cpus,
+            object_store_memory=config.resources.object_store_memory,
+        )
+
+
+def reward_batch(prompts: Prompts, batch: Trajectories) -> RewardBatch:
+    """What the reward pool scores for a batch: prompt, response and the example's labels."""
+    examples = [prompts.examples[i] for i in batch.example_ids]
+    return RewardBatch.from_examples(examples, [str(t) for t in batch.texts])
+
+
+class Trainer:
+    """Owns the actors of one run and steps the training loop."""
+
+    def __init__(self, config: RunConfig, run_dir: Path, train: Prompts, val: Prompts) -> None:
+        self.config, self.run_dir, self.train_prompts, self.val = config, run_dir, train, val
+        res = config.resources
+        self.learner = actors.make_actor(
+            Learner,
+            actors.actor_options(res.learner_cpus, res.learner_gpus, res.custom.get("learner")),
+            model=config.model,
+            tokenizer=config.tokenizer,
+            learner=config.learner,
+            ppo_config=config.ppo,
+            temperature=config.rollout.temperature,
+            seed=config.seed,
+            torch_threads=res.torch_threads,
+        )
+        self.workers = [
+            actors.make_actor(
+                RolloutWorker,
+                actors.actor_options(res.rollout_cpus, res.rollout_gpus, res.custom.get("rollout")),
+                model=config.model,
+                tokenizer=config.tokenizer,
+                rollout=config.rollout,
+                seed=config.seed,
+                worker_index=i,
+                torch_threads=res.torch_threads,
+            )
+            for i in range(config.rollout.num_workers)
+        ]
+        self.pool = actors.RewardPool(config.reward, res, seed=config.seed)
+        self.step = 0
+        self.best = -float("inf")
+        self.faults = {"faults/stale_batches": 0, "faults/dropped_samples": 0}
+
+    # ---- stages ------------------------------------------------------------------------
+
+    def publish(self) -> int:
+        """Put the learner's weights in the object store once; every worker loads that object."""
+        weights_ref = self.learner.weights.remote()
+        versions = actors.get([w.set_weights.remote(weights_ref) for w in self.workers])
+        return max(versions)
+
+    def submit(self, worker: ray.actor.ActorHandle) -> ray.ObjectRef:
+        """Start a rollout on ``worker`` with the next prompts."""
+        idx = self.train_prompts.next(self.config.rollout.batch_size)
+        return worker.generate.remote([self.train_prompts.ids[i] for i in idx], idx)
+
+    def run(self, logger: MetricsLogger, progress: bool) -> None:
+        """Train from ``self.step`` to ``config.iterations``."""
+        from tqdm import tqdm
+
+        cfg = self.config
+        version = self.publish()
+        in_flight = {i: self.submit(w) for i, w in enumerate(self.workers)}
+        bar = tqdm(
+            total=cfg.iterations,
+            initial=self.step,
+            disable=not progress,
+            desc=f"distrl {cfg.algo}",
+            unit="it",
+            dynamic_ncols=True,
+        )
+        while self.step < cfg.iterations:
+            t0 = time.perf_counter()
+            parts = []
+            for i, w in enumerate(self.workers):
+                batch = actors.get(in_flight[i])
+                while version - batch.version > cfg.rollout.max_policy_lag:
+                    # A restarted worker comes back with its initial weights: resend, redo.
+                    self.faults["faults/stale_batches"] += 1
+                    actors.get(w.set_weights.remote(self.learner.weights.remote()))
+                    batch = actors.get(self.submit(w))
+                parts.append(batch)
+                if cfg.rollout.max_policy_lag > 0:
+                    in_flight[i] = self.submit(w)  # generate the next batch while we learn
+            batch = Trajectories.concat(parts)
+            t1 = time.perf_counter()
+            scores = self.pool.score(reward_batch(self.train_prompts, batch))
+            self.faults["faults/dropped_samples"] += scores.num_dropped
+            t2 = time.perf_counter()
+            kept = np.flatnonzero(~scores.dropped)  # reward.on_error=drop: train on the rest
+            batch = batch.select(kept)
+            refs = [self.train_prompts.references[i] for i in batch.example_ids]
+            metrics = actors.get(self.learner.train.remote(batch, scores.total[kept], refs))
+            t3 = time.perf_counter()
+            version = self.publish()
+            if cfg.rollout.max_policy_lag == 0:
+                in_flight = {i: self.submit(w) for i, w in enumerate(self.workers)}
+            self.step += 1
+            metrics.update(self.rollout_metrics(parts, batch, version))
+            metrics.update(scores.metrics())
+            metrics.update(
+                {
+                    "time/rollout_wait_s": t1 - t0,
+                    "time/score_s": t2 - t1,
+                    "time/train_s": t3 - t2,
+                    "time/publish_s": time.perf_counter() - t3,
+                    "time/iteration_s": time.perf_counter() - t0,
+                    **self.faults,
+                }
+            )
+            if cfg.output.eval_every and self.step % cfg.output.eval_every == 0:
+                metrics.update(self.evaluate())
+            logger.log(self.step, metrics)
+            if self.step % cfg.output.checkpoint_every == 0 or self.step == cfg.iterations:
+                self.checkpoint(metrics)
+            bar.set_postfix_str(format_progress(metrics, PROGRESS_KEYS))
+            bar.update(1)
+        bar.close()
+        actors.get(list(in_flight.values()))  # let the last rollouts finish before shutdown
+
+    def rollout_metrics(
+        self, parts: list[Trajectories], batch: Trajectories, version: int
+    ) -> dict[str, float]:
+        """Rollout throughput, response length and policy lag of an iteration's batches."""
+        gen_s = max(p.seconds for p in parts)
+        return {
+            "rollout/tokens_per_s": batch.num_tokens / max(gen_s, 1e-9),
+            "rollout/response_length": float(batch.response_mask.sum(1).mean()),
+            "rollout/policy_lag": float(version - 1 - batch.version),
+            "time/generate_s": gen_s,
+        }
+
+    def evaluate(self) -> dict[str, float]:
+        """Greedy generations on held-out prompts: mean reward; reference accuracy/perplexity."""
+        n = min(self.config.output.eval_examples, len(self.val.ids))
+        idx = list(range(n))
+        batch = actors.get(
+            self.workers[0].generate.remote([self.val.ids[i] for i in idx], idx, greedy=True)
+        )
+        scores = self.pool.score(reward_batch(self.val, batch))
+        out = {k.replace("reward/", "eval/reward_"): v for k, v in scores.metrics().items()}
+        out["eval/reward"] = out.pop("eval/reward_total")
+        out.update(
+            actors.get(
+                self.learner.reference_metrics.remote(
+                    [self.val.ids[i] for i in idx], [self.val.references[i] for i in idx]
+                )
+            )
+        )
+        return out
+
+    # ---- checkpoints -------------------------------------------------------------------
+
+    def checkpoint(self, metrics: dict[str, float]) -> None:
+        """Write ``step_<N>`` (and ``best``/``final``) atomically, then prune old ones."""
+        root = self.run_dir / "checkpoints"
+        extra = {
+            "step": self.step,
+            "prompts": self.train_prompts.state(),
+            "best": self.best,
+            "faults": self.faults,
+        }
+        meta = {
+            "step": self.step,
+            "metrics": {
+                k: v for k, v in metrics.items() if isinstance(v, float) and np.isfinite(v)
+            },
+        }
+
+        def write(tmp: Path) -> None:
+            actors.get(self.learner.save.remote(str(tmp), extra))
+
+        path = write_checkpoint(root, f"step_{self.step}", write, meta=meta)
+        reward = metrics.get("eval/reward")
+        if reward is not None and reward > self.best:
+            self.best = reward
+            write_checkpoint(root, "best", lambda tmp: _copy(path, tmp), meta=meta)
+        if self.step == self.config.iterations:
+            write_checkpoint(self.run_dir, "final", lambda tmp: _copy(path, tmp), meta=meta)
+        prune_checkpoints(root, self.config.output.keep_checkpoints)
+
+    def restore(self) -> bool:
+        """Continue from the newest complete ``step_<N>``; False when there is none."""
+        path = latest_checkpoint(self.run_dir / "checkpoints")
+        if path is None:
+            return False
+        extra = actors.get(self.learner.load.remote(str(path)))
+        self.step, self.best = int(extra["step"]), float(extra["best"])
+        self.train_prompts.load(extra["prompts"])
+        self.faults.update(extra.get("faults", {}))
+        return True
+
+
+def _copy(src: Path, dst: Path) -> None:
+    for item in src.iterdir():
+        if item.name != "distrl_checkpoint.json":
+            shutil.copy2(item, dst / item.name)
+
+
+def train(config: RunConfig, *, resume: bool = False) -> Path:
+    """Run (or resume) training as configured; returns the run directory."""
+    train_prompts, val_prompts = prepare(config)
+    run_dir = run_dir_for(config)
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        raise DistrlError(
+            f"output directory {run_dir} is not empty; pass --resume to continue "
+            f"that run or choose another --output-dir"
+        )
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_yaml(config, run_dir / "config.yaml")
+    except OSError as exc:
+        raise DistrlError(f"cannot write to output directory {run_dir}: {exc}") from None
+    init_ray(config)
+    trainer = Trainer(config, run_dir, train_prompts, val_prompts)
+    resumed = resume and trainer.restore()
+    logger = MetricsLogger(
+        run_dir, tensorboard=config.output.tensorboard, plots=config.output.plots, resume=resumed
+    )
+    if resumed:
+        logger.truncate_after(trainer.step)
+        print(f"distrl: resuming {run_dir} at step {trainer.step}", flush=True)
+    try:
+        trainer.run(logger, progress=config.output.progress)
+    finally:
+        if config.output.plots:
+            logger.plot()
+        logger.close()
+    verify_checkpoint(run_dir / "final")
+    print(f"distrl: finished {trainer.step} iterations; outputs in {run_dir}", flush=True)
+    return run_dir
