@@ -269,6 +269,12 @@ class Trainer:
         )
         return out
 
+    def shutdown(self) -> None:
+        """Stop this run's actors (a shared Ray session, as in tests, stays up)."""
+        for actor in [self.learner, *self.workers]:
+            ray.kill(actor, no_restart=True)
+        self.pool.shutdown()
+
     # ---- checkpoints -------------------------------------------------------------------
 
     def checkpoint(self, metrics: dict[str, float]) -> None:
@@ -346,6 +352,7 @@ def train(config: RunConfig, *, resume: bool = False) -> Path:
         if config.output.plots:
             logger.plot()
         logger.close()
+        trainer.shutdown()
     verify_checkpoint(run_dir / "final")
     print(f"distrl: finished {trainer.step} iterations; outputs in {run_dir}", flush=True)
     return run_dir

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from pathlib import Path
 
@@ -21,7 +20,13 @@ from distrl.checkpoint import load_torch_state, rng_state, save_torch_state, set
 from distrl.config import LearnerConfig, ModelConfig, PPOConfig, TokenizerConfig
 from distrl.errors import DistrlError
 from distrl.models import PolicyWithValue, VersionedWeights, get_weights, set_weights
-from distrl.policy import build_model, build_tokenizer, left_pad, position_ids
+from distrl.policy import (
+    build_model,
+    build_tokenizer,
+    reference_metrics,
+    response_hidden,
+    with_responses,
+)
 from distrl.rollout import Trajectories
 from distrl.tokenizers import HFTokenizer
 
@@ -90,10 +95,8 @@ class Learner:
         start: int,
         with_values: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, V) predicting tokens ``ids[:, start:]``, and values (B, T) if asked."""
-        hidden = model.base_model(
-            input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False
-        ).last_hidden_state[:, start - 1 : -1]
+        """Logits / temperature (B, T, V) predicting ``ids[:, start:]``, and values (B, T)."""
+        hidden = response_hidden(model, ids, mask, start)
         logits = model.get_output_embeddings()(hidden).float() / self.temperature
         return logits, (self.net.value_head(hidden) if with_values else None)
 
@@ -103,7 +106,9 @@ class Learner:
         mask = np.concatenate([batch.prompt_mask, resp_mask], axis=1)
 
         def t(a: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+            return torch.from_numpy(np.array(a)).to(
+                self.device
+            )  # a copy: Ray's arrays are read-only
 
         return t(ids), t(mask), t(batch.response_ids), t(batch.response_mask).float()
 
@@ -131,13 +136,14 @@ class Learner:
         c = self.ppo
         ids, mask, tokens, rmask = self._tensors(batch)
         start = batch.prompt_ids.shape[1]
-        old_logprobs = torch.from_numpy(batch.logprobs).to(self.device)
+        old_logprobs = torch.tensor(batch.logprobs, device=self.device)
         with torch.no_grad():
             self.net.eval()
-            logits, old_values = self._forward(self.net.model, ids, mask, start, with_values=True)
+            # Old logprobs are the workers' (recorded at sampling); only values are needed here.
+            old_values = self.net.value_head(response_hidden(self.net.model, ids, mask, start))
             ref_logits, _ = self._forward(self.reference, ids, mask, start)
             ref_logprobs = ppo.logprobs_from_logits(ref_logits, tokens)
-            del logits, ref_logits
+            del ref_logits
             rewards, kl = ppo.kl_shaped_rewards(
                 scores=torch.as_tensor(scores, dtype=torch.float32, device=self.device),
                 logprobs=old_logprobs,
@@ -286,40 +292,25 @@ class Learner:
         rows = [i for i, r in enumerate(references) if r]
         if not rows:
             return None
-        ref_ids, ref_mask = left_pad([r[::-1] for r in (references[i] for i in rows)], 0)
-        ref_ids, ref_mask = ref_ids[:, ::-1].copy(), ref_mask[:, ::-1].copy()  # right-padded
-        r_ids = torch.from_numpy(ref_ids).to(self.device)
-        r_mask = torch.from_numpy(ref_mask).to(self.device)
-        full_ids = torch.cat([ids[rows, :start], r_ids], 1)
-        full_mask = torch.cat([mask[rows, :start], r_mask], 1)
-        logits, _ = self._forward(self.net.model, full_ids, full_mask, start)
-        nll = -ppo.logprobs_from_logits(logits * self.temperature, r_ids)
-        return ppo.masked_mean(nll, r_mask.float())
+        full_ids, full_mask, r_ids, r_mask = (
+            t.to(self.device)
+            for t in with_responses(
+                ids[rows, :start].cpu().numpy(),
+                mask[rows, :start].cpu().numpy(),
+                [references[i] for i in rows],
+                self.tokenizer.pad_token_id,
+            )
+        )
+        hidden = response_hidden(self.net.model, full_ids, full_mask, start)
+        logits = self.net.model.get_output_embeddings()(hidden)
+        nll = -ppo.logprobs_from_logits(logits, r_ids)
+        return ppo.masked_mean(nll, r_mask)
 
-    @torch.no_grad()
     def reference_metrics(
         self, prompts: list[list[int]], references: list[list[int]]
     ) -> dict[str, float]:
         """Token accuracy and perplexity of reference responses under the policy (seed 004)."""
-        pairs = [(p, r) for p, r in zip(prompts, references) if r]
-        if not pairs:
-            return {}
-        ids_np, mask_np = left_pad([p for p, _ in pairs], self.tokenizer.pad_token_id)
-        ids, mask = torch.from_numpy(ids_np), torch.from_numpy(mask_np)
-        nll = self._reference_nll(
-            [r for _, r in pairs], ids.to(self.device), mask.to(self.device), ids.shape[1]
-        )
-        # Accuracy: greedy next-token match on the reference tokens.
-        hits, total = 0, 0
-        for p, r in pairs:
-            full = torch.tensor([p + r], device=self.device)
-            logits, _ = self._forward(self.net.model, full, torch.ones_like(full), len(p))
-            hits += int((logits.argmax(-1)[0] == full[0, len(p) :]).sum())
-            total += len(r)
-        return {
-            "eval/ref_perplexity": math.exp(min(float(nll), 50.0)),
-            "eval/ref_token_accuracy": hits / max(total, 1),
-        }
+        return reference_metrics(self.net.model, prompts, references, self.tokenizer.pad_token_id)
 
     # ---- checkpoints ---------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import transformers
 from transformers import PreTrainedModel
 
 from distrl.config import DataConfig, ModelConfig, TokenizerConfig
@@ -32,6 +33,7 @@ def build_model(
     model: ModelConfig, tokenizer: Tokenizer, *, seed: int, name: str | None = None
 ) -> PreTrainedModel:
     """Load the policy (or ``name``, e.g. a reference model) and check it fits ``tokenizer``."""
+    transformers.utils.logging.disable_progress_bar()  # no loading bars in every actor's log
     special = {
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
@@ -86,3 +88,66 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np
 def position_ids(mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding, as ``generate`` computes them: (B, L) -> (B, L)."""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def response_hidden(
+    model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, start: int
+) -> torch.Tensor:
+    """Last hidden states (B, T, H) at the positions that predict ``ids[:, start:]``.
+
+    Args:
+        model: a causal LM. ids, mask: (B, L) left-padded prompts followed by responses.
+        start: column where responses begin (the padded prompt width).
+    """
+    out = model.base_model(
+        input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False
+    )
+    return out.last_hidden_state[:, start - 1 : -1]
+
+
+def with_responses(
+    prompt_ids: np.ndarray,
+    prompt_mask: np.ndarray,
+    responses: Sequence[Sequence[int]],
+    pad_id: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded prompts (B, P) followed by right-padded ``responses``.
+
+    Returns:
+        ids (B, P+T), mask (B, P+T), response ids (B, T) and response mask (B, T) float32.
+    """
+    width = max(len(r) for r in responses)
+    resp = np.full((len(responses), width), pad_id, dtype=np.int64)
+    resp_mask = np.zeros((len(responses), width), dtype=np.int64)
+    for i, r in enumerate(responses):
+        resp[i, : len(r)], resp_mask[i, : len(r)] = r, 1
+    ids = torch.from_numpy(np.concatenate([prompt_ids, resp], 1))
+    mask = torch.from_numpy(np.concatenate([prompt_mask, resp_mask], 1))
+    return ids, mask, torch.from_numpy(resp), torch.from_numpy(resp_mask).float()
+
+
+@torch.no_grad()
+def reference_metrics(
+    model: PreTrainedModel,
+    prompts: Sequence[Sequence[int]],
+    references: Sequence[Sequence[int]],
+    pad_id: int,
+) -> dict[str, float]:
+    """Perplexity and greedy token accuracy of reference responses after their prompts (seed
+    004's metrics); pairs without a reference are skipped, and no pairs give ``{}``."""
+    pairs = [(p, r) for p, r in zip(prompts, references) if r]
+    if not pairs:
+        return {}
+    device = next(model.parameters()).device
+    p_ids, p_mask = left_pad([p for p, _ in pairs], pad_id)
+    ids, mask, refs, ref_mask = (
+        t.to(device) for t in with_responses(p_ids, p_mask, [r for _, r in pairs], pad_id)
+    )
+    logits = model.get_output_embeddings()(response_hidden(model, ids, mask, p_ids.shape[1]))
+    logp = torch.log_softmax(logits.float(), -1)
+    nll = -(logp.gather(-1, refs.unsqueeze(-1)).squeeze(-1) * ref_mask).sum() / ref_mask.sum()
+    hits = ((logits.argmax(-1) == refs).float() * ref_mask).sum() / ref_mask.sum()
+    return {
+        "eval/ref_perplexity": float(torch.exp(nll.clamp(max=50.0))),
+        "eval/ref_token_accuracy": float(hits),
+    }
