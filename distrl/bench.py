@@ -1,29 +1,55 @@
-"""Throughput benchmarks: ``python -m distrl.bench {reward,all} [--json OUT] [--quick]``.
+"""Throughput benchmarks.
+
+``python -m distrl.bench [rollout|learner|reward|all ...] [--json OUT] [--model default|tiny]
+[--quick]``
 
 Each section is a function returning a JSON-ready dict and printing a table; ``all`` runs every
 section. Speed is measured here, never asserted in tests. The machine is shared and noisy:
-compare figures from one run rather than across runs.
+compare figures from one run rather than across runs. Every distrl figure sits beside a raw
+reference measured in the same run (repetitions interleaved with distrl's), and their ratio.
 
+- ``rollout``: tokens/s of ``RolloutWorker`` actors (1 worker with every CPU; 2 workers with
+  an equal share each, generating at once) against a plain Hugging Face ``model.generate`` of
+  the same model, prompts, batch size, length and sampling settings in this process.
+- ``learner``: tokens/s of ``Learner.train`` (in an actor with every CPU) on a batch from a real
+  rollout, whole and its update phase alone, against a plain forward + backward + AdamW step
+  of the same model on the same tokens in this process.
 - ``reward``: samples/s of the ``RewardPool`` with 1 and 2 actors for the packaged ``default``
   config's reward (beside the same reward in-process, without Ray), and the cost of every
   built-in component alone, in ms per sample, measured in-process.
+
+Peak resident memory (VmHWM) is reported for this process per section and, read from inside,
+for every actor.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import platform
+import resource
+import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from distrl.config import RewardComponent, RewardConfig, load_config
+import numpy as np
+
+from distrl.config import RewardComponent, RewardConfig, RolloutConfig, RunConfig, load_config
 from distrl.data import load_examples
+from distrl.learner import Learner
+from distrl.policy import build_model, build_tokenizer, encode_prompts, left_pad
 from distrl.rewards import COMPONENTS, RewardBatch, RewardScorer
+from distrl.rollout import RolloutWorker, Trajectories
+from distrl.tokenizers import Tokenizer
+
+BATCH_SIZE = 8  # sequences per generate call and per learner batch (one PPO minibatch)
+MAX_NEW_TOKENS = 32
 
 # Options that let every built-in component run on unlabelled chat data.
 COMPONENT_OPTIONS: dict[str, dict[str, Any]] = {
@@ -37,6 +63,7 @@ def machine_info() -> dict[str, Any]:
     """Cores, torch threads, device and versions, stored with every benchmark result."""
     import ray
     import torch
+    import transformers
 
     from distrl.models import select_device
 
@@ -47,6 +74,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "ray": ray.__version__,
+        "transformers": transformers.__version__,
         "platform": platform.platform(),
     }
 
@@ -110,10 +138,12 @@ def pool_throughput(
     return {"samples_per_s": len(batch) / seconds, "startup_s": startup}
 
 
-def bench_reward(quick: bool) -> dict[str, Any]:
-    """The reward section: pool samples/s with 1 and 2 actors, and per-component cost."""
-    import ray
+def bench_reward(model: str, quick: bool) -> dict[str, Any]:
+    """The reward section: pool samples/s with 1 and 2 actors, and per-component cost.
 
+    Always the packaged ``default`` config's reward; ``model`` does not apply here.
+    """
+    del model
     config = load_config("default")
     n_pool, n_components, repeats = (256, 32, 2) if quick else (2048, 128, 3)
     pool_batch, component_batch = reward_batch(n_pool), reward_batch(n_components)
@@ -122,14 +152,11 @@ def bench_reward(quick: bool) -> dict[str, Any]:
     in_process.score(pool_batch)
     local = len(pool_batch) / _timed(lambda: in_process.score(pool_batch), repeats)
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
+    with local_ray():
         pools = {
             str(k): pool_throughput(config.reward, config.resources, pool_batch, k, repeats)
             for k in (1, 2)
         }
-    finally:
-        ray.shutdown()
     result = {
         "config": "default",
         "components": [c.name for c in config.reward.components],

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import difflib
 import sys
+import types
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +24,11 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"packaged config ({', '.join(cfg.NAMED_CONFIGS)}) or a YAML file "
         "(default: %(default)s)",
     )
-    group = parser.add_argument_group("config fields (override the config file)")
+    group = parser.add_argument_group(
+        "config fields",
+        "override the --config file; the defaults shown are the built-in ones, which a config "
+        "file may change",
+    )
     defaults = cfg.to_dict(cfg.RunConfig())
     for path, tp, f in cfg.iter_fields():
         default: Any = defaults
@@ -36,9 +42,23 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             f"--{path}",
             dest=f"cfg:{path}",
             default=None,
-            metavar=cfg._type_name(tp).upper().replace(" ", ""),
+            metavar=_metavar(tp),
             help=f"{f.metadata.get('help', '')} (default: {default!r}{extra})".replace("%", "%%"),
         )
+
+
+def _metavar(tp: Any) -> str:
+    """A short metavar: {ppo,dqn}, FLOAT, INT|null, YAML_LIST, YAML_MAP."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return "{" + ",".join(str(a) for a in args) + "}"
+    if origin in (typing.Union, types.UnionType):
+        return "|".join("null" if a is type(None) else _metavar(a) for a in args)
+    if origin is tuple:
+        return "YAML_LIST"
+    if origin is dict:
+        return "YAML_MAP"
+    return {bool: "true|false"}.get(tp, getattr(tp, "__name__", str(tp)).upper())
 
 
 def parse_config(
