@@ -10,6 +10,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -33,6 +34,7 @@ from distrl.policy import build_tokenizer, encode_prompts
 from distrl.rewards import RewardBatch, check_reward_config
 from distrl.rollout import RolloutWorker, Trajectories
 
+Report = Callable[[int, dict[str, float], "Path | None"], None]
 PROGRESS_KEYS = ["reward/total", "learner/kl", "eval/reward", "rollout/tokens_per_s"]
 
 
@@ -174,8 +176,8 @@ class Trainer:
         idx = self.train_prompts.next(self.config.rollout.batch_size)
         return worker.generate.remote([self.train_prompts.ids[i] for i in idx], idx)
 
-    def run(self, logger: MetricsLogger, progress: bool) -> None:
-        """Train from ``self.step`` to ``config.iterations``."""
+    def run(self, logger: MetricsLogger, progress: bool, report: Report | None = None) -> None:
+        """Train from ``self.step`` to ``config.iterations``; ``report`` sees every iteration."""
         from tqdm import tqdm
 
         cfg = self.config
@@ -231,8 +233,11 @@ class Trainer:
             if cfg.output.eval_every and self.step % cfg.output.eval_every == 0:
                 metrics.update(self.evaluate())
             logger.log(self.step, metrics)
+            saved = None
             if self.step % cfg.output.checkpoint_every == 0 or self.step == cfg.iterations:
-                self.checkpoint(metrics)
+                saved = self.checkpoint(metrics)
+            if report is not None:
+                report(self.step, metrics, saved)
             bar.set_postfix_str(format_progress(metrics, PROGRESS_KEYS))
             bar.update(1)
         bar.close()
@@ -277,7 +282,7 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------
 
-    def checkpoint(self, metrics: dict[str, float]) -> None:
+    def checkpoint(self, metrics: dict[str, float]) -> Path:
         """Write ``step_<N>`` (and ``best``/``final``) atomically, then prune old ones."""
         root = self.run_dir / "checkpoints"
         extra = {
@@ -304,6 +309,7 @@ class Trainer:
         if self.step == self.config.iterations:
             write_checkpoint(self.run_dir, "final", lambda tmp: _copy(path, tmp), meta=meta)
         prune_checkpoints(root, self.config.output.keep_checkpoints)
+        return path
 
     def restore(self) -> bool:
         """Continue from the newest complete ``step_<N>``; False when there is none."""
@@ -323,8 +329,15 @@ def _copy(src: Path, dst: Path) -> None:
             shutil.copy2(item, dst / item.name)
 
 
-def train(config: RunConfig, *, resume: bool = False) -> Path:
-    """Run (or resume) training as configured; returns the run directory."""
+def train(config: RunConfig, *, resume: bool = False, report: Report | None = None) -> Path:
+    """Run (or resume) training as configured; returns the run directory.
+
+    Args:
+        config: the validated run config.
+        resume: continue from the newest complete checkpoint in the run directory.
+        report: called as ``report(step, metrics, checkpoint_or_None)`` after every iteration
+            (Ray Tune trials pass the metrics on with ``tune.report``).
+    """
     train_prompts, val_prompts = prepare(config)
     run_dir = run_dir_for(config)
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
@@ -347,7 +360,7 @@ def train(config: RunConfig, *, resume: bool = False) -> Path:
         logger.truncate_after(trainer.step)
         print(f"distrl: resuming {run_dir} at step {trainer.step}", flush=True)
     try:
-        trainer.run(logger, progress=config.output.progress)
+        trainer.run(logger, progress=config.output.progress, report=report)
     finally:
         if config.output.plots:
             logger.plot()
