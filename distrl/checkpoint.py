@@ -57,7 +57,7 @@ def write_checkpoint(
             f.flush()
             os.fsync(f.fileno())
         for folder in {tmp, *((tmp / rel).parent for rel in files)}:
-            _fsync_dir(folder)
+            fsync_dir(folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -69,7 +69,7 @@ def write_checkpoint(
         old = root / f".tmp-{name}-old-{os.getpid()}-{secrets.token_hex(4)}"
         os.rename(dest, old)
     os.rename(tmp, dest)
-    _fsync_dir(root)
+    fsync_dir(root)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return dest
@@ -232,7 +232,8 @@ def _describe(file: Path, *, sync: bool = False) -> dict[str, Any]:
     return {"size": size, "sha256": digest.hexdigest()}
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a folder, so a rename into it survives a crash."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,30 @@ from distrl.rollout import Trajectories
 from distrl.tokenizers import HFTokenizer
 
 STATE_FILE = "distrl_state.pt"
+
+
+@dataclass
+class PPOBatch:
+    """Tensors of one PPO update, all (B, T) over response tokens except ``ids``/``mask``
+    (B, P+T), with the per-row reference responses for the optional cross-entropy term."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    tokens: torch.Tensor
+    rmask: torch.Tensor
+    old_logprobs: torch.Tensor
+    old_values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    references: list[list[int]] | None
+
+    def rows(self, idx: torch.Tensor) -> PPOBatch:
+        """The minibatch of rows ``idx``."""
+        refs = None if self.references is None else [self.references[i] for i in idx.tolist()]
+        tensors = {
+            f.name: getattr(self, f.name)[idx] for f in fields(self) if f.name != "references"
+        }
+        return PPOBatch(**tensors, references=refs)
 
 
 class NonFiniteError(DistrlError, RuntimeError):
@@ -160,6 +185,9 @@ class Learner:
             )
             if c.whiten_advantages:
                 advantages = ppo.whiten(advantages, rmask)
+        data = PPOBatch(
+            ids, mask, tokens, rmask, old_logprobs, old_values, advantages, returns, references
+        )
         self.net.train()
         stats: dict[str, list[float]] = {}
         skipped = 0
@@ -167,19 +195,7 @@ class Learner:
         stop = False
         for _ in range(c.epochs):
             for idx in torch.randperm(n).split(c.minibatch_size):
-                out = self._minibatch(
-                    idx,
-                    ids,
-                    mask,
-                    tokens,
-                    rmask,
-                    start,
-                    old_logprobs,
-                    old_values,
-                    advantages,
-                    returns,
-                    references,
-                )
+                out = self._minibatch(data.rows(idx), start)
                 if out is None:
                     skipped += 1
                     continue
@@ -209,46 +225,31 @@ class Learner:
         )
         return metrics
 
-    def _minibatch(
-        self,
-        idx,
-        ids,
-        mask,
-        tokens,
-        rmask,
-        start,
-        old_logprobs,
-        old_values,
-        advantages,
-        returns,
-        references,
-    ) -> dict[str, float] | None:
-        """One optimizer step on rows ``idx``; None when it was skipped as non-finite."""
+    def _minibatch(self, mb: PPOBatch, start: int) -> dict[str, float] | None:
+        """One optimizer step on a minibatch; None when it was skipped as non-finite."""
         c = self.ppo
-        m = rmask[idx]
-        logits, values = self._forward(self.net.model, ids[idx], mask[idx], start, True)
-        logprobs = ppo.logprobs_from_logits(logits, tokens[idx])
+        m = mb.rmask
+        logits, values = self._forward(self.net.model, mb.ids, mb.mask, start, True)
+        logprobs = ppo.logprobs_from_logits(logits, mb.tokens)
         pg_loss, pg_stats = ppo.policy_loss(
             logprobs=logprobs,
-            old_logprobs=old_logprobs[idx],
-            advantages=advantages[idx],
+            old_logprobs=mb.old_logprobs,
+            advantages=mb.advantages,
             mask=m,
             clip=c.clip,
         )
         v_loss, v_clipfrac = ppo.value_loss(
             values=values,
-            old_values=old_values[idx],
-            returns=returns[idx],
+            old_values=mb.old_values,
+            returns=mb.returns,
             mask=m,
             clip=c.value_clip,
         )
         entropy = ppo.masked_mean(ppo.entropy_from_logits(logits), m)
         loss = pg_loss + c.vf_coef * v_loss - c.ent_coef * entropy
         ce = None
-        if c.ce_coef > 0 and references is not None:
-            ce = self._reference_nll(
-                [references[i] for i in idx.tolist()], ids[idx], mask[idx], start
-            )
+        if c.ce_coef > 0 and mb.references is not None:
+            ce = self._reference_nll(mb.references, mb.ids, mb.mask, start)
             if ce is not None:
                 loss = loss + c.ce_coef * ce
         self.optimizer.zero_grad(set_to_none=True)

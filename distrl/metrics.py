@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from distrl.checkpoint import fsync_dir
 from distrl.errors import DataError
 
 METRICS_FILE = "metrics.jsonl"
@@ -187,15 +188,7 @@ def _rewrite(path: Path, records: list[Record]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 def _group_series(history: list[Record]) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
