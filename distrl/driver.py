@@ -137,24 +137,13 @@ class Trainer:
         self.learner = actors.make_actor(
             Learner,
             actors.actor_options(res.learner_cpus, res.learner_gpus, res.custom.get("learner")),
-            model=config.model,
-            tokenizer=config.tokenizer,
-            learner=config.learner,
-            ppo_config=config.ppo,
-            temperature=config.rollout.temperature,
-            seed=config.seed,
-            torch_threads=res.torch_threads,
+            **Learner.arguments(config),
         )
         self.workers = [
             actors.make_actor(
                 RolloutWorker,
                 actors.actor_options(res.rollout_cpus, res.rollout_gpus, res.custom.get("rollout")),
-                model=config.model,
-                tokenizer=config.tokenizer,
-                rollout=config.rollout,
-                seed=config.seed,
-                worker_index=i,
-                torch_threads=res.torch_threads,
+                **RolloutWorker.arguments(config, worker_index=i),
             )
             for i in range(config.rollout.num_workers)
         ]

@@ -11,6 +11,7 @@ import json
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from safetensors.torch import load_file
 
 from distrl.algos import ppo
 from distrl.checkpoint import load_torch_state, rng_state, save_torch_state, set_rng_state
-from distrl.config import LearnerConfig, ModelConfig, PPOConfig, TokenizerConfig
+from distrl.config import LearnerConfig, ModelConfig, PPOConfig, RunConfig, TokenizerConfig
 from distrl.errors import DistrlError
 from distrl.models import PolicyWithValue, VersionedWeights, get_weights, set_weights
 from distrl.policy import (
@@ -103,6 +104,19 @@ class Learner:
         self.version = 0
         self.steps = 0  # optimizer steps taken
         self.nonfinite_in_a_row = 0
+
+    @staticmethod
+    def arguments(config: RunConfig) -> dict[str, Any]:
+        """The keyword arguments that build a ``Learner`` for run ``config``."""
+        return {
+            "model": config.model,
+            "tokenizer": config.tokenizer,
+            "learner": config.learner,
+            "ppo_config": config.ppo,
+            "temperature": config.rollout.temperature,
+            "seed": config.seed,
+            "torch_threads": config.resources.torch_threads,
+        }
 
     # ---- weights -------------------------------------------------------------------------
 

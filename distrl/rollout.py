@@ -9,12 +9,13 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from transformers import GenerationConfig
 
-from distrl.config import ModelConfig, RolloutConfig, TokenizerConfig
+from distrl.config import ModelConfig, RolloutConfig, RunConfig, TokenizerConfig
 from distrl.models import VersionedWeights, set_weights
 from distrl.policy import build_model, build_tokenizer, left_pad
 
@@ -121,6 +122,18 @@ class RolloutWorker:
         self.version = 0
         self.seed = seed * 1000 + worker_index
         self.calls = 0
+
+    @staticmethod
+    def arguments(config: RunConfig, worker_index: int = 0) -> dict[str, Any]:
+        """The keyword arguments that build rollout worker ``worker_index`` of run ``config``."""
+        return {
+            "model": config.model,
+            "tokenizer": config.tokenizer,
+            "rollout": config.rollout,
+            "seed": config.seed,
+            "worker_index": worker_index,
+            "torch_threads": config.resources.torch_threads,
+        }
 
     def set_weights(self, weights: VersionedWeights) -> int:
         """Load published weights; returns the version now held."""

@@ -57,13 +57,7 @@ def validate(config: RunConfig, examples: int) -> dict[str, float]:
 
     _, val = prepare(config)
     n = min(examples, len(val.ids))
-    worker = RolloutWorker(
-        model=config.model,
-        tokenizer=config.tokenizer,
-        rollout=config.rollout,
-        seed=config.seed,
-        torch_threads=config.resources.torch_threads,
-    )
+    worker = RolloutWorker(**RolloutWorker.arguments(config))
     batch = worker.generate(val.ids[:n], list(range(n)), greedy=True)
     scores = RewardScorer(config.reward, seed=config.seed).score(reward_batch(val, batch))
     out = {k.replace("reward/", "validate/reward_"): v for k, v in scores.metrics().items()}

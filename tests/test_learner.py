@@ -11,18 +11,7 @@ from distrl.rollout import RolloutWorker
 
 
 def make(config):
-    learner = Learner(
-        model=config.model,
-        tokenizer=config.tokenizer,
-        learner=config.learner,
-        ppo_config=config.ppo,
-        temperature=config.rollout.temperature,
-        seed=config.seed,
-    )
-    worker = RolloutWorker(
-        model=config.model, tokenizer=config.tokenizer, rollout=config.rollout, seed=config.seed
-    )
-    return learner, worker
+    return Learner(**Learner.arguments(config)), RolloutWorker(**RolloutWorker.arguments(config))
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,7 @@ from distrl.rollout import RolloutWorker, Trajectories, response_mask
 @pytest.fixture(scope="module")
 def setup():
     config = load_config("tiny", {"rollout.max_new_tokens": 6})
-    worker = RolloutWorker(
-        model=config.model, tokenizer=config.tokenizer, rollout=config.rollout, seed=0
-    )
+    worker = RolloutWorker(**RolloutWorker.arguments(config))
     examples = load_examples("default", limit=6)
     prompts = encode_prompts(examples, worker.tokenizer, config.tokenizer, config.data)
     return config, worker, prompts
@@ -44,12 +42,8 @@ def test_generate_returns_compact_arrays(setup):
 
 def test_sampling_is_seeded_and_greedy_is_deterministic(setup):
     config, _, prompts = setup
-    a = RolloutWorker(
-        model=config.model, tokenizer=config.tokenizer, rollout=config.rollout, seed=0
-    )
-    b = RolloutWorker(
-        model=config.model, tokenizer=config.tokenizer, rollout=config.rollout, seed=0
-    )
+    a = RolloutWorker(**RolloutWorker.arguments(config))
+    b = RolloutWorker(**RolloutWorker.arguments(config))
     assert np.array_equal(
         a.generate(prompts, [0] * len(prompts)).response_ids,
         b.generate(prompts, [0] * len(prompts)).response_ids,
