@@ -184,7 +184,7 @@ class Learner:
             ref_logprobs = ppo.logprobs_from_logits(ref_logits, tokens)
             del ref_logits
             rewards, kl = ppo.kl_shaped_rewards(
-                scores=torch.tensor(np.asarray(scores), dtype=torch.float32, device=self.device),
+                scores=torch.tensor(np.array(scores), dtype=torch.float32, device=self.device),
                 logprobs=old_logprobs,
                 ref_logprobs=ref_logprobs,
                 mask=rmask,
