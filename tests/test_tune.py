@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from distrl import tune
+from distrl import tune, tune_space
 from distrl.config import load_config
 from distrl.errors import ConfigError, DistrlError
 
@@ -21,8 +21,8 @@ SPACES = Path(__file__).resolve().parents[1] / "tune_spaces"
 def load(tmp_path, text, base="tiny"):
     file = tmp_path / "space.yaml"
     file.write_text(text)
-    space = tune.read_space(file)
-    return tune.check_space(space, load_config(base, space.overrides))
+    space = tune_space.read_space(file)
+    return tune_space.check_space(space, load_config(base, space.overrides))
 
 
 def read_csv(file):
@@ -87,29 +87,29 @@ def test_list_items_by_index_in_either_spelling(tmp_path):
     )
     assert [p.path for p in space.params] == ["reward.components[1].weight", "ppo.epochs"]
     assert [p.type for p in space.params] == ["float", "int"]  # left out: the field's type
-    config = tune.with_values(load_config("default"), {"reward.components[1].weight": 1.5})
+    config = tune_space.with_values(load_config("default"), {"reward.components[1].weight": 1.5})
     assert config.reward.components[1].weight == 1.5
     assert config.reward.components[0] == load_config("default").reward.components[0]
 
 
 def test_shipped_spaces_check_against_their_base():
-    ppo = tune.check_space(tune.read_space(SPACES / "ppo.yaml"), load_config("default"))
+    ppo = tune_space.check_space(tune_space.read_space(SPACES / "ppo.yaml"), load_config("default"))
     assert {"learner.lr", "ppo.kl_coef", "ppo.clip", "ppo.epochs"} <= {p.path for p in ppo.params}
-    tune.check_space(ppo, load_config("tiny"))  # the smoke-test base too
-    dqn = tune.read_space(SPACES / "dqn.yaml")
+    tune_space.check_space(ppo, load_config("tiny"))  # the smoke-test base too
+    dqn = tune_space.read_space(SPACES / "dqn.yaml")
     config = load_config(dqn.base, dqn.overrides)
     assert config.algo == "dqn"
-    dqn = tune.check_space(dqn, config)
+    dqn = tune_space.check_space(dqn, config)
     assert {p.path.split(".")[0] for p in dqn.params} == {"learner", "dqn", "replay"}
 
 
 @pytest.mark.parametrize(
     "param",
     [
-        tune.Param("learner.lr", 1e-6, 1e-2, log=True),
-        tune.Param("ppo.clip", 0.1, 0.3),
-        tune.Param("ppo.epochs", 1, 4, type="int"),
-        tune.Param("dqn.epsilon_decay_steps", 100, 10_000, log=True, type="int"),
+        tune_space.Param("learner.lr", 1e-6, 1e-2, log=True),
+        tune_space.Param("ppo.clip", 0.1, 0.3),
+        tune_space.Param("ppo.epochs", 1, 4, type="int"),
+        tune_space.Param("dqn.epsilon_decay_steps", 100, 10_000, log=True, type="int"),
     ],
 )
 def test_transforms_round_trip_and_stay_in_bounds(param):
@@ -136,14 +136,14 @@ def test_transforms_round_trip_and_stay_in_bounds(param):
 
 
 def test_real_values_use_the_search_keys():
-    space = tune.Space(
+    space = tune_space.Space(
         "s.yaml",
         "tiny",
         "reward/total",
         "max",
         (
-            tune.Param("learner.lr", 1e-5, 1e-2, log=True),
-            tune.Param("ppo.epochs", 1, 4, type="int"),
+            tune_space.Param("learner.lr", 1e-5, 1e-2, log=True),
+            tune_space.Param("ppo.epochs", 1, 4, type="int"),
         ),
     )
     assert [p.key for p in space.params] == ["log(learner.lr)", "ppo.epochs"]
@@ -160,7 +160,7 @@ def test_trial_bundles_reserve_every_actor():
             "reward.num_actors": 2,
         },
     )
-    bundles = tune.trial_bundles(config, 0.5)
+    bundles = tune_space.trial_bundles(config, 0.5)
     assert bundles == [
         {"CPU": 0.5},
         {"CPU": 0.25, "GPU": 1.0},
@@ -170,7 +170,9 @@ def test_trial_bundles_reserve_every_actor():
         {"CPU": 0.25},
     ]
     dqn = load_config("tiny", {"algo": "dqn", "resources.replay_cpus": 1})
-    assert tune.trial_bundles(dqn, 0)[0] == {} and tune.trial_bundles(dqn, 0)[-1] == {"CPU": 1.0}
+    assert tune_space.trial_bundles(dqn, 0)[0] == {} and tune_space.trial_bundles(dqn, 0)[-1] == {
+        "CPU": 1.0
+    }
 
 
 def test_a_failed_random_trial_is_replaced_not_waited_for():
@@ -238,7 +240,7 @@ def test_bayesopt_sweep_of_tiny_runs_summarises_and_its_best_config_trains(ray_s
     ]
     assert tune.main(argv) == 0
     exp = tmp_path / "sweep"
-    space = tune.check_space(tune.read_space(SPACES / "ppo.yaml"), load_config("tiny"))
+    space = tune_space.check_space(tune_space.read_space(SPACES / "ppo.yaml"), load_config("tiny"))
     rows = read_csv(exp / "summary.csv")
     assert len(rows) == 4
     assert {r["status"] for r in rows} == {"finished"}
