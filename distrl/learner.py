@@ -21,7 +21,7 @@ from distrl.algos import ppo
 from distrl.checkpoint import load_torch_state, rng_state, save_torch_state, set_rng_state
 from distrl.config import LearnerConfig, ModelConfig, PPOConfig, RunConfig, TokenizerConfig
 from distrl.errors import DistrlError
-from distrl.models import PolicyWithValue, VersionedWeights, get_weights, set_weights
+from distrl.models import PolicyWithValue, VersionedWeights, set_weights, weights_to_publish
 from distrl.policy import (
     build_model,
     build_tokenizer,
@@ -122,7 +122,7 @@ class Learner:
 
     def weights(self) -> VersionedWeights:
         """The policy's current weights, stamped with its version."""
-        return VersionedWeights(self.version, get_weights(self.net.model))
+        return VersionedWeights(self.version, weights_to_publish(self.net.model))
 
     # ---- forward passes ------------------------------------------------------------------
 

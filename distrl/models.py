@@ -16,9 +16,11 @@ import re
 import shutil
 import tempfile
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import (
@@ -326,7 +328,7 @@ class VersionedWeights:
     """Weights published by the learner, stamped with the policy version that made them."""
 
     version: int
-    state: dict[str, torch.Tensor]
+    state: dict[str, torch.Tensor | np.ndarray]
 
 
 def _tied_aliases(model: nn.Module) -> set[str]:
@@ -345,12 +347,36 @@ def get_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def set_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy ``state`` (from ``get_weights``) into ``model`` in place, keeping tied weights tied.
+def weights_to_publish(model: nn.Module) -> dict[str, np.ndarray | torch.Tensor]:
+    """``model``'s state as zero-copy numpy views (each tied tensor once), to hand straight to
+    Ray: it copies them into the object store once, and readers map them without a copy.
+
+    Only for immediate serialisation: the views change with the model. bfloat16 tensors (numpy
+    has no bfloat16) and tensors off the CPU are copied as torch tensors instead.
+    """
+    aliases = _tied_aliases(model)
+    out: dict[str, np.ndarray | torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if name in aliases:
+            continue
+        tensor = tensor.detach()
+        zero_copy = tensor.device.type == "cpu" and tensor.dtype != torch.bfloat16
+        out[name] = tensor.numpy() if zero_copy else tensor.to("cpu", copy=True)
+    return out
+
+
+def set_weights(model: nn.Module, state: dict[str, torch.Tensor | np.ndarray]) -> None:
+    """Copy ``state`` (from ``get_weights`` or ``weights_to_publish``) into ``model`` in place,
+    keeping tied weights tied.
 
     Raises:
         ModelError: ``state`` has names ``model`` lacks, or lacks some it needs.
     """
+    with warnings.catch_warnings():  # arrays from Ray's object store are read-only; we only read
+        warnings.simplefilter("ignore", UserWarning)
+        state = {
+            k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in state.items()
+        }
     # Copying into the first name of a tied pair updates the shared tensor, so ties survive.
     result = model.load_state_dict(state, strict=False)
     missing = set(result.missing_keys) - _tied_aliases(model)
