@@ -1,0 +1,436 @@
+"""clusters/: every file is valid for Ray's cluster launcher (or KubeRay), offers what distrl's
+packaged cluster configs ask for, and `ray job submit` runs distrl.run on a real Ray head."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from contextlib import ExitStack, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+import ray
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+from distrl.config import RunConfig, load_config
+from distrl.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTERS = ROOT / "clusters"
+CONFIGS = ROOT / "distrl" / "configs"
+CLUSTER_FILES = sorted(CLUSTERS.glob("*.yaml"))
+KUBERAY = CLUSTERS / "kuberay-rayjob.yaml"
+
+# Packaged cluster configs (distrl/configs/cluster_*.yaml) -> the cluster files sized for them.
+CLUSTER_RUNS = {
+    "cluster_gpu": ["aws-gpu.yaml", "gcp-gpu.yaml", "onprem-local.yaml", "kuberay-rayjob.yaml"],
+}
+EPS = 1e-9
+
+
+# ---- what a config asks for, what a cluster offers --------------------------------------
+
+
+def actor_demands(config: RunConfig) -> list[tuple[str, dict[str, float]]]:
+    """(role, resources) of every actor the driver starts, as ``actors.actor_options`` asks."""
+    res = config.resources
+
+    def demand(role: str, cpus: float, gpus: float) -> dict[str, float]:
+        asked = {"CPU": cpus, "GPU": gpus, **res.custom.get(role, {})}
+        return {k: float(v) for k, v in asked.items() if v > 0}
+
+    out = [("learner", demand("learner", res.learner_cpus, res.learner_gpus))]
+    out += [("rollout", demand("rollout", res.rollout_cpus, res.rollout_gpus))] * (
+        config.rollout.num_workers
+    )
+    out += [("reward", demand("reward", res.reward_cpus, res.reward_gpus))] * (
+        config.reward.num_actors
+    )
+    if config.algo == "dqn":
+        out.append(("replay", demand("replay", res.replay_cpus, 0.0)))
+    return out
+
+
+@dataclass(frozen=True)
+class NodeType:
+    name: str
+    resources: dict[str, float]
+    max_count: int  # nodes of this type the cluster may hold (the head: 1)
+    detected: bool = False  # CPUs and GPUs are whatever the host has (on-premise)
+
+
+def fits(demand: dict[str, float], offer: dict[str, float], detected: bool = False) -> bool:
+    return all(
+        (detected and key in ("CPU", "GPU")) or offer.get(key, 0.0) + EPS >= amount
+        for key, amount in demand.items()
+    )
+
+
+def launcher_node_types(path: Path) -> tuple[list[NodeType], int]:
+    """Node types of a cluster launcher YAML and its global ``max_workers``."""
+    config = prepare_config(yaml.safe_load(path.read_text()))
+    if config["provider"]["type"] == "local":
+        # One node type; each host's role resource comes from worker_start_ray_commands.
+        commands = " ".join(config["worker_start_ray_commands"])
+        roles = [json.loads(r) for r in re.findall(r"role='(\{[^']*\})'", commands)]
+        hosts = len(config["provider"]["worker_ips"])
+        types = [NodeType(f"host{i}", r, hosts, detected=True) for i, r in enumerate(roles)]
+        return types, hosts
+    types = [
+        NodeType(
+            name,
+            {k: float(v) for k, v in spec["resources"].items()},
+            1 if name == config["head_node_type"] else spec["max_workers"],
+        )
+        for name, spec in config["available_node_types"].items()
+    ]
+    return types, config["max_workers"]
+
+
+def kuberay_documents(path: Path = KUBERAY) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def _quantity(value: str | int | float) -> float:
+    text = str(value)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def kuberay_group(group: dict, max_count: int, name: str) -> NodeType:
+    """What a KubeRay group's pods offer Ray: container limits, overridden by rayStartParams."""
+    container = group["template"]["spec"]["containers"][0]
+    limits = container.get("resources", {}).get("limits", {})
+    params = group.get("rayStartParams", {})
+    offer = {
+        "CPU": _quantity(params.get("num-cpus", limits.get("cpu", 0))),
+        "GPU": _quantity(params.get("num-gpus", limits.get("nvidia.com/gpu", 0))),
+    }
+    custom = params.get("resources")
+    if custom:
+        # KubeRay's format: a JSON string inside a quoted string, '"{\"name\": 1}"'.
+        offer.update(json.loads(json.loads(custom) if custom.startswith('"') else custom))
+    return NodeType(name, {k: float(v) for k, v in offer.items()}, max_count)
+
+
+def kuberay_node_types(path: Path = KUBERAY) -> tuple[list[NodeType], int]:
+    (job,) = [d for d in kuberay_documents(path) if d["kind"] == "RayJob"]
+    spec = job["spec"]["rayClusterSpec"]
+    types = [kuberay_group(spec["headGroupSpec"], 1, "head")]
+    types += [kuberay_group(g, g["maxReplicas"], g["groupName"]) for g in spec["workerGroupSpecs"]]
+    return types, sum(g["maxReplicas"] for g in spec["workerGroupSpecs"])
+
+
+def node_types(path: Path) -> tuple[list[NodeType], int]:
+    return kuberay_node_types(path) if path == KUBERAY else launcher_node_types(path)
+
+
+def pack(demands, types: list[NodeType], max_workers: int) -> tuple[list[str], Counter]:
+    """Place every actor, starting worker nodes as the autoscaler would (first fit, biggest
+    demands first) within each type's and the cluster's maximum; return (unplaced, started)."""
+    head = types[0] if not types[0].detected else None
+    nodes = [(head, dict(head.resources))] if head else []
+    started: Counter = Counter()
+    unplaced = []
+    for role, demand in sorted(demands, key=lambda d: (-d[1].get("GPU", 0), -d[1].get("CPU", 0))):
+        node = next((n for n in nodes if fits(demand, n[1])), None)
+        if node is None:
+            kind = next(
+                (
+                    t
+                    for t in types[1:]
+                    if started[t.name] < t.max_count
+                    and sum(started.values()) < max_workers
+                    and fits(demand, t.resources)
+                ),
+                None,
+            )
+            if kind is None:
+                unplaced.append(role)
+                continue
+            started[kind.name] += 1
+            node = (kind, dict(kind.resources))
+            nodes.append(node)
+        for key, amount in demand.items():
+            node[1][key] = node[1].get(key, 0.0) - amount
+    return unplaced, started
+
+
+def cluster_config(name: str) -> RunConfig:
+    return load_config(str(CONFIGS / f"{name}.yaml"))  # by path: not yet in NAMED_CONFIGS
+
+
+# ---- every file in clusters/ is valid ---------------------------------------------------
+
+
+@pytest.mark.parametrize("path", [p for p in CLUSTER_FILES if p != KUBERAY], ids=lambda p: p.name)
+def test_launcher_yaml_validates_and_installs_distrl(path):
+    raw = yaml.safe_load(path.read_text())
+    config = prepare_config(raw)
+    validate_config(config)  # Ray's JSON schema, offline
+    setup = " && ".join(config["setup_commands"])
+    assert "pip install" in setup and "~/distrl" in setup and "python -m distrl.assets" in setup
+    assert raw["file_mounts"] == {"~/distrl": "."}
+    start = " ".join(config["head_start_ray_commands"])
+    # The dashboard and job server stay on the head's loopback (reached via `ray dashboard`).
+    assert "--dashboard-host=127.0.0.1" in start and "0.0.0.0" not in start
+    assert "--disable-usage-stats" in start
+    if config["provider"]["type"] == "local":  # hosts given roles by IP are cluster hosts
+        named = re.findall(
+            r'"\s(\d+\.\d+\.\d+\.\d+)\s"', " ".join(raw["worker_start_ray_commands"])
+        )
+        assert named and set(named) <= set(raw["provider"]["worker_ips"])
+
+
+def test_kuberay_manifest_is_a_rayjob_running_distrl():
+    docs = kuberay_documents()
+    (job,) = [d for d in docs if d["kind"] == "RayJob"]
+    assert job["apiVersion"] == "ray.io/v1"
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:3] == ["python", "-m", "distrl.run"]
+    config_name = argv[argv.index("--config") + 1]
+    assert (CONFIGS / f"{config_name}.yaml").is_file()
+    cluster = job["spec"]["rayClusterSpec"]
+    assert cluster["rayVersion"].split(".")[:2] == ray.__version__.split(".")[:2]
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert cluster["headGroupSpec"]["serviceType"] == "ClusterIP"
+    yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+    # The run directory is on a volume both the driver (head) and the learner pods mount.
+    output = argv[argv.index("--output-dir") + 1]
+    claims = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        pod = group["template"]["spec"]
+        mounts = pod["containers"][0]["volumeMounts"]
+        assert any(output.startswith(m["mountPath"] + "/") for m in mounts), group
+        assert {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]} <= claims
+
+
+def test_every_cluster_file_and_cluster_config_is_paired():
+    assert {p.name for p in CLUSTER_FILES} == {f for fs in CLUSTER_RUNS.values() for f in fs}
+    assert {p.stem for p in CONFIGS.glob("cluster_*.yaml")} == set(CLUSTER_RUNS)
+
+
+# ---- what distrl asks for is offered ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "config_name, cluster_file",
+    [(c, f) for c, files in CLUSTER_RUNS.items() for f in files],
+)
+def test_cluster_config_fits_cluster(config_name, cluster_file):
+    config = cluster_config(config_name)
+    assert config.resources.address is None and config.resources.num_cpus is None
+    types, max_workers = node_types(CLUSTERS / cluster_file)
+    for role, demand in actor_demands(config):
+        homes = [t.name for t in types if fits(demand, t.resources, t.detected)]
+        assert homes, (
+            f"{config_name}: a {role} actor asks for {demand}; {cluster_file} offers {types}"
+        )
+    if not any(t.detected for t in types):
+        unplaced, started = pack(actor_demands(config), types, max_workers)
+        assert not unplaced, f"{cluster_file} cannot hold {unplaced} once it has {dict(started)}"
+
+
+def test_fit_check_catches_what_no_node_offers():
+    config = cluster_config("cluster_gpu")
+    types, max_workers = node_types(CLUSTERS / "aws-gpu.yaml")
+    demands = dict(actor_demands(config))
+    assert not fits({**demands["rollout"], "tpu_node": 0.01}, types[1].resources)
+    assert not any(fits({**demands["learner"], "GPU": 2}, t.resources) for t in types)
+    too_many = actor_demands(config) + [("rollout", demands["rollout"])]
+    assert pack(too_many, types, max_workers)[0] == ["rollout"]
+
+
+# ---- a real head, a real job --------------------------------------------------------------
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports the OS reports free on loopback (held open until all are chosen)."""
+    with ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
+def process_tree(root_pid: int, markers: list[str]) -> list[int]:
+    """PIDs of ``root_pid``'s descendants plus any process whose command line names one of
+    ``markers`` (this head's own temp dir or run dir) and their descendants."""
+    roots = []
+    with_markers = (p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"])
+    roots += [p for p in with_markers if any(m in " ".join(p.info["cmdline"]) for m in markers)]
+    with suppress(psutil.NoSuchProcess):
+        roots.append(psutil.Process(root_pid))
+    pids = set()
+    for proc in roots:
+        pids.add(proc.pid)
+        with suppress(psutil.NoSuchProcess):
+            pids.update(c.pid for c in proc.children(recursive=True))
+    pids.discard(os.getpid())
+    return sorted(pids)
+
+
+def stop_head(head: subprocess.Popen, markers: list[str]) -> None:
+    """Stop exactly the processes this head started, by PID.
+
+    ``ray stop`` would stop every Ray on the machine (a concurrent pytest session's too). The
+    head ran ``ray start --block`` as our child, so GCS, raylet, dashboard, agents, workers and
+    the job's driver are its descendants; anything re-parented still names our temp or run dir.
+    """
+
+    def signal_all(procs: list[psutil.Process], sig: int) -> None:
+        for proc in procs:
+            with suppress(psutil.NoSuchProcess):
+                proc.send_signal(sig)  # psutil refuses a PID reused by another process
+
+    def processes(pids: list[int]) -> list[psutil.Process]:
+        out = []
+        for pid in pids:
+            with suppress(psutil.NoSuchProcess):
+                out.append(psutil.Process(pid))
+        return out
+
+    # One snapshot before any signal: once a parent dies its children are re-parented.
+    procs = processes(process_tree(head.pid, markers))
+    signal_all(procs, signal.SIGTERM)
+    _, alive = psutil.wait_procs(procs, timeout=5)
+    known = {p.pid for p in procs}
+    alive += processes([p for p in process_tree(head.pid, markers) if p not in known])
+    signal_all(alive, signal.SIGKILL)
+    psutil.wait_procs(alive, timeout=5)
+    head.wait(timeout=10)
+
+
+def wait_for_http(url: str, head: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert head.poll() is None, "ray start --head exited"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+
+
+# Every port a head opens, so this head never collides with another Ray on the machine.
+HEAD_PORT_FLAGS = (
+    "port",
+    "dashboard-port",
+    "ray-client-server-port",
+    "node-manager-port",
+    "object-manager-port",
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "runtime-env-agent-port",
+    "metrics-export-port",
+)
+
+
+def start_head(temp_dir: str, env: dict[str, str], log) -> tuple[subprocess.Popen, str]:
+    """``ray start --head --block`` on loopback and free ports; returns (process, job address)."""
+    ports = free_ports(len(HEAD_PORT_FLAGS) + 32)
+    flags = [f"--{flag}={port}" for flag, port in zip(HEAD_PORT_FLAGS, ports)]
+    workers = ",".join(map(str, ports[len(HEAD_PORT_FLAGS) :]))
+    command = [
+        str(Path(sys.executable).parent / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1",
+        "--include-dashboard=true",
+        "--disable-usage-stats",
+        "--num-cpus=2",
+        f"--object-store-memory={200 * 1024**2}",
+        f"--temp-dir={temp_dir}",
+        f"--worker-port-list={workers}",
+        *flags,
+    ]
+    # A new session: Ctrl-C in pytest must not reach the head before the cleanup does.
+    head = subprocess.Popen(
+        command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    return head, f"http://127.0.0.1:{ports[1]}"
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_distrl_on_a_real_head(tmp_path, monkeypatch):
+    bin_dir = Path(sys.executable).parent
+    temp_dir = tempfile.mkdtemp(prefix="distrl-ray-", dir="/tmp")  # short: socket path limit
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(
+        RAY_AUTH_MODE="disabled",
+        RAY_USAGE_STATS_ENABLED="0",
+        # Ray turns --node-ip-address=127.0.0.1 into the machine's address and listens on all
+        # interfaces; its single-machine mode (the macOS default) keeps everything on loopback.
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        # The job's `python` must be this venv's, which has distrl's dependencies.
+        PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
+    )
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # for the job client in this process
+    with open(tmp_path / "head.log", "w") as head_log:
+        head, address = start_head(temp_dir, env, head_log)
+        try:
+            wait_for_http(f"{address}/api/version", head, timeout=120)
+            submission_id = f"distrl-test-{os.getpid()}"
+            excludes = [".git", ".venv", "runs", "*.egg-info", "__pycache__", ".pytest_cache"]
+            submit = subprocess.run(
+                [
+                    str(bin_dir / "ray"),
+                    *("job", "submit", "--address", address, "--no-wait"),
+                    *("--submission-id", submission_id, "--working-dir", str(ROOT)),
+                    *("--runtime-env-json", json.dumps({"excludes": excludes}), "--"),
+                    *("python", "-m", "distrl.run", "--config", "tiny"),
+                    *("--output-dir", str(run_dir), "--output.progress", "false"),
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=180,
+            )
+            assert submit.returncode == 0, submit.stdout + submit.stderr
+
+            from ray.job_submission import JobStatus, JobSubmissionClient
+
+            jobs = JobSubmissionClient(address)
+            deadline = time.monotonic() + 420
+            status = jobs.get_job_status(submission_id)
+            while not status.is_terminal() and time.monotonic() < deadline:
+                time.sleep(3)
+                status = jobs.get_job_status(submission_id)
+            logs = jobs.get_job_logs(submission_id)
+            assert status == JobStatus.SUCCEEDED, f"job {status}:\n{logs[-4000:]}"
+            assert "distrl: finished 4 iterations" in logs
+
+            # Outputs: the final policy folder and one metrics line per iteration.
+            assert (run_dir / "final" / "config.json").is_file()
+            records = read_metrics(run_dir / "metrics.jsonl")
+            assert [r["step"] for r in records] == [1, 2, 3, 4]
+            assert math.isfinite(records[-1]["reward/total"])
+            # The driver attached to this head: an embedded Ray would have hidden its actors.
+            from ray.util.state import list_actors
+
+            classes = {a.class_name for a in list_actors(address=address, limit=1000)}
+            assert {"Learner", "RolloutWorker", "RewardScorer"} <= classes, classes
+        finally:
+            stop_head(head, [temp_dir, str(run_dir)])
+            shutil.rmtree(temp_dir, ignore_errors=True)
+    assert not process_tree(head.pid, [temp_dir]), "processes of the test's head survived"
