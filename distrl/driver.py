@@ -228,6 +228,8 @@ class Trainer:
             if report is not None:
                 report(self.step, metrics, saved)
             bar.set_postfix_str(format_progress(metrics, PROGRESS_KEYS))
+            if not progress:  # job logs (ray job logs) still get one line per iteration
+                print(f"step {self.step}/{cfg.iterations} {bar.postfix}", flush=True)
             bar.update(1)
         bar.close()
         actors.get(list(in_flight.values()))  # let the last rollouts finish before shutdown
@@ -328,7 +330,7 @@ def train(config: RunConfig, *, resume: bool = False, report: Report | None = No
             (Ray Tune trials pass the metrics on with ``tune.report``).
     """
     train_prompts, val_prompts = prepare(config)
-    run_dir = run_dir_for(config)
+    run_dir = run_dir_for(config).resolve()
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
         raise DistrlError(
             f"output directory {run_dir} is not empty; pass --resume to continue "
@@ -341,6 +343,12 @@ def train(config: RunConfig, *, resume: bool = False, report: Report | None = No
         raise DistrlError(f"cannot write to output directory {run_dir}: {exc}") from None
     init_ray(config)
     trainer = Trainer(config, run_dir, train_prompts, val_prompts)
+    if not actors.get(trainer.learner.sees.remote(str(run_dir / "config.yaml"))):
+        trainer.shutdown()
+        raise DistrlError(
+            f"the learner's node cannot see {run_dir}: on a multi-node cluster "
+            f"output.dir must be on storage the head and the learner share"
+        )
     resumed = resume and trainer.restore()
     logger = MetricsLogger(
         run_dir, tensorboard=config.output.tensorboard, plots=config.output.plots, resume=resumed

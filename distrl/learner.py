@@ -329,6 +329,11 @@ class Learner:
 
     # ---- checkpoints ---------------------------------------------------------------------
 
+    @staticmethod
+    def sees(path: str) -> bool:
+        """Whether ``path`` exists where the learner runs (checkpoints must reach the driver)."""
+        return Path(path).exists()
+
     def save(self, folder: str, extra: dict | None = None) -> None:
         """Write the policy as a Hugging Face folder plus ``distrl_state.pt`` into ``folder``."""
         path = Path(folder)
