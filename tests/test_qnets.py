@@ -1,0 +1,105 @@
+import pytest
+import torch
+
+from distrl.config import DQNConfig
+from distrl.errors import ModelError
+from distrl.models import get_weights, tiny_model
+from distrl.qnets import (
+    LMHeadQNetwork,
+    PerformerQNetwork,
+    StateQNetwork,
+    build_qnet,
+    last_positions,
+    position_ids,
+    sparsity,
+)
+
+VOCAB = 61
+KINDS = ["tiny-llama", "tiny-gpt2"]
+BUILDS = {
+    "lm_head": DQNConfig(q_network="lm_head"),
+    "performer": DQNConfig(q_network="performer"),
+    "mlp": DQNConfig(q_network="mlp"),
+    "mlp+prune+autoencoder": DQNConfig(q_network="mlp", prune_sparsity=0.5, autoencoder_dim=8),
+}
+
+
+def ids_and_mask(b: int = 3, t: int = 7, seed: int = 0):
+    ids = torch.randint(3, VOCAB, (b, t), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # one left-padded row
+    return ids, mask
+
+
+def test_last_positions_and_position_ids_handle_both_paddings():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
+    assert last_positions(mask).tolist() == [4, 2, 4, 0]
+    assert position_ids(mask).tolist() == [
+        [0, 0, 0, 1, 2],
+        [0, 1, 2, 2, 2],
+        [0, 1, 2, 3, 4],
+        [0, 0, 0, 0, 0],
+    ]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_lm_head_q_starts_as_the_last_position_logits(kind):
+    model = tiny_model(kind, vocab_size=VOCAB, seed=0).eval()
+    ids, mask = ids_and_mask()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+        q = LMHeadQNetwork(model)(ids, mask)
+    assert q.shape == (3, VOCAB) and q.dtype == torch.float32
+    assert torch.allclose(q, logits[:, -1], atol=1e-5)
+
+
+def test_lm_head_q_keeps_the_tokenizer_vocabulary():
+    model = tiny_model("tiny-llama", vocab_size=VOCAB, seed=0).eval()
+    ids, mask = ids_and_mask()
+    with torch.no_grad():
+        full = LMHeadQNetwork(model)(ids, mask)
+        q = LMHeadQNetwork(model, vocab_size=50)(ids, mask)
+    assert q.shape == (3, 50) and torch.allclose(q, full[:, :50])
+    with pytest.raises(ModelError, match="larger than"):
+        LMHeadQNetwork(model, vocab_size=VOCAB + 1)
+
+
+@pytest.mark.parametrize("name", BUILDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_q_network_gives_finite_q_with_gradients_and_leaves_the_policy(name, kind):
+    policy = tiny_model(kind, vocab_size=VOCAB, seed=0).eval()
+    before = get_weights(policy)
+    qnet = build_qnet(BUILDS[name], policy, VOCAB, seed=1).train()
+    expected = {"lm_head": LMHeadQNetwork, "performer": PerformerQNetwork}
+    assert isinstance(qnet, expected.get(name, StateQNetwork))
+    ids, mask = ids_and_mask()
+    q = qnet(ids, mask)
+    assert q.shape == (3, VOCAB) and q.dtype == torch.float32 and torch.isfinite(q).all()
+    loss = torch.nn.functional.smooth_l1_loss(q.gather(1, ids[:, :1]), torch.ones(3, 1))
+    (loss + qnet.aux_loss()).backward()
+    trainable = [p for p in qnet.parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None for p in trainable)
+    assert (qnet.aux_loss().item() > 0) == ("autoencoder" in name)
+    if "prune" in name:
+        assert sparsity(qnet.encoder) == pytest.approx(0.5, abs=0.01)
+    assert sparsity(policy) == 0.0
+    after = get_weights(policy)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_build_qnet_is_seeded_and_leaves_the_global_rng_alone():
+    policy = tiny_model("tiny-llama", vocab_size=VOCAB, seed=0)
+    ids, mask = ids_and_mask()
+    state = torch.random.get_rng_state()
+    first, again, other = (build_qnet(BUILDS["performer"], policy, VOCAB, s) for s in (3, 3, 4))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert first.max_len == policy.config.max_position_embeddings
+    with torch.no_grad():
+        assert torch.equal(first(ids, mask), again(ids, mask))
+        assert not torch.allclose(first(ids, mask), other(ids, mask))
+
+
+def test_options_of_the_mlp_network_warn_on_other_kinds():
+    policy = tiny_model("tiny-gpt2", vocab_size=VOCAB, seed=0)
+    with pytest.warns(UserWarning, match="only apply to q_network=mlp"):
+        build_qnet(DQNConfig(q_network="lm_head", autoencoder_dim=8), policy, VOCAB, seed=0)
