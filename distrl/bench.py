@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from distrl.config import RewardComponent, RewardConfig, RolloutConfig, RunConfig, load_config
 from distrl.data import load_examples
@@ -62,7 +63,6 @@ COMPONENT_OPTIONS: dict[str, dict[str, Any]] = {
 def machine_info() -> dict[str, Any]:
     """Cores, torch threads, device and versions, stored with every benchmark result."""
     import ray
-    import torch
     import transformers
 
     from distrl.models import select_device
@@ -174,6 +174,11 @@ def _clock(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - start, out
 
 
+def _rounded(values: list[float]) -> list[float]:
+    """Per-repetition figures, kept in the JSON to show how noisy the medians are."""
+    return [round(v, 2) for v in values]
+
+
 def _ratio(value: float | None, reference: float) -> float | None:
     return value / reference if value is not None and reference > 0 else None
 
@@ -206,8 +211,6 @@ def raw_generate(
 
     The returned call gives the generated token positions: B x the width after the prompt.
     """
-    import torch
-
     ids, mask = left_pad(prompts, tokenizer.pad_token_id)  # inputs made once, untimed
     device = next(model.parameters()).device
     input_ids, attention_mask = torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
@@ -231,8 +234,6 @@ def raw_generate(
 
 def bench_rollout(model: str, quick: bool) -> dict[str, Any]:
     """The rollout section: RolloutWorker actors (1 and 2) against a plain ``generate``."""
-    import torch
-
     from distrl.actors import actor_options, get, make_actor
 
     config = bench_config(model)
@@ -272,10 +273,10 @@ def bench_rollout(model: str, quick: bool) -> dict[str, Any]:
                 return get([a.generate.remote(prompts, example_ids) for a in actors])
 
             generate()  # warm-up
-            rates, inside, real = [], [], []
+            rates, inside, real, paired = [], [], [], []
             for _ in range(repeats):
                 seconds, tokens = _clock(raw)
-                raw_rates.append(tokens / seconds)
+                paired.append(tokens / seconds)
                 seconds, batches = _clock(generate)
                 positions = sum(b.response_ids.size for b in batches)
                 rates.append(positions / seconds)
@@ -286,16 +287,18 @@ def bench_rollout(model: str, quick: bool) -> dict[str, Any]:
                 "cpus_per_worker": cores / workers,
                 "torch_threads_per_worker": threads,
                 "tokens_per_s": statistics.median(rates),
+                "samples": _rounded(rates),
                 "in_actor_tokens_per_s": statistics.median(inside),
                 "unpadded_fraction": statistics.mean(real),
                 "peak_rss_mb": get([a.peak_rss_mb.remote() for a in actors]),
+                # Against the raw repetitions interleaved with these: load drifts between phases.
+                "reference_tokens_per_s": statistics.median(paired),
+                "ratio": _ratio(statistics.median(rates), statistics.median(paired)),
             }
+            raw_rates += paired
             for actor in actors:
                 ray.kill(actor, no_restart=True)
     reference = statistics.median(raw_rates)
-    for row in rows.values():
-        row["reference_tokens_per_s"] = reference
-        row["ratio"] = _ratio(row["tokens_per_s"], reference)
     result = {
         "model": config.model.name,
         "batch_size": len(prompts),
@@ -309,10 +312,12 @@ def bench_rollout(model: str, quick: bool) -> dict[str, Any]:
             "distrl tokens/s is the driver's wall time of ray.get on all workers' generate "
             "calls (each worker generates its own batch of batch_size); raw = plain HF "
             f"model.generate in the driver with {cores} torch threads; medians of "
-            f"{repeats} repetitions interleaved with distrl's, after one warm-up"
+            f"{repeats} repetitions interleaved with distrl's, after one warm-up; each "
+            "row's ratio is against the raw repetitions interleaved with it"
         ),
         "raw": {
             "tokens_per_s": reference,
+            "samples": _rounded(raw_rates),
             "torch_threads": cores,
             "driver_peak_rss_mb": peak_rss_mb(),
         },
@@ -333,8 +338,6 @@ def bench_rollout(model: str, quick: bool) -> dict[str, Any]:
 
 def raw_train_step(model: Any, ids: Any, mask: Any, lr: float, wd: float) -> Callable[[], None]:
     """A plain causal-LM step on ``ids`` (B, L): forward with labels, backward, AdamW."""
-    import torch
-
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
     labels = ids.masked_fill(mask == 0, -100)
     model.train()
@@ -350,12 +353,10 @@ def raw_train_step(model: Any, ids: Any, mask: Any, lr: float, wd: float) -> Cal
 def bench_learner(model: str, quick: bool) -> dict[str, Any]:
     """The learner section: ``Learner.train`` (whole, and one epoch of updates) against a
     plain training step, on a batch from a real rollout."""
-    import torch
-
     from distrl.actors import actor_options, get, make_actor
 
     config = bench_config(model)
-    cores, repeats = os.cpu_count() or 1, 2 if quick else 5
+    cores, repeats = os.cpu_count() or 1, 3 if quick else 5
     torch.set_num_threads(cores)
     reset_peak_rss()
     worker = RolloutWorker(
@@ -395,28 +396,36 @@ def bench_learner(model: str, quick: bool) -> dict[str, Any]:
             return _clock(lambda: get(learner.train.remote(batch_ref, scores)))
 
         train(1)  # warm-up
-        raw_s, wall, learn_s, reported = [], {1: [], 3: []}, {1: [], 3: []}, []
+        raw_s: list[float] = []
+        wall, learn_s, reported = ({1: [], 3: []} for _ in range(3))
         for _ in range(repeats):
             raw_s.append(_clock(raw)[0])
             for epochs in (1, 3):
                 seconds, metrics = train(epochs)
                 wall[epochs].append(seconds)
                 learn_s[epochs].append(metrics["time/learn_s"])
-                reported.append(metrics["learner/tokens_per_s"])
+                reported[epochs].append(metrics["learner/tokens_per_s"])
         learner_peak = get(learner.peak_rss_mb.remote())
         ray.kill(learner, no_restart=True)
     reference = tokens / statistics.median(raw_s)
     # Two more epochs of one minibatch step each: half the difference is one update step.
-    epoch_s = statistics.median((b - a) / 2 for a, b in zip(learn_s[1], learn_s[3]))
+    epochs_s = [(b - a) / 2 for a, b in zip(learn_s[1], learn_s[3])]
+    epoch_s = statistics.median(epochs_s)
     update = tokens / epoch_s if epoch_s > 0 else None
     rows = {
         f"train, {e} epoch{'s' * (e > 1)}": {
             "tokens_per_s": e * tokens / statistics.median(wall[e]),
             "seconds": statistics.median(wall[e]),
+            "samples": _rounded([e * tokens / t for t in wall[e]]),
+            "learner_reported_tokens_per_s": statistics.median(reported[e]),
         }
         for e in (1, 3)
     }
-    rows["update phase, one epoch"] = {"tokens_per_s": update, "seconds": epoch_s}
+    rows["update phase, one epoch"] = {
+        "tokens_per_s": update,
+        "seconds": epoch_s,
+        "samples": _rounded([tokens / t if t > 0 else 0.0 for t in epochs_s]),
+    }
     for row in rows.values():
         row["reference_tokens_per_s"] = reference
         row["ratio"] = _ratio(row["tokens_per_s"], reference)
@@ -434,12 +443,16 @@ def bench_learner(model: str, quick: bool) -> dict[str, Any]:
             "Learner.train in an actor with every CPU (reference and value forwards, GAE, "
             "updates); the update phase is (learn_s at 3 epochs - at 1 epoch) / 2 from the "
             "Learner's own time/learn_s, paired per repetition; raw = plain HF forward with "
-            "labels + backward + AdamW step of the same model on the same ids and mask in "
-            f"the driver with {cores} torch threads; medians of {repeats} interleaved "
-            "repetitions after one warm-up"
+            "labels (LM head and loss over every position, where the Learner's cover the "
+            "response only) + backward + AdamW step of the same model on the same ids and "
+            f"mask in the driver with {cores} torch threads; medians of {repeats} "
+            "interleaved repetitions after one warm-up"
         ),
-        "raw": {"tokens_per_s": reference, "torch_threads": cores},
-        "learner_reported_tokens_per_s": statistics.median(reported),
+        "raw": {
+            "tokens_per_s": reference,
+            "samples": _rounded([tokens / t for t in raw_s]),
+            "torch_threads": cores,
+        },
         "driver_peak_rss_mb": peak_rss_mb(),
         "distrl": rows,
     }
@@ -505,8 +518,15 @@ def bench_reward(model: str, quick: bool) -> dict[str, Any]:
     pool_batch, component_batch = reward_batch(n_pool), reward_batch(n_components)
 
     in_process = RewardScorer(config.reward)
-    in_process.score(pool_batch)
-    local = len(pool_batch) / _timed(lambda: in_process.score(pool_batch), repeats)
+
+    def score_afresh() -> None:
+        for component in in_process.reward.components:  # else repeats hit the LM's memo
+            if (lm := getattr(component, "lm", None)) is not None:
+                lm._memo = None
+        in_process.score(pool_batch)
+
+    score_afresh()
+    local = len(pool_batch) / _timed(score_afresh, repeats)
 
     with local_ray():
         pools = {
@@ -553,7 +573,11 @@ SECTIONS: dict[str, Callable[[str, bool], dict[str, Any]]] = {
 
 def main(argv: list[str] | None = None) -> int:
     """Run the chosen benchmark sections and optionally write their JSON."""
-    parser = argparse.ArgumentParser(prog="python -m distrl.bench", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m distrl.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
         "sections",
         nargs="*",
@@ -578,10 +602,15 @@ def main(argv: list[str] | None = None) -> int:
     print(", ".join(f"{k}: {v}" for k, v in report["machine"].items()))
     with local_ray():  # one Ray for every section: its start-up is paid once
         for name in names:
+            # Other tenants of a shared machine show in the load average, not in our timings.
+            load = os.getloadavg()[0]
             report[name] = SECTIONS[name](args.model, args.quick)
+            report[name]["load_average"] = [load, os.getloadavg()[0]]
+            print(f"1-min load average {load:.2f} before, {os.getloadavg()[0]:.2f} after")
+            if args.json:  # after every section, so an interrupted run keeps what it measured
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         print(f"\nwrote {args.json}")
     return 0
 
