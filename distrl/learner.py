@@ -259,7 +259,9 @@ class Learner:
             mask=m,
             clip=c.value_clip,
         )
-        entropy = ppo.masked_mean(ppo.entropy_from_logits(logits), m)
+        # Without an entropy bonus, entropy is only logged: keep it out of the backward pass.
+        with torch.set_grad_enabled(c.ent_coef > 0):
+            entropy = ppo.masked_mean(ppo.entropy_from_logits(logits), m)
         loss = pg_loss + c.vf_coef * v_loss - c.ent_coef * entropy
         ce = None
         if c.ce_coef > 0 and mb.references is not None:
