@@ -10,6 +10,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -35,6 +36,9 @@ from distrl.rewards import RewardBatch, check_reward_config
 from distrl.rollout import RolloutWorker, Trajectories
 
 Report = Callable[[int, dict[str, float], "Path | None"], None]
+# Reference responses feed the optional cross-entropy term and eval perplexity; a bound keeps
+# one very long reply from setting the padded width (and memory) of a whole batch.
+MAX_REFERENCE_TOKENS = 256
 PROGRESS_KEYS = ["reward/total", "learner/kl", "eval/reward", "rollout/tokens_per_s"]
 
 
@@ -85,18 +89,24 @@ def prepare(config: RunConfig) -> tuple[Prompts, Prompts]:
         train, val = examples, load_examples(config.data.validation)
     else:
         train, val = split(examples, val_fraction=config.data.val_fraction, seed=config.seed)
+    if not val:
+        # Said out loud: evaluating on training prompts measures fit, not generalisation.
+        warnings.warn(
+            "no held-out prompts (data.val_fraction is 0 and data.validation is empty): "
+            "eval/* metrics use the first training prompts",
+            stacklevel=2,
+        )
+        val = train[: config.output.eval_examples]
 
     def encode(part: list[Example]) -> Prompts:
         ids = encode_prompts(part, tokenizer, config.tokenizer, config.data)
         refs = [
-            tokenizer.encode(e.reference)[: config.rollout.max_new_tokens * 4]
-            if e.reference
-            else []
+            tokenizer.encode(e.reference)[:MAX_REFERENCE_TOKENS] if e.reference else []
             for e in part
         ]
         return Prompts(part, ids, refs, seed=config.seed)
 
-    return encode(train), encode(val or train[: config.output.eval_examples])
+    return encode(train), encode(val)
 
 
 def run_dir_for(config: RunConfig) -> Path:

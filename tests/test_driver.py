@@ -7,6 +7,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -147,3 +148,10 @@ def test_config_yaml_is_the_resolved_config(ray_session, tmp_path):
         json.loads((run_dir / "final" / "distrl_tokenizer.json").read_text())["spec"]
         == "tiktoken:gpt2"
     )
+
+
+def test_no_held_out_prompts_is_said_not_hidden():
+    config = load_config("tiny", {"data.val_fraction": 0.0})
+    with pytest.warns(UserWarning, match="eval/\\* metrics use the first training prompts"):
+        train_prompts, val_prompts = prepare(config)
+    assert val_prompts.ids == train_prompts.ids[: config.output.eval_examples]
