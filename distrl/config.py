@@ -164,11 +164,31 @@ class DQNConfig:
     gamma: float = _f(0.99, "discount per token", ge=0.0, le=1.0)
     n_step: int = _f(1, "n-step TD targets", ge=1)
     double_q: bool = _f(True, "Double Q-learning targets")
-    target_update_interval: int = _f(100, "learner steps between target-network syncs", ge=1)
-    exploration: Literal["epsilon", "ucb"] = _f("epsilon", "exploration rule when acting")
+    target_update_interval: int = _f(
+        100, "learner steps between hard target-network copies (when tau is 1)", ge=1
+    )
+    tau: float = _f(
+        1.0,
+        "Polyak factor applied every learner step; 1 = hard copy every interval",
+        gt=0.0,
+        le=1.0,
+    )
+    loss: Literal["huber", "mse"] = _f("huber", "TD loss, weighted by importance-sampling weights")
+    huber_delta: float = _f(1.0, "Huber threshold", gt=0.0)
+    reward_shaping: Literal["terminal", "spread"] = _f(
+        "terminal",
+        "the sequence reward on the last token, or spread evenly over the response's tokens",
+    )
+    exploration: Literal["epsilon", "boltzmann", "ucb"] = _f(
+        "epsilon", "exploration rule of the rollout workers"
+    )
     epsilon_start: float = _f(0.2, "initial epsilon", ge=0.0, le=1.0)
     epsilon_end: float = _f(0.02, "final epsilon", ge=0.0, le=1.0)
     epsilon_decay_steps: int = _f(1000, "learner steps to decay epsilon over", ge=1)
+    boltzmann_temperature: float = _f(0.5, "softmax temperature over Q when exploring", gt=0.0)
+    ucb_context: int = _f(
+        2, "UCB counts are kept per (hash of the last this-many tokens, candidate token)", ge=0
+    )
     ucb_c: float = _f(1.0, "UCB exploration constant", ge=0.0)
     action_top_k: int = _f(
         32, "actions = the reference LM's top-k tokens; 0 = full vocabulary", ge=0
@@ -182,6 +202,13 @@ class DQNConfig:
     autoencoder_dim: int | None = _f(
         None, "compress state embeddings to this size with an autoencoder; empty = off", ge=1
     )
+
+    def __post_init__(self) -> None:
+        if self.q_network != "mlp" and (self.prune_sparsity or self.autoencoder_dim):
+            raise ConfigError(
+                f"dqn.prune_sparsity and dqn.autoencoder_dim apply to dqn.q_network=mlp only, "
+                f"not {self.q_network!r}"
+            )
 
 
 @dataclass(frozen=True)

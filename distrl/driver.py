@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import ray
@@ -32,7 +33,7 @@ from distrl.errors import DistrlError
 from distrl.learner import Learner
 from distrl.metrics import MetricsLogger, format_progress
 from distrl.policy import build_tokenizer, encode_prompts
-from distrl.rewards import RewardBatch, check_reward_config
+from distrl.rewards import RewardBatch, ScoreResult, check_reward_config
 from distrl.rollout import RolloutWorker, Trajectories
 
 Report = Callable[[int, dict[str, float], "Path | None"], None]
@@ -139,24 +140,31 @@ def reward_batch(prompts: Prompts, batch: Trajectories) -> RewardBatch:
 
 
 class Trainer:
-    """Owns the actors of one run and steps the training loop."""
+    """Owns the actors of one PPO run and steps the training loop (``QTrainer``: DQN)."""
+
+    learner_class: type = Learner
+    worker_class: type = RolloutWorker
+    progress_keys = PROGRESS_KEYS
 
     def __init__(self, config: RunConfig, run_dir: Path, train: Prompts, val: Prompts) -> None:
         self.config, self.run_dir, self.train_prompts, self.val = config, run_dir, train, val
         res = config.resources
         self.learner = actors.make_actor(
-            Learner,
+            self.learner_class,
             actors.actor_options(res.learner_cpus, res.learner_gpus, res.custom.get("learner")),
-            **Learner.arguments(config),
+            **self.learner_class.arguments(config),
         )
         self.workers = [
             actors.make_actor(
-                RolloutWorker,
+                self.worker_class,
                 actors.actor_options(res.rollout_cpus, res.rollout_gpus, res.custom.get("rollout")),
-                **RolloutWorker.arguments(config, worker_index=i),
+                **self.worker_class.arguments(config, worker_index=i),
             )
             for i in range(config.rollout.num_workers)
         ]
+        self.version = 0
+        self.in_flight: dict[int, ray.ObjectRef] = {}
+        self.extra_actors: list[ray.actor.ActorHandle] = []  # e.g. DQN's replay buffer
         self.pool = actors.RewardPool(config.reward, res, seed=config.seed)
         self.step = 0
         self.best = -float("inf")
@@ -173,15 +181,74 @@ class Trainer:
     def submit(self, worker: ray.actor.ActorHandle) -> ray.ObjectRef:
         """Start a rollout on ``worker`` with the next prompts."""
         idx = self.train_prompts.next(self.config.rollout.batch_size)
-        return worker.generate.remote([self.train_prompts.ids[i] for i in idx], idx)
+        prompts = [self.train_prompts.ids[i] for i in idx]
+        return worker.generate.remote(prompts, idx, **self.generate_options())
+
+    def generate_options(self) -> dict[str, float]:
+        """Extra keyword arguments of ``generate`` (DQN: the current epsilon)."""
+        return {}
+
+    def start(self) -> None:
+        """Publish the first weights and start a rollout on every worker."""
+        self.version = self.publish()
+        self.in_flight = {i: self.submit(w) for i, w in enumerate(self.workers)}
+
+    def collect(self) -> list[Trajectories]:
+        """Each worker's finished batch, resubmitting ahead when ``max_policy_lag`` allows."""
+        cfg = self.config
+        parts = []
+        for i, w in enumerate(self.workers):
+            batch = actors.get(self.in_flight[i])
+            while self.version - batch.version > cfg.rollout.max_policy_lag:
+                # A restarted worker comes back with its initial weights: resend, redo.
+                self.faults["faults/stale_batches"] += 1
+                actors.get(w.set_weights.remote(self.learner.weights.remote()))
+                batch = actors.get(self.submit(w))
+            parts.append(batch)
+            if cfg.rollout.max_policy_lag > 0:
+                self.in_flight[i] = self.submit(w)  # generate the next batch while we learn
+        return parts
+
+    def score(self, parts: list[Trajectories]) -> tuple[Trajectories, ScoreResult]:
+        """Score the joined batch; counts the samples the reward pool dropped."""
+        batch = Trajectories.concat(parts)
+        scores = self.pool.score(reward_batch(self.train_prompts, batch))
+        self.faults["faults/dropped_samples"] += scores.num_dropped
+        return batch, scores
+
+    def iterate(self) -> dict[str, float]:
+        """One PPO iteration: rollout -> score -> learn -> publish; returns its metrics."""
+        t0 = time.perf_counter()
+        parts = self.collect()
+        t1 = time.perf_counter()
+        batch, scores = self.score(parts)
+        t2 = time.perf_counter()
+        kept = np.flatnonzero(~scores.dropped)  # reward.on_error=drop: train on the rest
+        batch = batch.select(kept)
+        refs = [self.train_prompts.references[i] for i in batch.example_ids]
+        metrics = actors.get(self.learner.train.remote(batch, scores.total[kept], refs))
+        t3 = time.perf_counter()
+        self.version = self.publish()
+        if self.config.rollout.max_policy_lag == 0:
+            self.in_flight = {i: self.submit(w) for i, w in enumerate(self.workers)}
+        metrics.update(self.rollout_metrics(parts, batch, self.version))
+        metrics.update(scores.metrics())
+        metrics.update(
+            {
+                "time/rollout_wait_s": t1 - t0,
+                "time/score_s": t2 - t1,
+                "time/train_s": t3 - t2,
+                "time/publish_s": time.perf_counter() - t3,
+            }
+        )
+        return metrics
 
     def run(self, logger: MetricsLogger, progress: bool, report: Report | None = None) -> None:
         """Train from ``self.step`` to ``config.iterations``; ``report`` sees every iteration."""
         from tqdm import tqdm
 
         cfg = self.config
-        version = self.publish()
-        in_flight = {i: self.submit(w) for i, w in enumerate(self.workers)}
+        self.start()
         bar = tqdm(
             total=cfg.iterations,
             initial=self.step,
@@ -192,43 +259,9 @@ class Trainer:
         )
         while self.step < cfg.iterations:
             t0 = time.perf_counter()
-            parts = []
-            for i, w in enumerate(self.workers):
-                batch = actors.get(in_flight[i])
-                while version - batch.version > cfg.rollout.max_policy_lag:
-                    # A restarted worker comes back with its initial weights: resend, redo.
-                    self.faults["faults/stale_batches"] += 1
-                    actors.get(w.set_weights.remote(self.learner.weights.remote()))
-                    batch = actors.get(self.submit(w))
-                parts.append(batch)
-                if cfg.rollout.max_policy_lag > 0:
-                    in_flight[i] = self.submit(w)  # generate the next batch while we learn
-            batch = Trajectories.concat(parts)
-            t1 = time.perf_counter()
-            scores = self.pool.score(reward_batch(self.train_prompts, batch))
-            self.faults["faults/dropped_samples"] += scores.num_dropped
-            t2 = time.perf_counter()
-            kept = np.flatnonzero(~scores.dropped)  # reward.on_error=drop: train on the rest
-            batch = batch.select(kept)
-            refs = [self.train_prompts.references[i] for i in batch.example_ids]
-            metrics = actors.get(self.learner.train.remote(batch, scores.total[kept], refs))
-            t3 = time.perf_counter()
-            version = self.publish()
-            if cfg.rollout.max_policy_lag == 0:
-                in_flight = {i: self.submit(w) for i, w in enumerate(self.workers)}
+            metrics = self.iterate()
             self.step += 1
-            metrics.update(self.rollout_metrics(parts, batch, version))
-            metrics.update(scores.metrics())
-            metrics.update(
-                {
-                    "time/rollout_wait_s": t1 - t0,
-                    "time/score_s": t2 - t1,
-                    "time/train_s": t3 - t2,
-                    "time/publish_s": time.perf_counter() - t3,
-                    "time/iteration_s": time.perf_counter() - t0,
-                    **self.faults,
-                }
-            )
+            metrics.update({"time/iteration_s": time.perf_counter() - t0, **self.faults})
             if cfg.output.eval_every and self.step % cfg.output.eval_every == 0:
                 metrics.update(self.evaluate())
             logger.log(self.step, metrics)
@@ -237,12 +270,12 @@ class Trainer:
                 saved = self.checkpoint(metrics)
             if report is not None:
                 report(self.step, metrics, saved)
-            bar.set_postfix_str(format_progress(metrics, PROGRESS_KEYS))
+            bar.set_postfix_str(format_progress(metrics, self.progress_keys))
             if not progress:  # job logs (ray job logs) still get one line per iteration
                 print(f"step {self.step}/{cfg.iterations} {bar.postfix}", flush=True)
             bar.update(1)
         bar.close()
-        actors.get(list(in_flight.values()))  # let the last rollouts finish before shutdown
+        actors.get(list(self.in_flight.values()))  # let the last rollouts finish
 
     def rollout_metrics(
         self, parts: list[Trajectories], batch: Trajectories, version: int
@@ -277,7 +310,7 @@ class Trainer:
 
     def shutdown(self) -> None:
         """Stop this run's actors (a shared Ray session, as in tests, stays up)."""
-        for actor in [self.learner, *self.workers]:
+        for actor in [self.learner, *self.workers, *self.extra_actors]:
             ray.kill(actor, no_restart=True)
         self.pool.shutdown()
 
@@ -286,12 +319,7 @@ class Trainer:
     def checkpoint(self, metrics: dict[str, float]) -> Path:
         """Write ``step_<N>`` (and ``best``/``final``) atomically, then prune old ones."""
         root = self.run_dir / "checkpoints"
-        extra = {
-            "step": self.step,
-            "prompts": self.train_prompts.state(),
-            "best": self.best,
-            "faults": self.faults,
-        }
+        extra = self.state()
         meta = {
             "step": self.step,
             "metrics": {
@@ -301,6 +329,7 @@ class Trainer:
 
         def write(tmp: Path) -> None:
             actors.get(self.learner.save.remote(str(tmp), extra))
+            self.save_extra(tmp)
 
         path = write_checkpoint(root, f"step_{self.step}", write, meta=meta)
         reward = metrics.get("eval/reward")
@@ -317,11 +346,30 @@ class Trainer:
         path = latest_checkpoint(self.run_dir / "checkpoints")
         if path is None:
             return False
-        extra = actors.get(self.learner.load.remote(str(path)))
-        self.step, self.best = int(extra["step"]), float(extra["best"])
-        self.train_prompts.load(extra["prompts"])
-        self.faults.update(extra.get("faults", {}))
+        self.load_state(actors.get(self.learner.load.remote(str(path))))
+        self.restore_extra(path)
         return True
+
+    def state(self) -> dict[str, Any]:
+        """The driver's share of a checkpoint: step, prompt position, best reward, faults."""
+        return {
+            "step": self.step,
+            "prompts": self.train_prompts.state(),
+            "best": self.best,
+            "faults": self.faults,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Continue from ``state()``."""
+        self.step, self.best = int(state["step"]), float(state["best"])
+        self.train_prompts.load(state["prompts"])
+        self.faults.update(state.get("faults", {}))
+
+    def save_extra(self, folder: Path) -> None:
+        """Write what else a checkpoint needs besides the learner's state (DQN: replay)."""
+
+    def restore_extra(self, folder: Path) -> None:
+        """Restore what ``save_extra`` wrote."""
 
 
 def _copy(src: Path, dst: Path) -> None:
@@ -352,7 +400,12 @@ def train(config: RunConfig, *, resume: bool = False, report: Report | None = No
     except OSError as exc:
         raise DistrlError(f"cannot write to output directory {run_dir}: {exc}") from None
     init_ray(config)
-    trainer = Trainer(config, run_dir, train_prompts, val_prompts)
+    trainer_class = Trainer
+    if config.algo == "dqn":
+        from distrl.qtrainer import QTrainer
+
+        trainer_class = QTrainer
+    trainer = trainer_class(config, run_dir, train_prompts, val_prompts)
     if not actors.get(trainer.learner.sees.remote(str(run_dir / "config.yaml"))):
         trainer.shutdown()
         raise DistrlError(

@@ -63,6 +63,47 @@ class NonFiniteError(DistrlError, RuntimeError):
     """Too many updates in a row had a non-finite loss or gradient."""
 
 
+class OptimizerStep:
+    """AdamW with linear warm-up, gradient-norm clipping and the non-finite guard.
+
+    A step whose loss or gradient norm is not finite is skipped (gradients dropped); after
+    ``learner.max_nonfinite_updates`` such steps in a row it raises ``NonFiniteError``.
+    """
+
+    def __init__(self, params: Any, config: LearnerConfig) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        self.config = config
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=config.lr, weight_decay=config.weight_decay
+        )
+        self.steps = 0  # optimizer steps taken
+        self.nonfinite_in_a_row = 0
+
+    def step(self, loss: torch.Tensor) -> float | None:
+        """Backward, clip and step; returns the gradient norm, or None when skipped."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_in_a_row += 1
+            if self.nonfinite_in_a_row >= self.config.max_nonfinite_updates:
+                raise NonFiniteError(
+                    f"{self.nonfinite_in_a_row} updates in a row had a non-finite loss or "
+                    f"gradient (learner.max_nonfinite_updates); last loss {loss.item()}"
+                )
+            return None
+        self.nonfinite_in_a_row = 0
+        warm = self.config.warmup_steps
+        for group in self.optimizer.param_groups:
+            group["lr"] = (
+                self.config.lr * min(1.0, (self.steps + 1) / warm) if warm else self.config.lr
+            )
+        self.optimizer.step()
+        self.steps += 1
+        return grad_norm.item()
+
+
 class Learner:
     """Runs PPO updates on scored trajectories and publishes versioned weights."""
 
@@ -97,13 +138,10 @@ class Learner:
         )
         self.net = PolicyWithValue(policy)
         self.device = next(policy.parameters()).device
-        self.optimizer = torch.optim.AdamW(
-            self.net.parameters(), lr=learner.lr, weight_decay=learner.weight_decay
-        )
+        self.opt = OptimizerStep(self.net.parameters(), learner)
+        self.optimizer = self.opt.optimizer
         self.kl = ppo.KLController(ppo_config.kl_coef, ppo_config.kl_target, ppo_config.kl_horizon)
         self.version = 0
-        self.steps = 0  # optimizer steps taken
-        self.nonfinite_in_a_row = 0
 
     @staticmethod
     def arguments(config: RunConfig) -> dict[str, Any]:
@@ -117,6 +155,11 @@ class Learner:
             "seed": config.seed,
             "torch_threads": config.resources.torch_threads,
         }
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps taken."""
+        return self.opt.steps
 
     # ---- weights -------------------------------------------------------------------------
 
@@ -268,26 +311,9 @@ class Learner:
             ce = self._reference_nll(mb.references, mb.ids, mb.mask, start)
             if ce is not None:
                 loss = loss + c.ce_coef * ce
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.config.max_grad_norm)
-        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-            self.optimizer.zero_grad(set_to_none=True)
-            self.nonfinite_in_a_row += 1
-            if self.nonfinite_in_a_row >= self.config.max_nonfinite_updates:
-                raise NonFiniteError(
-                    f"{self.nonfinite_in_a_row} updates in a row had a non-finite loss or "
-                    f"gradient (learner.max_nonfinite_updates); last loss {loss.item()}"
-                )
+        grad_norm = self.opt.step(loss)
+        if grad_norm is None:
             return None
-        self.nonfinite_in_a_row = 0
-        for group in self.optimizer.param_groups:
-            warm = self.config.warmup_steps
-            group["lr"] = (
-                self.config.lr * min(1.0, (self.steps + 1) / warm) if warm else self.config.lr
-            )
-        self.optimizer.step()
-        self.steps += 1
         out = {
             "policy_loss": pg_loss.item(),
             "value_loss": v_loss.item(),
@@ -295,7 +321,7 @@ class Learner:
             "clipfrac": pg_stats["clipfrac"].item(),
             "approx_kl": pg_stats["approx_kl"].item(),
             "value_clipfrac": v_clipfrac.item(),
-            "grad_norm": grad_norm.item(),
+            "grad_norm": grad_norm,
             "lr": self.optimizer.param_groups[0]["lr"],
         }
         if ce is not None:
@@ -368,6 +394,6 @@ class Learner:
         self.net.value_head.load_state_dict(state["value_head"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.kl.load_state_dict(state["kl"])
-        self.version, self.steps = int(state["version"]), int(state["steps"])
+        self.version, self.opt.steps = int(state["version"]), int(state["steps"])
         set_rng_state(state["rng"])
         return state["extra"]

@@ -402,18 +402,24 @@ class PrioritizedReplay(UniformReplay):
         self.max_priority = float(state["max_priority"])
 
 
+def replay_spec(config: ReplayConfig, seed: int = 0) -> tuple[type, dict[str, Any]]:
+    """The buffer class and keyword arguments a ``ReplayConfig`` describes (for an actor)."""
+    if not config.prioritized:
+        return UniformReplay, {"capacity": config.capacity, "seed": seed}
+    return PrioritizedReplay, {
+        "capacity": config.capacity,
+        "alpha": config.alpha,
+        "beta_start": config.beta_start,
+        "beta_end": config.beta_end,
+        "beta_anneal_steps": config.beta_anneal_steps,
+        "seed": seed,
+    }
+
+
 def from_config(config: ReplayConfig, seed: int = 0) -> UniformReplay | PrioritizedReplay:
     """The buffer a ``ReplayConfig`` describes."""
-    if not config.prioritized:
-        return UniformReplay(config.capacity, seed=seed)
-    return PrioritizedReplay(
-        config.capacity,
-        alpha=config.alpha,
-        beta_start=config.beta_start,
-        beta_end=config.beta_end,
-        beta_anneal_steps=config.beta_anneal_steps,
-        seed=seed,
-    )
+    cls, kwargs = replay_spec(config, seed)
+    return cls(**kwargs)
 
 
 def _rate(fn: Callable[[], object], seconds: float) -> float:

@@ -18,6 +18,7 @@ from transformers import GenerationConfig
 from distrl.config import ModelConfig, RolloutConfig, RunConfig, TokenizerConfig
 from distrl.models import VersionedWeights, set_weights
 from distrl.policy import build_model, build_tokenizer, left_pad
+from distrl.tokenizers import Tokenizer
 
 ARRAY_FIELDS = (
     "prompt_ids",
@@ -54,6 +55,8 @@ class Trajectories:
     version: int
     seconds: float
 
+    array_fields = ARRAY_FIELDS  # per-sequence arrays, cut by ``select``
+
     @property
     def num_tokens(self) -> int:
         """Generated (unpadded) tokens."""
@@ -63,7 +66,7 @@ class Trajectories:
         """The sequences at ``rows`` (an index array), same padding."""
         return dataclasses.replace(
             self,
-            **{name: getattr(self, name)[rows] for name in ARRAY_FIELDS},
+            **{name: getattr(self, name)[rows] for name in self.array_fields},
         )
 
     @staticmethod
@@ -98,6 +101,12 @@ def response_mask(ids: torch.Tensor, eos_id: int | None) -> torch.Tensor:
     is_eos = (ids == eos_id).long()
     before = is_eos.cumsum(-1) - is_eos  # EOS tokens strictly before each position
     return (before == 0).float()
+
+
+def response_texts(tokenizer: Tokenizer, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Decoded responses (B,) of ids (B, T) up to their mask's length (EOS included)."""
+    texts = [tokenizer.decode(row[: int(m.sum())].tolist()) for row, m in zip(ids, mask)]
+    return np.array(texts, dtype=np.str_)
 
 
 class RolloutWorker:
@@ -186,17 +195,14 @@ class RolloutWorker:
         logprobs = torch.log_softmax(logits / temperature, dim=-1)
         logprobs = logprobs.gather(-1, response.unsqueeze(-1)).squeeze(-1)
         rmask = response_mask(response, self.tokenizer.eos_token_id)
-        texts = [
-            self.tokenizer.decode(row[: int(m.sum())].tolist())
-            for row, m in zip(response.cpu(), rmask.cpu())
-        ]
+        texts = response_texts(self.tokenizer, response.cpu().numpy(), rmask.cpu().numpy())
         return Trajectories(
             prompt_ids=ids,
             prompt_mask=mask,
             response_ids=response.cpu().numpy(),
             response_mask=rmask.cpu().numpy(),
             logprobs=(logprobs * rmask).cpu().numpy(),
-            texts=np.array(texts, dtype=np.str_),
+            texts=texts,
             example_ids=np.asarray(example_ids, dtype=np.int64),
             version=self.version,
             seconds=time.perf_counter() - start,

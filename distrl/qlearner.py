@@ -1,0 +1,231 @@
+"""DQN learner: online and target Q-networks, Double-DQN n-step TD updates on replay samples.
+
+A plain class; ``distrl.actors`` makes it the one learner actor of a ``--algo dqn`` run. Each
+``update`` takes one sample from the replay buffer (transitions, ids, importance weights) and
+returns the ids with new TD errors for ``update_priorities``, plus ``learner/*`` metrics.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from distrl.algos import dqn
+from distrl.checkpoint import load_torch_state, rng_state, save_torch_state, set_rng_state
+from distrl.config import RunConfig, dump_yaml, load_config
+from distrl.errors import ModelError
+from distrl.learner import OptimizerStep
+from distrl.models import VersionedWeights, get_weights, set_weights, weights_to_publish
+from distrl.policy import build_model, build_tokenizer
+from distrl.qnets import QNetwork, build_qnet
+from distrl.qpolicy import QPolicy
+from distrl.tokenizers import Tokenizer
+
+STATE_FILE = "distrl_state.pt"
+QNET_FILE = "q_network.safetensors"
+RUN_FILE = "distrl_run.yaml"  # the run's config: what rebuilds the Q-network and its reference
+
+
+def build_q_parts(config: RunConfig) -> tuple[Tokenizer, QNetwork, Any]:
+    """The tokenizer, a fresh Q-network and the frozen reference LM of a DQN run."""
+    tokenizer = build_tokenizer(config.model, config.tokenizer)
+    reference = build_model(config.model, tokenizer, seed=config.seed)
+    qnet = build_qnet(config.dqn, reference, tokenizer.vocab_size, config.seed)
+    return tokenizer, qnet, reference.eval().requires_grad_(False)
+
+
+def prefixes(tokens: torch.Tensor, lengths: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, ...]:
+    """Left-padded prefixes ``tokens[b, :lengths[b]]``: ids (B, L) and mask (B, L), L = max."""
+    width = int(lengths.max())
+    col = torch.arange(width, device=tokens.device)
+    src = col[None, :] - (width - lengths[:, None])  # index into each row; < 0 is padding
+    mask = (src >= 0).long()
+    ids = tokens[:, :width].gather(1, src.clamp(min=0)).masked_fill(mask == 0, pad_id)
+    return ids, mask
+
+
+def is_dqn_checkpoint(folder: Path) -> bool:
+    """Whether ``folder`` holds a DQN learner checkpoint."""
+    return (folder / QNET_FILE).is_file() and (folder / RUN_FILE).is_file()
+
+
+def load_q_policy(folder: str | Path) -> tuple[QPolicy, Tokenizer]:
+    """Q-guided decoding from a DQN checkpoint folder: its ``QPolicy`` and tokenizer."""
+    folder = Path(folder)
+    if not is_dqn_checkpoint(folder):
+        raise ModelError(f"{folder} is not a DQN checkpoint (no {QNET_FILE} and {RUN_FILE})")
+    config = load_config(str(folder / RUN_FILE))
+    tokenizer, qnet, reference = build_q_parts(config)
+    set_weights(qnet, load_file(folder / QNET_FILE))
+    policy = QPolicy(
+        qnet.eval(),
+        reference,
+        top_k=config.dqn.action_top_k,
+        pad_id=tokenizer.pad_token_id,
+        eos_id=tokenizer.eos_token_id,
+    )
+    return policy, tokenizer
+
+
+class QLearner:
+    """Trains the online Q-network; a target copy follows by hard copies or Polyak averaging."""
+
+    def __init__(self, *, config: RunConfig, torch_threads: int | None = None) -> None:
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        torch.manual_seed(config.seed)
+        self.run_config, self.dqn = config, config.dqn
+        self.tokenizer, self.qnet, _ = build_q_parts(config)
+        self.target = copy.deepcopy(self.qnet).requires_grad_(False).eval()
+        self.opt = OptimizerStep(self.qnet.parameters(), config.learner)
+        self.device = next(self.qnet.parameters()).device
+        self.version = 0  # bumped by each publish after new updates
+        self.published_steps = 0
+        self.skipped = 0
+
+    @staticmethod
+    def arguments(config: RunConfig) -> dict[str, Any]:
+        """The keyword arguments that build a ``QLearner`` for run ``config``."""
+        return {"config": config, "torch_threads": config.resources.torch_threads}
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps taken."""
+        return self.opt.steps
+
+    def weights(self) -> VersionedWeights:
+        """The online Q-network's weights, stamped with its version: one more than the last
+        published when updates happened since (so versions count publishes, as in PPO)."""
+        if self.steps != self.published_steps:
+            self.version, self.published_steps = self.version + 1, self.steps
+        return VersionedWeights(self.version, weights_to_publish(self.qnet))
+
+    def update(
+        self, sample: tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+        """One TD step on ``(transitions, ids, IS weights)`` from ``replay.sample``.
+
+        Returns:
+            ids (N,), |TD errors| (N,) for ``replay.update_priorities`` (zeros of an update
+            skipped as non-finite leave priorities as they were), and ``learner/*`` metrics.
+        """
+        start = time.perf_counter()
+        batch, ids, weights = sample
+        d, pad = self.dqn, self.tokenizer.pad_token_id
+
+        def t(name: str) -> torch.Tensor:
+            return torch.tensor(np.asarray(batch[name]), device=self.device)
+
+        tokens = t("tokens").long()
+        s_ids, s_mask = prefixes(tokens, t("state_len").long(), pad)
+        n_ids, n_mask = prefixes(tokens, t("next_len").long(), pad)
+        discount = t("discount").float()
+        self.qnet.train()
+        q = self.qnet(s_ids, s_mask).gather(-1, t("action").long()[:, None])[:, 0]
+        with torch.no_grad():
+            next_target = self.target(n_ids, n_mask)
+            next_online = self.qnet(n_ids, n_mask) if d.double_q else next_target
+            cand = t("next_candidates").long()
+            next_mask = None
+            if cand.shape[-1]:
+                next_mask = torch.zeros_like(next_target, dtype=torch.bool)
+                next_mask.scatter_(-1, cand, True)
+            targets = dqn.td_targets(
+                rewards=t("reward").float(),
+                discounts=discount,
+                next_q_online=next_online,
+                next_q_target=next_target,
+                next_action_mask=next_mask,
+                double=d.double_q,
+            )
+        loss, td = dqn.td_loss(
+            q=q,
+            targets=targets,
+            weights=torch.from_numpy(np.asarray(weights, dtype=np.float32)).to(self.device),
+            kind=d.loss,
+            delta=d.huber_delta,
+        )
+        aux = self.qnet.aux_loss()
+        grad_norm = self.opt.step(loss + aux)
+        self.qnet.eval()
+        if grad_norm is None:
+            self.skipped += 1
+            return ids, np.zeros(len(ids), dtype=np.float32), {"learner/skipped_updates": 1.0}
+        if d.tau < 1.0:
+            dqn.polyak_update(target=self.target, online=self.qnet, tau=d.tau)
+        elif self.steps % d.target_update_interval == 0:
+            dqn.polyak_update(target=self.target, online=self.qnet, tau=1.0)
+        metrics = {
+            "learner/td_loss": loss.item(),
+            "learner/aux_loss": aux.item(),
+            "learner/q_mean": q.mean().item(),
+            "learner/target_q_mean": targets.mean().item(),
+            "learner/td_abs_mean": td.abs().mean().item(),
+            "learner/grad_norm": grad_norm,
+            "learner/is_weight_mean": float(np.mean(weights)),
+            "learner/sample_age": float(np.mean(self.version - batch["version"])),
+            "learner/skipped_updates": 0.0,
+            "learner/steps": float(self.steps),
+            "learner/tokens_per_s": float(s_mask.sum() + n_mask.sum())
+            / max(time.perf_counter() - start, 1e-9),
+        }
+        return ids, td.abs().cpu().numpy(), metrics
+
+    def reference_metrics(
+        self, prompts: list[list[int]], references: list[list[int]]
+    ) -> dict[str, float]:
+        """None: Q-values are not a distribution over tokens, so there is no perplexity."""
+        return {}
+
+    # ---- checkpoints ---------------------------------------------------------------------
+
+    @staticmethod
+    def sees(path: str) -> bool:
+        """Whether ``path`` exists where the learner runs."""
+        return Path(path).exists()
+
+    def save(self, folder: str, extra: dict | None = None) -> None:
+        """Write the Q-network (safetensors), the run config and the learner state."""
+        path = Path(folder)
+        save_file(get_weights(self.qnet), path / QNET_FILE)
+        dump_yaml(self.run_config, path / RUN_FILE)
+        (path / "distrl_tokenizer.json").write_text(
+            json.dumps({"spec": self.run_config.tokenizer.name})
+        )
+        save_torch_state(
+            path / STATE_FILE,
+            {
+                "target": self.target.state_dict(),
+                "optimizer": self.opt.optimizer.state_dict(),
+                "version": self.version,
+                "published_steps": self.published_steps,
+                "steps": self.steps,
+                "skipped": self.skipped,
+                "rng": rng_state(),
+                "extra": extra or {},
+            },
+        )
+
+    def load(self, folder: str) -> dict:
+        """Restore both networks, the optimizer, counters and RNG; return the extra dict."""
+        path = Path(folder)
+        saved = yaml.safe_load((path / RUN_FILE).read_text())
+        if saved.get("dqn", {}).get("q_network") != self.dqn.q_network:
+            raise ModelError(f"{path} holds a different dqn.q_network than this run's")
+        set_weights(self.qnet, load_file(path / QNET_FILE))
+        state = load_torch_state(path / STATE_FILE)
+        self.target.load_state_dict(state["target"])
+        self.opt.optimizer.load_state_dict(state["optimizer"])
+        self.version, self.opt.steps = int(state["version"]), int(state["steps"])
+        self.skipped = int(state["skipped"])
+        self.published_steps = int(state["published_steps"])
+        set_rng_state(state["rng"])
+        return state["extra"]
