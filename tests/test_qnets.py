@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from distrl.config import DQNConfig
-from distrl.errors import ModelError
+from distrl.config import DQNConfig, load_config
+from distrl.errors import ConfigError, ModelError
 from distrl.models import get_weights, tiny_model
 from distrl.qnets import (
     LMHeadQNetwork,
@@ -99,7 +99,8 @@ def test_build_qnet_is_seeded_and_leaves_the_global_rng_alone():
         assert not torch.allclose(first(ids, mask), other(ids, mask))
 
 
-def test_options_of_the_mlp_network_warn_on_other_kinds():
-    policy = tiny_model("tiny-gpt2", vocab_size=VOCAB, seed=0)
-    with pytest.warns(UserWarning, match="only apply to q_network=mlp"):
-        build_qnet(DQNConfig(q_network="lm_head", autoencoder_dim=8), policy, VOCAB, seed=0)
+def test_options_of_the_mlp_network_are_refused_on_other_kinds():
+    with pytest.raises(ConfigError, match="apply to dqn.q_network=mlp only"):
+        DQNConfig(q_network="lm_head", autoencoder_dim=8)
+    with pytest.raises(ConfigError, match="dqn.prune_sparsity"):
+        load_config("tiny", {"dqn.q_network": "performer", "dqn.prune_sparsity": 0.5})

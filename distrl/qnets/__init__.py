@@ -14,7 +14,6 @@ extra loss for the learner to add beside the TD loss. ``build_qnet`` picks one b
 from __future__ import annotations
 
 import copy
-import warnings
 
 import torch
 from transformers import PreTrainedModel
@@ -76,7 +75,8 @@ def build_qnet(
     """Build the Q-network ``dqn_config.q_network`` names, on the policy's device.
 
     ``policy_model`` is never modified: ``lm_head`` and ``mlp`` work on a deep copy of it.
-    ``prune_sparsity`` and ``autoencoder_dim`` apply to the ``mlp`` kind only.
+    ``prune_sparsity`` and ``autoencoder_dim`` apply to the ``mlp`` kind only (the config
+    refuses them elsewhere).
 
     Args:
         dqn_config: the DQN section of the run config.
@@ -86,12 +86,6 @@ def build_qnet(
             state is left untouched.
     """
     kind = dqn_config.q_network
-    if kind != "mlp" and (dqn_config.prune_sparsity or dqn_config.autoencoder_dim):
-        warnings.warn(
-            f"dqn.prune_sparsity and dqn.autoencoder_dim only apply to q_network=mlp; "
-            f"ignored for {kind}",
-            stacklevel=2,
-        )
     device = next(policy_model.parameters()).device
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
