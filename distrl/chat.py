@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+import numpy as np
 import torch
-import yaml
 from transformers import (
     GenerationConfig,
     PreTrainedModel,
@@ -36,8 +36,11 @@ from distrl.config import ModelConfig, RewardConfig, TokenizerConfig, load_confi
 from distrl.data import Example, load_examples
 from distrl.errors import ConfigError, DataError, DistrlError, ModelError
 from distrl.policy import build_model, build_tokenizer, left_pad
+from distrl.qlearner import is_dqn_checkpoint, load_q_policy
+from distrl.qpolicy import QPolicy
 from distrl.tokenizers import TIKTOKEN_ENCODINGS, HFTokenizer, Tokenizer, load_tokenizer
 
+Model = PreTrainedModel | QPolicy  # a language model, or Q-guided decoding (DQN checkpoints)
 PLAIN_STOP = "\nUser:"  # without a chat template, the next "User:" line ends a reply
 ROLES = ("system", "user", "assistant")
 TEST_SAMPLE = "Hello, world! Tokenisation of naïve café text costs 1234 tokens 🚀"
@@ -73,16 +76,19 @@ class GenerationOptions:
         return self if self.seed is None else dataclasses.replace(self, seed=self.seed + k)
 
 
-def load_model(path: str | None = None) -> tuple[PreTrainedModel, Tokenizer]:
-    """The model and tokenizer of a distrl checkpoint or Hugging Face folder.
+def load_model(path: str | None = None) -> tuple[Model, Tokenizer]:
+    """The model and tokenizer of a distrl checkpoint or Hugging Face folder; a DQN
+    checkpoint gives its ``QPolicy`` (Q-guided decoding) in place of a language model.
 
     Args:
         path: a folder, or None / "default" for the packaged SmolLM2-135M-Instruct.
 
     Raises:
-        ModelError: the folder is missing, holds no model, or is a DQN checkpoint.
+        ModelError: the folder is missing or holds no model.
     """
     name = "default" if path in (None, "default") else str(path)
+    if name != "default" and is_dqn_checkpoint(Path(name)):
+        return load_q_policy(name)  # Q-guided decoding over the reference LM's candidates
     spec = "auto" if name == "default" else checkpoint_tokenizer(Path(name))
     model_config = ModelConfig(name=name)
     tokenizer = build_tokenizer(model_config, TokenizerConfig(name=spec))
@@ -102,11 +108,6 @@ def checkpoint_tokenizer(folder: Path) -> str:
     spec_file = folder / "distrl_tokenizer.json"
     if not spec_file.is_file():
         return "auto"
-    # The run's config.yaml sits beside final/ or two levels above checkpoints/step_N/.
-    configs = [p / "config.yaml" for p in (folder.parent, folder.parent.parent)]
-    run = next((yaml.safe_load(c.read_text()) for c in configs if c.is_file()), None)
-    if isinstance(run, dict) and run.get("algo") == "dqn":
-        raise ModelError(f"{folder} is a DQN checkpoint; Q-guided decoding is not built yet")
     try:
         return json.loads(spec_file.read_text())["spec"]
     except (ValueError, KeyError, TypeError) as e:
@@ -158,7 +159,7 @@ class TokenStreamer(BaseStreamer, StoppingCriteria):
 
 @torch.no_grad()
 def generate_ids(
-    model: PreTrainedModel,
+    model: Model,
     tokenizer: Tokenizer,
     prompts: Sequence[Sequence[int]],
     options: GenerationOptions,
@@ -173,9 +174,13 @@ def generate_ids(
     """
     if not all(prompts):
         raise DataError("cannot generate from an empty prompt")
-    keep = getattr(model.config, "max_position_embeddings", 0) - options.max_new_tokens
+    lm = model.reference if isinstance(model, QPolicy) else model
+    keep = getattr(lm.config, "max_position_embeddings", 0) - options.max_new_tokens
     prompts = [list(p)[-keep:] for p in prompts] if keep > 0 else prompts
     ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+    if isinstance(model, QPolicy):
+        rows = q_generate(model, ids, mask, options, streamer)
+        return [_cut(row, tokenizer, stop) for row in rows]
     device = next(model.parameters()).device
     greedy = options.temperature == 0
     config = GenerationConfig(
@@ -196,13 +201,42 @@ def generate_ids(
         streamer=streamer,
         stopping_criteria=StoppingCriteriaList([streamer] if streamer else []),
     )
-    texts = []
-    for row in out[:, ids.shape[1] :].tolist():
-        if tokenizer.eos_token_id in row:
-            row = row[: row.index(tokenizer.eos_token_id)]
-        text = tokenizer.decode(row)
-        texts.append(text[: text.index(stop)] if stop and stop in text else text)
-    return texts
+    return [_cut(row, tokenizer, stop) for row in out[:, ids.shape[1] :].tolist()]
+
+
+def _cut(row: list[int], tokenizer: Tokenizer, stop: str | None) -> str:
+    """A reply's text, cut at its first EOS and at ``stop``."""
+    if tokenizer.eos_token_id in row:
+        row = row[: row.index(tokenizer.eos_token_id)]
+    text = tokenizer.decode(row)
+    return text[: text.index(stop)] if stop and stop in text else text
+
+
+def q_generate(
+    policy: QPolicy,
+    ids: np.ndarray,
+    mask: np.ndarray,
+    options: GenerationOptions,
+    streamer: TokenStreamer | None = None,
+) -> list[list[int]]:
+    """Q-guided replies (token lists, padding removed): greedy over Q at temperature 0, else
+    Boltzmann over Q at that temperature, always within the reference LM's candidates."""
+    generator = torch.Generator()
+    generator.manual_seed(options.seed if options.seed is not None else torch.seed())
+    out = policy.decode(
+        ids,
+        mask,
+        options.max_new_tokens,
+        explore="greedy" if options.temperature == 0 else "boltzmann",
+        temperature=options.temperature or 1.0,
+        generator=generator,
+    )
+    rows = [r[: int(m.sum())].tolist() for r, m in zip(out.response_ids, out.response_mask)]
+    if streamer is not None:  # Q decoding is not incremental here: show the reply at once
+        streamer.put(torch.from_numpy(ids))
+        streamer.put(torch.tensor(rows[0]))
+        streamer.end()
+    return rows
 
 
 def generate_text(
@@ -268,7 +302,7 @@ class ChatInterface:
         *,
         use_history: bool = True,
         system: str | None = None,
-        model: PreTrainedModel | None = None,
+        model: Model | None = None,
         tokenizer: Tokenizer | None = None,
         **options: Any,
     ) -> None:

@@ -37,7 +37,12 @@ def run_config_for(checkpoint: str, config: str | None) -> RunConfig:
         if not found:
             raise ConfigError(f"no config.yaml beside {checkpoint}; pass --config")
         config = str(found[0])
+    from distrl.qlearner import RUN_FILE, is_dqn_checkpoint
+
     base = load_config(config)
+    if is_dqn_checkpoint(Path(checkpoint)):  # the Q-network is rebuilt from the run's config
+        run = load_config(str(Path(checkpoint) / RUN_FILE))
+        return dataclasses.replace(run, data=base.data, reward=base.reward)
     tokenizer = base.tokenizer
     spec_file = Path(checkpoint) / "distrl_tokenizer.json"
     if spec_file.is_file():  # the run's tokenizer (tiktoken specs are not in the HF folder)
@@ -47,28 +52,40 @@ def run_config_for(checkpoint: str, config: str | None) -> RunConfig:
     return dataclasses.replace(base, model=model, tokenizer=tokenizer)
 
 
-def validate(config: RunConfig, examples: int) -> dict[str, float]:
-    """Reward components, reference perplexity/accuracy and diversity of ``config.model``."""
+def validate(config: RunConfig, examples: int, checkpoint: str | None = None) -> dict[str, float]:
+    """Reward components, reference perplexity/accuracy and diversity of ``config.model``, or
+    of the Q-guided greedy policy of a DQN ``checkpoint`` (no perplexity: Q is no distribution).
+    """
+    from safetensors.torch import load_file
+
     from distrl.driver import prepare, reward_batch
+    from distrl.models import VersionedWeights
     from distrl.policy import reference_metrics
+    from distrl.qlearner import QNET_FILE, is_dqn_checkpoint
+    from distrl.qrollout import QRolloutWorker
     from distrl.rewards import RewardBatch, RewardScorer
     from distrl.rewards.components import Diversity
     from distrl.rollout import RolloutWorker
 
     _, val = prepare(config)
     n = min(examples, len(val.ids))
-    worker = RolloutWorker(**RolloutWorker.arguments(config))
+    if checkpoint is not None and is_dqn_checkpoint(Path(checkpoint)):
+        worker = QRolloutWorker(**QRolloutWorker.arguments(config))
+        worker.set_weights(VersionedWeights(1, load_file(Path(checkpoint) / QNET_FILE)))
+    else:
+        worker = RolloutWorker(**RolloutWorker.arguments(config))
     batch = worker.generate(val.ids[:n], list(range(n)), greedy=True)
     scores = RewardScorer(config.reward, seed=config.seed).score(reward_batch(val, batch))
     out = {k.replace("reward/", "validate/reward_"): v for k, v in scores.metrics().items()}
-    out.update(
-        {
-            k.replace("eval/", "validate/"): v
-            for k, v in reference_metrics(
-                worker.model, val.ids[:n], val.references[:n], worker.tokenizer.pad_token_id
-            ).items()
-        }
-    )
+    if isinstance(worker, RolloutWorker):
+        out.update(
+            {
+                k.replace("eval/", "validate/"): v
+                for k, v in reference_metrics(
+                    worker.model, val.ids[:n], val.references[:n], worker.tokenizer.pad_token_id
+                ).items()
+            }
+        )
     texts = RewardBatch([str(t) for t in batch.texts])
     for k in (1, 2):
         out[f"validate/distinct_{k}"] = float(np.mean(Diversity({"n": [k]})(texts)))
@@ -99,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.checkpoint != "default" and not Path(args.checkpoint).is_dir():
         raise ConfigError(f"--checkpoint {args.checkpoint}: no such folder")
-    results = validate(run_config_for(args.checkpoint, args.config), args.examples)
+    config = run_config_for(args.checkpoint, args.config)
+    results = validate(config, args.examples, checkpoint=args.checkpoint)
     for key, value in results.items():
         print(f"{key:36s} {value:12.4f}")
     if args.json:

@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,9 +25,11 @@ from distrl.chat import (
     main,
     read_history,
 )
-from distrl.config import ModelConfig, TokenizerConfig
+from distrl.config import ModelConfig, TokenizerConfig, load_config
 from distrl.errors import ConfigError, DataError, ModelError
 from distrl.policy import build_model, build_tokenizer
+from distrl.qlearner import QLearner
+from distrl.qpolicy import QPolicy
 from distrl.tokenizers import load_tokenizer
 
 FAST = ["--max-new-tokens", "4", "--seed", "0"]
@@ -263,7 +266,7 @@ def test_history_may_be_a_plain_list_of_messages(tmp_path):
     ]
 
 
-def test_missing_non_model_and_dqn_checkpoints_are_refused(tiny_model, checkpoint, tmp_path):
+def test_missing_and_non_model_checkpoints_are_refused(tiny_model, checkpoint, tmp_path):
     with pytest.raises(ModelError, match="no such folder"):
         load_model(str(tmp_path / "missing"))
     with pytest.raises(ModelError, match="not a model folder"):
@@ -273,12 +276,32 @@ def test_missing_non_model_and_dqn_checkpoints_are_refused(tiny_model, checkpoin
     tiny_model[0].save_pretrained(bare)
     with pytest.raises(ModelError, match="cannot load a tokenizer"):
         load_model(str(bare))
-    dqn = tmp_path / "dqn-run" / "final"
-    tiny_model[0].save_pretrained(dqn)
-    (dqn / "distrl_tokenizer.json").write_text('{"spec": "tiktoken:gpt2"}')
-    (dqn.parent / "config.yaml").write_text("algo: dqn\n")
-    with pytest.raises(ModelError, match="DQN checkpoint; Q-guided decoding"):
-        load_model(str(dqn))
+
+
+def test_a_dqn_checkpoint_chats_with_q_guided_decoding(tmp_path, monkeypatch, capsys):
+    """A DQN checkpoint loads as its QPolicy; greedy replies are the Q-network's argmax over
+    the reference's candidates, and the interactive chat streams them."""
+    config = load_config("tiny", {"algo": "dqn", "dqn.action_top_k": 4})
+    QLearner(**QLearner.arguments(config)).save(str(tmp_path))
+    policy, tokenizer = load_model(str(tmp_path))
+    assert isinstance(policy, QPolicy)
+    chat = ChatInterface(str(tmp_path), temperature=0, max_new_tokens=5)
+    reply = chat.generate_response("Hello there")
+    ids = [tokenizer.encode(chat.prompt([{"role": "user", "content": "Hello there"}]))]
+    out = policy.decode(np.array(ids), np.ones((1, len(ids[0])), dtype=np.int64), 5)
+    assert (
+        reply
+        == tokenizer.decode(out.response_ids[0][: int(out.response_mask.sum())].tolist()).strip()
+    )
+    sampled = [
+        generate_text("Once upon a time", policy, tokenizer, 5, temperature=1.0, seed=s)
+        for s in range(4)
+    ]
+    assert len(set(sampled)) > 1  # Boltzmann over Q at temperature 1
+    code, out = chat_main(
+        monkeypatch, capsys, ["--checkpoint", str(tmp_path), "--temperature", "0"], ["hi", "quit"]
+    )
+    assert code == 0 and out.strip()
 
 
 def test_a_hugging_face_folder_uses_its_own_tokenizer(tiny_model, tmp_path):

@@ -9,6 +9,7 @@ from distrl.driver import train
 from distrl.metrics import read_metrics
 from distrl.qlearner import is_dqn_checkpoint, load_q_policy
 from distrl.replay import PrioritizedReplay
+from distrl.validate import run_config_for, validate
 
 
 def tiny_dqn(tmp_path, **over):
@@ -55,6 +56,10 @@ def test_dqn_run_with_two_workers_replay_and_resume(ray_session, tmp_path):
     assert (step_4 / "replay.parquet").is_file() and is_dqn_checkpoint(run_dir / "final")
     policy, _ = load_q_policy(run_dir / "final")
     assert policy.top_k == 8
+    final = str(run_dir / "final")
+    report = validate(run_config_for(final, None), examples=4, checkpoint=final)
+    assert report["validate/examples"] == 4 and "validate/reward_total" in report
+    assert "validate/ref_perplexity" not in report  # Q-values are not a distribution
 
     resumed = train(tiny_dqn(tmp_path, iterations=6), resume=True)
     records = read_metrics(resumed / "metrics.jsonl")
