@@ -47,7 +47,6 @@ from distrl import cli
 from distrl.config import RunConfig, build, dump_yaml, load_config, to_dict
 from distrl.errors import ConfigError, DistrlError
 from distrl.tune_space import (
-    RUNNABLE_ALGOS,
     SWEEP_FILE,
     Param,
     Space,
@@ -361,11 +360,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {param.path}: [{param.low}, {param.high}] {kind}", flush=True)
     if args.dry_run:
         return 0
-    if config.algo not in RUNNABLE_ALGOS:
-        raise DistrlError(
-            f"algo {config.algo} is not implemented yet: the training loop runs "
-            f"{', '.join(RUNNABLE_ALGOS)} only, so this sweep cannot start"
-        )
     if not args.resume:
         save_sweep(space, config, exp_dir)
     start_ray(config, trial_bundles(config, args.trial_cpus))

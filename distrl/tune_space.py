@@ -21,9 +21,6 @@ import yaml
 from distrl.config import NAMED_CONFIGS, RunConfig, build, to_dict
 from distrl.errors import ConfigError
 
-# The training loop (distrl.driver) builds the PPO learner only; a DQN space can be checked
-# (--dry-run) but not run until the DQN path lands.
-RUNNABLE_ALGOS = ("ppo",)
 SPACE_KEYS = ("base", "overrides", "metric", "mode", "params")
 PARAM_KEYS = ("low", "high", "log", "type")
 SWEEP_FILE = "distrl_sweep.yaml"  # what --resume needs: space, base config, settings
@@ -49,6 +46,24 @@ LOOP_METRICS = (
     "learner/early_stopped",
     "learner/version",
     "learner/tokens_per_s",
+    # DQN (QTrainer)
+    "learner/td_loss",
+    "learner/aux_loss",
+    "learner/q_mean",
+    "learner/target_q_mean",
+    "learner/td_abs_mean",
+    "learner/is_weight_mean",
+    "learner/sample_age",
+    "learner/steps",
+    "learner/updates",
+    "replay/size",
+    "replay/added",
+    "replay/sample_calls",
+    "replay/stale_updates",
+    "replay/priority_mean",
+    "replay/priority_max",
+    "replay/beta",
+    "explore/epsilon",
     "rollout/tokens_per_s",
     "rollout/response_length",
     "rollout/policy_lag",
