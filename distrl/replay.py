@@ -422,7 +422,7 @@ def from_config(config: ReplayConfig, seed: int = 0) -> UniformReplay | Prioriti
     return cls(**kwargs)
 
 
-def _rate(fn: Callable[[], object], seconds: float) -> float:
+def rate(fn: Callable[[], object], seconds: float) -> float:
     """Calls per second of ``fn`` over at least ``seconds`` (and at least 3 calls)."""
     calls, start = 0, time.perf_counter()
     while calls < 3 or time.perf_counter() - start < seconds:
@@ -456,7 +456,7 @@ def benchmark(
     buf = PrioritizedReplay(capacity, seed=seed) if prioritized else UniformReplay(capacity, seed)
     while len(buf) < capacity:
         buf.add(chunk)
-    add_per_s = _rate(lambda: buf.add(chunk), seconds) * add_batch
+    add_per_s = rate(lambda: buf.add(chunk), seconds) * add_batch
     _, ids, _ = buf.sample(batch)  # after the adds, so that these ids are live
     td = rng.standard_normal(batch)
 
@@ -468,7 +468,7 @@ def benchmark(
         "capacity": capacity,
         "batch": batch,
         "add_transitions_per_s": add_per_s,
-        "sample_per_s": _rate(lambda: buf.sample(batch), seconds),
-        "update_per_s": _rate(lambda: buf.update_priorities(ids, td), seconds),
-        "sample_update_per_s": _rate(sample_update, seconds),
+        "sample_per_s": rate(lambda: buf.sample(batch), seconds),
+        "update_per_s": rate(lambda: buf.update_priorities(ids, td), seconds),
+        "sample_update_per_s": rate(sample_update, seconds),
     }

@@ -19,7 +19,7 @@ def positive(value) -> bool:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    cmd = [sys.executable, "-m", "distrl.bench", "rollout", "learner"]
+    cmd = [sys.executable, "-m", "distrl.bench", "rollout", "learner", "replay"]
     done = subprocess.run(
         [*cmd, "--model", "tiny", "--quick", "--json", str(out)],
         timeout=300,
@@ -65,3 +65,17 @@ def test_learner_figures(report):
         assert positive(row["peak_rss_mb"])
     for row in (rows["train, 1 epoch"], rows["train, 3 epochs"]):
         assert positive(row["learner_reported_tokens_per_s"])
+
+
+def test_replay_figures(report):
+    replay = report["replay"]
+    assert replay["capacity"] == 100_000 and replay["batch"] == 512
+    assert set(replay["figures"]) == {
+        "add_transitions_per_s",
+        "sample_per_s",
+        "update_per_s",
+        "sample_update_per_s",
+    }
+    for row in replay["figures"].values():
+        for key in ("distrl", "distrl_ray_actor", "rllib", "ratio", "ratio_ray_actor"):
+            assert positive(row[key]), key

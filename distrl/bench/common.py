@@ -1,0 +1,143 @@
+"""What every benchmark section shares: machine facts, timing, memory, the local Ray,
+the benchmark config and prompts, and the table printer."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import resource
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distrl.config import RunConfig, load_config
+from distrl.data import load_examples
+from distrl.policy import encode_prompts
+from distrl.tokenizers import Tokenizer
+
+BATCH_SIZE = 8  # sequences per generate call and per learner batch (one PPO minibatch)
+MAX_NEW_TOKENS = 32
+
+# Options that let every built-in component run on unlabelled chat data.
+COMPONENT_OPTIONS: dict[str, dict[str, Any]] = {
+    "relevance": {"target": "talking about food, cooking and restaurants"},
+    "quality": {"default": 1.0},
+    "length": {"target_min": 12, "target_max": 24, "max_tokens": 24},
+}
+
+
+def machine_info() -> dict[str, Any]:
+    """Cores, torch threads, device and versions, stored with every benchmark result."""
+    import ray
+    import transformers
+
+    from distrl.models import select_device
+
+    return {
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(select_device("auto")),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> float:
+    """Seconds per call of ``fn``, best of ``repeats`` (the least disturbed by other load)."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (VmHWM, which ``reset_peak_rss`` restarts)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def reset_peak_rss() -> None:
+    """Restart this process's peak-memory count (Linux), so each section reports its own."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+@contextlib.contextmanager
+def local_ray() -> Iterator[Any]:
+    """An embedded local Ray with one CPU per core, shut down on exit; one already running
+    (``main`` starts one for all sections) is used as it is."""
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def bench_config(model: str) -> RunConfig:
+    """The packaged config ``model`` at batch 8 x 32 new tokens, one optimizer step per epoch."""
+    return load_config(
+        model,
+        {
+            "rollout.batch_size": BATCH_SIZE,
+            "rollout.max_new_tokens": MAX_NEW_TOKENS,
+            "ppo.minibatch_size": BATCH_SIZE,
+            "ppo.epochs": 1,
+        },
+    )
+
+
+def bench_prompts(config: RunConfig, tokenizer: Tokenizer) -> list[list[int]]:
+    """The first ``rollout.batch_size`` packaged prompts, encoded as the driver encodes them."""
+    examples = load_examples(config.data.train, limit=config.rollout.batch_size)
+    return encode_prompts(examples, tokenizer, config.tokenizer, config.data)
+
+
+def clock(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """Wall seconds of one call of ``fn``, and what it returned."""
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def rounded(values: list[float]) -> list[float]:
+    """Per-repetition figures, kept in the JSON to show how noisy the medians are."""
+    return [round(v, 2) for v in values]
+
+
+def ratio(value: float | None, reference: float) -> float | None:
+    return value / reference if value is not None and reference > 0 else None
+
+
+def print_figures(title: str, unit: str, rows: dict[str, dict[str, Any]]) -> None:
+    """Print rows of ``{unit}``, their reference, the ratio and peak memory as a table."""
+    print(f"\n{title}")
+    print(f"{'':<30}{unit:>12}{'raw ' + unit:>14}{'ratio':>8}{'peak MiB':>14}")
+
+    def num(v: Any, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    for name, row in rows.items():
+        peaks = row.get("peak_rss_mb")
+        peak = "/".join(f"{p:.0f}" for p in peaks) if isinstance(peaks, list) else num(peaks, ".0f")
+        print(
+            f"{name:<30}{num(row['tokens_per_s'], '.1f'):>12}"
+            f"{num(row.get('reference_tokens_per_s'), '.1f'):>14}"
+            f"{num(row.get('ratio'), '.2f'):>8}{peak:>14}"
+        )

@@ -1,0 +1,166 @@
+"""Learner throughput: ``Learner.train`` against a plain forward + backward + AdamW step."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from distrl.bench.common import (
+    bench_config,
+    bench_prompts,
+    clock,
+    local_ray,
+    peak_rss_mb,
+    print_figures,
+    ratio,
+    reset_peak_rss,
+    rounded,
+)
+from distrl.learner import Learner
+from distrl.rollout import RolloutWorker
+
+
+class MeasuredLearner(Learner):
+    """A ``Learner`` that also reports its peak memory and can change its PPO epochs."""
+
+    def peak_rss_mb(self) -> float:
+        return peak_rss_mb()
+
+    def set_epochs(self, epochs: int) -> None:
+        """Make later ``train`` calls take ``epochs`` passes (the rest of the config unchanged)."""
+        self.ppo = dataclasses.replace(self.ppo, epochs=epochs)
+
+
+def raw_train_step(model: Any, ids: Any, mask: Any, lr: float, wd: float) -> Callable[[], None]:
+    """A plain causal-LM step on ``ids`` (B, L): forward with labels, backward, AdamW."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
+    labels = ids.masked_fill(mask == 0, -100)
+    model.train()
+
+    def step() -> None:
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def bench_learner(model: str, quick: bool) -> dict[str, Any]:
+    """The learner section: ``Learner.train`` (whole, and one epoch of updates) against a
+    plain training step, on a batch from a real rollout."""
+    from distrl.actors import actor_options, get, make_actor
+
+    config = bench_config(model)
+    cores, repeats = os.cpu_count() or 1, 3 if quick else 5
+    torch.set_num_threads(cores)
+    reset_peak_rss()
+    worker = RolloutWorker(
+        model=config.model,
+        tokenizer=config.tokenizer,
+        rollout=config.rollout,
+        seed=config.seed,
+        torch_threads=cores,
+    )
+    prompts = bench_prompts(config, worker.tokenizer)
+    batch = worker.generate(prompts, list(range(len(prompts))))
+    scores = np.linspace(-1.0, 1.0, len(prompts))  # fixed rewards; their values cost nothing
+    # The sequences as the learner sees them: prompt + response, padding and post-EOS masked.
+    ids = torch.from_numpy(np.concatenate([batch.prompt_ids, batch.response_ids], 1))
+    mask = np.concatenate([batch.prompt_mask, batch.response_mask.astype(np.int64)], 1)
+    mask = torch.from_numpy(mask)
+    tokens = int(mask.sum())
+    # The rollout model is the same model freshly loaded: train it rather than load another.
+    raw = raw_train_step(worker.model, ids, mask, config.learner.lr, config.learner.weight_decay)
+    raw()  # warm-up (AdamW allocates its state on the first step)
+    with local_ray() as ray:
+        learner = make_actor(
+            MeasuredLearner,
+            actor_options(cores),
+            model=config.model,
+            tokenizer=config.tokenizer,
+            learner=config.learner,
+            ppo_config=config.ppo,
+            temperature=config.rollout.temperature,
+            seed=config.seed,
+            torch_threads=cores,
+        )
+        batch_ref = ray.put(batch)
+
+        def train(epochs: int) -> tuple[float, dict[str, float]]:
+            get(learner.set_epochs.remote(epochs))
+            return clock(lambda: get(learner.train.remote(batch_ref, scores)))
+
+        train(1)  # warm-up
+        raw_s: list[float] = []
+        wall, learn_s, reported = ({1: [], 3: []} for _ in range(3))
+        for _ in range(repeats):
+            raw_s.append(clock(raw)[0])
+            for epochs in (1, 3):
+                seconds, metrics = train(epochs)
+                wall[epochs].append(seconds)
+                learn_s[epochs].append(metrics["time/learn_s"])
+                reported[epochs].append(metrics["learner/tokens_per_s"])
+        learner_peak = get(learner.peak_rss_mb.remote())
+        ray.kill(learner, no_restart=True)
+    reference = tokens / statistics.median(raw_s)
+    # Two more epochs of one minibatch step each: half the difference is one update step.
+    epochs_s = [(b - a) / 2 for a, b in zip(learn_s[1], learn_s[3])]
+    epoch_s = statistics.median(epochs_s)
+    update = tokens / epoch_s if epoch_s > 0 else None
+    rows = {
+        f"train, {e} epoch{'s' * (e > 1)}": {
+            "tokens_per_s": e * tokens / statistics.median(wall[e]),
+            "seconds": statistics.median(wall[e]),
+            "samples": rounded([e * tokens / t for t in wall[e]]),
+            "learner_reported_tokens_per_s": statistics.median(reported[e]),
+        }
+        for e in (1, 3)
+    }
+    rows["update phase, one epoch"] = {
+        "tokens_per_s": update,
+        "seconds": epoch_s,
+        "samples": rounded([tokens / t if t > 0 else 0.0 for t in epochs_s]),
+    }
+    for row in rows.values():
+        row["reference_tokens_per_s"] = reference
+        row["ratio"] = ratio(row["tokens_per_s"], reference)
+        row["peak_rss_mb"] = learner_peak
+    result = {
+        "model": config.model.name,
+        "batch_shape": list(ids.shape),
+        "tokens": tokens,
+        "repeats": repeats,
+        "note": (
+            "tokens = attention-mask tokens of the prompt+response batch (as the Learner's own "
+            "learner/tokens_per_s counts them), times epochs; the batch is one real rollout "
+            f"of batch_size {len(prompts)} with minibatch_size {len(prompts)}, so every epoch "
+            "is one optimizer step; train rows are the driver's wall time of ray.get on "
+            "Learner.train in an actor with every CPU (reference and value forwards, GAE, "
+            "updates); the update phase is (learn_s at 3 epochs - at 1 epoch) / 2 from the "
+            "Learner's own time/learn_s, paired per repetition; raw = plain HF forward with "
+            "labels (LM head and loss over every position, where the Learner's cover the "
+            "response only) + backward + AdamW step of the same model on the same ids and "
+            f"mask in the driver with {cores} torch threads; medians of {repeats} "
+            "interleaved repetitions after one warm-up"
+        ),
+        "raw": {
+            "tokens_per_s": reference,
+            "samples": rounded([tokens / t for t in raw_s]),
+            "torch_threads": cores,
+        },
+        "driver_peak_rss_mb": peak_rss_mb(),
+        "distrl": rows,
+    }
+    print_figures(
+        f"learner: {result['model']}, batch {tokens} tokens {tuple(ids.shape)}; raw step "
+        f"{reference:.1f} tokens/s, driver peak {result['driver_peak_rss_mb']:.0f} MiB",
+        "tokens/s",
+        rows,
+    )
+    return result

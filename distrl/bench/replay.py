@@ -1,0 +1,115 @@
+"""Replay throughput: distrl's sum-tree buffer in-process and as a Ray actor, beside RLlib's
+``PrioritizedReplayBuffer`` on the same operations and transitions, in the same run.
+
+Transitions are those of ``limits.md``: int32[64] ``obs`` and ``next_obs``, an int action, a
+float reward and a bool done, in a full buffer of 100,000 with alpha 0.6; adds come in batches
+of 256, samples and priority updates in batches of 512 (beta 0.4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from distrl import actors
+from distrl.bench.common import local_ray, ratio
+from distrl.replay import PrioritizedReplay, benchmark, rate
+
+CAPACITY, ADD_BATCH, BATCH, OBS_LEN = 100_000, 256, 512, 64
+OPERATIONS = ("add_transitions_per_s", "sample_per_s", "update_per_s", "sample_update_per_s")
+
+
+def transitions(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """``n`` random transitions as numpy columns."""
+    rng = np.random.default_rng(seed)
+    return {
+        "obs": rng.integers(0, 50_000, (n, OBS_LEN), dtype=np.int32),
+        "next_obs": rng.integers(0, 50_000, (n, OBS_LEN), dtype=np.int32),
+        "action": rng.integers(0, 50_000, n),
+        "reward": rng.random(n, dtype=np.float32),
+        "done": rng.random(n) < 0.05,
+    }
+
+
+def rllib_figures(capacity: int, seconds: float) -> dict[str, float]:
+    """RLlib's old-stack ``PrioritizedReplayBuffer``, in this process, on the same operations."""
+    from ray.rllib.policy.sample_batch import SampleBatch
+    from ray.rllib.utils.replay_buffers.prioritized_replay_buffer import (
+        PrioritizedReplayBuffer,
+    )
+
+    buf = PrioritizedReplayBuffer(capacity=capacity, alpha=0.6)
+    chunk = SampleBatch(transitions(ADD_BATCH))
+    while len(buf) < capacity:
+        buf.add(chunk)
+    td = np.abs(np.random.default_rng(1).standard_normal(BATCH)) + 1e-6
+    idx = buf.sample(BATCH, beta=0.4)["batch_indexes"]
+
+    def sample_update() -> None:
+        fresh = buf.sample(BATCH, beta=0.4)["batch_indexes"]
+        buf.update_priorities(fresh, td)
+
+    return {
+        "add_transitions_per_s": rate(lambda: buf.add(chunk), seconds) * ADD_BATCH,
+        "sample_per_s": rate(lambda: buf.sample(BATCH, beta=0.4), seconds),
+        "update_per_s": rate(lambda: buf.update_priorities(idx, td), seconds),
+        "sample_update_per_s": rate(sample_update, seconds),
+    }
+
+
+def actor_figures(capacity: int, seconds: float) -> dict[str, float]:
+    """distrl's ``PrioritizedReplay`` as a Ray actor, called from this process (each call
+    waited for: the round trip a driver pays; a learner's pipelined calls pay less)."""
+    buf = actors.make_actor(PrioritizedReplay, actors.actor_options(0.0), capacity=capacity)
+    chunk = transitions(ADD_BATCH)
+    try:
+        big = transitions(capacity)
+        actors.get(buf.add.remote(big))
+        td = np.random.default_rng(1).standard_normal(BATCH)
+        _, idx, _ = actors.get(buf.sample.remote(BATCH))
+
+        def sample_update() -> None:
+            _, fresh, _ = actors.get(buf.sample.remote(BATCH))
+            actors.get(buf.update_priorities.remote(fresh, td))
+
+        call: Callable[[Any], Any] = actors.get
+        return {
+            "add_transitions_per_s": rate(lambda: call(buf.add.remote(chunk)), seconds)
+            * ADD_BATCH,
+            "sample_per_s": rate(lambda: call(buf.sample.remote(BATCH)), seconds),
+            "update_per_s": rate(lambda: call(buf.update_priorities.remote(idx, td)), seconds),
+            "sample_update_per_s": rate(sample_update, seconds),
+        }
+    finally:
+        import ray
+
+        ray.kill(buf, no_restart=True)
+
+
+def bench_replay(model: str, quick: bool) -> dict[str, Any]:
+    """Add / sample / update throughput: distrl in-process and through Ray vs RLlib."""
+    seconds = 0.5 if quick else 2.0
+    ours = benchmark(CAPACITY, BATCH, seconds, ADD_BATCH, OBS_LEN)
+    rllib = rllib_figures(CAPACITY, seconds)
+    with local_ray():
+        remote = actor_figures(CAPACITY, seconds)
+    rows = {
+        op: {
+            "distrl": ours[op],
+            "distrl_ray_actor": remote[op],
+            "rllib": rllib[op],
+            "ratio": ratio(ours[op], rllib[op]),
+            "ratio_ray_actor": ratio(remote[op], rllib[op]),
+        }
+        for op in OPERATIONS
+    }
+    print(f"\nreplay, capacity {CAPACITY}, alpha 0.6, add batches {ADD_BATCH}, sample {BATCH}")
+    print(f"{'':<24}{'distrl':>12}{'via Ray':>12}{'RLlib':>12}{'ratio':>8}{'Ray ratio':>10}")
+    for op, row in rows.items():
+        print(
+            f"{op:<24}{row['distrl']:>12.0f}{row['distrl_ray_actor']:>12.0f}"
+            f"{row['rllib']:>12.0f}{row['ratio']:>8.1f}{row['ratio_ray_actor']:>10.1f}"
+        )
+    return {"capacity": CAPACITY, "add_batch": ADD_BATCH, "batch": BATCH, "figures": rows}
