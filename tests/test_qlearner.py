@@ -141,7 +141,9 @@ def train_synthetic(seed, iterations=12, updates=4):
     d = config.dqn
     for _ in range(iterations):
         eps = dqn.epsilon(
-            step=learner.steps, start=d.epsilon_start, end=d.epsilon_end,
+            step=learner.steps,
+            start=d.epsilon_start,
+            end=d.epsilon_end,
             decay_steps=d.epsilon_decay_steps,
         )
         out = worker.generate(prompts * 2, list(range(8)), epsilon=eps)

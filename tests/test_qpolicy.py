@@ -51,7 +51,13 @@ def test_exploration_stays_within_the_candidates():
     gen = torch.Generator().manual_seed(0)
     for explore in ("epsilon", "boltzmann", "ucb"):
         out = policy.decode(
-            ids, mask, 5, explore=explore, epsilon=1.0, temperature=5.0, generator=gen,
+            ids,
+            mask,
+            5,
+            explore=explore,
+            epsilon=1.0,
+            temperature=5.0,
+            generator=gen,
             counts=UCBCounts(2),
         )
         live = out.response_mask > 0

@@ -72,7 +72,5 @@ def test_worker_generates_within_candidates_and_loads_weights():
     assert (out.candidates == out.response_ids[..., None]).any(-1)[live].all()
     selected = out.select(np.array([2, 0]))
     assert selected.q_taken.shape[0] == 2 and np.array_equal(selected.q_max[1], out.q_max[0])
-    cols, prio = make_transitions(
-        out, np.ones(3), gamma=0.99, n_step=3, width=worker.width
-    )
+    cols, prio = make_transitions(out, np.ones(3), gamma=0.99, n_step=3, width=worker.width)
     assert len(prio) == int(out.response_mask.sum()) and np.isfinite(prio).all()
