@@ -19,7 +19,7 @@ def positive(value) -> bool:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    cmd = [sys.executable, "-m", "distrl.bench", "rollout", "learner", "replay"]
+    cmd = [sys.executable, "-m", "distrl.bench", "rollout", "learner", "replay", "attention"]
     done = subprocess.run(
         [*cmd, "--model", "tiny", "--quick", "--json", str(out)],
         timeout=300,
@@ -79,3 +79,12 @@ def test_replay_figures(report):
     for row in replay["figures"].values():
         for key in ("distrl", "distrl_ray_actor", "rllib", "ratio", "ratio_ray_actor"):
             assert positive(row[key]), key
+
+
+def test_attention_figures(report):
+    attention = report["attention"]
+    lengths = [row["length"] for row in attention["rows"]]
+    assert lengths == sorted(lengths) and attention["length_growth"] == lengths[-1] / lengths[0]
+    for row in attention["rows"]:
+        assert positive(row["favor_ms"]) and positive(row["favor_peak_mb"])
+    assert positive(attention["favor_memory_growth"])

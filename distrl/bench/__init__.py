@@ -1,7 +1,7 @@
 """Throughput benchmarks.
 
-``python -m distrl.bench [rollout|learner|replay|reward|all ...] [--json OUT] [--model default|tiny]
-[--quick]``
+``python -m distrl.bench [rollout|learner|replay|reward|attention|all ...] [--json OUT]
+[--model default|tiny] [--quick]``
 
 Each section is a function returning a JSON-ready dict and printing a table; ``all`` runs every
 section. Speed is measured here, never asserted in tests. The machine is shared and noisy:
@@ -16,6 +16,8 @@ reference measured in the same run (repetitions interleaved with distrl's), and 
   of the same model on the same tokens in this process.
 - ``replay``: add / sample / update-priorities throughput of distrl's prioritized replay,
   in-process and as a Ray actor, against RLlib's ``PrioritizedReplayBuffer`` in-process.
+- ``attention``: time and memory of FAVOR+ (the ``performer`` Q-network's attention) and of
+  softmax attention as the sequence grows: linear against quadratic.
 - ``reward``: samples/s of the ``RewardPool`` with 1 and 2 actors for the packaged ``default``
   config's reward (beside the same reward in-process, without Ray), and the cost of every
   built-in component alone, in ms per sample, measured in-process.
@@ -33,6 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from distrl.bench.attention import bench_attention
 from distrl.bench.common import local_ray, machine_info
 from distrl.bench.learner import bench_learner
 from distrl.bench.replay import bench_replay
@@ -44,6 +47,7 @@ SECTIONS: dict[str, Callable[[str, bool], dict[str, Any]]] = {
     "learner": bench_learner,
     "reward": bench_reward,
     "replay": bench_replay,
+    "attention": bench_attention,
 }
 
 

@@ -76,8 +76,7 @@ def actor_figures(capacity: int, seconds: float) -> dict[str, float]:
 
         call: Callable[[Any], Any] = actors.get
         return {
-            "add_transitions_per_s": rate(lambda: call(buf.add.remote(chunk)), seconds)
-            * ADD_BATCH,
+            "add_transitions_per_s": rate(lambda: call(buf.add.remote(chunk)), seconds) * ADD_BATCH,
             "sample_per_s": rate(lambda: call(buf.sample.remote(BATCH)), seconds),
             "update_per_s": rate(lambda: call(buf.update_priorities.remote(idx, td)), seconds),
             "sample_update_per_s": rate(sample_update, seconds),
