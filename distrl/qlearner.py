@@ -149,7 +149,7 @@ class QLearner:
         loss, td = dqn.td_loss(
             q=q,
             targets=targets,
-            weights=torch.from_numpy(np.asarray(weights, dtype=np.float32)).to(self.device),
+            weights=torch.tensor(np.asarray(weights, dtype=np.float32), device=self.device),
             kind=d.loss,
             delta=d.huber_delta,
         )

@@ -129,10 +129,10 @@ class QPolicy:
             input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True
         )
         past, ref_logits = out.cache, out.logits[:, -1].float()
+        q, q_cache = self.qnet.start(ids, mask)
         finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=self.device)
         steps: list[tuple[torch.Tensor, ...]] = []
         for _ in range(max_new_tokens):
-            q = self.qnet(ids, mask)
             vocab = q.shape[-1]
             allowed = dqn.top_k_action_mask(logits=ref_logits[:, :vocab], k=self.top_k)
             action = self._act(
@@ -164,7 +164,7 @@ class QPolicy:
                 finished = finished | (action == self.eos_id)
             ids = torch.cat([ids, action[:, None]], dim=1)
             mask = torch.cat([mask, live.long()[:, None]], dim=1)
-            if bool(finished.all()):
+            if bool(finished.all()) or len(steps) == max_new_tokens:
                 break
             out = self.reference(
                 input_ids=action[:, None],
@@ -174,6 +174,7 @@ class QPolicy:
                 use_cache=True,
             )
             past, ref_logits = out.cache, out.logits[:, -1].float()
+            q, q_cache = self.qnet.step(ids, mask, q_cache)
         action, live, q_taken, q_max, cand = (torch.stack(x, dim=1) for x in zip(*steps))
         return QDecoded(
             response_ids=action.cpu().numpy(),

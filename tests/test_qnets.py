@@ -43,14 +43,14 @@ def test_last_positions_and_position_ids_handle_both_paddings():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_lm_head_q_starts_as_the_last_position_logits(kind):
+def test_lm_head_q_starts_as_the_last_position_log_probabilities(kind):
     model = tiny_model(kind, vocab_size=VOCAB, seed=0).eval()
     ids, mask = ids_and_mask()
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
         q = LMHeadQNetwork(model)(ids, mask)
     assert q.shape == (3, VOCAB) and q.dtype == torch.float32
-    assert torch.allclose(q, logits[:, -1], atol=1e-5)
+    assert torch.allclose(q, torch.log_softmax(logits[:, -1], -1), atol=1e-5)
 
 
 def test_lm_head_q_keeps_the_tokenizer_vocabulary():
@@ -59,7 +59,9 @@ def test_lm_head_q_keeps_the_tokenizer_vocabulary():
     with torch.no_grad():
         full = LMHeadQNetwork(model)(ids, mask)
         q = LMHeadQNetwork(model, vocab_size=50)(ids, mask)
-    assert q.shape == (3, 50) and torch.allclose(q, full[:, :50])
+    # The advantage is a log-softmax over the kept vocabulary: same ranking, renormalised.
+    assert q.shape == (3, 50)
+    assert torch.allclose(q, torch.log_softmax(full[:, :50], -1), atol=1e-5)
     with pytest.raises(ModelError, match="larger than"):
         LMHeadQNetwork(model, vocab_size=VOCAB + 1)
 
@@ -104,3 +106,19 @@ def test_options_of_the_mlp_network_are_refused_on_other_kinds():
         DQNConfig(q_network="lm_head", autoencoder_dim=8)
     with pytest.raises(ConfigError, match="dqn.prune_sparsity"):
         load_config("tiny", {"dqn.q_network": "performer", "dqn.prune_sparsity": 0.5})
+
+
+@pytest.mark.parametrize("name", BUILDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_incremental_q_equals_the_full_forward(name, kind):
+    """``start`` then ``step`` per appended token (the KV-cached path of lm_head, recompute
+    elsewhere) gives the Q-values of a full forward over each longer state."""
+    policy = tiny_model(kind, vocab_size=VOCAB, seed=0).eval()
+    qnet = build_qnet(BUILDS[name], policy, VOCAB, seed=1).eval()
+    ids, mask = ids_and_mask(t=9)
+    with torch.no_grad():
+        q, cache = qnet.start(ids[:, :6], mask[:, :6])
+        assert torch.allclose(q, qnet(ids[:, :6], mask[:, :6]), atol=1e-5)
+        for end in (7, 8, 9):
+            q, cache = qnet.step(ids[:, :end], mask[:, :end], cache)
+            assert torch.allclose(q, qnet(ids[:, :end], mask[:, :end]), atol=1e-4), end

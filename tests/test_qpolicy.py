@@ -28,7 +28,7 @@ def make(model="tiny-llama", top_k=4, **dqn):
 
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2"])
 def test_greedy_q_decoding_starts_as_the_reference_greedy_decoding(model):
-    """The lm_head Q-network starts equal to the LM's logits, so greedy Q decoding over the
+    """The lm_head Q-network starts as the LM's log-probabilities, so greedy Q decoding over the
     cached reference's top-k equals the LM's own greedy ``generate`` (padded prompts too)."""
     policy, reference, ids, mask = make(model)
     out = policy.decode(ids, mask, 6)

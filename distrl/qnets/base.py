@@ -9,6 +9,8 @@ has an autoencoder).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -49,6 +51,21 @@ class QNetwork(nn.Module):
     ) -> torch.Tensor:
         """Q-values (B, V) in float32 for token ids (B, L) and mask (B, L) (1 = real token)."""
         raise NotImplementedError
+
+    def start(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Any]:
+        """Q-values (B, V) of the states, and a cache for ``step`` (here none: ``step``
+        recomputes; networks with a KV cache override both)."""
+        return self(input_ids, attention_mask), None
+
+    def step(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any
+    ) -> tuple[torch.Tensor, Any]:
+        """Q-values (B, V) after one token was appended to every state: ``input_ids`` and
+        ``attention_mask`` (B, L + 1) are the whole states, ``cache`` came from the previous
+        ``start`` or ``step``. Returns the new cache too."""
+        return self(input_ids, attention_mask), None
 
     def aux_loss(self) -> torch.Tensor:
         """Extra loss to add beside the TD loss; zero for networks without one."""

@@ -1,10 +1,15 @@
-"""A Q head on a causal LM's hidden states, initialised from its LM head.
+"""A dueling Q head on a causal LM's hidden states, initialised from its LM head.
 
-At initialisation Q(s, .) equals the LM's next-token logits, so the greedy Q policy starts as
-the LM's own greedy decoding and TD learning adjusts it from there.
+``Q(s, a) = V(s) + log_softmax(W h_s)[a]``: the advantage part is a copy of the LM head read
+through a log-softmax, the state value ``V`` a linear layer initialised to zero. At
+initialisation Q(s, .) is the LM's next-token log-probabilities, so the greedy Q policy starts as
+the LM's own greedy decoding, and the values start on the scale of rewards (a few units) rather
+than of raw logits (tens), which TD learning would first have to unlearn.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,11 +44,19 @@ class LMHeadQNetwork(QNetwork):
             raise ModelError(f"vocab_size {vocab_size} is larger than the LM head's {rows} rows")
         self.backbone = model.base_model
         self.q_head = QHead(lm_head)
+        self.value = nn.Linear(lm_head.weight.shape[1], 1, device=lm_head.weight.device)
+        nn.init.zeros_(self.value.weight)
+        nn.init.zeros_(self.value.bias)
         if vocab_size < rows:
             linear = self.q_head.linear
             linear.weight = nn.Parameter(linear.weight.detach()[:vocab_size].clone())
             linear.bias = nn.Parameter(linear.bias.detach()[:vocab_size].clone())
             linear.out_features = vocab_size
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Q-values (B, V) float32 from last hidden states (B, H): V(s) + log-softmax advantage."""
+        advantage = torch.log_softmax(self.q_head(hidden).float(), dim=-1)
+        return self.value(hidden).float() + advantage
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
@@ -56,4 +69,31 @@ class LMHeadQNetwork(QNetwork):
             position_ids=position_ids(mask),
             use_cache=False,
         ).last_hidden_state
-        return self.q_head(gather_last(hidden, mask)).float()
+        return self.head(gather_last(hidden, mask))
+
+    def start(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Any]:
+        """As ``forward``, also returning the backbone's KV cache for ``step``."""
+        mask = full_mask(input_ids, attention_mask)
+        out = self.backbone(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=position_ids(mask),
+            use_cache=True,
+        )
+        return self.head(gather_last(out.last_hidden_state, mask)), out.cache
+
+    def step(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any
+    ) -> tuple[torch.Tensor, Any]:
+        """Q-values after the last token of ``input_ids``, reading only it through the cache."""
+        mask = full_mask(input_ids, attention_mask)
+        out = self.backbone(
+            input_ids=input_ids[:, -1:],
+            attention_mask=mask,
+            position_ids=position_ids(mask)[:, -1:],
+            cache=cache,
+            use_cache=True,
+        )
+        return self.head(out.last_hidden_state[:, -1]), out.cache
