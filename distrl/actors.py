@@ -8,6 +8,7 @@ driver-side pools below call ``ray.get``.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -65,6 +66,15 @@ def make_actor(cls: type, options: dict[str, Any], *args: Any, **kwargs: Any) ->
     return ray.remote(cls).options(**options).remote(*args, **kwargs)
 
 
+def _pid(_actor: Any) -> int:
+    return os.getpid()
+
+
+def pids(handles: list[Any]) -> list[int]:
+    """The process id of each actor (a restarted actor has a new one); waits for busy actors."""
+    return get([h.__ray_call__.remote(_pid) for h in handles])
+
+
 def get(refs: Any) -> Any:
     """``ray.get`` that re-raises distrl's own errors from inside an actor as themselves.
 
@@ -118,6 +128,8 @@ class RewardPool:
         # Wait for the model loads here, so the first score() is not charged for them and a
         # scorer that cannot start fails now.
         get([actor.ready.remote() for actor in self.actors])
+        self.pids = pids(self.actors)
+        self.restarts = 0  # actors found restarted (Ray restarts a dead one, retrying its call)
 
     def score(self, batch: RewardBatch) -> ScoreResult:
         """Score ``batch``: chunks of ``batch_size`` go round-robin to the actors at once.
@@ -136,7 +148,11 @@ class RewardPool:
             )
             for k, start in enumerate(starts)
         ]
-        return ScoreResult.concat(get(result_refs))
+        result = ScoreResult.concat(get(result_refs))
+        now = pids(self.actors)  # idle now, so this costs a round trip, not a wait
+        self.restarts += sum(a != b for a, b in zip(now, self.pids))
+        self.pids = now
+        return result
 
     def shutdown(self) -> None:
         """Kill the actors (without restarting them)."""

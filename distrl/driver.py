@@ -30,7 +30,7 @@ from distrl.checkpoint import (
 from distrl.config import RunConfig, dump_yaml
 from distrl.data import Example, load_examples, split
 from distrl.errors import DistrlError
-from distrl.learner import Learner
+from distrl.learner import Learner, NonFiniteError
 from distrl.metrics import MetricsLogger, format_progress
 from distrl.policy import build_tokenizer, encode_prompts
 from distrl.rewards import RewardBatch, ScoreResult, check_reward_config
@@ -167,8 +167,13 @@ class Trainer:
         self.extra_actors: list[ray.actor.ActorHandle] = []  # e.g. DQN's replay buffer
         self.pool = actors.RewardPool(config.reward, res, seed=config.seed)
         self.step = 0
+        self.reward_restarts = 0  # counted before a resume
         self.best = -float("inf")
-        self.faults = {"faults/stale_batches": 0, "faults/dropped_samples": 0}
+        self.faults = {
+            "faults/stale_batches": 0,
+            "faults/dropped_samples": 0,
+            "faults/reward_actor_restarts": 0,
+        }
 
     # ---- stages ------------------------------------------------------------------------
 
@@ -214,6 +219,7 @@ class Trainer:
         batch = Trajectories.concat(parts)
         scores = self.pool.score(reward_batch(self.train_prompts, batch))
         self.faults["faults/dropped_samples"] += scores.num_dropped
+        self.faults["faults/reward_actor_restarts"] = self.reward_restarts + self.pool.restarts
         return batch, scores
 
     def iterate(self) -> dict[str, float]:
@@ -259,7 +265,14 @@ class Trainer:
         )
         while self.step < cfg.iterations:
             t0 = time.perf_counter()
-            metrics = self.iterate()
+            try:
+                metrics = self.iterate()
+            except NonFiniteError as err:
+                # The skipped updates left the weights as they were: save them and say where.
+                done = self.run_dir / "checkpoints" / f"step_{self.step}"
+                saved = (done if done.is_dir() else self.checkpoint({})) if self.step else None
+                where = f"; the last good state (step {self.step}) is in {saved}" if saved else ""
+                raise NonFiniteError(f"{err}{where}; fix the cause and --resume") from None
             self.step += 1
             metrics.update({"time/iteration_s": time.perf_counter() - t0, **self.faults})
             if cfg.output.eval_every and self.step % cfg.output.eval_every == 0:
@@ -364,6 +377,7 @@ class Trainer:
         self.step, self.best = int(state["step"]), float(state["best"])
         self.train_prompts.load(state["prompts"])
         self.faults.update(state.get("faults", {}))
+        self.reward_restarts = int(self.faults["faults/reward_actor_restarts"])
 
     def save_extra(self, folder: Path) -> None:
         """Write what else a checkpoint needs besides the learner's state (DQN: replay)."""

@@ -25,8 +25,9 @@ import psutil
 import pytest
 import ray
 import yaml
-from ray.autoscaler._private.util import prepare_config, validate_config
+from ray.autoscaler._private.util import prepare_config
 
+from distrl.clusters import check_cluster_file
 from distrl.config import RunConfig, load_config
 from distrl.metrics import read_metrics
 
@@ -180,8 +181,7 @@ def cluster_config(name: str) -> RunConfig:
 @pytest.mark.parametrize("path", [p for p in CLUSTER_FILES if p != KUBERAY], ids=lambda p: p.name)
 def test_launcher_yaml_validates_and_installs_distrl(path):
     raw = yaml.safe_load(path.read_text())
-    config = prepare_config(raw)
-    validate_config(config)  # Ray's JSON schema, offline
+    config = check_cluster_file(path)  # Ray's JSON schema, offline
     setup = " && ".join(config["setup_commands"])
     assert "pip install" in setup and "~/distrl" in setup and "python -m distrl.assets" in setup
     assert raw["file_mounts"] == {"~/distrl": "."}
