@@ -19,10 +19,10 @@ def positive(value) -> bool:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    cmd = [sys.executable, "-m", "distrl.bench", "rollout", "learner", "replay", "attention"]
+    cmd = [sys.executable, "-m", "distrl.bench", "rollout", "learner", "replay", "attention", "pipeline"]
     done = subprocess.run(
         [*cmd, "--model", "tiny", "--quick", "--json", str(out)],
-        timeout=300,
+        timeout=600,
         capture_output=True,
         text=True,
     )
@@ -88,3 +88,13 @@ def test_attention_figures(report):
     for row in attention["rows"]:
         assert positive(row["favor_ms"]) and positive(row["favor_peak_mb"])
     assert positive(attention["favor_memory_growth"])
+
+
+def test_pipeline_figures(report):
+    pipeline = report["pipeline"]
+    for name in ("distrl_overlap", "distrl_alternate"):
+        row = pipeline[name]
+        assert positive(row["seconds_per_step"]) and positive(row["completions_per_s"])
+        assert len(row["seconds"]) == 3  # the quick run's timed steps, after a warm-up
+    # The tiny models use tiktoken, which TRL cannot take: the comparison says it was skipped.
+    assert pipeline["trl_grpo"] is None and "TRL comparison skipped" in pipeline["note"]

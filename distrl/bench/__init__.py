@@ -1,7 +1,7 @@
 """Throughput benchmarks.
 
-``python -m distrl.bench [rollout|learner|replay|reward|attention|all ...] [--json OUT]
-[--model default|tiny] [--quick]``
+``python -m distrl.bench [rollout|learner|replay|reward|attention|pipeline|all ...]
+[--json OUT] [--model default|tiny] [--quick]``
 
 Each section is a function returning a JSON-ready dict and printing a table; ``all`` runs every
 section. Speed is measured here, never asserted in tests. The machine is shared and noisy:
@@ -18,6 +18,9 @@ reference measured in the same run (repetitions interleaved with distrl's), and 
   in-process and as a Ray actor, against RLlib's ``PrioritizedReplayBuffer`` in-process.
 - ``attention``: time and memory of FAVOR+ (the ``performer`` Q-network's attention) and of
   softmax attention as the sequence grows: linear against quadratic.
+- ``pipeline``: end-to-end seconds per step and completions/s of distrl's PPO loop against
+  TRL's ``GRPOTrainer`` (optional ``bench`` extra) on the same model, prompts, reward, batch,
+  length and number of updates.
 - ``reward``: samples/s of the ``RewardPool`` with 1 and 2 actors for the packaged ``default``
   config's reward (beside the same reward in-process, without Ray), and the cost of every
   built-in component alone, in ms per sample, measured in-process.
@@ -38,6 +41,7 @@ from typing import Any
 from distrl.bench.attention import bench_attention
 from distrl.bench.common import local_ray, machine_info
 from distrl.bench.learner import bench_learner
+from distrl.bench.pipeline import bench_pipeline
 from distrl.bench.replay import bench_replay
 from distrl.bench.reward import bench_reward
 from distrl.bench.rollout import bench_rollout
@@ -48,6 +52,7 @@ SECTIONS: dict[str, Callable[[str, bool], dict[str, Any]]] = {
     "reward": bench_reward,
     "replay": bench_replay,
     "attention": bench_attention,
+    "pipeline": bench_pipeline,
 }
 
 

@@ -1,0 +1,191 @@
+"""End to end: distrl's PPO loop against TRL's GRPO trainer on the same work, in the same run.
+
+Both train the same model on the same packaged chat prompts with the same reward (distinct
+words / 32, a plain Python function), 8 completions per step of at most 32 new tokens at
+temperature 0.7, one optimizer step per step at learning rate 1e-6. TRL makes its 8 as
+2 prompts x 4 generations (GRPO needs groups); distrl as 8 prompts x 1. Seconds per step are
+the median over the timed steps after a warm-up step.
+
+distrl runs two ways: ``overlap`` (one rollout worker and the learner in separate processes, one
+torch thread each, generating the next batch while the learner trains: ``max_policy_lag`` 1)
+and ``alternate`` (generation then learning, each with both threads). TRL is the optional
+``bench`` extra (``pip install -e ".[bench]"``); without it the comparison is skipped with a
+message.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import tempfile
+import time
+from typing import Any
+
+from distrl.bench.common import local_ray, ratio, rounded
+from distrl.config import load_config
+from distrl.data import load_examples
+from distrl.metrics import read_metrics
+
+REWARD = "distrl.bench.pipeline:distinct_words"
+COMPLETIONS, MAX_NEW_TOKENS, TEMPERATURE, LR = 8, 32, 0.7, 1e-6
+WORD = re.compile(r"\w+('\w+)*")
+
+
+def _text(completion: Any) -> str:
+    """A completion as text: TRL passes chat completions as lists of messages."""
+    if isinstance(completion, list):
+        return " ".join(str(m.get("content", "")) for m in completion if isinstance(m, dict))
+    return str(completion)
+
+
+def distinct_words(completions: list[Any], **_: Any) -> list[float]:
+    """The benchmark reward: distinct lower-cased words / 32, per completion."""
+    return [
+        len({m.group(0) for m in WORD.finditer(_text(c).lower())}) / MAX_NEW_TOKENS
+        for c in completions
+    ]
+
+
+def distrl_pipeline(model: str, steps: int, overlap: bool) -> dict[str, Any]:
+    """Seconds per iteration of ``distrl.driver.train`` on the benchmark's work."""
+    from distrl.driver import train
+
+    threads = 1 if overlap else 2
+    with tempfile.TemporaryDirectory() as tmp:
+        config = load_config(
+            model,
+            {
+                "iterations": steps + 1,
+                "rollout.num_workers": 1,
+                "rollout.batch_size": COMPLETIONS,
+                "rollout.max_new_tokens": MAX_NEW_TOKENS,
+                "rollout.temperature": TEMPERATURE,
+                "rollout.max_policy_lag": 1 if overlap else 0,
+                "ppo.epochs": 1,
+                "ppo.minibatch_size": COMPLETIONS,
+                "learner.lr": LR,
+                "reward.components": [{"name": REWARD}],
+                "resources.torch_threads": threads,
+                "resources.rollout_cpus": 0.0,
+                "resources.learner_cpus": 0.0,
+                "resources.reward_cpus": 0.0,
+                "output.dir": f"{tmp}/run",
+                "output.eval_every": 0,
+                "output.checkpoint_every": steps + 1,
+                "output.tensorboard": False,
+                "output.plots": False,
+                "output.progress": False,
+            },
+        )
+        records = read_metrics(train(config) / "metrics.jsonl")
+    seconds = [r["time/iteration_s"] for r in records[1:]]  # the first one warms up
+    per_step = statistics.median(seconds)
+    return {
+        "torch_threads": threads,
+        "max_policy_lag": config.rollout.max_policy_lag,
+        "seconds_per_step": per_step,
+        "completions_per_s": COMPLETIONS / per_step,
+        "seconds": rounded(seconds),
+        "generate_s": statistics.median(r["time/generate_s"] for r in records[1:]),
+        "train_s": statistics.median(r["time/train_s"] for r in records[1:]),
+    }
+
+
+def trl_grpo(model: str, steps: int) -> dict[str, Any]:
+    """Seconds per step of TRL's ``GRPOTrainer`` on the benchmark's work.
+
+    Raises:
+        ImportError: TRL is not installed. ValueError: the config's tokenizer is not one TRL
+            can use (the tiny configs use tiktoken).
+    """
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from distrl.policy import build_model, build_tokenizer
+    from distrl.tokenizers import HFTokenizer
+
+    config = load_config(model)
+    tokenizer = build_tokenizer(config.model, config.tokenizer)
+    if not isinstance(tokenizer, HFTokenizer):
+        raise ImportError(
+            f"TRL needs a Hugging Face tokenizer, and config {model!r} uses {config.tokenizer.name}"
+        )
+    policy = build_model(config.model, tokenizer, seed=0)
+    examples = load_examples("default", limit=4 * (steps + 1))
+    data = Dataset.from_dict({"prompt": [e.prompt_messages for e in examples]})
+    marks: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+            marks.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = GRPOConfig(
+            output_dir=tmp,
+            per_device_train_batch_size=COMPLETIONS,
+            num_generations=4,
+            max_completion_length=MAX_NEW_TOKENS,
+            temperature=TEMPERATURE,
+            learning_rate=LR,
+            max_steps=steps + 1,
+            logging_steps=1,
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            bf16=False,
+            seed=0,
+        )
+        trainer = GRPOTrainer(
+            model=policy,
+            reward_funcs=distinct_words,
+            args=args,
+            train_dataset=data,
+            processing_class=tokenizer.tok,
+            callbacks=[Clock()],
+        )
+        start = time.perf_counter()
+        trainer.train()
+    seconds = [b - a for a, b in zip([start, *marks], marks)][1:]
+    per_step = statistics.median(seconds)
+    return {
+        "torch_threads": torch.get_num_threads(),
+        "seconds_per_step": per_step,
+        "completions_per_s": COMPLETIONS / per_step,
+        "seconds": rounded(seconds),
+    }
+
+
+def bench_pipeline(model: str, quick: bool) -> dict[str, Any]:
+    """distrl's end-to-end PPO (overlapped and alternating) beside TRL GRPO."""
+    steps = 3 if quick else 6
+    out: dict[str, Any] = {"completions_per_step": COMPLETIONS, "max_new_tokens": MAX_NEW_TOKENS}
+    with local_ray():
+        out["distrl_overlap"] = distrl_pipeline(model, steps, overlap=True)
+        out["distrl_alternate"] = distrl_pipeline(model, steps, overlap=False)
+    try:
+        out["trl_grpo"] = trl_grpo(model, steps)
+    except ImportError as err:
+        out["trl_grpo"] = None
+        out["note"] = f"TRL comparison skipped: {err} (pip install -e '.[bench]')"
+    except ValueError as err:
+        out["trl_grpo"] = None
+        out["note"] = f"TRL comparison skipped: {err}"
+    reference = (out["trl_grpo"] or {}).get("completions_per_s", 0.0)
+    print(f"\npipeline, {COMPLETIONS} completions x <= {MAX_NEW_TOKENS} tokens per step")
+    print(f"{'':<34}{'s/step':>10}{'completions/s':>16}{'vs TRL GRPO':>14}")
+    for name in ("distrl_overlap", "distrl_alternate", "trl_grpo"):
+        row = out[name]
+        if row is None:
+            print(f"{name:<34}{'skipped':>10}")
+            continue
+        row["ratio"] = ratio(row["completions_per_s"], reference) if reference else None
+        shown = "-" if row["ratio"] is None else f"{row['ratio']:.2f}"
+        print(
+            f"{name:<34}{row['seconds_per_step']:>10.2f}{row['completions_per_s']:>16.2f}"
+            f"{shown:>14}"
+        )
+    if "note" in out:
+        print(out["note"])
+    return out
