@@ -7,6 +7,7 @@ of trajectories into minibatch PPO updates and bumps the policy version.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, fields
@@ -45,16 +46,20 @@ class PPOBatch:
     tokens: torch.Tensor
     rmask: torch.Tensor
     old_logprobs: torch.Tensor
-    old_values: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor
+    rewards: torch.Tensor
     references: list[list[int]] | None
+    # None when one update covers the whole batch: its own forward supplies the old values.
+    old_values: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
 
     def rows(self, idx: torch.Tensor) -> PPOBatch:
         """The minibatch of rows ``idx``."""
         refs = None if self.references is None else [self.references[i] for i in idx.tolist()]
         tensors = {
-            f.name: getattr(self, f.name)[idx] for f in fields(self) if f.name != "references"
+            f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[idx]
+            for f in fields(self)
+            if f.name != "references"
         }
         return PPOBatch(**tensors, references=refs)
 
@@ -219,10 +224,13 @@ class Learner:
         ids, mask, tokens, rmask = self._tensors(batch)
         start = batch.prompt_ids.shape[1]
         old_logprobs = torch.tensor(batch.logprobs, device=self.device)
+        n = ids.shape[0]
+        # One optimizer step over the whole batch: the update's own forward gives the values
+        # the advantages need, so the separate value pass is skipped.
+        single = c.epochs == 1 and c.minibatch_size >= n
         with torch.no_grad():
             self.net.eval()
             # Old logprobs are the workers' (recorded at sampling); only values are needed here.
-            old_values = self.net.value_head(response_hidden(self.net.model, ids, mask, start))
             ref_logits, _ = self._forward(self.reference, ids, mask, start)
             ref_logprobs = ppo.logprobs_from_logits(ref_logits, tokens)
             del ref_logits
@@ -233,22 +241,14 @@ class Learner:
                 mask=rmask,
                 kl_coef=self.kl.value,
             )
-            advantages, returns = ppo.gae(
-                rewards=rewards,
-                values=old_values * rmask,
-                mask=rmask,
-                gamma=c.gamma,
-                lam=c.gae_lambda,
-            )
-            if c.whiten_advantages:
-                advantages = ppo.whiten(advantages, rmask)
-        data = PPOBatch(
-            ids, mask, tokens, rmask, old_logprobs, old_values, advantages, returns, references
-        )
+        data = PPOBatch(ids, mask, tokens, rmask, old_logprobs, rewards, references)
+        if not single:
+            with torch.no_grad():
+                values = self.net.value_head(response_hidden(self.net.model, ids, mask, start))
+            data = self._with_advantages(data, values)
         self.net.train()
         stats: dict[str, list[float]] = {}
         skipped = 0
-        n = ids.shape[0]
         stop = False
         for _ in range(c.epochs):
             for idx in torch.randperm(n).split(c.minibatch_size):
@@ -282,11 +282,29 @@ class Learner:
         )
         return metrics
 
+    def _with_advantages(self, data: PPOBatch, values: torch.Tensor) -> PPOBatch:
+        """``data`` with old values, GAE advantages (whitened if configured) and returns."""
+        c = self.ppo
+        with torch.no_grad():
+            values = values.detach() * data.rmask
+            advantages, returns = ppo.gae(
+                rewards=data.rewards,
+                values=values,
+                mask=data.rmask,
+                gamma=c.gamma,
+                lam=c.gae_lambda,
+            )
+            if c.whiten_advantages:
+                advantages = ppo.whiten(advantages, data.rmask)
+        return dataclasses.replace(data, old_values=values, advantages=advantages, returns=returns)
+
     def _minibatch(self, mb: PPOBatch, start: int) -> dict[str, float] | None:
         """One optimizer step on a minibatch; None when it was skipped as non-finite."""
         c = self.ppo
         m = mb.rmask
         logits, values = self._forward(self.net.model, mb.ids, mb.mask, start, True)
+        if mb.advantages is None:
+            mb = self._with_advantages(mb, values)
         logprobs = ppo.logprobs_from_logits(logits, mb.tokens)
         pg_loss, pg_stats = ppo.policy_loss(
             logprobs=logprobs,
