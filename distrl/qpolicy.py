@@ -32,6 +32,7 @@ class QDecoded:
         q_taken: (B, T) float32 Q(s_t, a_t). q_max: (B, T) float32 max over the candidates
             of Q(s_t, .), the bootstrap value of s_t for initial priorities.
         candidates: (B, T, k) int32 the allowed actions at each state (k = 0: all tokens).
+        ucb_bonus: mean UCB bonus of the chosen actions (0 unless exploring by UCB).
     """
 
     response_ids: np.ndarray
@@ -39,6 +40,7 @@ class QDecoded:
     q_taken: np.ndarray
     q_max: np.ndarray
     candidates: np.ndarray
+    ucb_bonus: float = 0.0  # mean UCB bonus of the chosen actions (exploring by UCB)
 
 
 class UCBCounts:
@@ -122,6 +124,7 @@ class QPolicy:
             generator: RNG for exploration (CPU).
         """
         self.qnet.eval()
+        self.bonuses: list[torch.Tensor] = []  # UCB bonus of each step's chosen actions
         ids = torch.from_numpy(prompt_ids).to(self.device)
         mask = torch.from_numpy(prompt_mask).to(self.device)
         states = [row[m.bool()].tolist() for row, m in zip(ids.cpu(), mask.cpu())]
@@ -182,6 +185,9 @@ class QPolicy:
             q_taken=(q_taken * live).cpu().numpy().astype(np.float32),
             q_max=(q_max * live).cpu().numpy().astype(np.float32),
             candidates=cand.cpu().numpy().astype(np.int32),
+            ucb_bonus=float((torch.stack(self.bonuses, 1) * live).sum() / live.sum().clamp(min=1))
+            if self.bonuses
+            else 0.0,
         )
 
     def _act(
@@ -207,7 +213,9 @@ class QPolicy:
         if explore == "ucb":
             counts = counts if counts is not None else UCBCounts(0)
             n, total = counts.lookup([counts.key(s) for s in states], q.shape[-1])
-            return dqn.ucb_actions(
-                q=q, counts=n.to(q.device), total=total.to(q.device), c=ucb_c, mask=allowed
-            )
+            n, total = n.to(q.device), total.to(q.device)
+            action = dqn.ucb_actions(q=q, counts=n, total=total, c=ucb_c, mask=allowed)
+            bonus = dqn.ucb_bonus(counts=n, total=total, c=ucb_c)
+            self.bonuses.append(bonus.gather(-1, action[:, None])[:, 0])
+            return action
         raise ValueError(f"unknown exploration {explore!r}")

@@ -38,6 +38,7 @@ class QTrajectories(Trajectories):
     q_taken: np.ndarray
     q_max: np.ndarray
     candidates: np.ndarray
+    ucb_bonus: float = 0.0
 
     array_fields = (*ARRAY_FIELDS, "q_taken", "q_max", "candidates")
 
@@ -214,4 +215,5 @@ class QRolloutWorker:
             q_taken=out.q_taken,
             q_max=out.q_max,
             candidates=out.candidates,
+            ucb_bonus=out.ucb_bonus,
         )

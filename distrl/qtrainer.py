@@ -106,6 +106,8 @@ class QTrainer(Trainer):
         metrics.update(scores.metrics())
         if d.exploration == "epsilon":
             metrics["explore/epsilon"] = epsilon
+        if d.exploration == "ucb":
+            metrics["explore/ucb_bonus"] = float(np.mean([p.ucb_bonus for p in parts]))
         metrics.update(
             {
                 "learner/updates": float(self.updates),

@@ -64,6 +64,7 @@ LOOP_METRICS = (
     "replay/priority_max",
     "replay/beta",
     "explore/epsilon",
+    "explore/ucb_bonus",
     "rollout/tokens_per_s",
     "rollout/response_length",
     "rollout/policy_lag",

@@ -63,6 +63,7 @@ def test_exploration_stays_within_the_candidates():
         live = out.response_mask > 0
         chosen = (out.candidates == out.response_ids[..., None]).any(-1)
         assert chosen[live].all(), explore
+        assert (out.ucb_bonus > 0) == (explore == "ucb")
 
 
 def test_full_vocabulary_has_no_candidate_columns():
