@@ -49,6 +49,7 @@ def test_greedy_q_decoding_starts_as_the_reference_greedy_decoding(model):
 def test_exploration_stays_within_the_candidates():
     policy, _, ids, mask = make(top_k=3)
     gen = torch.Generator().manual_seed(0)
+    counts = UCBCounts(2)
     for explore in ("epsilon", "boltzmann", "ucb"):
         out = policy.decode(
             ids,
@@ -58,12 +59,14 @@ def test_exploration_stays_within_the_candidates():
             epsilon=1.0,
             temperature=5.0,
             generator=gen,
-            counts=UCBCounts(2),
+            counts=counts,
         )
         live = out.response_mask > 0
         chosen = (out.candidates == out.response_ids[..., None]).any(-1)
         assert chosen[live].all(), explore
-        assert (out.ucb_bonus > 0) == (explore == "ucb")
+        assert out.ucb_bonus == 0  # unvisited contexts: ln(0 + 1) = 0, no bonus yet
+    again = policy.decode(ids, mask, 5, explore="ucb", counts=counts, generator=gen)
+    assert again.ucb_bonus > 0  # the same prompts' contexts now have visits
 
 
 def test_full_vocabulary_has_no_candidate_columns():
