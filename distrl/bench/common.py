@@ -68,6 +68,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def _actor_peak(_actor: Any) -> float:
+    return peak_rss_mb()
+
+
+def actor_peak_rss_mb(handles: list[Any]) -> list[float]:
+    """Peak resident memory (MiB) of each actor's process, read from inside it."""
+    import ray
+
+    return ray.get([h.__ray_call__.remote(_actor_peak) for h in handles])
+
+
 def reset_peak_rss() -> None:
     """Restart this process's peak-memory count (Linux), so each section reports its own."""
     with contextlib.suppress(OSError):

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from distrl import actors
-from distrl.bench.common import local_ray, ratio
+from distrl.bench.common import actor_peak_rss_mb, local_ray, ratio
 from distrl.replay import PrioritizedReplay, benchmark, rate
 
 CAPACITY, ADD_BATCH, BATCH, OBS_LEN = 100_000, 256, 512, 64
@@ -75,12 +75,14 @@ def actor_figures(capacity: int, seconds: float) -> dict[str, float]:
             actors.get(buf.update_priorities.remote(fresh, td))
 
         call: Callable[[Any], Any] = actors.get
-        return {
+        figures = {
             "add_transitions_per_s": rate(lambda: call(buf.add.remote(chunk)), seconds) * ADD_BATCH,
             "sample_per_s": rate(lambda: call(buf.sample.remote(BATCH)), seconds),
             "update_per_s": rate(lambda: call(buf.update_priorities.remote(idx, td)), seconds),
             "sample_update_per_s": rate(sample_update, seconds),
         }
+        figures["peak_rss_mb"] = actor_peak_rss_mb([buf])[0]  # a full buffer of 100,000
+        return figures
     finally:
         import ray
 
@@ -111,4 +113,11 @@ def bench_replay(model: str, quick: bool) -> dict[str, Any]:
             f"{op:<24}{row['distrl']:>12.0f}{row['distrl_ray_actor']:>12.0f}"
             f"{row['rllib']:>12.0f}{row['ratio']:>8.1f}{row['ratio_ray_actor']:>10.1f}"
         )
-    return {"capacity": CAPACITY, "add_batch": ADD_BATCH, "batch": BATCH, "figures": rows}
+    print(f"replay actor peak memory: {remote['peak_rss_mb']:.0f} MiB")
+    return {
+        "capacity": CAPACITY,
+        "add_batch": ADD_BATCH,
+        "batch": BATCH,
+        "figures": rows,
+        "actor_peak_rss_mb": remote["peak_rss_mb"],
+    }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from distrl.bench.common import COMPONENT_OPTIONS, local_ray, timed
+from distrl.bench.common import COMPONENT_OPTIONS, actor_peak_rss_mb, local_ray, timed
 from distrl.config import RewardComponent, RewardConfig, load_config
 from distrl.data import load_examples
 from distrl.rewards import COMPONENTS, RewardBatch, RewardScorer
@@ -56,8 +56,9 @@ def pool_throughput(
     startup = time.perf_counter() - start
     pool.score(batch)  # warm-up
     seconds = timed(lambda: pool.score(batch), repeats)
+    peaks = actor_peak_rss_mb(pool.actors)
     pool.shutdown()
-    return {"samples_per_s": len(batch) / seconds, "startup_s": startup}
+    return {"samples_per_s": len(batch) / seconds, "startup_s": startup, "peak_rss_mb": peaks}
 
 
 def bench_reward(model: str, quick: bool) -> dict[str, Any]:
@@ -106,11 +107,12 @@ def print_reward(result: dict[str, Any]) -> None:
         f"\nreward: packaged 'default' config ({' + '.join(result['components'])}), "
         f"{result['samples']} samples, chunks of {result['batch_size']}"
     )
-    print(f"{'scorer':<22}{'samples/s':>12}{'startup s':>12}")
+    print(f"{'scorer':<22}{'samples/s':>12}{'startup s':>12}{'peak MiB':>14}")
     print(f"{'in-process (no Ray)':<22}{result['in_process_samples_per_s']:>12.0f}{'-':>12}")
     for k, row in result["pool"].items():
         name = f"pool, {k} actor{'s' * (k != '1')}"
-        print(f"{name:<22}{row['samples_per_s']:>12.0f}{row['startup_s']:>12.1f}")
+        peak = "/".join(f"{p:.0f}" for p in row["peak_rss_mb"])
+        print(f"{name:<22}{row['samples_per_s']:>12.0f}{row['startup_s']:>12.1f}{peak:>14}")
     print(f"\ncomponent cost alone, in-process, {result['component_samples']} samples")
     print(f"{'component':<22}{'ms/sample':>12}{'load s':>12}")
     for name, row in result["component_costs"].items():
