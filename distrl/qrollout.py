@@ -1,5 +1,6 @@
-"""DQN rollout worker: acts with its Q-network copy, explores, and turns scored generations into
-n-step token transitions with initial priorities (Ape-X: priorities come from the actors).
+"""DQN rollout worker: acts with its Q-network copy and explores; ``make_transitions`` turns its
+scored generations into n-step token transitions with initial priorities from the Q-values it
+recorded while acting (Ape-X: priorities come from the actors, not the learner).
 
 A plain class; ``distrl.actors`` makes it a Ray actor. A transition is one token choice:
 
@@ -121,7 +122,8 @@ def make_transitions(
 
 
 class QRolloutWorker:
-    """Generates with Q-guided decoding (exploring) and makes replay transitions."""
+    """Generates with Q-guided decoding (exploring), keeping the Q-values that the driver turns
+    into transitions and initial priorities (``make_transitions``)."""
 
     def __init__(
         self,
