@@ -139,7 +139,10 @@ class PPOConfig:
     gamma: float = _f(1.0, "discount per token", ge=0.0, le=1.0)
     gae_lambda: float = _f(0.95, "GAE lambda", ge=0.0, le=1.0)
     kl_coef: float = _f(
-        0.05, "per-token KL penalty coefficient (initial value if adaptive)", ge=0.0
+        0.05,
+        "per-token KL penalty coefficient (initial value if adaptive); 0 without kl_target "
+        "skips the reference model entirely",
+        ge=0.0,
     )
     kl_target: float | None = _f(
         None, "adapt kl_coef toward this KL per sequence; empty = fixed coefficient", gt=0.0

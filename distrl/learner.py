@@ -230,10 +230,14 @@ class Learner:
         single = c.epochs == 1 and c.minibatch_size >= n
         with torch.no_grad():
             self.net.eval()
-            # Old logprobs are the workers' (recorded at sampling); only values are needed here.
-            ref_logits, _ = self._forward(self.reference, ids, mask, start)
-            ref_logprobs = ppo.logprobs_from_logits(ref_logits, tokens)
-            del ref_logits
+            # Old logprobs are the workers' (recorded at sampling). Without a KL penalty (fixed
+            # coefficient 0) the reference model is not run, as GRPO does with beta 0.
+            measure_kl = self.kl.value > 0 or self.ppo.kl_target is not None
+            ref_logprobs = old_logprobs
+            if measure_kl:
+                ref_logits, _ = self._forward(self.reference, ids, mask, start)
+                ref_logprobs = ppo.logprobs_from_logits(ref_logits, tokens)
+                del ref_logits
             rewards, kl = ppo.kl_shaped_rewards(
                 scores=torch.tensor(np.array(scores), dtype=torch.float32, device=self.device),
                 logprobs=old_logprobs,
@@ -269,9 +273,10 @@ class Learner:
         self.version += 1
         seconds = time.perf_counter() - start_time
         metrics = {f"learner/{k}": float(np.mean(v)) for k, v in stats.items()}
+        if measure_kl:
+            metrics["learner/kl"] = seq_kl
         metrics.update(
             {
-                "learner/kl": seq_kl,
                 "learner/kl_coef": self.kl.value,
                 "learner/skipped_updates": float(skipped),
                 "learner/early_stopped": float(stop),

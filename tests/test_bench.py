@@ -19,7 +19,8 @@ def positive(value) -> bool:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    cmd = [sys.executable, "-m", "distrl.bench", "rollout", "learner", "replay", "attention", "pipeline"]
+    sections = ["rollout", "learner", "replay", "attention", "pipeline"]
+    cmd = [sys.executable, "-m", "distrl.bench", *sections]
     done = subprocess.run(
         [*cmd, "--model", "tiny", "--quick", "--json", str(out)],
         timeout=600,

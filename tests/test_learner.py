@@ -115,3 +115,18 @@ def test_reference_metrics(prompts):
     assert 0.0 <= out["eval/ref_token_accuracy"] <= 1.0
     # A random 50k-vocab model is about uniform: perplexity near the vocabulary size.
     assert 1e4 < out["eval/ref_perplexity"] < 2e5
+
+
+def test_without_a_kl_penalty_the_reference_model_is_not_run(prompts, monkeypatch):
+    config = load_config("tiny", {"ppo.kl_coef": 0.0})
+    learner, worker = make(config)
+    batch = worker.generate(prompts, list(range(len(prompts))))
+    calls = []
+    forward = learner.reference.forward
+    monkeypatch.setattr(
+        learner.reference, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k)
+    )
+    metrics = learner.train(batch, np.ones(len(prompts)))
+    assert not calls and "learner/kl" not in metrics and learner.version == 1
+    with_kl = make(load_config("tiny", {"ppo.kl_coef": 0.01}))[0]
+    assert "learner/kl" in with_kl.train(batch, np.ones(len(prompts)))

@@ -2,7 +2,8 @@
 
 Both train the same model on the same packaged chat prompts with the same reward (distinct
 words / 32, a plain Python function), 8 completions per step of at most 32 new tokens at
-temperature 0.7, one optimizer step per step at learning rate 1e-6. TRL makes its 8 as
+temperature 0.7, one optimizer step per step at learning rate 1e-6, and no KL penalty (GRPO's
+default beta 0; distrl's ``ppo.kl_coef`` 0), so neither runs a reference model. TRL makes its 8 as
 2 prompts x 4 generations (GRPO needs groups); distrl as 8 prompts x 1. Seconds per step are
 the median over the timed steps after a warm-up step.
 
@@ -63,6 +64,7 @@ def distrl_pipeline(model: str, steps: int, overlap: bool) -> dict[str, Any]:
                 "rollout.max_policy_lag": 1 if overlap else 0,
                 "ppo.epochs": 1,
                 "ppo.minibatch_size": COMPLETIONS,
+                "ppo.kl_coef": 0.0,  # GRPO's default beta 0: no reference model in either
                 "learner.lr": LR,
                 "reward.components": [{"name": REWARD}],
                 "resources.torch_threads": threads,
@@ -128,6 +130,7 @@ def trl_grpo(model: str, steps: int) -> dict[str, Any]:
             num_generations=4,
             max_completion_length=MAX_NEW_TOKENS,
             temperature=TEMPERATURE,
+            beta=0.0,
             learning_rate=LR,
             max_steps=steps + 1,
             logging_steps=1,
