@@ -359,3 +359,19 @@ def test_non_finite_updates_stop_the_run_with_the_last_good_state_saved(ray_sess
     state = torch.load(saved / "distrl_state.pt", weights_only=True)
     assert state["steps"] == 0  # no non-finite update ever touched the weights
     assert json.loads((saved / "distrl_checkpoint.json").read_text())["meta"]["step"] >= 1
+
+
+def test_a_corrupted_newest_checkpoint_is_reported_and_the_previous_one_resumed(
+    ray_session, tmp_path
+):
+    train(tiny(tmp_path, iterations=2, **{"output.checkpoint_every": 1}))
+    run_dir = tmp_path / "run"
+    newest = run_dir / "checkpoints" / "step_2"
+    weights = next(newest.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a torn write
+    with pytest.warns(UserWarning, match="skipping corrupt checkpoint.*step_2"):
+        train(tiny(tmp_path, iterations=3, **{"output.checkpoint_every": 1}), resume=True)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3]  # step 2 redone from step 1's state
+    state = torch.load(run_dir / "final" / "distrl_state.pt", weights_only=True)
+    assert state["version"] == 3
