@@ -25,11 +25,10 @@ import torch
 from distrl.algos import dqn
 from distrl.config import DQNConfig, ModelConfig, RolloutConfig, RunConfig, TokenizerConfig
 from distrl.errors import DistrlError
-from distrl.models import VersionedWeights, set_weights
 from distrl.policy import build_model, build_tokenizer, left_pad
 from distrl.qnets import build_qnet
 from distrl.qpolicy import QPolicy, UCBCounts
-from distrl.rollout import ARRAY_FIELDS, Trajectories, response_texts
+from distrl.rollout import ARRAY_FIELDS, RolloutWorker, Trajectories, response_texts
 
 
 @dataclass
@@ -150,6 +149,7 @@ class QRolloutWorker:
             pad_id=self.tokenizer.pad_token_id,
             eos_id=self.tokenizer.eos_token_id,
         )
+        self.model = qnet  # what published weights load into
         self.counts = UCBCounts(dqn_config.ucb_context)
         self.generator = torch.Generator().manual_seed(seed * 1000 + worker_index)
         self.version = 0
@@ -158,22 +158,12 @@ class QRolloutWorker:
     def arguments(config: RunConfig, worker_index: int = 0) -> dict[str, Any]:
         """The keyword arguments that build DQN rollout worker ``worker_index`` of ``config``."""
         return {
-            "model": config.model,
-            "tokenizer": config.tokenizer,
-            "rollout": config.rollout,
+            **RolloutWorker.arguments(config, worker_index),
             "dqn_config": config.dqn,
             "width": config.data.max_prompt_tokens + config.rollout.max_new_tokens,
-            "seed": config.seed,
-            "worker_index": worker_index,
-            "torch_threads": config.resources.torch_threads,
         }
 
-    def set_weights(self, weights: VersionedWeights) -> int:
-        """Load the learner's Q-network weights; returns the version now held."""
-        if weights.version != self.version:
-            set_weights(self.policy.qnet, weights.state)
-            self.version = weights.version
-        return self.version
+    set_weights = RolloutWorker.set_weights  # loads the learner's Q-network into ``self.model``
 
     def generate(
         self,
