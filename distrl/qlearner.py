@@ -125,14 +125,14 @@ class QLearner:
             return torch.tensor(np.asarray(batch[name]), device=self.device)
 
         tokens = t("tokens").long()
-        s_ids, s_mask = prefixes(tokens, t("state_len").long(), pad)
-        n_ids, n_mask = prefixes(tokens, t("next_len").long(), pad)
+        state_len, next_len = t("state_len").long(), t("next_len").long()
+        n_ids, n_mask = prefixes(tokens, next_len, pad)  # each state is a prefix of its next
         discount = t("discount").float()
         self.qnet.train()
-        q = self.qnet(s_ids, s_mask).gather(-1, t("action").long()[:, None])[:, 0]
+        q_state, next_online = self.qnet.state_and_next(n_ids, n_mask, next_len - state_len)
+        q = q_state.gather(-1, t("action").long()[:, None])[:, 0]
         with torch.no_grad():
             next_target = self.target(n_ids, n_mask)
-            next_online = self.qnet(n_ids, n_mask) if d.double_q else next_target
             cand = t("next_candidates").long()
             next_mask = None
             if cand.shape[-1]:
@@ -174,8 +174,7 @@ class QLearner:
             "learner/sample_age": float(np.mean(self.version - batch["version"])),
             "learner/skipped_updates": 0.0,
             "learner/steps": float(self.steps),
-            "learner/tokens_per_s": float(s_mask.sum() + n_mask.sum())
-            / max(time.perf_counter() - start, 1e-9),
+            "learner/tokens_per_s": float(n_mask.sum()) / max(time.perf_counter() - start, 1e-9),
         }
         return ids, td.abs().cpu().numpy(), metrics
 

@@ -122,3 +122,21 @@ def test_incremental_q_equals_the_full_forward(name, kind):
         for end in (7, 8, 9):
             q, cache = qnet.step(ids[:, :end], mask[:, :end], cache)
             assert torch.allclose(q, qnet(ids[:, :end], mask[:, :end]), atol=1e-4), end
+
+
+@pytest.mark.parametrize("name", BUILDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_state_and_next_equal_separate_forwards(name, kind):
+    """The TD update's Q(s) and Q(s') (s a prefix of s', shorter by ``back`` tokens) equal
+    forwards over each state alone, and only Q(s) carries a gradient."""
+    policy = tiny_model(kind, vocab_size=VOCAB, seed=0).eval()
+    qnet = build_qnet(BUILDS[name], policy, VOCAB, seed=1).eval()
+    ids, mask = ids_and_mask(t=9)
+    back = torch.tensor([1, 3, 2])
+    q_state, q_next = qnet.state_and_next(ids, mask, back)
+    assert q_state.requires_grad and not q_next.requires_grad
+    with torch.no_grad():
+        assert torch.allclose(q_next, qnet(ids, mask), atol=1e-5)
+        for row, b in enumerate(back.tolist()):
+            alone = qnet(ids[row : row + 1, :-b], mask[row : row + 1, :-b])
+            assert torch.allclose(q_state[row], alone[0], atol=1e-4), (row, b)

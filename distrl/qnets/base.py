@@ -52,6 +52,24 @@ class QNetwork(nn.Module):
         """Q-values (B, V) in float32 for token ids (B, L) and mask (B, L) (1 = real token)."""
         raise NotImplementedError
 
+    def state_and_next(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, back: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Q-values (B, V) of a state and of a later state that extends it, for TD updates.
+
+        ``input_ids``/``attention_mask`` (B, L) hold the later states, left-padded; each row's
+        state is the same row without its last ``back[b]`` (>= 1) tokens. Gradients flow from
+        the state's Q-values only. Here two passes (the state's tokens masked at the end);
+        networks that can read both from one pass override this.
+        """
+        width = input_ids.shape[1]
+        cols = torch.arange(width, device=input_ids.device)
+        state_mask = attention_mask * (cols[None, :] < (width - back)[:, None])
+        q_state = self(input_ids, state_mask)
+        with torch.no_grad():
+            q_next = self(input_ids, attention_mask)
+        return q_state, q_next
+
     def start(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, Any]:

@@ -71,6 +71,22 @@ class LMHeadQNetwork(QNetwork):
         ).last_hidden_state
         return self.head(gather_last(hidden, mask))
 
+    def state_and_next(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, back: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As ``QNetwork.state_and_next`` from one causal pass: the state's Q-values are read
+        ``back`` tokens before the end, where attention has not seen the later tokens."""
+        mask = full_mask(input_ids, attention_mask)
+        hidden = self.backbone(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=position_ids(mask),
+            use_cache=False,
+        ).last_hidden_state
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        q_state = self.head(hidden[rows, hidden.shape[1] - 1 - back])
+        return q_state, self.head(hidden[:, -1]).detach()
+
     def start(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, Any]:
