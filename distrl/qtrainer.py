@@ -19,6 +19,7 @@ from distrl import actors
 from distrl.algos import dqn
 from distrl.config import RunConfig
 from distrl.driver import Prompts, Trainer
+from distrl.errors import DistrlError
 from distrl.qlearner import QLearner
 from distrl.qrollout import QRolloutWorker, make_transitions
 from distrl.replay import replay_spec
@@ -83,13 +84,16 @@ class QTrainer(Trainer):
         size = actors.get(self.replay.stats.remote())["replay/size"]
         learner_metrics: list[dict[str, float]] = []
         if size >= max(d.learning_starts, 1):
-            outs = []
+            outs, applied = [], []
             for _ in range(d.updates_per_iteration):
                 sample = self.replay.sample.remote(d.batch_size)
                 ids, td, metrics = self.learner.update.options(num_returns=3).remote(sample)
-                self.replay.update_priorities.remote(ids, td)  # in order, before the next sample
+                # Runs in order, before the next sample; its result is awaited below so that a
+                # failure surfaces here instead of in a log.
+                applied.append(self.replay.update_priorities.remote(ids, td))
                 outs.append(metrics)
             learner_metrics = actors.get(outs)
+            actors.get(applied)
             self.updates += d.updates_per_iteration
         t3 = time.perf_counter()
         self.version = self.publish()
@@ -135,6 +139,9 @@ class QTrainer(Trainer):
         actors.get(self.replay.save_parquet.remote(str(folder / REPLAY_FILE)))
 
     def restore_extra(self, folder: Path) -> None:
-        """Refill the replay buffer from the checkpoint's snapshot."""
-        if (folder / REPLAY_FILE).is_file():
-            actors.get(self.replay.load_parquet.remote(str(folder / REPLAY_FILE)))
+        """Refill the replay buffer from the checkpoint's snapshot (every DQN checkpoint has
+        one; a checkpoint without it is not from a DQN run)."""
+        path = folder / REPLAY_FILE
+        if not path.is_file():
+            raise DistrlError(f"checkpoint {folder} has no {REPLAY_FILE}: not a DQN checkpoint")
+        actors.get(self.replay.load_parquet.remote(str(path)))

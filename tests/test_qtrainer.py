@@ -2,6 +2,7 @@
 learner; checkpoints carry the replay buffer and a resumed run keeps its experience."""
 
 import numpy as np
+import pytest
 
 from distrl import actors
 from distrl.config import load_config
@@ -89,3 +90,11 @@ def test_replay_actor_snapshot_restores_exactly(ray_session, tmp_path):
         assert np.array_equal(x, y)
     assert np.array_equal(sa[1], sb[1]) and np.array_equal(sa[2], sb[2])
     assert actors.get(a.stats.remote()) == actors.get(b.stats.remote())
+
+
+def test_resuming_dqn_from_a_checkpoint_without_replay_is_refused(tmp_path):
+    from distrl.errors import DistrlError
+    from distrl.qtrainer import QTrainer
+
+    with pytest.raises(DistrlError, match="has no replay.parquet: not a DQN checkpoint"):
+        QTrainer.restore_extra(None, tmp_path)  # the check comes before any actor is touched

@@ -58,17 +58,26 @@ class LMHeadQNetwork(QNetwork):
         advantage = torch.log_softmax(self.q_head(hidden).float(), dim=-1)
         return self.value(hidden).float() + advantage
 
+    def _backbone(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, cache: Any = None, *, use_cache: bool
+    ) -> Any:
+        """The backbone over ``input_ids`` (all of ``mask``'s tokens, or the newest ones after
+        a ``cache``), with positions that skip left padding."""
+        positions = position_ids(mask)[:, -input_ids.shape[1] :]
+        return self.backbone(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=use_cache,
+        )
+
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Q-values (B, V) for token ids (B, L) and mask (B, L)."""
         mask = full_mask(input_ids, attention_mask)
-        hidden = self.backbone(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=position_ids(mask),
-            use_cache=False,
-        ).last_hidden_state
+        hidden = self._backbone(input_ids, mask, use_cache=False).last_hidden_state
         return self.head(gather_last(hidden, mask))
 
     def state_and_next(
@@ -77,12 +86,7 @@ class LMHeadQNetwork(QNetwork):
         """As ``QNetwork.state_and_next`` from one causal pass: the state's Q-values are read
         ``back`` tokens before the end, where attention has not seen the later tokens."""
         mask = full_mask(input_ids, attention_mask)
-        hidden = self.backbone(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=position_ids(mask),
-            use_cache=False,
-        ).last_hidden_state
+        hidden = self._backbone(input_ids, mask, use_cache=False).last_hidden_state
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         q_state = self.head(hidden[rows, hidden.shape[1] - 1 - back])
         return q_state, self.head(hidden[:, -1]).detach()
@@ -92,12 +96,7 @@ class LMHeadQNetwork(QNetwork):
     ) -> tuple[torch.Tensor, Any]:
         """As ``forward``, also returning the backbone's KV cache for ``step``."""
         mask = full_mask(input_ids, attention_mask)
-        out = self.backbone(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=position_ids(mask),
-            use_cache=True,
-        )
+        out = self._backbone(input_ids, mask, use_cache=True)
         return self.head(gather_last(out.last_hidden_state, mask)), out.cache
 
     def step(
@@ -105,11 +104,5 @@ class LMHeadQNetwork(QNetwork):
     ) -> tuple[torch.Tensor, Any]:
         """Q-values after the last token of ``input_ids``, reading only it through the cache."""
         mask = full_mask(input_ids, attention_mask)
-        out = self.backbone(
-            input_ids=input_ids[:, -1:],
-            attention_mask=mask,
-            position_ids=position_ids(mask)[:, -1:],
-            cache=cache,
-            use_cache=True,
-        )
+        out = self._backbone(input_ids[:, -1:], mask, cache, use_cache=True)
         return self.head(out.last_hidden_state[:, -1]), out.cache
