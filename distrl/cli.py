@@ -89,12 +89,13 @@ def parse_config(
 
 
 def run_main(main: Callable[[], int]) -> None:
-    """Run a CLI ``main``; a DistrlError is printed as one line and exits with status 2."""
+    """Run a CLI ``main``; a DistrlError is printed as one line and exits with status 2 (a run
+    stopped by a signal: 128 + its number)."""
     try:
         code = main()
     except DistrlError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        code = 2
+        code = getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = 130

@@ -252,6 +252,34 @@ class ResourcesConfig:
 
 
 @dataclass(frozen=True)
+class FaultsConfig:
+    generate_timeout_s: float = _f(
+        600.0, "seconds a rollout worker's generate may take before it is replaced", gt=0
+    )
+    score_timeout_s: float = _f(
+        300.0, "seconds a reward actor's score call may take before it is replaced", gt=0
+    )
+    train_timeout_s: float = _f(
+        1800.0,
+        "seconds a learner call (update, save, load) may take before the learner is replaced "
+        "and restored from the newest checkpoint",
+        gt=0,
+    )
+    replay_timeout_s: float = _f(
+        300.0, "seconds a replay-buffer call may take before the buffer is restored", gt=0
+    )
+    call_retries: int = _f(
+        2, "retries of a timed-out rollout or reward call, each on a fresh actor", ge=0
+    )
+    max_restores: int = _f(
+        3,
+        "learner or replay actors lost (died or timed out) that a run survives by restoring "
+        "the newest checkpoint; one more stops the run",
+        ge=0,
+    )
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     dir: str | None = _f(None, "run directory; empty = ./runs/<algo>-<timestamp>")
     checkpoint_every: int = _f(10, "iterations between checkpoints", ge=1)
@@ -278,6 +306,7 @@ class RunConfig:
     dqn: DQNConfig = field(default_factory=DQNConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def __post_init__(self) -> None:

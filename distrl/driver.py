@@ -7,18 +7,18 @@ wrong (config, data, tokenizer, reward functions) is checked before Ray starts.
 from __future__ import annotations
 
 import os
-import random
 import shutil
+import signal
+import sys
 import time
-import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
+from ray.exceptions import GetTimeoutError, RayActorError
 
 from distrl import actors
 from distrl.checkpoint import (
@@ -28,86 +28,34 @@ from distrl.checkpoint import (
     write_checkpoint,
 )
 from distrl.config import RunConfig, dump_yaml
-from distrl.data import Example, load_examples, split
 from distrl.errors import DistrlError
+from distrl.faults import Hung, Interrupt, Lost, Stopped, StopSignals
 from distrl.learner import Learner, NonFiniteError
 from distrl.metrics import MetricsLogger, format_progress
-from distrl.policy import build_tokenizer, encode_prompts
-from distrl.rewards import RewardBatch, ScoreResult, check_reward_config
+from distrl.prompts import Prompts, prepare, reward_batch
+from distrl.rewards import ScoreResult
 from distrl.rollout import RolloutWorker, Trajectories
+from distrl.rundir import (
+    CONFIG_FILE,
+    RunLock,
+    check_output_dir,
+    check_resumed_config,
+    checkpoint_to_resume,
+    is_empty,
+)
 
 Report = Callable[[int, dict[str, float], "Path | None"], None]
-# Reference responses feed the optional cross-entropy term and eval perplexity; a bound keeps
-# one very long reply from setting the padded width (and memory) of a whole batch.
-MAX_REFERENCE_TOKENS = 256
 PROGRESS_KEYS = ["reward/total", "learner/kl", "eval/reward", "rollout/tokens_per_s"]
-
-
-@dataclass
-class Prompts:
-    """Encoded prompts with the examples they came from, served in shuffled epochs."""
-
-    examples: list[Example]
-    ids: list[list[int]]
-    references: list[list[int]]
-    seed: int
-    epoch: int = 0
-    cursor: int = 0
-    order: list[int] = field(default_factory=list)
-
-    def next(self, n: int) -> list[int]:
-        """Indices of the next ``n`` prompts (reshuffled each epoch, reproducibly)."""
-        out = []
-        while len(out) < n:
-            if self.cursor == 0 or not self.order:
-                self.order = list(range(len(self.ids)))
-                random.Random(self.seed + self.epoch).shuffle(self.order)
-            out.append(self.order[self.cursor])
-            self.cursor += 1
-            if self.cursor == len(self.order):
-                self.epoch, self.cursor = self.epoch + 1, 0
-        return out
-
-    def state(self) -> dict[str, int]:
-        """Position in the prompt stream, for checkpoints."""
-        return {"epoch": self.epoch, "cursor": self.cursor}
-
-    def load(self, state: dict[str, int]) -> None:
-        """Continue from ``state()``."""
-        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
-        self.order = []
-        if self.cursor:
-            self.order = list(range(len(self.ids)))
-            random.Random(self.seed + self.epoch).shuffle(self.order)
-
-
-def prepare(config: RunConfig) -> tuple[Prompts, Prompts]:
-    """Check rewards, read and encode data, before any actor starts: (train, validation)."""
-    check_reward_config(config.reward)
-    tokenizer = build_tokenizer(config.model, config.tokenizer)
-    examples = load_examples(config.data.train, limit=config.data.max_examples)
-    if config.data.validation:
-        train, val = examples, load_examples(config.data.validation)
-    else:
-        train, val = split(examples, val_fraction=config.data.val_fraction, seed=config.seed)
-    if not val:
-        # Said out loud: evaluating on training prompts measures fit, not generalisation.
-        warnings.warn(
-            "no held-out prompts (data.val_fraction is 0 and data.validation is empty): "
-            "eval/* metrics use the first training prompts",
-            stacklevel=2,
-        )
-        val = train[: config.output.eval_examples]
-
-    def encode(part: list[Example]) -> Prompts:
-        ids = encode_prompts(part, tokenizer, config.tokenizer, config.data)
-        refs = [
-            tokenizer.encode(e.reference)[:MAX_REFERENCE_TOKENS] if e.reference else []
-            for e in part
-        ]
-        return Prompts(part, ids, refs, seed=config.seed)
-
-    return encode(train), encode(val)
+# Fault counters logged every iteration (each survived fault is counted here, never silent).
+FAULT_KEYS = (
+    "faults/stale_batches",
+    "faults/dropped_samples",
+    "faults/reward_actor_restarts",
+    "faults/reward_timeouts",
+    "faults/rollout_timeouts",
+    "faults/learner_restarts",
+    "faults/replay_restarts",
+)
 
 
 def run_dir_for(config: RunConfig) -> Path:
@@ -133,12 +81,6 @@ def init_ray(config: RunConfig) -> None:
         )
 
 
-def reward_batch(prompts: Prompts, batch: Trajectories) -> RewardBatch:
-    """What the reward pool scores for a batch: prompt, response and the example's labels."""
-    examples = [prompts.examples[i] for i in batch.example_ids]
-    return RewardBatch.from_examples(examples, [str(t) for t in batch.texts])
-
-
 class Trainer:
     """Owns the actors of one PPO run and steps the training loop (``QTrainer``: DQN)."""
 
@@ -148,39 +90,136 @@ class Trainer:
 
     def __init__(self, config: RunConfig, run_dir: Path, train: Prompts, val: Prompts) -> None:
         self.config, self.run_dir, self.train_prompts, self.val = config, run_dir, train, val
-        res = config.resources
-        self.learner = actors.make_actor(
-            self.learner_class,
-            actors.actor_options(res.learner_cpus, res.learner_gpus, res.custom.get("learner")),
-            **self.learner_class.arguments(config),
-        )
-        self.workers = [
-            actors.make_actor(
-                self.worker_class,
-                actors.actor_options(res.rollout_cpus, res.rollout_gpus, res.custom.get("rollout")),
-                **self.worker_class.arguments(config, worker_index=i),
-            )
-            for i in range(config.rollout.num_workers)
-        ]
+        self.learner = self.make_learner()
+        self.workers = [self.make_worker(i) for i in range(config.rollout.num_workers)]
         self.version = 0
         self.in_flight: dict[int, ray.ObjectRef] = {}
-        self.extra_actors: list[ray.actor.ActorHandle] = []  # e.g. DQN's replay buffer
-        self.pool = actors.RewardPool(config.reward, res, seed=config.seed)
+        f = config.faults
+        self.pool = actors.RewardPool(
+            config.reward,
+            config.resources,
+            seed=config.seed,
+            timeout=f.score_timeout_s,
+            retries=f.call_retries,
+        )
         self.step = 0
         self.reward_restarts = 0  # counted before a resume
         self.best = -float("inf")
-        self.faults = {
-            "faults/stale_batches": 0,
-            "faults/dropped_samples": 0,
-            "faults/reward_actor_restarts": 0,
-        }
+        self.faults = dict.fromkeys(FAULT_KEYS, 0)
+        self.reward_timeouts = 0  # counted before a resume
+        self.logger: MetricsLogger | None = None
+        self.signals = StopSignals()
+        self.initial_state = Trainer.state(self)  # what a recovery with no checkpoint restores
+
+    def make_learner(self) -> ray.actor.ActorHandle:
+        """A new learner actor, never restarted by Ray (``recover`` restores it instead)."""
+        res = self.config.resources
+        options = actors.actor_options(
+            res.learner_cpus, res.learner_gpus, res.custom.get("learner"), **actors.STATEFUL
+        )
+        return actors.make_actor(
+            self.learner_class, options, **self.learner_class.arguments(self.config)
+        )
+
+    def make_worker(self, index: int) -> ray.actor.ActorHandle:
+        """Rollout worker ``index`` (Ray restarts it if it dies; its batch is then redone)."""
+        res = self.config.resources
+        options = actors.actor_options(
+            res.rollout_cpus, res.rollout_gpus, res.custom.get("rollout")
+        )
+        return actors.make_actor(
+            self.worker_class, options, **self.worker_class.arguments(self.config, index)
+        )
+
+    # ---- waiting on actors -------------------------------------------------------------
+
+    def stateful(self) -> dict[str, ray.actor.ActorHandle]:
+        """The actors whose loss means restoring a checkpoint, by role."""
+        return {"learner": self.learner}
+
+    def wait_stateful(self, role: str, refs: Any) -> Any:
+        """``actors.get`` on calls of the learner or replay actor; ``Lost`` if one is lost.
+
+        The timeout is ``faults.train_timeout_s`` (learner) or ``faults.replay_timeout_s``.
+        """
+        f = self.config.faults
+        timeout = f.replay_timeout_s if role == "replay" else f.train_timeout_s
+        try:
+            return actors.get(refs, timeout=timeout)
+        except GetTimeoutError:
+            setting = "replay_timeout_s" if role == "replay" else "train_timeout_s"
+            raise Lost(role, f"did not answer within faults.{setting}={timeout:g} s") from None
+        except RayActorError:
+            raise Lost(self.dead_role() or role, "died") from None
+
+    def dead_role(self) -> str | None:
+        """The first stateful actor that no longer answers (an argument from a dead replay
+        actor fails the learner's call too, so the failing call does not say who died)."""
+        return next((r for r, a in self.stateful().items() if not self.alive(a)), None)
+
+    def alive(self, actor: ray.actor.ActorHandle) -> bool:
+        """Whether ``actor`` answers a trivial call within 30 s."""
+        try:
+            actors.pids([actor], timeout=30)
+        except (RayActorError, GetTimeoutError):
+            return False
+        return True
+
+    def wait_rollout(self, i: int, *, refresh: bool = False) -> Trajectories:
+        """Worker ``i``'s in-flight batch (after sending it the current weights and a new batch
+        when ``refresh``). A worker past ``faults.generate_timeout_s`` is replaced and its batch
+        redone, at most ``faults.call_retries`` times; then the run stops with ``Hung``."""
+        f = self.config.faults
+        for attempt in range(f.call_retries + 1):
+            try:
+                if attempt:
+                    self.replace_worker(i)
+                if refresh or attempt:
+                    self.refresh(i)
+                return actors.get(self.in_flight[i], timeout=f.generate_timeout_s)
+            except GetTimeoutError:
+                self.faults["faults/rollout_timeouts"] += 1
+        raise Hung(
+            f"rollout worker {i}: generate did not return within faults.generate_timeout_s="
+            f"{f.generate_timeout_s:g} s on {f.call_retries + 1} tries; raise the setting or "
+            f"fix the cause"
+        )
+
+    def replace_worker(self, i: int) -> None:
+        """Kill worker ``i`` (Ray SIGKILLs a hung process) and start a new one."""
+        ray.kill(self.workers[i], no_restart=True)
+        self.workers[i] = self.make_worker(i)
+
+    def refresh(self, i: int) -> None:
+        """Send worker ``i`` the learner's current weights and start a new batch on it."""
+        weights_ref = self.learner.weights.remote()
+        timeout = self.config.faults.generate_timeout_s
+        actors.get(self.workers[i].set_weights.remote(weights_ref), timeout=timeout)
+        self.in_flight[i] = self.submit(self.workers[i])
 
     # ---- stages ------------------------------------------------------------------------
 
     def publish(self) -> int:
-        """Put the learner's weights in the object store once; every worker loads that object."""
+        """Put the learner's weights in the object store once; every worker loads that object.
+
+        A worker that does not take them within ``faults.generate_timeout_s`` is replaced.
+        """
+        f = self.config.faults
         weights_ref = self.learner.weights.remote()
-        versions = actors.get([w.set_weights.remote(weights_ref) for w in self.workers])
+        if not ray.wait([weights_ref], timeout=f.train_timeout_s)[0]:
+            why = f"did not answer within faults.train_timeout_s={f.train_timeout_s:g} s"
+            raise Lost("learner", why)
+        refs = [w.set_weights.remote(weights_ref) for w in self.workers]
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=f.generate_timeout_s)
+        try:
+            versions = actors.get([r for r in refs if r in done])
+        except RayActorError:  # the weights' owner died: the learner
+            raise Lost(self.dead_role() or "learner", "died") from None
+        for i, ref in enumerate(refs):
+            if ref not in done:
+                self.faults["faults/rollout_timeouts"] += 1
+                self.replace_worker(i)
+                versions.append(actors.get(self.workers[i].set_weights.remote(weights_ref)))
         return max(versions)
 
     def submit(self, worker: ray.actor.ActorHandle) -> ray.ObjectRef:
@@ -202,16 +241,15 @@ class Trainer:
         """Each worker's finished batch, resubmitting ahead when ``max_policy_lag`` allows."""
         cfg = self.config
         parts = []
-        for i, w in enumerate(self.workers):
-            batch = actors.get(self.in_flight[i])
+        for i in range(len(self.workers)):
+            batch = self.wait_rollout(i)
             while self.version - batch.version > cfg.rollout.max_policy_lag:
                 # A restarted worker comes back with its initial weights: resend, redo.
                 self.faults["faults/stale_batches"] += 1
-                actors.get(w.set_weights.remote(self.learner.weights.remote()))
-                batch = actors.get(self.submit(w))
+                batch = self.wait_rollout(i, refresh=True)
             parts.append(batch)
-            if cfg.rollout.max_policy_lag > 0:
-                self.in_flight[i] = self.submit(w)  # generate the next batch while we learn
+            if cfg.rollout.max_policy_lag > 0:  # generate the next batch while we learn
+                self.in_flight[i] = self.submit(self.workers[i])
         return parts
 
     def score(self, parts: list[Trajectories]) -> tuple[Trajectories, ScoreResult]:
@@ -220,19 +258,23 @@ class Trainer:
         scores = self.pool.score(reward_batch(self.train_prompts, batch))
         self.faults["faults/dropped_samples"] += scores.num_dropped
         self.faults["faults/reward_actor_restarts"] = self.reward_restarts + self.pool.restarts
+        self.faults["faults/reward_timeouts"] = self.reward_timeouts + self.pool.timeouts
         return batch, scores
 
     def iterate(self) -> dict[str, float]:
         """One PPO iteration: rollout -> score -> learn -> publish; returns its metrics."""
         t0 = time.perf_counter()
-        parts = self.collect()
-        t1 = time.perf_counter()
-        batch, scores = self.score(parts)
+        with self.signals.abandonable():  # nothing the learner holds changes until train
+            parts = self.collect()
+            t1 = time.perf_counter()
+            batch, scores = self.score(parts)
         t2 = time.perf_counter()
         kept = np.flatnonzero(~scores.dropped)  # reward.on_error=drop: train on the rest
         batch = batch.select(kept)
         refs = [self.train_prompts.references[i] for i in batch.example_ids]
-        metrics = actors.get(self.learner.train.remote(batch, scores.total[kept], refs))
+        metrics = self.wait_stateful(
+            "learner", self.learner.train.remote(batch, scores.total[kept], refs)
+        )
         t3 = time.perf_counter()
         self.version = self.publish()
         if self.config.rollout.max_policy_lag == 0:
@@ -250,11 +292,16 @@ class Trainer:
         return metrics
 
     def run(self, logger: MetricsLogger, progress: bool, report: Report | None = None) -> None:
-        """Train from ``self.step`` to ``config.iterations``; ``report`` sees every iteration."""
+        """Train from ``self.step`` to ``config.iterations``; ``report`` sees every iteration.
+
+        Raises:
+            Stopped: SIGINT or SIGTERM arrived (after the last complete step is checkpointed).
+            Hung, DistrlError: a fault that is not survived, in one line.
+        """
         from tqdm import tqdm
 
         cfg = self.config
-        self.start()
+        self.logger = logger
         bar = tqdm(
             total=cfg.iterations,
             initial=self.step,
@@ -263,7 +310,21 @@ class Trainer:
             unit="it",
             dynamic_ncols=True,
         )
-        while self.step < cfg.iterations:
+        with self.signals:
+            try:
+                self._loop(bar, progress, report)
+            except Interrupt:
+                pass  # a signal cut a rollout or reward wait short: nothing learned was lost
+            finally:
+                bar.close()
+            if self.signals.signum is not None:
+                self.stop_on_signal()
+        actors.get(list(self.in_flight.values()))  # let the last rollouts finish
+
+    def _loop(self, bar: Any, progress: bool, report: Report | None) -> None:
+        cfg = self.config
+        self.guarded(self.start)
+        while self.step < cfg.iterations and self.signals.signum is None:
             t0 = time.perf_counter()
             try:
                 metrics = self.iterate()
@@ -273,22 +334,92 @@ class Trainer:
                 saved = (done if done.is_dir() else self.checkpoint({})) if self.step else None
                 where = f"; the last good state (step {self.step}) is in {saved}" if saved else ""
                 raise NonFiniteError(f"{err}{where}; fix the cause and --resume") from None
+            except Lost as lost:
+                self.recover(lost)
+                continue
             self.step += 1
             metrics.update({"time/iteration_s": time.perf_counter() - t0, **self.faults})
             if cfg.output.eval_every and self.step % cfg.output.eval_every == 0:
-                metrics.update(self.evaluate())
-            logger.log(self.step, metrics)
+                metrics.update(self.guarded(self.evaluate, default={}))
+            self.logger.log(self.step, metrics)
             saved = None
             if self.step % cfg.output.checkpoint_every == 0 or self.step == cfg.iterations:
-                saved = self.checkpoint(metrics)
+                saved = self.guarded(lambda m=metrics: self.checkpoint(m))
+                if saved is None:  # lost while saving: recovered to an earlier step
+                    continue
             if report is not None:
                 report(self.step, metrics, saved)
             bar.set_postfix_str(format_progress(metrics, self.progress_keys))
             if not progress:  # job logs (ray job logs) still get one line per iteration
                 print(f"step {self.step}/{cfg.iterations} {bar.postfix}", flush=True)
             bar.update(1)
-        bar.close()
-        actors.get(list(self.in_flight.values()))  # let the last rollouts finish
+
+    def guarded(self, call: Callable[[], Any], default: Any = None) -> Any:
+        """``call()``; if it loses a stateful actor, recover and return ``default``."""
+        try:
+            return call()
+        except Lost as lost:
+            self.recover(lost)
+            return default
+
+    # ---- faults ------------------------------------------------------------------------
+
+    def recover(self, lost: Lost) -> None:
+        """Restore the learner (and replay) from the newest checkpoint after ``lost``; the
+        steps since are redone. Past ``faults.max_restores`` the run stops instead."""
+        key = f"faults/{lost.role}_restarts"
+        self.faults[key] += 1
+        path = latest_checkpoint(self.run_dir / "checkpoints")
+        restores = sum(self.faults[f"faults/{r}_restarts"] for r in ("learner", "replay"))
+        if restores > self.config.faults.max_restores:
+            where = f"{path}" if path else "none yet"
+            raise DistrlError(
+                f"{lost} at step {self.step + 1}, loss {restores} of a run that survives "
+                f"faults.max_restores={self.config.faults.max_restores}; newest checkpoint: "
+                f"{where}; fix the cause and resume with --resume --output-dir {self.run_dir}"
+            )
+        lost_step, faults = self.step + 1, dict(self.faults)
+        for role, actor in self.stateful().items():
+            if role == lost.role or not self.alive(actor):
+                ray.kill(actor, no_restart=True)  # a hung one too
+                self.replace_stateful(role)
+        if path is not None:
+            self.restore(path)
+        else:  # nothing saved yet: start again from the constructors' state
+            self.load_state(self.initial_state)
+            self.restore_extra(None)
+        self.faults = faults
+        self.reward_restarts = faults["faults/reward_actor_restarts"] - self.pool.restarts
+        self.reward_timeouts = faults["faults/reward_timeouts"] - self.pool.timeouts
+        assert self.logger is not None
+        self.logger.truncate_after(self.step)
+        print(
+            f"distrl: {lost} during step {lost_step}; restored "
+            f"{path if path else 'the initial state'} (step {self.step}); redoing steps "
+            f"{self.step + 1}..{lost_step} ({key} = {self.faults[key]})",
+            file=sys.stderr,
+            flush=True,
+        )
+        self.guarded(self.start)
+
+    def replace_stateful(self, role: str) -> None:
+        """Start a new actor for ``role`` (its state comes from a checkpoint next)."""
+        self.learner = self.make_learner()
+
+    def stop_on_signal(self) -> None:
+        """Checkpoint the last complete step (unless saved already) and raise ``Stopped``."""
+        signum = self.signals.signum or signal.SIGINT
+        saved = self.run_dir / "checkpoints" / f"step_{self.step}"
+        if self.step and not saved.is_dir():
+            history = self.logger.history if self.logger else []
+            metrics = {k: v for k, v in (history[-1] if history else {}).items() if k != "step"}
+            saved = self.checkpoint(metrics)
+        where = f"step {self.step} is saved in {saved}" if self.step else "no step was complete"
+        raise Stopped(
+            f"stopped by {signal.Signals(signum).name}: {where}; continue with: python -m "
+            f"distrl.run --resume --output-dir {self.run_dir}",
+            signum,
+        )
 
     def rollout_metrics(
         self, parts: list[Trajectories], batch: Trajectories, version: int
@@ -306,24 +437,36 @@ class Trainer:
         """Greedy generations on held-out prompts: mean reward; reference accuracy/perplexity."""
         n = min(self.config.output.eval_examples, len(self.val.ids))
         idx = list(range(n))
-        batch = actors.get(
-            self.workers[0].generate.remote([self.val.ids[i] for i in idx], idx, greedy=True)
-        )
+        prompts = [self.val.ids[i] for i in idx]
+        f = self.config.faults
+        for attempt in range(f.call_retries + 1):
+            if attempt:  # worker 0 hung: replace it, with a new training batch in flight
+                self.replace_worker(0)
+                self.refresh(0)
+            ref = self.workers[0].generate.remote(prompts, idx, greedy=True)
+            try:
+                batch = actors.get(ref, timeout=f.generate_timeout_s)
+                break
+            except GetTimeoutError:
+                self.faults["faults/rollout_timeouts"] += 1
+        else:
+            raise Hung(
+                f"rollout worker 0: the evaluation's generate did not return within "
+                f"faults.generate_timeout_s={f.generate_timeout_s:g} s on {f.call_retries + 1} "
+                f"tries; raise the setting or fix the cause"
+            )
         scores = self.pool.score(reward_batch(self.val, batch))
         out = {k.replace("reward/", "eval/reward_"): v for k, v in scores.metrics().items()}
         out["eval/reward"] = out.pop("eval/reward_total")
+        refs = [self.val.references[i] for i in idx]
         out.update(
-            actors.get(
-                self.learner.reference_metrics.remote(
-                    [self.val.ids[i] for i in idx], [self.val.references[i] for i in idx]
-                )
-            )
+            self.wait_stateful("learner", self.learner.reference_metrics.remote(prompts, refs))
         )
         return out
 
     def shutdown(self) -> None:
         """Stop this run's actors (a shared Ray session, as in tests, stays up)."""
-        for actor in [self.learner, *self.workers, *self.extra_actors]:
+        for actor in [*self.stateful().values(), *self.workers]:
             ray.kill(actor, no_restart=True)
         self.pool.shutdown()
 
@@ -341,7 +484,7 @@ class Trainer:
         }
 
         def write(tmp: Path) -> None:
-            actors.get(self.learner.save.remote(str(tmp), extra))
+            self.wait_stateful("learner", self.learner.save.remote(str(tmp), extra))
             self.save_extra(tmp)
 
         path = write_checkpoint(root, f"step_{self.step}", write, meta=meta)
@@ -354,14 +497,10 @@ class Trainer:
         prune_checkpoints(root, self.config.output.keep_checkpoints)
         return path
 
-    def restore(self) -> bool:
-        """Continue from the newest complete ``step_<N>``; False when there is none."""
-        path = latest_checkpoint(self.run_dir / "checkpoints")
-        if path is None:
-            return False
-        self.load_state(actors.get(self.learner.load.remote(str(path))))
+    def restore(self, path: Path) -> None:
+        """Continue from checkpoint folder ``path``."""
+        self.load_state(self.wait_stateful("learner", self.learner.load.remote(str(path))))
         self.restore_extra(path)
-        return True
 
     def state(self) -> dict[str, Any]:
         """The driver's share of a checkpoint: step, prompt position, best reward, faults."""
@@ -378,12 +517,13 @@ class Trainer:
         self.train_prompts.load(state["prompts"])
         self.faults.update(state.get("faults", {}))
         self.reward_restarts = int(self.faults["faults/reward_actor_restarts"])
+        self.reward_timeouts = int(self.faults["faults/reward_timeouts"])
 
     def save_extra(self, folder: Path) -> None:
         """Write what else a checkpoint needs besides the learner's state (DQN: replay)."""
 
-    def restore_extra(self, folder: Path) -> None:
-        """Restore what ``save_extra`` wrote."""
+    def restore_extra(self, folder: Path | None) -> None:
+        """Restore what ``save_extra`` wrote (None: the state before any step)."""
 
 
 def _copy(src: Path, dst: Path) -> None:
@@ -401,18 +541,47 @@ def train(config: RunConfig, *, resume: bool = False, report: Report | None = No
         report: called as ``report(step, metrics, checkpoint_or_None)`` after every iteration
             (Ray Tune trials pass the metrics on with ``tune.report``).
     """
-    train_prompts, val_prompts = prepare(config)
     run_dir = run_dir_for(config).resolve()
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+    check_output_dir(run_dir)
+    checkpoint = None
+    if resume:
+        checkpoint = checkpoint_to_resume(run_dir)
+        check_resumed_config(run_dir, config)
+    elif not is_empty(run_dir):
         raise DistrlError(
             f"output directory {run_dir} is not empty; pass --resume to continue "
             f"that run or choose another --output-dir"
         )
+    train_prompts, val_prompts = prepare(config)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        dump_yaml(config, run_dir / "config.yaml")
     except OSError as exc:
         raise DistrlError(f"cannot write to output directory {run_dir}: {exc}") from None
+    lock = RunLock(run_dir)  # a second run on run_dir stops here, naming this one's PID
+    try:
+        return _train(config, run_dir, train_prompts, val_prompts, resume, checkpoint, report)
+    finally:
+        lock.release()
+
+
+def _train(
+    config: RunConfig,
+    run_dir: Path,
+    train_prompts: Prompts,
+    val_prompts: Prompts,
+    resume: bool,
+    checkpoint: Path | None,
+    report: Report | None,
+) -> Path:
+    if resume:  # checked again under the lock: another run may have changed it meanwhile
+        checkpoint = checkpoint_to_resume(run_dir)
+    else:
+        if not is_empty(run_dir):
+            raise DistrlError(f"output directory {run_dir} is not empty (another run?)")
+        try:
+            dump_yaml(config, run_dir / CONFIG_FILE)
+        except OSError as exc:
+            raise DistrlError(f"cannot write to output directory {run_dir}: {exc}") from None
     init_ray(config)
     trainer_class = Trainer
     if config.algo == "dqn":
@@ -420,19 +589,27 @@ def train(config: RunConfig, *, resume: bool = False, report: Report | None = No
 
         trainer_class = QTrainer
     trainer = trainer_class(config, run_dir, train_prompts, val_prompts)
-    if not actors.get(trainer.learner.sees.remote(str(run_dir / "config.yaml"))):
-        trainer.shutdown()
-        raise DistrlError(
-            f"the learner's node cannot see {run_dir}: on a multi-node cluster "
-            f"output.dir must be on storage the head and the learner share"
+    try:
+        if not actors.get(trainer.learner.sees.remote(str(run_dir / CONFIG_FILE))):
+            raise DistrlError(
+                f"the learner's node cannot see {run_dir}: on a multi-node cluster "
+                f"output.dir must be on storage the head and the learner share"
+            )
+        if checkpoint is not None:
+            trainer.restore(checkpoint)
+            dump_yaml(config, run_dir / CONFIG_FILE)  # the run is starting: changes stand
+            print(f"distrl: resuming {run_dir} at step {trainer.step}", flush=True)
+        logger = MetricsLogger(
+            run_dir,
+            tensorboard=config.output.tensorboard,
+            plots=config.output.plots,
+            resume=resume,
         )
-    resumed = resume and trainer.restore()
-    logger = MetricsLogger(
-        run_dir, tensorboard=config.output.tensorboard, plots=config.output.plots, resume=resumed
-    )
-    if resumed:
+    except BaseException:
+        trainer.shutdown()
+        raise
+    if resume:
         logger.truncate_after(trainer.step)
-        print(f"distrl: resuming {run_dir} at step {trainer.step}", flush=True)
     try:
         trainer.run(logger, progress=config.output.progress, report=report)
     finally:

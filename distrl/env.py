@@ -22,8 +22,8 @@ import gymnasium as gym
 import numpy as np
 
 from distrl.config import load_config
-from distrl.driver import prepare
 from distrl.policy import build_tokenizer
+from distrl.prompts import prepare
 from distrl.rewards import RewardBatch, RewardScorer
 
 

@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 
 from distrl import actors
 from distrl.algos import dqn
 from distrl.config import RunConfig
-from distrl.driver import Prompts, Trainer
+from distrl.driver import Trainer
 from distrl.errors import DistrlError
+from distrl.prompts import Prompts
 from distrl.qlearner import QLearner
 from distrl.qrollout import QRolloutWorker, make_transitions
 from distrl.replay import replay_spec
@@ -36,14 +38,29 @@ class QTrainer(Trainer):
 
     def __init__(self, config: RunConfig, run_dir: Path, train: Prompts, val: Prompts) -> None:
         super().__init__(config, run_dir, train, val)
-        res = config.resources
-        cls, kwargs = replay_spec(config.replay, seed=config.seed)
-        self.replay = actors.make_actor(
-            cls, actors.actor_options(res.replay_cpus, 0.0, res.custom.get("replay")), **kwargs
-        )
-        self.extra_actors.append(self.replay)
+        self.replay = self.make_replay()
         self.updates = 0  # learner update calls made (the epsilon schedule's clock)
         self.width = config.data.max_prompt_tokens + config.rollout.max_new_tokens
+
+    def make_replay(self) -> ray.actor.ActorHandle:
+        """A new, empty replay-buffer actor, never restarted by Ray (``recover`` restores it)."""
+        res = self.config.resources
+        cls, kwargs = replay_spec(self.config.replay, seed=self.config.seed)
+        options = actors.actor_options(
+            res.replay_cpus, 0.0, res.custom.get("replay"), **actors.STATEFUL
+        )
+        return actors.make_actor(cls, options, **kwargs)
+
+    def stateful(self) -> dict[str, ray.actor.ActorHandle]:
+        """The learner and the replay buffer."""
+        return {**super().stateful(), "replay": self.replay}
+
+    def replace_stateful(self, role: str) -> None:
+        """A new learner or replay buffer (its state comes from a checkpoint next)."""
+        if role == "replay":
+            self.replay = self.make_replay()
+        else:
+            super().replace_stateful(role)
 
     def generate_options(self) -> dict[str, float]:
         """The scheduled epsilon for the next rollouts."""
@@ -80,8 +97,8 @@ class QTrainer(Trainer):
             )
             added.append(self.replay.add.remote(columns, priorities))
             start += n
-        actors.get(added)
-        size = actors.get(self.replay.stats.remote())["replay/size"]
+        self.wait_stateful("replay", added)
+        size = self.wait_stateful("replay", self.replay.stats.remote())["replay/size"]
         learner_metrics: list[dict[str, float]] = []
         if size >= max(d.learning_starts, 1):
             outs, applied = [], []
@@ -92,8 +109,8 @@ class QTrainer(Trainer):
                 # failure surfaces here instead of in a log.
                 applied.append(self.replay.update_priorities.remote(ids, td))
                 outs.append(metrics)
-            learner_metrics = actors.get(outs)
-            actors.get(applied)
+            learner_metrics = self.wait_stateful("learner", outs)
+            self.wait_stateful("replay", applied)
             self.updates += d.updates_per_iteration
         t3 = time.perf_counter()
         self.version = self.publish()
@@ -105,7 +122,7 @@ class QTrainer(Trainer):
             values = [m[k] for m in learner_metrics if k in m]
             total = k == "learner/skipped_updates"
             metrics[k] = float(np.sum(values) if total else np.mean(values))
-        metrics.update(actors.get(self.replay.stats.remote()))
+        metrics.update(self.wait_stateful("replay", self.replay.stats.remote()))
         metrics.update(self.rollout_metrics(parts, batch, self.version))
         metrics.update(scores.metrics())
         if d.exploration == "epsilon":
@@ -122,7 +139,8 @@ class QTrainer(Trainer):
             }
         )
         if cfg.replay.snapshot_every and (self.step + 1) % cfg.replay.snapshot_every == 0:
-            actors.get(self.replay.save_parquet.remote(str(self.run_dir / REPLAY_FILE)))
+            path = str(self.run_dir / REPLAY_FILE)
+            self.wait_stateful("replay", self.replay.save_parquet.remote(path))
         return metrics
 
     def state(self) -> dict[str, Any]:
@@ -136,12 +154,16 @@ class QTrainer(Trainer):
 
     def save_extra(self, folder: Path) -> None:
         """The replay buffer, as a Parquet snapshot inside the checkpoint."""
-        actors.get(self.replay.save_parquet.remote(str(folder / REPLAY_FILE)))
+        self.wait_stateful("replay", self.replay.save_parquet.remote(str(folder / REPLAY_FILE)))
 
-    def restore_extra(self, folder: Path) -> None:
+    def restore_extra(self, folder: Path | None) -> None:
         """Refill the replay buffer from the checkpoint's snapshot (every DQN checkpoint has
-        one; a checkpoint without it is not from a DQN run)."""
+        one; a checkpoint without it is not from a DQN run); None: an empty buffer."""
+        if folder is None:
+            ray.kill(self.replay, no_restart=True)
+            self.replay = self.make_replay()
+            return
         path = folder / REPLAY_FILE
         if not path.is_file():
             raise DistrlError(f"checkpoint {folder} has no {REPLAY_FILE}: not a DQN checkpoint")
-        actors.get(self.replay.load_parquet.remote(str(path)))
+        self.wait_stateful("replay", self.replay.load_parquet.remote(str(path)))

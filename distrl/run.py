@@ -51,9 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume:
         if not args.output_dir:
             raise ConfigError("--resume needs --output-dir, the run to continue")
+        if any(a == "--config" or a.startswith("--config=") for a in argv):
+            raise ConfigError(
+                "--resume continues with the run's own config.yaml; drop --config "
+                "(override single fields with their flags, e.g. --iterations)"
+            )
         saved = Path(args.output_dir) / "config.yaml"
         if not saved.is_file():
-            raise ConfigError(f"--resume: {saved} does not exist; nothing to resume")
+            raise ConfigError(f"--resume: {saved} does not exist; there is no run to resume")
         argv = [*argv, "--config", str(saved)]
     _, config = cli.parse_config(p, argv, aliases={"output_dir": "output.dir"})
     from distrl.driver import train  # heavy imports (ray, torch) only after validation

@@ -58,9 +58,9 @@ def validate(config: RunConfig, examples: int, checkpoint: str | None = None) ->
     """
     from safetensors.torch import load_file
 
-    from distrl.driver import prepare, reward_batch
     from distrl.models import VersionedWeights
     from distrl.policy import reference_metrics
+    from distrl.prompts import prepare, reward_batch
     from distrl.qlearner import QNET_FILE, is_dqn_checkpoint
     from distrl.qrollout import QRolloutWorker
     from distrl.rewards import RewardBatch, RewardScorer

@@ -8,6 +8,7 @@ driver can log them as ``reward/<component>``.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -227,6 +228,16 @@ def _reason(err: Exception) -> str:
 
 def _floats(result: object, n: int) -> np.ndarray | str:
     """``result`` as a float array of length n, or a string saying why it is not one."""
+    if hasattr(result, "__array__"):  # numpy or torch: its dtype says it all
+        kind = np.asarray(result).dtype.kind
+        if kind not in "biuf":
+            return f"returned an array of {np.asarray(result).dtype}, not numbers"
+    elif isinstance(result, (str, bytes)) or not isinstance(result, Sequence):
+        return f"returned {type(result).__name__} {result!r}, not a list of numbers"
+    else:  # a list: every item a number (bools count), never a string such as "1.0"
+        for item in result:
+            if not isinstance(item, (numbers.Real, np.bool_)) and not _scalar(item):
+                return f"returned {type(item).__name__} {item!r}, not a number"
     try:
         values = np.asarray(result, dtype=np.float64)
     except (TypeError, ValueError) as err:
@@ -235,6 +246,14 @@ def _floats(result: object, n: int) -> np.ndarray | str:
         got = f"{len(values)} values" if values.ndim == 1 else f"an array of shape {values.shape}"
         return f"returned {got} for {n} sample{'s' * (n != 1)}"
     return values
+
+
+def _scalar(item: object) -> bool:
+    """A zero-dimensional numeric array or tensor."""
+    if not hasattr(item, "__array__"):
+        return False
+    a = np.asarray(item)
+    return a.ndim == 0 and a.dtype.kind in "biuf"
 
 
 def _build(comp: RewardComponent, seed: int) -> Component:

@@ -1,0 +1,94 @@
+"""How a run meets faults it cannot simply retry: calls that hang, stateful actors that are lost,
+and stop signals.
+
+- ``Hung``: a remote call passed its ``faults.*_timeout_s``. The driver replaces the actor and
+  retries a bounded number of times, then stops with this error's one line.
+- ``Lost``: the learner or the replay buffer died or hung. Their state cannot be rebuilt from a
+  constructor, so the driver restores both from the newest checkpoint and redoes the steps since.
+- ``StopSignals``: SIGINT/SIGTERM stop the run at the next safe point (at once while it only
+  waits for rollouts or rewards), after which the driver checkpoints and raises ``Stopped``.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any
+
+from distrl.errors import DistrlError
+
+
+class Hung(DistrlError):
+    """A remote call did not return within its timeout, on every try."""
+
+
+class Lost(Exception):
+    """A stateful actor (``role``: learner or replay) died or hung; ``why`` says how."""
+
+    def __init__(self, role: str, why: str) -> None:
+        super().__init__(f"the {role} actor {why}")
+        self.role, self.why = role, why
+
+
+class Stopped(DistrlError):
+    """The run stopped on a signal; ``exit_code`` is 128 + the signal number."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class Interrupt(BaseException):
+    """Raised by the signal handler inside a wait that may be abandoned."""
+
+
+class StopSignals:
+    """Catch SIGINT and SIGTERM while a run trains (only in the main thread: Tune trials run in
+    threads and are stopped by Tune).
+
+    The first signal is remembered (``signum``) and, inside ``abandonable()``, interrupts the
+    wait at once; elsewhere the current step finishes first. A second signal stops at once
+    with ``KeyboardInterrupt``.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._abandonable = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        name = signal.Signals(signum).name
+        when = "now" if self._abandonable else "after the current step"
+        print(f"\ndistrl: {name} received, stopping {when}", file=sys.stderr, flush=True)
+        if self._abandonable:
+            raise Interrupt
+
+    @contextmanager
+    def abandonable(self) -> Iterator[None]:
+        """A stretch (waiting for rollouts or rewards) that a signal cuts short with
+        ``Interrupt``: nothing the learner or replay buffer holds changes in it."""
+        if self.signum is not None:
+            raise Interrupt
+        self._abandonable = True
+        try:
+            yield
+        finally:
+            self._abandonable = False
