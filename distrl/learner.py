@@ -22,7 +22,7 @@ from distrl.algos import ppo
 from distrl.checkpoint import load_torch_state, rng_state, save_torch_state, set_rng_state
 from distrl.config import LearnerConfig, ModelConfig, PPOConfig, RunConfig, TokenizerConfig
 from distrl.errors import DistrlError
-from distrl.models import PolicyWithValue, VersionedWeights, set_weights, weights_to_publish
+from distrl.models import PolicyWithValue, VersionedWeights, publish_weights, set_weights
 from distrl.policy import (
     build_model,
     build_tokenizer,
@@ -147,6 +147,7 @@ class Learner:
         self.optimizer = self.opt.optimizer
         self.kl = ppo.KLController(ppo_config.kl_coef, ppo_config.kl_target, ppo_config.kl_horizon)
         self.version = 0
+        self.published_bytes = 0
 
     @staticmethod
     def arguments(config: RunConfig) -> dict[str, Any]:
@@ -170,7 +171,13 @@ class Learner:
 
     def weights(self) -> VersionedWeights:
         """The policy's current weights, stamped with its version."""
-        return VersionedWeights(self.version, weights_to_publish(self.net.model))
+        weights = publish_weights(self.net.model, self.version)
+        self.published_bytes = weights.nbytes
+        return weights
+
+    def publish_metrics(self) -> dict[str, float]:
+        """``publish/bytes``: the size of the weights the last ``weights`` call published."""
+        return {"publish/bytes": float(self.published_bytes)}
 
     # ---- forward passes ------------------------------------------------------------------
 

@@ -325,10 +325,32 @@ class PolicyWithValue(nn.Module):
 
 @dataclass(frozen=True)
 class VersionedWeights:
-    """Weights published by the learner, stamped with the policy version that made them."""
+    """Weights published by the learner, stamped with the policy version that made them.
+
+    ``state`` maps names to numpy arrays (Ray copies them into the object store once and
+    readers map them without a copy) or torch tensors. numpy has no bfloat16, so a bfloat16
+    tensor travels as its raw 16-bit pattern, an int16 array, with its name in ``bfloat16``;
+    ``tensors()`` reinterprets it, again without a copy.
+    """
 
     version: int
     state: dict[str, torch.Tensor | np.ndarray]
+    bfloat16: frozenset[str] = frozenset()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the published tensors: what one publish puts in the object store."""
+        return sum(int(value.nbytes) for value in self.state.values())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """``state`` as torch tensors sharing its memory, bfloat16 ones reinterpreted."""
+        out = {}
+        with warnings.catch_warnings():  # arrays from Ray's object store are read-only: we read
+            warnings.simplefilter("ignore", UserWarning)
+            for name, value in self.state.items():
+                tensor = torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+                out[name] = tensor.view(torch.bfloat16) if name in self.bfloat16 else tensor
+        return out
 
 
 def _tied_aliases(model: nn.Module) -> set[str]:
@@ -347,27 +369,34 @@ def get_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def weights_to_publish(model: nn.Module) -> dict[str, np.ndarray | torch.Tensor]:
-    """``model``'s state as zero-copy numpy views (each tied tensor once), to hand straight to
-    Ray: it copies them into the object store once, and readers map them without a copy.
+def publish_weights(model: nn.Module, version: int) -> VersionedWeights:
+    """``model``'s state as ``VersionedWeights`` of zero-copy numpy views (each tied tensor
+    once), to hand straight to Ray, which copies them into the object store once.
 
-    Only for immediate serialisation: the views change with the model. bfloat16 tensors (numpy
-    has no bfloat16) and tensors off the CPU are copied as torch tensors instead.
+    Only for immediate serialisation: the views change with the model. bfloat16 tensors are
+    viewed as int16 (their raw bits), not converted. Tensors on a GPU are first copied to host
+    memory as they are (no dtype change); that copy is the only one.
     """
     aliases = _tied_aliases(model)
-    out: dict[str, np.ndarray | torch.Tensor] = {}
+    state: dict[str, np.ndarray | torch.Tensor] = {}
+    bfloat16 = set()
     for name, tensor in model.state_dict().items():
         if name in aliases:
             continue
-        tensor = tensor.detach()
-        zero_copy = tensor.device.type == "cpu" and tensor.dtype != torch.bfloat16
-        out[name] = tensor.numpy() if zero_copy else tensor.to("cpu", copy=True)
-    return out
+        tensor = tensor.detach().cpu()
+        if tensor.dtype == torch.bfloat16:
+            tensor = tensor.view(torch.int16)
+            bfloat16.add(name)
+        try:
+            state[name] = tensor.numpy()
+        except TypeError:  # a dtype numpy lacks (float8...): sent as a torch tensor, copied
+            state[name] = tensor.clone()
+    return VersionedWeights(version, state, frozenset(bfloat16))
 
 
 def set_weights(model: nn.Module, state: dict[str, torch.Tensor | np.ndarray]) -> None:
-    """Copy ``state`` (from ``get_weights`` or ``weights_to_publish``) into ``model`` in place,
-    keeping tied weights tied.
+    """Copy ``state`` (from ``get_weights`` or ``VersionedWeights.tensors()``) into ``model`` in
+    place, keeping tied weights tied.
 
     Raises:
         ModelError: ``state`` has names ``model`` lacks, or lacks some it needs.

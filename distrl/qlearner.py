@@ -23,7 +23,7 @@ from distrl.checkpoint import load_torch_state, rng_state, save_torch_state, set
 from distrl.config import RunConfig, dump_yaml, load_config
 from distrl.errors import ModelError
 from distrl.learner import OptimizerStep
-from distrl.models import VersionedWeights, get_weights, set_weights, weights_to_publish
+from distrl.models import VersionedWeights, get_weights, publish_weights, set_weights
 from distrl.policy import build_model, build_tokenizer
 from distrl.qnets import QNetwork, build_qnet
 from distrl.qpolicy import QPolicy
@@ -89,6 +89,7 @@ class QLearner:
         self.device = next(self.qnet.parameters()).device
         self.version = 0  # bumped by each publish after new updates
         self.published_steps = 0
+        self.published_bytes = 0
         self.skipped = 0
 
     @staticmethod
@@ -106,7 +107,13 @@ class QLearner:
         published when updates happened since (so versions count publishes, as in PPO)."""
         if self.steps != self.published_steps:
             self.version, self.published_steps = self.version + 1, self.steps
-        return VersionedWeights(self.version, weights_to_publish(self.qnet))
+        weights = publish_weights(self.qnet, self.version)
+        self.published_bytes = weights.nbytes
+        return weights
+
+    def publish_metrics(self) -> dict[str, float]:
+        """``publish/bytes``: the size of the weights the last ``weights`` call published."""
+        return {"publish/bytes": float(self.published_bytes)}
 
     def update(
         self, sample: tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]

@@ -76,6 +76,15 @@ class UCBCounts:
         self.totals[key] = self.totals.get(key, 0) + 1
 
 
+def on_device(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
+    """``generator`` if it lives on ``device``, else a new generator there seeded from it (its
+    state advances, so successive calls still draw different streams)."""
+    if generator is None or generator.device.type == device.type:
+        return generator
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 class QPolicy:
     """A Q-network acting over a frozen reference LM's candidates.
 
@@ -121,15 +130,22 @@ class QPolicy:
             epsilon: random-candidate probability for "epsilon".
             temperature: softmax temperature over Q for "boltzmann".
             ucb_c, counts: constant and visit counts for "ucb" (updated in place).
-            generator: RNG for exploration (CPU).
+            generator: RNG for exploration, on any device: a CPU generator seeds one on the
+                policy's device for this call, so callers need not know where it runs.
         """
         self.qnet.eval()
+        generator = on_device(generator, self.device)
         self.bonuses: list[torch.Tensor] = []  # UCB bonus of each step's chosen actions
         ids = torch.from_numpy(prompt_ids).to(self.device)
         mask = torch.from_numpy(prompt_mask).to(self.device)
-        states = [row[m.bool()].tolist() for row, m in zip(ids.cpu(), mask.cpu())]
+        states = [row[m.astype(bool)].tolist() for row, m in zip(prompt_ids, prompt_mask)]
+        # Only the last position's logits: a prefill's (B, P, V) logits would dwarf the model.
         out = self.reference(
-            input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids(mask),
+            use_cache=True,
+            logits_to_keep=1,
         )
         past, ref_logits = out.cache, out.logits[:, -1].float()
         q, q_cache = self.qnet.start(ids, mask)
@@ -158,8 +174,9 @@ class QPolicy:
                     cand,
                 )
             )
+            tokens = action.tolist()  # one device-to-host copy per step, not one per row
             for row in torch.nonzero(live).flatten().tolist():
-                token = int(action[row])
+                token = tokens[row]
                 if explore == "ucb" and counts is not None:
                     counts.visit(counts.key(states[row]), token)
                 states[row].append(token)
@@ -175,6 +192,7 @@ class QPolicy:
                 position_ids=position_ids(mask)[:, -1:],
                 cache=past,
                 use_cache=True,
+                logits_to_keep=1,
             )
             past, ref_logits = out.cache, out.logits[:, -1].float()
             q, q_cache = self.qnet.step(ids, mask, q_cache)

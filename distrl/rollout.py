@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from distrl.config import ModelConfig, RolloutConfig, RunConfig, TokenizerConfig
 from distrl.models import VersionedWeights, set_weights
@@ -109,6 +109,41 @@ def response_texts(tokenizer: Tokenizer, ids: np.ndarray, mask: np.ndarray) -> n
     return np.array(texts, dtype=np.str_)
 
 
+class SampledLogprobs(LogitsProcessor):
+    """Log-probabilities of the sampled tokens, recorded while ``generate`` runs.
+
+    ``generate`` calls its logits processors once per step with the sequences so far and the
+    next-token logits; user processors run before the sampling warpers (temperature, top-k,
+    top-p), so these are the raw logits the learner recomputes. Each call reads the token
+    sampled at the previous step off the sequences and keeps its log-probability under
+    ``softmax(logits / temperature)``; only one step's (B, V) log-softmax is held at a time,
+    never a (B, T, V) stack of every step's logits.
+    """
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature = temperature
+        self.pending: torch.Tensor | None = None  # (B, V) log-softmax of the latest step
+        self.taken: list[torch.Tensor] = []  # (B,) per step
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Record the previous step's token; keep this step's log-softmax; pass scores on."""
+        if self.pending is not None:
+            self._take(input_ids[:, -1])
+        self.pending = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def _take(self, tokens: torch.Tensor) -> None:
+        self.taken.append(self.pending.gather(-1, tokens[:, None])[:, 0])
+        self.pending = None
+
+    def result(self, response: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities (B, T) of ``response`` (B, T), the tokens ``generate`` returned
+        (steps it ran and then undid are dropped)."""
+        if len(self.taken) < response.shape[1]:
+            self._take(response[:, len(self.taken)])  # the last step has no later call
+        return torch.stack(self.taken[: response.shape[1]], dim=1)
+
+
 class RolloutWorker:
     """Generates batched continuations with the KV cache and records their logprobs."""
 
@@ -147,7 +182,7 @@ class RolloutWorker:
     def set_weights(self, weights: VersionedWeights) -> int:
         """Load published weights; returns the version now held."""
         if weights.version != self.version:
-            set_weights(self.model, weights.state)
+            set_weights(self.model, weights.tensors())
             self.version = weights.version
         return self.version
 
@@ -162,8 +197,6 @@ class RolloutWorker:
             max_new_tokens=c.max_new_tokens,
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
-            output_logits=True,
-            return_dict_in_generate=True,
         )
 
     @torch.no_grad()
@@ -183,17 +216,16 @@ class RolloutWorker:
         ids, mask = left_pad(prompts, self.tokenizer.pad_token_id)
         ids_t = torch.from_numpy(ids).to(self.device)
         mask_t = torch.from_numpy(mask).to(self.device)
-        out = self.model.generate(
+        # Raw logits (before top-k/top-p warping) over the temperature: what the learner computes.
+        recorder = SampledLogprobs(1.0 if greedy else self.config.temperature)
+        sequences = self.model.generate(
             input_ids=ids_t,
             attention_mask=mask_t,
             generation_config=self.generation_config(greedy),
+            logits_processor=LogitsProcessorList([recorder]),
         )
-        response = out.sequences[:, ids.shape[1] :]
-        # Raw logits (before top-k/top-p warping) over the temperature: what the learner computes.
-        logits = torch.stack(out.logits, dim=1).float()
-        temperature = 1.0 if greedy else self.config.temperature
-        logprobs = torch.log_softmax(logits / temperature, dim=-1)
-        logprobs = logprobs.gather(-1, response.unsqueeze(-1)).squeeze(-1)
+        response = sequences[:, ids.shape[1] :]
+        logprobs = recorder.result(response)
         rmask = response_mask(response, self.tokenizer.eos_token_id)
         texts = response_texts(self.tokenizer, response.cpu().numpy(), rmask.cpu().numpy())
         return Trajectories(

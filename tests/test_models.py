@@ -1,5 +1,6 @@
 import time
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -15,6 +16,7 @@ from distrl.models import (
     get_weights,
     load_policy,
     model_source_dir,
+    publish_weights,
     save_pretrained_atomic,
     select_device,
     select_dtype,
@@ -139,6 +141,40 @@ def test_tied_embeddings_stored_once_and_stay_tied():
     assert b.lm_head.weight is b.model.embed_tokens.weight
     ids, mask = batch()
     assert torch.equal(logits_of(a, ids, mask), logits_of(b, ids, mask))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_published_weights_are_views_of_the_parameters(dtype):
+    """Publishing makes no element-wise copy: each array is the parameter's own memory
+    (bfloat16 as its raw int16 bits), and the receiver gets the same values bit for bit."""
+    a, b = tiny("tiny-llama", seed=0, dtype=dtype), tiny("tiny-llama", seed=1, dtype=dtype)
+    published = publish_weights(a, version=4)
+    assert published.version == 4
+    bits = torch.int16 if dtype == "bfloat16" else torch.float32
+    for name, param in a.state_dict().items():
+        array = published.state[name]
+        assert isinstance(array, np.ndarray), name
+        assert np.shares_memory(array, param.view(bits).numpy()), name
+    assert published.bfloat16 == (set(published.state) if dtype == "bfloat16" else set())
+    params = a.state_dict().values()
+    assert published.nbytes == sum(p.numel() * p.element_size() for p in params)
+    set_weights(b, published.tensors())
+    for name, param in b.state_dict().items():
+        assert param.dtype == select_dtype(dtype, "cpu")
+        assert torch.equal(param, a.state_dict()[name]), name
+
+
+def test_bfloat16_weights_cross_the_object_store_without_a_copy(ray_session):
+    """Through Ray the int16 views are written once and read back as read-only views of the
+    object store (no unpickling copy), then reinterpreted as bfloat16."""
+    model = tiny("tiny-gpt2", dtype="bfloat16")
+    fetched = ray_session.get(ray_session.put(publish_weights(model, version=1)))
+    assert fetched.bfloat16 == set(fetched.state)
+    assert all(not a.flags.writeable for a in fetched.state.values())  # mapped, not copied
+    received = tiny("tiny-gpt2", seed=3, dtype="bfloat16")
+    set_weights(received, fetched.tensors())
+    ids, mask = batch()
+    assert torch.equal(logits_of(model, ids, mask), logits_of(received, ids, mask))
 
 
 def test_set_weights_refuses_a_state_of_another_model():

@@ -7,8 +7,8 @@ import torch
 from distrl.config import load_config
 from distrl.data import load_examples
 from distrl.policy import build_model, build_tokenizer, encode_prompts, left_pad
-from distrl.qnets import build_qnet
-from distrl.qpolicy import QPolicy, UCBCounts
+from distrl.qnets import TensorMemory, build_qnet
+from distrl.qpolicy import QPolicy, UCBCounts, on_device
 
 
 def make(model="tiny-llama", top_k=4, **dqn):
@@ -67,6 +67,23 @@ def test_exploration_stays_within_the_candidates():
         assert out.ucb_bonus == 0  # unvisited contexts: ln(0 + 1) = 0, no bonus yet
     again = policy.decode(ids, mask, 5, explore="ucb", counts=counts, generator=gen)
     assert again.ucb_bonus > 0  # the same prompts' contexts now have visits
+
+
+def test_decoding_reads_only_the_last_positions_logits():
+    """The reference's prefill yields one position's logits, not (B, P, V): at batch 64,
+    128-token prompts and SmolLM2's vocabulary those would take 800 MB in bfloat16."""
+    policy, reference, ids, mask = make(top_k=4)
+    with TensorMemory() as memory:
+        policy.decode(ids, mask, 2)
+    vocab = reference.get_output_embeddings().weight.shape[0]
+    assert memory.largest_numel < ids.size * vocab / 4
+
+
+def test_a_generator_on_the_policys_device_is_used_as_it_is():
+    gen = torch.Generator().manual_seed(0)
+    assert (
+        on_device(gen, torch.device("cpu")) is gen and on_device(None, torch.device("cpu")) is None
+    )
 
 
 def test_full_vocabulary_has_no_candidate_columns():

@@ -6,6 +6,7 @@ from distrl.config import load_config
 from distrl.data import load_examples
 from distrl.models import VersionedWeights, get_weights
 from distrl.policy import encode_prompts
+from distrl.qnets import TensorMemory
 from distrl.rollout import RolloutWorker, Trajectories, response_mask
 
 
@@ -38,6 +39,17 @@ def test_generate_returns_compact_arrays(setup):
     # Left padding: each prompt's last token sits in the last column.
     for row, p in zip(batch.prompt_ids, prompts):
         assert row[-len(p) :].tolist() == p
+
+
+def test_generate_never_holds_every_steps_logits(setup):
+    """Sampled-token logprobs are read step by step: no (B, T, V) tensor is ever made (at
+    batch 64 x 128 new tokens and SmolLM2's vocabulary that would be 1.6 GB of float32)."""
+    _, worker, prompts = setup
+    with TensorMemory() as memory:
+        batch = worker.generate(prompts, list(range(len(prompts))))
+    b, t = batch.response_ids.shape
+    vocab = worker.model.get_output_embeddings().weight.shape[0]
+    assert memory.largest_numel < b * t * vocab / 2
 
 
 def test_sampling_is_seeded_and_greedy_is_deterministic(setup):

@@ -9,6 +9,11 @@ extra loss for the learner to add beside the TD loss. ``build_qnet`` picks one b
 - ``performer``: ``PerformerQNetwork``, FAVOR+ linear-attention transformer from scratch;
 - ``mlp``: ``StateQNetwork``, seed 000's MLP over a (pruned, frozen) policy-backbone state
   embedding, optionally compressed by a ``StateAutoencoder``.
+
+Dtypes: what is copied from the policy (backbones, the ``lm_head`` Q head) keeps its dtype,
+bfloat16 on a GPU; what is trained from scratch (the Performer, the MLP, the autoencoder, the
+dueling state value) is float32 and reads the backbone's hidden states upcast. Q-values are
+always float32.
 """
 
 from __future__ import annotations

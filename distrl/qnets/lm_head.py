@@ -5,6 +5,10 @@ through a log-softmax, the state value ``V`` a linear layer initialised to zero.
 initialisation Q(s, .) is the LM's next-token log-probabilities, so the greedy Q policy starts as
 the LM's own greedy decoding, and the values start on the scale of rewards (a few units) rather
 than of raw logits (tens), which TD learning would first have to unlearn.
+
+The backbone and the Q head keep the policy's dtype (bfloat16 on a GPU); the state value is a
+new layer trained from zero, kept in float32 (as PPO's value head) so small TD updates are not
+rounded away, and reads the hidden state upcast to float32. Q-values come out in float32.
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ class LMHeadQNetwork(QNetwork):
             raise ModelError(f"vocab_size {vocab_size} is larger than the LM head's {rows} rows")
         self.backbone = model.base_model
         self.q_head = QHead(lm_head)
-        self.value = nn.Linear(lm_head.weight.shape[1], 1, device=lm_head.weight.device)
+        hidden = lm_head.weight.shape[1]
+        self.value = nn.Linear(hidden, 1, device=lm_head.weight.device, dtype=torch.float32)
         nn.init.zeros_(self.value.weight)
         nn.init.zeros_(self.value.bias)
         if vocab_size < rows:
@@ -56,7 +61,7 @@ class LMHeadQNetwork(QNetwork):
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Q-values (B, V) float32 from last hidden states (B, H): V(s) + log-softmax advantage."""
         advantage = torch.log_softmax(self.q_head(hidden).float(), dim=-1)
-        return self.value(hidden).float() + advantage
+        return self.value(hidden.float()) + advantage
 
     def _backbone(
         self, input_ids: torch.Tensor, mask: torch.Tensor, cache: Any = None, *, use_cache: bool

@@ -1,0 +1,204 @@
+"""Every role in bfloat16, and (where a GPU is present) on CUDA.
+
+bfloat16 on the CPU catches the dtype class of bug without a GPU: a float32 layer fed a
+bfloat16 backbone's hidden states fails here as it fails on a GPU. The device class of bug
+(CPU tensors or generators meeting a CUDA model) needs CUDA: those tests are marked ``gpu``.
+"""
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distrl.config import load_config
+from distrl.data import load_examples
+from distrl.driver import train
+from distrl.learner import Learner
+from distrl.metrics import read_metrics
+from distrl.policy import encode_prompts
+from distrl.qlearner import QNET_FILE, QLearner
+from distrl.qrollout import QRolloutWorker, make_transitions
+from distrl.rollout import RolloutWorker
+
+# Q-network kinds as DQN runs build them, the mlp one also pruned and with an autoencoder.
+Q_NETWORKS = {
+    "lm_head": {"dqn.q_network": "lm_head"},
+    "performer": {"dqn.q_network": "performer"},
+    "mlp": {"dqn.q_network": "mlp"},
+    "mlp_pruned_autoencoder": {
+        "dqn.q_network": "mlp",
+        "dqn.prune_sparsity": 0.5,
+        "dqn.autoencoder_dim": 16,
+    },
+}
+# Worker (KV-cached, step by step) and learner (one forward) round differently in bfloat16;
+# in float32 they agree to 1e-4. A wrong temperature or an off-by-one token is off by > 0.1.
+BF16_LOGPROB_TOLERANCE = 0.05
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def prompts_for(worker, config, n=4):
+    examples = load_examples("default", limit=n)
+    return encode_prompts(examples, worker.tokenizer, config.tokenizer, config.data)
+
+
+def ppo_roles(device="cpu", dtype="bfloat16", **over):
+    config = load_config(
+        "tiny",
+        {"model.dtype": dtype, "model.device": device, "rollout.max_new_tokens": 8, **over},
+    )
+    return (
+        config,
+        Learner(**Learner.arguments(config)),
+        RolloutWorker(**RolloutWorker.arguments(config)),
+    )
+
+
+def check_ppo_roles(config, learner, worker, dtype):
+    assert next(worker.model.parameters()).dtype == dtype
+    prompts = prompts_for(worker, config)
+    batch = worker.generate(prompts, list(range(len(prompts))))
+    assert np.isfinite(batch.logprobs).all()
+    diff = np.abs(learner.logprobs(batch) - batch.logprobs)
+    assert diff.max() < BF16_LOGPROB_TOLERANCE, diff.max()
+    before = [p.detach().clone() for p in learner.net.parameters()]
+    metrics = learner.train(batch, np.linspace(-1.0, 1.0, len(prompts)))
+    assert all(math.isfinite(v) for v in metrics.values()), metrics
+    assert metrics["learner/skipped_updates"] == 0
+    changed = [not torch.equal(a, b) for a, b in zip(before, learner.net.parameters())]
+    assert any(changed)
+    weights = learner.weights()
+    assert worker.set_weights(weights) == 1
+    for name, param in worker.model.state_dict().items():
+        assert torch.equal(param, learner.net.model.state_dict()[name]), name
+    greedy = worker.generate(prompts, list(range(len(prompts))), greedy=True)
+    assert greedy.version == 1 and np.isfinite(greedy.logprobs).all()
+
+
+def dqn_roles(kind, device="cpu", **over):
+    config = load_config(
+        "tiny",
+        {
+            "algo": "dqn",
+            "model.dtype": "bfloat16",
+            "model.device": device,
+            "dqn.action_top_k": 4,
+            "dqn.batch_size": 16,
+            "rollout.max_new_tokens": 4,
+            **Q_NETWORKS[kind],
+            **over,
+        },
+    )
+    return (
+        config,
+        QLearner(**QLearner.arguments(config)),
+        QRolloutWorker(**QRolloutWorker.arguments(config)),
+    )
+
+
+def check_dqn_roles(config, learner, worker):
+    prompts = prompts_for(worker, config)
+    for explore in ("epsilon", "boltzmann", "ucb"):
+        worker.dqn = dataclasses.replace(worker.dqn, exploration=explore)
+        out = worker.generate(prompts, list(range(len(prompts))))
+        assert out.q_taken.dtype == np.float32 and np.isfinite(out.q_max).all(), explore
+    cols, prio = make_transitions(
+        out, np.ones(len(prompts)), gamma=0.99, n_step=2, width=worker.width
+    )
+    assert np.isfinite(prio).all()
+    n = len(prio)
+    for _ in range(2):
+        ids, td, metrics = learner.update((cols, np.arange(n), np.ones(n, np.float32)))
+        assert np.isfinite(td).all() and metrics["learner/skipped_updates"] == 0
+        assert math.isfinite(metrics["learner/td_loss"]), metrics
+    weights = learner.weights()
+    assert worker.set_weights(weights) == 1
+    for name, param in worker.model.state_dict().items():
+        assert torch.equal(param, learner.qnet.state_dict()[name]), name
+    greedy = worker.generate(prompts, list(range(len(prompts))), greedy=True)
+    assert np.isfinite(greedy.q_taken).all()
+
+
+def test_ppo_roles_in_bfloat16():
+    config, learner, worker = ppo_roles()
+    check_ppo_roles(config, learner, worker, torch.bfloat16)
+
+
+@pytest.mark.parametrize("kind", list(Q_NETWORKS))
+def test_dqn_roles_in_bfloat16(kind):
+    """Acting (every exploration rule), TD updates and weight loading, in bfloat16."""
+    config, learner, worker = dqn_roles(kind)
+    check_dqn_roles(config, learner, worker)
+
+
+# ---- end to end through the driver -------------------------------------------------------
+
+
+def run_bf16(tmp_path, **over):
+    base = {
+        "model.dtype": "bfloat16",
+        "iterations": 2,
+        "output.dir": str(tmp_path / "run"),
+        "output.progress": False,
+        "output.plots": False,
+        "output.tensorboard": False,
+        "output.checkpoint_every": 2,
+        "output.eval_every": 2,
+        "dqn.learning_starts": 16,
+        "dqn.batch_size": 16,
+        "dqn.updates_per_iteration": 2,
+        "dqn.action_top_k": 8,
+    }
+    run_dir = train(load_config("tiny", {**base, **over}))
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2]
+    return run_dir, records
+
+
+@pytest.mark.slow
+def test_ppo_end_to_end_in_bfloat16(ray_session, tmp_path):
+    run_dir, records = run_bf16(tmp_path)
+    last = records[-1]
+    for key in ("learner/policy_loss", "learner/value_loss", "learner/kl", "eval/reward"):
+        assert math.isfinite(last[key]), key
+    assert last["learner/skipped_updates"] == 0
+    saved = load_file(run_dir / "final" / "model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(Q_NETWORKS))
+def test_dqn_end_to_end_in_bfloat16(ray_session, tmp_path, kind):
+    run_dir, records = run_bf16(tmp_path, algo="dqn", **Q_NETWORKS[kind])
+    last = records[-1]
+    for key in ("learner/td_loss", "learner/q_mean", "replay/size", "eval/reward"):
+        assert math.isfinite(last[key]), key
+    assert last["learner/updates"] == 4
+    saved = load_file(run_dir / "final" / QNET_FILE)
+    # Layers copied from the policy keep its dtype; those trained from scratch are float32.
+    dtypes = {t.dtype for t in saved.values() if t.is_floating_point()}
+    assert dtypes == ({torch.float32} if kind == "performer" else {torch.bfloat16, torch.float32})
+
+
+# ---- on a GPU ----------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@cuda
+def test_ppo_roles_on_cuda():
+    config, learner, worker = ppo_roles(device="cuda", dtype="auto")
+    assert worker.device.type == "cuda" and learner.device.type == "cuda"
+    check_ppo_roles(config, learner, worker, next(learner.net.model.parameters()).dtype)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("kind", list(Q_NETWORKS))
+def test_dqn_roles_on_cuda(kind):
+    config, learner, worker = dqn_roles(kind, device="cuda")
+    assert learner.device.type == "cuda" and worker.policy.device.type == "cuda"
+    check_dqn_roles(config, learner, worker)
