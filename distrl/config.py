@@ -268,6 +268,9 @@ class FaultsConfig:
     replay_timeout_s: float = _f(
         300.0, "seconds a replay-buffer call may take before the buffer is restored", gt=0
     )
+    start_timeout_s: float = _f(
+        900.0, "seconds a new actor may take to start (load its model) before the run stops", gt=0
+    )
     call_retries: int = _f(
         2, "retries of a timed-out rollout or reward call, each on a fresh actor", ge=0
     )

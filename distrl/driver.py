@@ -6,12 +6,14 @@ wrong (config, data, tokenizer, reward functions) is checked before Ray starts.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,7 @@ from distrl.rundir import (
     check_resumed_config,
     checkpoint_to_resume,
     is_empty,
+    resume_hint,
 )
 
 Report = Callable[[int, dict[str, float], "Path | None"], None]
@@ -74,11 +77,48 @@ def init_ray(config: RunConfig) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(
-            address="local",
-            num_cpus=config.resources.num_cpus,
-            object_store_memory=config.resources.object_store_memory,
+        with loopback_only():
+            ray.init(
+                address="local",
+                num_cpus=config.resources.num_cpus,
+                object_store_memory=config.resources.object_store_memory,
+            )
+
+
+@contextlib.contextmanager
+def loopback_only() -> Iterator[None]:
+    """Start an embedded Ray that listens on loopback only.
+
+    Ray has no bind-address setting: where its GCS, raylet, object manager, agents and every
+    actor listen follows the node IP, which is loopback only in Ray's single-machine mode (its
+    default on macOS and Windows). That mode is read from ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``
+    once, when ``ray`` is imported, so the flag is set for this process and, through the
+    variable, for every process ``ray.init`` starts; both are restored afterwards, so attaching
+    to a cluster is unaffected. A client other than this driver then needs the same variable
+    set to 0 to reach this Ray by address.
+    """
+    from ray._private import ray_constants
+
+    name = getattr(ray_constants, "ENABLE_RAY_CLUSTERS_ENV_VAR", None)
+    if name is None or not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):
+        warnings.warn(
+            f"Ray {ray.__version__} has no single-machine switch that distrl knows: the "
+            f"embedded Ray may listen on every interface",
+            stacklevel=3,
         )
+        yield
+        return
+    saved_flag, saved_env = ray_constants.ENABLE_RAY_CLUSTER, os.environ.get(name)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    os.environ[name] = "0"
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved_env
 
 
 class Trainer:
@@ -174,7 +214,7 @@ class Trainer:
             try:
                 if attempt:
                     self.replace_worker(i)
-                if refresh or attempt:
+                elif refresh:
                     self.refresh(i)
                 return actors.get(self.in_flight[i], timeout=f.generate_timeout_s)
             except GetTimeoutError:
@@ -185,17 +225,33 @@ class Trainer:
             f"fix the cause"
         )
 
-    def replace_worker(self, i: int) -> None:
-        """Kill worker ``i`` (Ray SIGKILLs a hung process) and start a new one."""
+    def replace_worker(self, i: int, *, resubmit: bool = True) -> int:
+        """Kill worker ``i`` (Ray SIGKILLs a hung process) and start a new one with the current
+        weights and, if ``resubmit``, a new batch in place of the one the old worker held."""
         ray.kill(self.workers[i], no_restart=True)
         self.workers[i] = self.make_worker(i)
+        self.wait_started([self.workers[i]], f"rollout worker {i}")
+        return self.refresh(i, resubmit=resubmit)
 
-    def refresh(self, i: int) -> None:
-        """Send worker ``i`` the learner's current weights and start a new batch on it."""
+    def wait_started(self, handles: list[ray.actor.ActorHandle], what: str) -> None:
+        """Wait for new actors to be constructed, at most ``faults.start_timeout_s``."""
+        timeout = self.config.faults.start_timeout_s
+        try:
+            actors.get([h.__ray_ready__.remote() for h in handles], timeout=timeout)
+        except GetTimeoutError:
+            raise Hung(
+                f"{what} did not start within faults.start_timeout_s={timeout:g} s"
+            ) from None
+
+    def refresh(self, i: int, *, resubmit: bool = True) -> int:
+        """Send worker ``i`` the learner's current weights and start a new batch on it;
+        returns the version it holds."""
         weights_ref = self.learner.weights.remote()
         timeout = self.config.faults.generate_timeout_s
-        actors.get(self.workers[i].set_weights.remote(weights_ref), timeout=timeout)
-        self.in_flight[i] = self.submit(self.workers[i])
+        version = actors.get(self.workers[i].set_weights.remote(weights_ref), timeout=timeout)
+        if resubmit:
+            self.in_flight[i] = self.submit(self.workers[i])
+        return version
 
     # ---- stages ------------------------------------------------------------------------
 
@@ -216,10 +272,10 @@ class Trainer:
         except RayActorError:  # the weights' owner died: the learner
             raise Lost(self.dead_role() or "learner", "died") from None
         for i, ref in enumerate(refs):
-            if ref not in done:
+            if ref not in done:  # hung: its in-flight batch (if any) is redone elsewhere
                 self.faults["faults/rollout_timeouts"] += 1
-                self.replace_worker(i)
-                versions.append(actors.get(self.workers[i].set_weights.remote(weights_ref)))
+                lag = self.config.rollout.max_policy_lag
+                versions.append(self.replace_worker(i, resubmit=lag > 0))
         return max(versions)
 
     def submit(self, worker: ray.actor.ActorHandle) -> ray.ObjectRef:
@@ -234,6 +290,7 @@ class Trainer:
 
     def start(self) -> None:
         """Publish the first weights and start a rollout on every worker."""
+        self.wait_started([*self.stateful().values(), *self.workers], "the run's actors")
         self.version = self.publish()
         self.in_flight = {i: self.submit(w) for i, w in enumerate(self.workers)}
 
@@ -352,7 +409,7 @@ class Trainer:
             bar.set_postfix_str(format_progress(metrics, self.progress_keys))
             if not progress:  # job logs (ray job logs) still get one line per iteration
                 print(f"step {self.step}/{cfg.iterations} {bar.postfix}", flush=True)
-            bar.update(1)
+            bar.update(self.step - bar.n)  # a recovery may have gone back some steps
 
     def guarded(self, call: Callable[[], Any], default: Any = None) -> Any:
         """``call()``; if it loses a stateful actor, recover and return ``default``."""
@@ -442,7 +499,6 @@ class Trainer:
         for attempt in range(f.call_retries + 1):
             if attempt:  # worker 0 hung: replace it, with a new training batch in flight
                 self.replace_worker(0)
-                self.refresh(0)
             ref = self.workers[0].generate.remote(prompts, idx, greedy=True)
             try:
                 batch = actors.get(ref, timeout=f.generate_timeout_s)
@@ -543,25 +599,28 @@ def train(config: RunConfig, *, resume: bool = False, report: Report | None = No
     """
     run_dir = run_dir_for(config).resolve()
     check_output_dir(run_dir)
-    checkpoint = None
-    if resume:
-        checkpoint = checkpoint_to_resume(run_dir)
-        check_resumed_config(run_dir, config)
-    elif not is_empty(run_dir):
-        raise DistrlError(
-            f"output directory {run_dir} is not empty; pass --resume to continue "
-            f"that run or choose another --output-dir"
-        )
-    train_prompts, val_prompts = prepare(config)
+    # A resumed directory is locked first, so a run already in it is named before anything else.
+    lock = RunLock(run_dir) if resume and run_dir.is_dir() else None
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DistrlError(f"cannot write to output directory {run_dir}: {exc}") from None
-    lock = RunLock(run_dir)  # a second run on run_dir stops here, naming this one's PID
-    try:
+        checkpoint = None
+        if resume:
+            checkpoint = checkpoint_to_resume(run_dir)
+            check_resumed_config(run_dir, config)
+        elif not is_empty(run_dir):
+            raise DistrlError(
+                f"output directory {run_dir} is not empty; pass --resume to continue "
+                f"that run or choose another --output-dir"
+            )
+        train_prompts, val_prompts = prepare(config)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DistrlError(f"cannot write to output directory {run_dir}: {exc}") from None
+        lock = lock or RunLock(run_dir)  # a second run on run_dir stops here, naming this PID
         return _train(config, run_dir, train_prompts, val_prompts, resume, checkpoint, report)
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 def _train(
@@ -573,10 +632,8 @@ def _train(
     checkpoint: Path | None,
     report: Report | None,
 ) -> Path:
-    if resume:  # checked again under the lock: another run may have changed it meanwhile
-        checkpoint = checkpoint_to_resume(run_dir)
-    else:
-        if not is_empty(run_dir):
+    if not resume:
+        if not is_empty(run_dir):  # checked again under the lock: a run started meanwhile?
             raise DistrlError(f"output directory {run_dir} is not empty (another run?)")
         try:
             dump_yaml(config, run_dir / CONFIG_FILE)
@@ -612,6 +669,8 @@ def _train(
         logger.truncate_after(trainer.step)
     try:
         trainer.run(logger, progress=config.output.progress, report=report)
+    except Hung as err:
+        raise Hung(f"{err}; {resume_hint(run_dir)}") from None
     finally:
         if config.output.plots:
             logger.plot()

@@ -118,3 +118,14 @@ def check_resumed_config(run_dir: Path, config: RunConfig) -> None:
                 f"with {saved.get(key)!r}; a resume may change only iterations, output.*, "
                 f"resources.* and faults.* (nothing was changed)"
             )
+
+
+def resume_hint(run_dir: Path) -> str:
+    """What a stopped run can be continued from, as the end of an error message."""
+    path = latest_checkpoint(run_dir / "checkpoints")
+    if path is None:
+        return "no checkpoint was written yet"
+    return (
+        f"the newest checkpoint is {path.name}; continue with: python -m distrl.run --resume "
+        f"--output-dir {run_dir}"
+    )

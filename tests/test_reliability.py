@@ -2,8 +2,10 @@
 interrupted by signals, two runs on one directory, refused resumes, non-finite updates; each
 either survived exactly (counted under ``faults/``) or stopped with one line."""
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,24 +38,31 @@ def tiny(tmp_path, **overrides):
     return load_config("tiny", {**base, **overrides})
 
 
-def run_with_kill(config, run_dir: Path, pick_victims) -> list[dict]:
-    """Run ``config`` in this process; once step 1 is logged, SIGKILL the processes of the
-    actors ``pick_victims(trainer)`` returns (by PID, mid-iteration)."""
-    trainer = Trainer(config, run_dir, *prepare(config))
+def run_with_kill(
+    config, run_dir: Path, pick_victims, *, after_step: int = 1, sig=signal.SIGKILL
+) -> list[dict]:
+    """Run ``config`` in this process; once step ``after_step`` is logged, send ``sig`` to the
+    processes of the actors ``pick_victims(trainer)`` returns (by PID, mid-iteration)."""
+    trainer_class = Trainer
+    if config.algo == "dqn":
+        from distrl.qtrainer import QTrainer
+
+        trainer_class = QTrainer
+    trainer = trainer_class(config, run_dir, *prepare(config))
     run_dir.mkdir()
     logger = MetricsLogger(run_dir, tensorboard=False, plots=False)
     victims = actors.pids(pick_victims(trainer))  # asked while idle: a busy actor answers late
     killed: list[int] = []
 
-    def kill_after_first_step():
-        deadline = time.time() + 120
-        while time.time() < deadline and not read_metrics(run_dir / "metrics.jsonl"):
+    def kill_after_step():
+        deadline = time.time() + 300
+        while time.time() < deadline and len(read_metrics(run_dir / "metrics.jsonl")) < after_step:
             time.sleep(0.02)
         for pid in victims:  # the next rollout is under way by now
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, sig)
             killed.append(pid)
 
-    killer = threading.Thread(target=kill_after_first_step)
+    killer = threading.Thread(target=kill_after_step)
     killer.start()
     try:
         trainer.run(logger, progress=False)
@@ -61,8 +70,15 @@ def run_with_kill(config, run_dir: Path, pick_victims) -> list[dict]:
         killer.join()
         logger.close()
         trainer.shutdown()
+        for pid in killed:  # a stopped process is ended by Ray; make sure of it
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     assert killed
     return read_metrics(run_dir / "metrics.jsonl")
+
+
+def final_state(run_dir: Path) -> dict:
+    return torch.load(run_dir / "final" / "distrl_state.pt", weights_only=True)
 
 
 def test_a_sigkilled_reward_actor_is_restarted_and_counted(ray_session, tmp_path):
@@ -82,6 +98,57 @@ def test_a_sigkilled_rollout_worker_is_restarted_and_its_stale_batch_redone(ray_
     assert records[-1]["faults/stale_batches"] >= 1
     lag = config.rollout.max_policy_lag
     assert max(r["rollout/policy_lag"] for r in records) <= lag  # no stale batch was trained on
+
+
+@pytest.mark.slow  # a whole run with a restore
+def test_a_sigkilled_learner_is_restored_from_its_checkpoint_and_the_lost_steps_redone(
+    ray_session, tmp_path, capfd
+):
+    config = tiny(tmp_path, iterations=8, **{"output.checkpoint_every": 2})
+    run_dir = tmp_path / "run"
+    records = run_with_kill(config, run_dir, lambda t: [t.learner], after_step=3)
+    assert [r["step"] for r in records] == list(range(1, 9))  # none lost, none twice
+    assert records[-1]["faults/learner_restarts"] == 1
+    assert "the learner actor died during step" in capfd.readouterr().err
+    # Equal to an uninterrupted run: one version per step, 2 minibatch updates per step.
+    state = final_state(run_dir)
+    assert state["version"] == 8
+    assert state["steps"] == 8 * (config.rollout.batch_size * 2 // config.ppo.minibatch_size)
+    assert max(r["rollout/policy_lag"] for r in records) <= config.rollout.max_policy_lag
+    assert min(r["rollout/policy_lag"] for r in records) >= 0  # no batch from a future version
+
+
+@pytest.mark.slow  # two DQN runs
+def test_a_sigkilled_replay_actor_is_restored_and_the_dqn_run_goes_on(ray_session, tmp_path):
+    dqn = {
+        "algo": "dqn",
+        "iterations": 6,
+        "output.checkpoint_every": 2,
+        "dqn.learning_starts": 16,
+        "dqn.batch_size": 16,
+        "dqn.updates_per_iteration": 2,
+        "dqn.action_top_k": 8,
+    }
+    reference = train(tiny(tmp_path / "ref", **dqn))
+    config = tiny(tmp_path, **dqn)
+    run_dir = tmp_path / "run"
+    records = run_with_kill(config, run_dir, lambda t: [t.replay], after_step=3)
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert records[-1]["faults/replay_restarts"] == 1
+    ref_records = read_metrics(reference / "metrics.jsonl")
+    assert records[-1]["learner/updates"] == ref_records[-1]["learner/updates"]
+    assert final_state(run_dir)["steps"] == final_state(reference)["steps"]
+    assert records[-1]["replay/size"] == ref_records[-1]["replay/size"]
+
+
+@pytest.mark.slow  # waits out a timeout
+def test_a_sigstopped_rollout_worker_is_replaced_after_its_timeout(ray_session, tmp_path):
+    config = tiny(tmp_path, iterations=4, **{"faults.generate_timeout_s": 5})
+    records = run_with_kill(config, tmp_path / "run", lambda t: t.workers[:1], sig=signal.SIGSTOP)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert records[-1]["faults/rollout_timeouts"] >= 1
+    lag = config.rollout.max_policy_lag
+    assert max(r["rollout/policy_lag"] for r in records) <= lag
 
 
 def descendants(pid: int) -> list[int]:
@@ -184,3 +251,164 @@ def test_a_corrupted_newest_checkpoint_is_reported_and_the_previous_one_resumed(
     assert [r["step"] for r in records] == [1, 2, 3]  # step 2 redone from step 1's state
     state = torch.load(run_dir / "final" / "distrl_state.pt", weights_only=True)
     assert state["version"] == 3
+
+
+# ---- the command line: refused resumes, a second run, a hung reward, signals ----------------
+
+
+CLI = [sys.executable, "-m", "distrl.run", "--output.progress", "false"]
+QUIET_RAY = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` with its bytes: what 'nothing touched' compares (the lock
+    file only names the last process that held the directory)."""
+    files = [p for p in folder.rglob("*") if p.is_file() and p.name != ".distrl.lock"]
+    return {str(p.relative_to(folder)): p.read_bytes() for p in files}
+
+
+def refused(*args: str) -> str:
+    """Run the CLI, expect status 2 before Ray starts; return its one-line error."""
+    out = subprocess.run([*CLI, *args], env=QUIET_RAY, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "Traceback" not in out.stderr, out.stderr
+    return lines[-1]
+
+
+@pytest.fixture(scope="module")
+def finished_run(ray_session, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    train(load_config("tiny", {"output.dir": str(run_dir), "iterations": 2, **QUIET}))
+    return run_dir
+
+
+QUIET = {
+    "output.progress": False,
+    "output.plots": False,
+    "output.tensorboard": False,
+    "output.eval_every": 0,
+    "output.checkpoint_every": 1,
+}
+
+
+def test_a_refused_resume_changes_nothing_and_says_why(finished_run, tmp_path):
+    before = files_of(finished_run)
+    line = refused("--resume", "--output-dir", str(finished_run), "--model.name", "tiny-gpt2")
+    assert "--resume: model.name is 'tiny-gpt2' but the run in" in line
+    assert "was started with 'tiny-llama'" in line
+    line = refused("--resume", "--output-dir", str(finished_run), "--config", "tiny")
+    assert "drop --config" in line
+    assert files_of(finished_run) == before  # config.yaml included
+
+    broken = tmp_path / "broken"
+    shutil.copytree(finished_run, broken)
+    for step in (broken / "checkpoints").glob("step_*"):  # every checkpoint torn
+        weights = next(step.glob("*.safetensors"))
+        weights.write_bytes(weights.read_bytes()[:100])
+    before = files_of(broken)
+    line = refused("--resume", "--output-dir", str(broken))
+    assert f"--resume: {broken}/checkpoints holds no complete checkpoint" in line
+    assert files_of(broken) == before  # metrics.jsonl, checkpoints and final/ as they were
+
+
+def wait_for_steps(run_dir: Path, n: int, proc: subprocess.Popen, limit: float = 300) -> None:
+    deadline, metrics = time.time() + limit, run_dir / "metrics.jsonl"
+    while not metrics.exists() or len(read_metrics(metrics)) < n:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, "the run made no progress"
+        time.sleep(0.1)
+
+
+def start_run(run_dir: Path, *args: str, env=None) -> subprocess.Popen:
+    cmd = [*CLI, "--config", "tiny", "--output-dir", str(run_dir), *args]
+    cmd += ["--output.eval_every", "0", "--output.tensorboard", "false"]
+    return subprocess.Popen(
+        cmd, env=env or QUIET_RAY, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+
+
+def end(proc: subprocess.Popen) -> None:
+    """Kill a run that a failed assertion left behind, with its own Ray."""
+    if proc.poll() is None:
+        for pid in [*descendants(proc.pid), proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow  # two runs in their own processes
+def test_a_second_run_on_the_same_directory_is_refused_naming_the_first(tmp_path):
+    run_dir = tmp_path / "run"
+    first = start_run(run_dir, "--iterations", "500", "--output.plots", "false")
+    try:
+        wait_for_steps(run_dir, 1, first)
+        line = refused("--resume", "--output-dir", str(run_dir))
+        assert f"is in use by another distrl run (PID {first.pid})" in line
+        first.send_signal(signal.SIGINT)
+        _, err = first.communicate(timeout=120)
+        assert first.returncode == 128 + signal.SIGINT, err[-2000:]
+    finally:
+        end(first)
+    assert "checkpoints/.tmp" not in err and not list((run_dir / "checkpoints").glob(".tmp-*"))
+
+
+@pytest.mark.slow  # a run in its own process, waiting out two timeouts
+def test_a_reward_function_that_never_returns_stops_the_run_with_one_line(tmp_path):
+    (tmp_path / "hangmod.py").write_text(
+        "import time\n\ndef hang(completions):\n    time.sleep(3600)\n"
+    )
+    env = {**QUIET_RAY, "PYTHONPATH": str(tmp_path)}
+    args = ["--reward.components", "[{name: 'hangmod:hang'}]", "--output.plots", "false"]
+    args += ["--faults.score_timeout_s", "3", "--faults.call_retries", "1"]
+    run = start_run(tmp_path / "run", *args, env=env)
+    try:
+        _, err = run.communicate(timeout=300)
+    finally:
+        end(run)
+    assert run.returncode == 2, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(
+        "error: reward actor 0: score did not return within faults.score_timeout_s=3 s on 2 tries"
+    ), last
+    assert "no checkpoint was written yet" in last
+
+
+@pytest.mark.slow  # runs in their own processes
+@pytest.mark.parametrize(
+    "algo, sig",
+    [("ppo", signal.SIGINT), ("dqn", signal.SIGTERM)],
+    ids=["ppo-SIGINT", "dqn-SIGTERM"],
+)
+def test_a_signal_stops_the_run_within_seconds_with_a_checkpoint_and_plots(tmp_path, algo, sig):
+    run_dir = tmp_path / "run"
+    args = ["--algo", algo, "--iterations", "500", "--output.checkpoint_every", "100"]
+    if algo == "dqn":
+        args += ["--dqn.learning_starts", "16", "--dqn.batch_size", "16"]
+    run = start_run(run_dir, *args)
+    try:
+        wait_for_steps(run_dir, 2, run)
+        sent = time.time()
+        run.send_signal(sig)
+        _, err = run.communicate(timeout=120)
+        took = time.time() - sent
+    finally:
+        end(run)
+    assert run.returncode == 128 + sig, err[-3000:]
+    step = read_metrics(run_dir / "metrics.jsonl")[-1]["step"]
+    last = err.strip().splitlines()[-1]
+    saved = run_dir / "checkpoints" / f"step_{step}"
+    assert last == (
+        f"error: stopped by {signal.Signals(sig).name}: step {step} is saved in {saved}; "
+        f"continue with: python -m distrl.run --resume --output-dir {run_dir}"
+    ), err[-3000:]
+    verify_checkpoint(saved)
+    assert (run_dir / "plots" / "training.png").is_file()
+    print(f"{algo} stopped {took:.1f} s after {signal.Signals(sig).name}")  # for the README
+    if algo == "ppo":  # the checkpoint resumes: one more step, then done
+        cmd = ["--resume", "--output-dir", str(run_dir), "--iterations", str(step + 1)]
+        out = subprocess.run(
+            [*CLI, *cmd], env=QUIET_RAY, capture_output=True, text=True, timeout=300
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")]
+        assert steps == list(range(1, step + 2))
