@@ -19,8 +19,8 @@ import ray
 from distrl import actors
 from distrl.algos import dqn
 from distrl.config import RunConfig
-from distrl.driver import Trainer
 from distrl.errors import DistrlError
+from distrl.loop import Trainer
 from distrl.prompts import Prompts
 from distrl.qlearner import QLearner
 from distrl.qrollout import QRolloutWorker, make_transitions

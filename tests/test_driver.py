@@ -9,9 +9,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from distrl.config import load_config
-from distrl.driver import prepare, train
+from distrl.driver import train
 from distrl.metrics import read_metrics
 from distrl.models import load_policy
+from distrl.prompts import prepare
 
 
 def tiny(tmp_path, **overrides):
