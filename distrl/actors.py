@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import ray
-from ray.exceptions import RayTaskError
+from ray.exceptions import GetTimeoutError, RayTaskError
 
 from distrl.config import ResourcesConfig, RewardConfig
 from distrl.errors import DistrlError
@@ -121,10 +121,12 @@ class RewardPool:
         runtime_env: dict[str, Any] | None = None,
         timeout: float | None = None,
         retries: int = 0,
+        start_timeout: float | None = None,
     ) -> None:
         check_reward_config(reward_config)  # fail in the driver, not in N actors
         resources = resources_config or ResourcesConfig()
         self.config, self.seed, self.timeout, self.retries = reward_config, seed, timeout, retries
+        self.start_timeout = start_timeout
         self.torch_threads = resources.torch_threads
         self.options = actor_options(
             resources.reward_cpus,
@@ -135,10 +137,19 @@ class RewardPool:
         self.actors = [self._new() for _ in range(num_actors or reward_config.num_actors)]
         # Wait for the model loads here, so the first score() is not charged for them and a
         # scorer that cannot start fails now.
-        get([actor.ready.remote() for actor in self.actors])
+        self._wait_ready(self.actors)
         self.pids = pids(self.actors)
         self.restarts = 0  # actors found restarted (Ray restarts a dead one, retrying its call)
         self.timeouts = 0  # actors replaced because a score call passed ``timeout``
+
+    def _wait_ready(self, handles: list[Any]) -> None:
+        try:
+            get([actor.ready.remote() for actor in handles], timeout=self.start_timeout)
+        except GetTimeoutError:
+            raise Hung(
+                f"reward actors did not start within faults.start_timeout_s="
+                f"{self.start_timeout:g} s"
+            ) from None
 
     def _new(self) -> Any:
         return make_actor(
@@ -193,7 +204,7 @@ class RewardPool:
                     f"faults.score_timeout_s={self.timeout:g} s on {self.retries + 1} tries (a "
                     f"reward function that never returns?); raise the setting or fix the cause"
                 )
-            get([self.actors[a].ready.remote() for a in hung])
+            self._wait_ready([self.actors[a] for a in hung])
             pending = {k: send(k) for k in pending}
         result = ScoreResult.concat([results[k] for k in range(len(starts))])
         now = pids(self.actors, timeout=self.timeout)  # idle now: a round trip, not a wait

@@ -154,6 +154,7 @@ def _train(
         trainer_class = QTrainer
     trainer = trainer_class(config, run_dir, train_prompts, val_prompts)
     try:
+        trainer.wait_started([trainer.learner], "the learner")
         if not actors.get(trainer.learner.sees.remote(str(run_dir / CONFIG_FILE))):
             raise DistrlError(
                 f"the learner's node cannot see {run_dir}: on a multi-node cluster "

@@ -66,6 +66,7 @@ class Trainer:
             seed=config.seed,
             timeout=f.score_timeout_s,
             retries=f.call_retries,
+            start_timeout=f.start_timeout_s,
         )
         self.step = 0
         self.reward_restarts = 0  # counted before a resume
@@ -301,7 +302,9 @@ class Trainer:
                 bar.close()
             if self.signals.signum is not None:
                 self.stop_on_signal()
-        actors.get(list(self.in_flight.values()))  # let the last rollouts finish
+        # Let the last rollouts finish before their actors are killed (bounded like any wait).
+        refs = list(self.in_flight.values())
+        ray.wait(refs, num_returns=len(refs), timeout=self.config.faults.generate_timeout_s)
 
     def _loop(self, bar: Any, progress: bool, report: Report | None) -> None:
         cfg = self.config
