@@ -88,6 +88,9 @@ class DataConfig:
 class RolloutConfig:
     num_workers: int = _f(2, "rollout worker actors", ge=1)
     batch_size: int = _f(8, "prompts each worker generates for per rollout", ge=1)
+    samples_per_prompt: int = _f(
+        1, "completions sampled per prompt (the group of GRPO, RLOO and dynamic sampling)", ge=1
+    )
     max_new_tokens: int = _f(32, "longest continuation, in policy tokens", ge=1)
     temperature: float = _f(1.0, "sampling temperature", gt=0.0)
     top_p: float = _f(1.0, "nucleus sampling mass; 1 = off", gt=0.0, le=1.0)
@@ -128,8 +131,20 @@ class LearnerConfig:
     max_nonfinite_updates: int = _f(3, "stop after this many non-finite updates in a row", ge=1)
 
 
+PG_ALGOS = ("ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp")
+GROUP_ALGOS = ("grpo", "dr_grpo", "rloo")
+LOSS_AGGREGATIONS = (
+    "token_mean",
+    "seq_mean_token_sum",
+    "seq_mean_token_mean",
+    "seq_mean_token_sum_norm",
+)
+
+
 @dataclass(frozen=True)
 class PPOConfig:
+    """Policy-gradient settings, for PPO and the critic-free algorithms alike."""
+
     epochs: int = _f(2, "passes over each rollout batch", ge=1)
     minibatch_size: int = _f(8, "sequences per optimizer step", ge=1)
     clip: float = _f(0.2, "surrogate clip range epsilon", gt=0.0, lt=1.0)
@@ -155,6 +170,45 @@ class PPOConfig:
     ce_coef: float = _f(
         0.0, "cross-entropy coefficient on reference responses, when the data has them", ge=0.0
     )
+    clip_low: float | None = _f(
+        None, "lower surrogate clip range (ratio >= 1 - clip_low); empty = clip", gt=0.0, lt=1.0
+    )
+    clip_high: float | None = _f(
+        None,
+        "upper surrogate clip range (ratio <= 1 + clip_high, DAPO: 0.28); empty = clip",
+        gt=0.0,
+    )
+    loss_agg: Literal[LOSS_AGGREGATIONS] | None = _f(  # type: ignore[valid-type]
+        None,
+        "how token losses make the loss: the mean over all tokens (token_mean, DAPO's), a "
+        "per-sequence sum or mean then the mean over sequences (seq_mean_token_mean is the "
+        "original GRPO's), or Dr. GRPO's sum over a constant length (seq_mean_token_sum_norm); "
+        "empty = the algorithm's own: seq_mean_token_sum_norm for dr_grpo, else token_mean",
+    )
+    kl_loss_coef: float = _f(
+        0.0,
+        "KL to the reference model as a loss term (GRPO's beta); 0 skips it. PPO and "
+        "reinforce_pp put the KL in the reward instead (kl_coef)",
+        ge=0.0,
+    )
+    kl_estimator: Literal["k1", "k2", "k3"] = _f(
+        "k3", "estimator of the KL loss term: k1 log-ratio, k2 half its square, k3 low-variance"
+    )
+    dynamic_sampling: bool = _f(
+        False,
+        "drop groups whose completions all got the same reward and sample more prompts to "
+        "refill the batch (DAPO); needs rollout.samples_per_prompt >= 2",
+    )
+    max_sampling_rounds: int = _f(
+        4, "rollout rounds dynamic sampling may take to fill one batch", ge=1
+    )
+    overlong_buffer: int = _f(
+        0,
+        "DAPO overlong shaping: the last this-many tokens before rollout.max_new_tokens ramp a "
+        "penalty down to -overlong_penalty; 0 = off",
+        ge=0,
+    )
+    overlong_penalty: float = _f(1.0, "largest overlong penalty", ge=0.0)
 
 
 @dataclass(frozen=True)
@@ -296,7 +350,11 @@ class OutputConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    algo: Literal["ppo", "dqn"] = _f("ppo", "learning algorithm")
+    algo: Literal[(*PG_ALGOS, "dqn")] = _f(  # type: ignore[valid-type]
+        "ppo",
+        "learning algorithm: ppo (value head, GAE), grpo, dr_grpo, rloo, reinforce_pp "
+        "(critic-free), dqn (token-level Q-learning)",
+    )
     seed: int = _f(0, "random seed", ge=0)
     iterations: int = _f(100, "training iterations (rollout, score, learn, publish)", ge=1)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -313,11 +371,27 @@ class RunConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def __post_init__(self) -> None:
-        if self.ppo.minibatch_size > self.rollout.batch_size * self.rollout.num_workers:
+        r, p = self.rollout, self.ppo
+        completions = r.batch_size * r.num_workers * r.samples_per_prompt
+        if self.algo != "dqn" and p.minibatch_size > completions:
             raise ConfigError(
-                f"ppo.minibatch_size ({self.ppo.minibatch_size}) is larger than a rollout "
-                f"batch (rollout.batch_size x rollout.num_workers = "
-                f"{self.rollout.batch_size * self.rollout.num_workers})"
+                f"ppo.minibatch_size ({p.minibatch_size}) is larger than a rollout batch "
+                f"(rollout.batch_size x rollout.num_workers x rollout.samples_per_prompt = "
+                f"{completions})"
+            )
+        needs_groups = self.algo in GROUP_ALGOS or p.dynamic_sampling
+        if needs_groups and r.samples_per_prompt < 2:
+            what = "ppo.dynamic_sampling" if p.dynamic_sampling else f"algo {self.algo}"
+            raise ConfigError(
+                f"{what} compares the completions of one prompt: set "
+                f"rollout.samples_per_prompt to 2 or more (now {r.samples_per_prompt})"
+            )
+        if self.algo == "dqn" and r.samples_per_prompt != 1:
+            raise ConfigError("rollout.samples_per_prompt must be 1 with algo dqn")
+        if p.overlong_buffer >= r.max_new_tokens:
+            raise ConfigError(
+                f"ppo.overlong_buffer ({p.overlong_buffer}) must be below "
+                f"rollout.max_new_tokens ({r.max_new_tokens})"
             )
         if self.replay.beta_end < self.replay.beta_start:
             raise ConfigError("replay.beta_end must be >= replay.beta_start")

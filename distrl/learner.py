@@ -1,7 +1,11 @@
-"""PPO learner: policy with value head, frozen reference model, optimizer, KL controller.
+"""Policy-gradient learner: PPO with a value head, or a critic-free algorithm (GRPO, Dr. GRPO,
+RLOO, REINFORCE++), with a frozen reference model, optimizer and KL control.
 
 A plain class; ``distrl.actors`` makes it the one learner actor. ``train`` turns a scored batch
-of trajectories into minibatch PPO updates and bumps the policy version.
+of trajectories into minibatch updates and bumps the policy version. The algorithm only decides
+the advantages (GAE from the value head, or ``distrl.algos.pg.ADVANTAGE_ESTIMATORS``) and where
+the KL to the reference goes (the reward, or a loss term); the update is the same clipped
+surrogate for all, with DAPO's asymmetric clipping and loss aggregation as options.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from distrl.algos import ppo
+from distrl.algos import pg, ppo
 from distrl.checkpoint import load_torch_state, rng_state, save_torch_state, set_rng_state
 from distrl.config import LearnerConfig, ModelConfig, PPOConfig, RunConfig, TokenizerConfig
 from distrl.errors import DistrlError
@@ -48,6 +52,7 @@ class PPOBatch:
     old_logprobs: torch.Tensor
     rewards: torch.Tensor
     references: list[list[int]] | None
+    ref_logprobs: torch.Tensor | None = None  # for a KL loss term
     # None when one update covers the whole batch: its own forward supplies the old values.
     old_values: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
@@ -121,12 +126,19 @@ class Learner:
         ppo_config: PPOConfig,
         temperature: float,
         seed: int,
+        algo: str = "ppo",
+        max_new_tokens: int | None = None,
         torch_threads: int | None = None,
     ) -> None:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         torch.manual_seed(seed)
         self.config, self.ppo, self.temperature = learner, ppo_config, temperature
+        self.algo, self.critic = algo, algo == "ppo"  # only PPO learns a value function
+        self.max_new_tokens = max_new_tokens  # the constant length seq_mean_token_sum_norm uses
+        self.loss_agg = ppo_config.loss_agg or (
+            "seq_mean_token_sum_norm" if algo == "dr_grpo" else "token_mean"
+        )
         self.tokenizer_spec = tokenizer.name
         self.tokenizer = build_tokenizer(model, tokenizer)
         policy = build_model(model, self.tokenizer, seed=seed)
@@ -143,7 +155,8 @@ class Learner:
         )
         self.net = PolicyWithValue(policy)
         self.device = next(policy.parameters()).device
-        self.opt = OptimizerStep(self.net.parameters(), learner)
+        trained = self.net.parameters() if self.critic else policy.parameters()
+        self.opt = OptimizerStep(trained, learner)
         self.optimizer = self.opt.optimizer
         self.kl = ppo.KLController(ppo_config.kl_coef, ppo_config.kl_target, ppo_config.kl_horizon)
         self.version = 0
@@ -159,6 +172,8 @@ class Learner:
             "ppo_config": config.ppo,
             "temperature": config.rollout.temperature,
             "seed": config.seed,
+            "algo": config.algo,
+            "max_new_tokens": config.rollout.max_new_tokens,
             "torch_threads": config.resources.torch_threads,
         }
 
@@ -216,15 +231,22 @@ class Learner:
     # ---- the PPO update ------------------------------------------------------------------
 
     def train(
-        self, batch: Trajectories, scores: np.ndarray, references: list[list[int]] | None = None
+        self,
+        batch: Trajectories,
+        scores: np.ndarray,
+        references: list[list[int]] | None = None,
+        *,
+        groups: np.ndarray | None = None,
     ) -> dict[str, float]:
-        """One PPO update on a scored batch; returns ``learner/*`` metrics.
+        """One policy-gradient update on a scored batch; returns ``learner/*`` metrics.
 
         Args:
             batch: trajectories from the rollout workers.
             scores: (B,) total reward per sequence from the reward pool.
             references: token ids of reference responses per sequence, for the optional
                 cross-entropy term (``ppo.ce_coef``); empty lists where there is none.
+            groups: (B,) int group id per sequence (the samples of one prompt share one); the
+                group algorithms need it, PPO and REINFORCE++ ignore it.
         """
         start_time = time.perf_counter()
         c = self.ppo
@@ -234,12 +256,14 @@ class Learner:
         n = ids.shape[0]
         # One optimizer step over the whole batch: the update's own forward gives the values
         # the advantages need, so the separate value pass is skipped.
-        single = c.epochs == 1 and c.minibatch_size >= n
+        single = self.critic and c.epochs == 1 and c.minibatch_size >= n
+        kl_in_reward = self.algo in ("ppo", "reinforce_pp")
         with torch.no_grad():
             self.net.eval()
             # Old logprobs are the workers' (recorded at sampling). Without a KL penalty (fixed
             # coefficient 0) the reference model is not run, as GRPO does with beta 0.
-            measure_kl = self.kl.value > 0 or self.ppo.kl_target is not None
+            measure_kl = kl_in_reward and (self.kl.value > 0 or c.kl_target is not None)
+            measure_kl = measure_kl or c.kl_loss_coef > 0
             ref_logprobs = old_logprobs
             if measure_kl:
                 ref_logits, _ = self._forward(self.reference, ids, mask, start)
@@ -250,10 +274,14 @@ class Learner:
                 logprobs=old_logprobs,
                 ref_logprobs=ref_logprobs,
                 mask=rmask,
-                kl_coef=self.kl.value,
+                kl_coef=self.kl.value if kl_in_reward else 0.0,
             )
         data = PPOBatch(ids, mask, tokens, rmask, old_logprobs, rewards, references)
-        if not single:
+        if c.kl_loss_coef > 0:
+            data = dataclasses.replace(data, ref_logprobs=ref_logprobs)
+        if not self.critic:
+            data = self._critic_free_advantages(data, scores, groups)
+        elif not single:
             with torch.no_grad():
                 values = self.net.value_head(response_hidden(self.net.model, ids, mask, start))
             data = self._with_advantages(data, values)
@@ -310,32 +338,66 @@ class Learner:
                 advantages = ppo.whiten(advantages, data.rmask)
         return dataclasses.replace(data, old_values=values, advantages=advantages, returns=returns)
 
+    def _critic_free_advantages(
+        self, data: PPOBatch, scores: np.ndarray, groups: np.ndarray | None
+    ) -> PPOBatch:
+        """``data`` with the advantages of a critic-free algorithm (no value function)."""
+        with torch.no_grad():
+            if self.algo == "reinforce_pp":  # KL in the reward, returns whitened over the batch
+                advantages = pg.reinforce_pp_advantages(
+                    token_rewards=data.rewards, mask=data.rmask, gamma=self.ppo.gamma
+                )
+            else:
+                if groups is None:
+                    raise DistrlError(f"algo {self.algo} needs the group id of every sample")
+                advantages = pg.ADVANTAGE_ESTIMATORS[self.algo](
+                    scores=torch.tensor(np.array(scores), dtype=torch.float32, device=self.device),
+                    groups=torch.as_tensor(np.array(groups), device=self.device),
+                    mask=data.rmask,
+                )
+        return dataclasses.replace(data, advantages=advantages)
+
     def _minibatch(self, mb: PPOBatch, start: int) -> dict[str, float] | None:
         """One optimizer step on a minibatch; None when it was skipped as non-finite."""
         c = self.ppo
         m = mb.rmask
-        logits, values = self._forward(self.net.model, mb.ids, mb.mask, start, True)
+        logits, values = self._forward(self.net.model, mb.ids, mb.mask, start, self.critic)
         if mb.advantages is None:
             mb = self._with_advantages(mb, values)
         logprobs = ppo.logprobs_from_logits(logits, mb.tokens)
-        pg_loss, pg_stats = ppo.policy_loss(
+        pg_loss, pg_stats = pg.policy_loss(
             logprobs=logprobs,
             old_logprobs=mb.old_logprobs,
             advantages=mb.advantages,
             mask=m,
-            clip=c.clip,
+            clip_low=c.clip if c.clip_low is None else c.clip_low,
+            clip_high=c.clip if c.clip_high is None else c.clip_high,
+            loss_agg=self.loss_agg,
+            max_length=self.max_new_tokens,
         )
-        v_loss, v_clipfrac = ppo.value_loss(
-            values=values,
-            old_values=mb.old_values,
-            returns=mb.returns,
-            mask=m,
-            clip=c.value_clip,
-        )
+        v_loss, v_clipfrac = torch.zeros((), device=self.device), torch.zeros(())
+        if self.critic:
+            v_loss, v_clipfrac = ppo.value_loss(
+                values=values,
+                old_values=mb.old_values,
+                returns=mb.returns,
+                mask=m,
+                clip=c.value_clip,
+            )
+        kl_loss = None
+        if mb.ref_logprobs is not None:
+            kl = pg.kl_penalty(
+                logprobs=logprobs, ref_logprobs=mb.ref_logprobs, estimator=c.kl_estimator
+            )
+            kl_loss = pg.aggregate_loss(
+                loss=kl, mask=m, mode=self.loss_agg, max_length=self.max_new_tokens
+            )
         # Without an entropy bonus, entropy is only logged: keep it out of the backward pass.
         with torch.set_grad_enabled(c.ent_coef > 0):
             entropy = ppo.masked_mean(ppo.entropy_from_logits(logits), m)
         loss = pg_loss + c.vf_coef * v_loss - c.ent_coef * entropy
+        if kl_loss is not None:
+            loss = loss + c.kl_loss_coef * kl_loss
         ce = None
         if c.ce_coef > 0 and mb.references is not None:
             ce = self._reference_nll(mb.references, mb.ids, mb.mask, start)
@@ -346,14 +408,16 @@ class Learner:
             return None
         out = {
             "policy_loss": pg_loss.item(),
-            "value_loss": v_loss.item(),
             "entropy": entropy.item(),
             "clipfrac": pg_stats["clipfrac"].item(),
             "approx_kl": pg_stats["approx_kl"].item(),
-            "value_clipfrac": v_clipfrac.item(),
             "grad_norm": grad_norm,
             "lr": self.optimizer.param_groups[0]["lr"],
         }
+        if self.critic:
+            out.update({"value_loss": v_loss.item(), "value_clipfrac": v_clipfrac.item()})
+        if kl_loss is not None:
+            out["kl_loss"] = kl_loss.item()
         if ce is not None:
             out["ce_loss"] = ce.item()
         return out

@@ -19,9 +19,11 @@ from typing import Any
 
 import numpy as np
 import ray
+import torch
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from distrl import actors
+from distrl.algos import pg
 from distrl.checkpoint import latest_checkpoint, prune_checkpoints, write_checkpoint
 from distrl.config import RunConfig
 from distrl.errors import DistrlError
@@ -205,8 +207,12 @@ class Trainer:
         return max(versions)
 
     def submit(self, worker: ray.actor.ActorHandle) -> ray.ObjectRef:
-        """Start a rollout on ``worker`` with the next prompts."""
-        idx = self.train_prompts.next(self.config.rollout.batch_size)
+        """Start a rollout on ``worker`` with the next prompts, each ``samples_per_prompt``
+        times in a row (the rows of one prompt are its group)."""
+        r = self.config.rollout
+        idx = [
+            i for i in self.train_prompts.next(r.batch_size) for _ in range(r.samples_per_prompt)
+        ]
         prompts = [self.train_prompts.ids[i] for i in idx]
         return worker.generate.remote(prompts, idx, **self.generate_options())
 
@@ -245,18 +251,15 @@ class Trainer:
         return batch, scores
 
     def iterate(self) -> dict[str, float]:
-        """One PPO iteration: rollout -> score -> learn -> publish; returns its metrics."""
-        t0 = time.perf_counter()
+        """One policy-gradient iteration: rollout -> score -> learn -> publish; its metrics."""
+        times: dict[str, float] = {"time/rollout_wait_s": 0.0, "time/score_s": 0.0}
         with self.signals.abandonable():  # nothing the learner holds changes until train
-            parts = self.collect()
-            t1 = time.perf_counter()
-            batch, scores = self.score(parts)
+            parts, scores, batch, total, groups, sampling = self.gather(times)
         t2 = time.perf_counter()
-        kept = np.flatnonzero(~scores.dropped)  # reward.on_error=drop: train on the rest
-        batch = batch.select(kept)
+        penalty = self.overlong(batch)
         refs = [self.train_prompts.references[i] for i in batch.example_ids]
         metrics = self.wait_stateful(
-            "learner", self.learner.train.remote(batch, scores.total[kept], refs)
+            "learner", self.learner.train.remote(batch, total + penalty, refs, groups=groups)
         )
         t3 = time.perf_counter()
         self.version = self.publish()
@@ -264,15 +267,77 @@ class Trainer:
             self.in_flight = {i: self.submit(w) for i, w in enumerate(self.workers)}
         metrics.update(self.rollout_metrics(parts, batch, self.version))
         metrics.update(scores.metrics())
-        metrics.update(
-            {
-                "time/rollout_wait_s": t1 - t0,
-                "time/score_s": t2 - t1,
-                "time/train_s": t3 - t2,
-                "time/publish_s": time.perf_counter() - t3,
-            }
+        metrics.update(sampling)
+        if self.config.ppo.overlong_buffer:
+            metrics["reward/overlong_penalty"] = float(np.mean(penalty)) if len(penalty) else 0.0
+        times.update({"time/train_s": t3 - t2, "time/publish_s": time.perf_counter() - t3})
+        return {**metrics, **times}
+
+    def gather(self, times: dict[str, float]) -> tuple[Any, ...]:
+        """Collect and score a batch to learn from.
+
+        Returns:
+            the rollout parts, the scores of every sample (for metrics), and of the samples to
+            learn from: the batch, their total rewards (B,) and group ids (B,), plus
+            ``sampling/*`` metrics. Samples the reward pool dropped are left out. With
+            ``ppo.dynamic_sampling``, so are groups whose completions all scored the same (no
+            signal: zero advantage), and more rounds are collected, at most
+            ``ppo.max_sampling_rounds``, until a full batch of groups with signal is in hand;
+            it is cut to the usual batch size, whole groups only.
+        """
+        p, r = self.config.ppo, self.config.rollout
+        n, target = r.samples_per_prompt, r.batch_size * r.num_workers * r.samples_per_prompt
+        parts: list[Trajectories] = []
+        batches, results, group_ids = [], [], []
+        while True:
+            t0 = time.perf_counter()
+            new = self.collect()
+            t1 = time.perf_counter()
+            batch, scores = self.score(new)
+            times["time/rollout_wait_s"] += t1 - t0
+            times["time/score_s"] += time.perf_counter() - t1
+            offset = int(group_ids[-1].max()) + 1 if group_ids else 0
+            group_ids.append(offset + group_rows(new, n))
+            parts += new
+            batches.append(batch)
+            results.append(scores)
+            scores = ScoreResult.concat(results)
+            groups = np.concatenate(group_ids)
+            keep = ~scores.dropped
+            if p.dynamic_sampling:
+                keep &= ~equal_reward_groups(scores.total, groups)
+            if not p.dynamic_sampling or keep.sum() >= target:
+                break
+            if len(batches) == p.max_sampling_rounds:
+                break
+        rows = np.flatnonzero(keep)
+        if p.dynamic_sampling:
+            if len(rows) == 0:  # no group had signal: learn from one round at zero advantage
+                rows = np.flatnonzero(~scores.dropped)[-target:]
+            first = np.unique(groups[rows])[: target // n]  # whole groups, oldest first
+            rows = rows[np.isin(groups[rows], first)]
+        sampling = {"sampling/rounds": float(len(batches))}
+        if p.dynamic_sampling:
+            sampling["sampling/kept_fraction"] = float(keep.mean())
+        batch = Trajectories.concat(batches).select(rows)
+        return parts, scores, batch, scores.total[rows], groups[rows], sampling
+
+    def overlong(self, batch: Trajectories) -> np.ndarray:
+        """DAPO's overlong penalty (B,) of each response (zeros when ``overlong_buffer`` is 0)."""
+        p = self.config.ppo
+        lengths = batch.response_mask.sum(1)
+        if not p.overlong_buffer:
+            return np.zeros(len(lengths))
+        return (
+            pg.overlong_penalty(
+                lengths=torch.from_numpy(lengths),
+                max_length=self.config.rollout.max_new_tokens,
+                buffer=p.overlong_buffer,
+                penalty_factor=p.overlong_penalty,
+            )
+            .numpy()
+            .astype(np.float64)
         )
-        return metrics
 
     def run(self, logger: MetricsLogger, progress: bool, report: Report | None = None) -> None:
         """Train from ``self.step`` to ``config.iterations``; ``report`` sees every iteration.
@@ -508,6 +573,22 @@ class Trainer:
 
     def restore_extra(self, folder: Path | None) -> None:
         """Restore what ``save_extra`` wrote (None: the state before any step)."""
+
+
+def group_rows(parts: list[Trajectories], n: int) -> np.ndarray:
+    """Group id of each row of the joined ``parts``: every ``n`` rows of a part, in order, are
+    the samples of one prompt (``Trainer.submit``)."""
+    sizes = [len(p.example_ids) // n for p in parts]
+    starts = np.cumsum([0, *sizes[:-1]])
+    return np.concatenate([s + np.arange(k * n) // n for s, k in zip(starts, sizes)])
+
+
+def equal_reward_groups(scores: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """(B,) True where every sample of the row's group has the same score."""
+    return pg.equal_reward_groups(
+        scores=torch.from_numpy(np.asarray(scores, dtype=np.float64)),
+        groups=torch.from_numpy(np.asarray(groups, dtype=np.int64)),
+    ).numpy()
 
 
 def _copy(src: Path, dst: Path) -> None:

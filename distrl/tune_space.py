@@ -40,6 +40,7 @@ LOOP_METRICS = (
     "learner/grad_norm",
     "learner/lr",
     "learner/ce_loss",
+    "learner/kl_loss",
     "learner/kl",
     "learner/kl_coef",
     "learner/skipped_updates",
@@ -77,6 +78,16 @@ LOOP_METRICS = (
     "time/iteration_s",
     "faults/stale_batches",
     "faults/dropped_samples",
+    "faults/reward_actor_restarts",
+    "faults/reward_timeouts",
+    "faults/rollout_timeouts",
+    "faults/learner_restarts",
+    "faults/replay_restarts",
+    # group algorithms and DAPO options
+    "sampling/rounds",
+    "sampling/kept_fraction",
+    "reward/overlong_penalty",
+    "publish/bytes",
 )
 
 

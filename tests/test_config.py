@@ -78,7 +78,11 @@ def test_empty_value_means_none():
         (["--learner.lr", "fast"], "learner.lr: expected a number, got str 'fast'"),
         (["--rollout.num_workers", "2.5"], "rollout.num_workers: expected an integer"),
         (["--rollout.top_p", "1.5"], "rollout.top_p: 1.5 is out of range"),
-        (["--algo", "sac"], "algo: 'sac' is not one of 'ppo' | 'dqn'"),
+        (
+            ["--algo", "sac"],
+            "algo: 'sac' is not one of 'ppo' | 'grpo' | 'dr_grpo' | 'rloo' | 'reinforce_pp' "
+            "| 'dqn'",
+        ),
         (["--output.tensorboard", "maybe"], "output.tensorboard: expected true or false"),
         (
             ["--reward.components", "[{name: x, wieght: 1}]"],

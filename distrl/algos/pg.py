@@ -1,0 +1,297 @@
+"""Critic-free policy gradients for language models (GRPO, Dr. GRPO, RLOO, REINFORCE++, DAPO).
+
+Shapes: ``B`` sequences, ``T`` response tokens. ``scores`` (B,) is one reward per sequence;
+``groups`` (B,) int64 names the prompt each sequence answers (ids need not be contiguous or
+sorted); ``mask`` (B, T) is 1.0 on real response tokens and 0.0 on padding. Each function is
+keyword-only and tested against hand-computed examples in ``tests/test_algos_pg.py``.
+
+A loss is built from three choices: an advantage estimator (``ADVANTAGE_ESTIMATORS`` or
+``reinforce_pp_advantages``), the clip range (``clip_low``/``clip_high``) and how per-token losses
+become a scalar (``aggregate_loss``). GRPO = ``grpo`` + ``seq_mean_token_mean``; Dr. GRPO =
+``dr_grpo`` + ``seq_mean_token_sum_norm``; DAPO = ``grpo`` + ``token_mean`` + ``clip_high >
+clip_low`` + ``equal_reward_groups`` filtering + ``overlong_penalty``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import torch
+
+from distrl.algos.ppo import masked_mean, whiten
+from distrl.config import LOSS_AGGREGATIONS
+
+LOSS_AGG_MODES = LOSS_AGGREGATIONS  # the config's choices
+KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
+
+
+def _group_index(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense group index (B,) in ``[0, G)`` and each sample's group size (B,), as float."""
+    _, index = torch.unique(groups, return_inverse=True)
+    sizes = torch.bincount(index).to(torch.float32)
+    return index, sizes[index]
+
+
+def _group_sum(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Sum of ``x`` (B,) over each sample's group, gathered back to (B,)."""
+    # Dense ids are < G <= B, so a length-B buffer holds every group's sum.
+    return torch.zeros_like(x).index_add_(0, index, x)[index]
+
+
+def group_advantages(
+    *,
+    scores: torch.Tensor,
+    groups: torch.Tensor,
+    mask: torch.Tensor,
+    std_normalize: bool = True,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """GRPO outcome advantage ``(score - group mean) / (group std + eps)`` on every token.
+
+    The std is the unbiased (Bessel-corrected, ``n - 1``) sample std, as ``torch.std``. A group
+    whose scores are all equal gets advantage 0 (``0 / eps``), and so does a group of one: with
+    no other sample there is no baseline to compare against.
+
+    Args:
+        scores: (B,) reward of each sequence.
+        groups: (B,) int64 prompt id of each sequence.
+        mask: (B, T) response-token mask.
+        std_normalize: divide by the group std (GRPO); False keeps ``score - mean`` (Dr. GRPO,
+            which drops the std because it up-weights prompts that are nearly always right or
+            nearly always wrong).
+        eps: added to the std so an all-equal group divides 0 by ``eps``, not by 0.
+
+    Returns:
+        advantages (B, T), zero on padding.
+    """
+    index, n = _group_index(groups)
+    mean = _group_sum(scores, index) / n
+    adv = scores - mean
+    if std_normalize:
+        var = _group_sum(adv**2, index) / (n - 1.0).clamp(min=1.0)
+        adv = adv / (var.sqrt() + eps)
+    return adv.unsqueeze(-1) * mask
+
+
+def rloo_advantages(
+    *, scores: torch.Tensor, groups: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """REINFORCE leave-one-out: ``score_i`` minus the mean of the *other* samples of its group.
+
+    Equal to ``n / (n - 1) * (score_i - group mean)`` for a group of ``n``; a group of one has no
+    other sample and gets 0.
+
+    Args:
+        scores: (B,); groups: (B,) int64; mask: (B, T).
+
+    Returns:
+        advantages (B, T), zero on padding.
+    """
+    index, n = _group_index(groups)
+    mean = _group_sum(scores, index) / n
+    adv = n / (n - 1.0).clamp(min=1.0) * (scores - mean)
+    return adv.unsqueeze(-1) * mask
+
+
+def reinforce_pp_returns(
+    *, token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0
+) -> torch.Tensor:
+    """Discounted return-to-go ``G_t = r_t + gamma * G_{t+1}`` of each sequence, no baseline.
+
+    Args:
+        token_rewards: (B, T) per-token rewards, typically ``-kl_coef * kl`` at every token plus
+            the score at the last one (``distrl.algos.ppo.kl_shaped_rewards``).
+        mask: (B, T) response-token mask (contiguous ones from t=0); rewards on padding are
+            ignored.
+        gamma: discount.
+
+    Returns:
+        returns (B, T), zero on padding.
+    """
+    rewards = token_rewards * mask
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[-1])):
+        running = rewards[:, t] + gamma * running
+        returns[:, t] = running
+    return returns * mask
+
+
+def reinforce_pp_advantages(
+    *, token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0
+) -> torch.Tensor:
+    """REINFORCE++ advantage: the return-to-go whitened over every response token of the batch.
+
+    The whole batch shares one mean and one (population) variance, so unlike the group
+    estimators this needs no ``groups`` and does see the per-token KL.
+
+    Args:
+        token_rewards: (B, T); mask: (B, T); gamma: discount (see ``reinforce_pp_returns``).
+
+    Returns:
+        advantages (B, T) with zero mean and unit variance over masked tokens, zero on padding.
+    """
+    return whiten(reinforce_pp_returns(token_rewards=token_rewards, mask=mask, gamma=gamma), mask)
+
+
+AdvantageFn = Callable[..., torch.Tensor]
+
+ADVANTAGE_ESTIMATORS: dict[str, AdvantageFn] = {
+    "grpo": group_advantages,
+    "dr_grpo": partial(group_advantages, std_normalize=False),
+    "rloo": rloo_advantages,
+}
+"""Outcome-level estimators, each called as ``fn(scores=, groups=, mask=) -> (B, T)``.
+
+REINFORCE++ is not here: it takes per-token KL-shaped rewards and whitens over the batch instead
+of comparing within groups, so callers use ``reinforce_pp_advantages(token_rewards=, mask=)``.
+"""
+
+
+def kl_penalty(
+    *, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str
+) -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from the sampled tokens' log-probabilities.
+
+    With ``log r = logprobs - ref_logprobs``: ``k1 = log r`` (unbiased, can be negative),
+    ``k2 = 0.5 (log r)^2``, ``k3 = exp(-log r) + log r - 1`` (``low_var_kl``: unbiased, >= 0, lower
+    variance). For k3 the exponent is clamped to [-20, 20] and the result to at most 10, so one
+    token far from the reference neither overflows ``exp`` (an inf there makes the gradient NaN)
+    nor dominates the penalty.
+
+    Args:
+        logprobs: (B, T) under the policy; ref_logprobs: (B, T) under the reference model.
+        estimator: one of ``KL_ESTIMATORS``.
+
+    Returns:
+        (B, T) unmasked values; the caller masks and aggregates them.
+    """
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator in ("k3", "low_var_kl"):
+        neg = (-log_ratio).clamp(-20.0, 20.0)
+        return (neg.exp() - neg - 1.0).clamp(max=10.0)
+    raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
+
+
+def aggregate_loss(
+    *, loss: torch.Tensor, mask: torch.Tensor, mode: str, max_length: int | None = None
+) -> torch.Tensor:
+    """Reduce per-token losses (B, T) to a scalar; the choice sets how much each token weighs.
+
+    Modes:
+        ``token_mean``: sum over all real tokens / their number. Every token weighs the same, so
+            long sequences count more (DAPO).
+        ``seq_mean_token_sum``: per-sequence sum, then mean over the B sequences.
+        ``seq_mean_token_mean``: per-sequence token mean, then mean over the B sequences. Every
+            sequence weighs the same, so a token of a short one weighs more (original GRPO).
+        ``seq_mean_token_sum_norm``: per-sequence sum divided by the constant ``max_length``,
+            then mean over the B sequences, i.e. ``sum / (B * max_length)``. No length bias and a
+            normaliser that does not move with the batch (Dr. GRPO).
+
+    Args:
+        loss: (B, T) per-token losses; mask: (B, T) response-token mask.
+        mode: one of ``LOSS_AGG_MODES``.
+        max_length: the constant of ``seq_mean_token_sum_norm``; pass the configured maximum
+            response length so it stays fixed when batches are padded to different T. Default T.
+
+    Returns:
+        the scalar loss. A sequence with no real token contributes 0 (never NaN).
+    """
+    if mode == "token_mean":
+        return masked_mean(loss, mask)
+    seq_sum = (loss * mask).sum(-1)
+    if mode == "seq_mean_token_sum":
+        return seq_sum.mean()
+    if mode == "seq_mean_token_mean":
+        return (seq_sum / mask.sum(-1).clamp(min=1.0)).mean()
+    if mode == "seq_mean_token_sum_norm":
+        return seq_sum.mean() / (max_length if max_length is not None else mask.shape[-1])
+    raise ValueError(f"unknown loss aggregation mode {mode!r}; expected one of {LOSS_AGG_MODES}")
+
+
+def policy_loss(
+    *,
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float,
+    clip_high: float,
+    loss_agg: str,
+    max_length: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate ``-min(r A, clip(r, 1 - clip_low, 1 + clip_high) A)``, aggregated.
+
+    ``clip_high > clip_low`` is DAPO's clip-higher: a token whose probability rises (A > 0) may
+    move further before its gradient stops, which keeps low-probability tokens explorable.
+
+    Args:
+        logprobs: (B, T) under the policy being trained.
+        old_logprobs: (B, T) recorded when the tokens were sampled.
+        advantages: (B, T); mask: (B, T).
+        clip_low, clip_high: the ratio is clamped to ``[1 - clip_low, 1 + clip_high]``.
+        loss_agg: an ``aggregate_loss`` mode; max_length: its ``seq_mean_token_sum_norm`` constant.
+
+    Returns:
+        the loss and token-mean stats: ``clipfrac`` (share of tokens where clipping bit),
+        ``approx_kl`` (k3 ``(r - 1) - log r`` of KL(old || new)) and ``ratio``.
+    """
+    # Padding is zeroed and the log-ratio clamped before exp, so no inf can reach the loss.
+    log_ratio = ((logprobs - old_logprobs) * mask).clamp(-20.0, 20.0)
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    per_token = torch.maximum(unclipped, clipped)
+    loss = aggregate_loss(loss=per_token, mask=mask, mode=loss_agg, max_length=max_length)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
+            "approx_kl": masked_mean((ratio - 1.0) - log_ratio, mask),
+            "ratio": masked_mean(ratio, mask),
+        }
+    return loss, stats
+
+
+def equal_reward_groups(*, scores: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """True (B,) for samples whose group's scores are all equal, so their advantage is 0.
+
+    DAPO's dynamic sampling drops these and samples more prompts until the batch is full. A group
+    of one counts as equal: ``group_advantages`` and ``rloo_advantages`` give it 0 too.
+
+    Args:
+        scores: (B,); groups: (B,) int64.
+
+    Returns:
+        (B,) bool.
+    """
+    _, index = torch.unique(groups, return_inverse=True)
+    lo = torch.zeros_like(scores).scatter_reduce(0, index, scores, "amin", include_self=False)
+    hi = torch.zeros_like(scores).scatter_reduce(0, index, scores, "amax", include_self=False)
+    return (lo == hi)[index]
+
+
+def overlong_penalty(
+    *, lengths: torch.Tensor, max_length: int, buffer: int, penalty_factor: float = 1.0
+) -> torch.Tensor:
+    """DAPO soft overlong punishment, added to the score of each sequence.
+
+    0 while ``length <= max_length - buffer``, then falling linearly to ``-penalty_factor`` at
+    ``length == max_length`` and staying there beyond.
+
+    Args:
+        lengths: (B,) response lengths in tokens.
+        max_length: the generation limit; buffer: width of the linear ramp, ``0 < buffer <=
+            max_length``; penalty_factor: the largest penalty.
+
+    Returns:
+        (B,) float penalties, all <= 0.
+    """
+    if not 0 < buffer <= max_length:
+        raise ValueError(f"overlong buffer must be in (0, max_length={max_length}], got {buffer}")
+    exceed = (lengths.float() - (max_length - buffer)).clamp(0.0, float(buffer))
+    return -penalty_factor * exceed / buffer
