@@ -36,6 +36,7 @@ import argparse
 import dataclasses
 import math
 import os
+import shutil
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -44,6 +45,7 @@ from typing import Any
 import yaml
 
 from distrl import cli
+from distrl.checkpoint import latest_checkpoint
 from distrl.config import RunConfig, build, dump_yaml, load_config, to_dict
 from distrl.errors import ConfigError, DistrlError
 from distrl.tune_space import (
@@ -98,7 +100,12 @@ def run_trial(
         checkpoint = tune.Checkpoint.from_directory(str(saved)) if saved else None
         tune.report({**latest, **params, "step": step}, checkpoint=checkpoint)
 
-    train(trial_config, resume=True, report=report)
+    # A restored trial resumes from its newest checkpoint; one that died before its first
+    # checkpoint has nothing to resume and starts again in an emptied folder.
+    resume = latest_checkpoint(run_dir / "checkpoints") is not None
+    if not resume:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    train(trial_config, resume=resume, report=report)
 
 
 def _adopt_tune_checkpoint(checkpoint: Any, root: Path) -> None:
