@@ -187,8 +187,8 @@ class PPOConfig:
     )
     kl_loss_coef: float = _f(
         0.0,
-        "KL to the reference model as a loss term (GRPO's beta); 0 skips it. PPO and "
-        "reinforce_pp put the KL in the reward instead (kl_coef)",
+        "KL to the reference model as a loss term (GRPO's beta), for any algorithm; 0 skips "
+        "it. ppo and reinforce_pp also put a KL penalty in the reward (kl_coef)",
         ge=0.0,
     )
     kl_estimator: Literal["k1", "k2", "k3"] = _f(

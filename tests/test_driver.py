@@ -127,3 +127,49 @@ def test_no_held_out_prompts_is_said_not_hidden():
     with pytest.warns(UserWarning, match="eval/\\* metrics use the first training prompts"):
         train_prompts, val_prompts = prepare(config)
     assert val_prompts.ids == train_prompts.ids[: config.output.eval_examples]
+
+
+@pytest.mark.slow  # four runs
+@pytest.mark.parametrize("algo", ["grpo", "dr_grpo", "rloo", "reinforce_pp"])
+def test_critic_free_algorithms_run_end_to_end_with_groups(ray_session, tmp_path, algo):
+    config = tiny(
+        tmp_path,
+        algo=algo,
+        iterations=2,
+        **{"rollout.samples_per_prompt": 2, "ppo.kl_loss_coef": 0.01, "output.plots": False},
+    )
+    run_dir = train(config)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2]
+    last = records[-1]
+    assert "learner/value_loss" not in last  # no critic
+    assert "learner/kl_loss" in last and "learner/kl" in last
+    assert last["learner/version"] == 2 and last["sampling/rounds"] == 1
+    state = torch.load(run_dir / "final" / "distrl_state.pt", weights_only=True)
+    # 2 workers x 4 prompts x 2 samples = 16 sequences, minibatches of 4, 1 epoch: 4 steps each.
+    assert state["steps"] == 2 * 4
+    from distrl.validate import run_config_for, validate
+
+    final = str(run_dir / "final")
+    report = validate(run_config_for(final, None), examples=2, checkpoint=final)
+    assert report["validate/examples"] == 2
+
+
+@pytest.mark.slow  # a run whose every group ties: dynamic sampling collects its most rounds
+def test_dynamic_sampling_drops_groups_without_signal_and_says_so(ray_session, tmp_path):
+    # The diversity reward of 8 random tokens is 1 for every sample: no group has signal.
+    config = tiny(
+        tmp_path,
+        algo="grpo",
+        iterations=1,
+        **{
+            "rollout.samples_per_prompt": 2,
+            "ppo.dynamic_sampling": True,
+            "ppo.max_sampling_rounds": 3,
+            "ppo.overlong_buffer": 4,
+            "output.plots": False,
+        },
+    )
+    records = read_metrics(train(config) / "metrics.jsonl")
+    assert records[0]["sampling/rounds"] == 3 and records[0]["sampling/kept_fraction"] == 0.0
+    assert records[0]["reward/overlong_penalty"] < 0  # 8-token replies hit the length limit
