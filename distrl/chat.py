@@ -246,7 +246,7 @@ def generate_text(
     length: int = 50,
     **options: Any,
 ) -> str:
-    """Continue ``prompt`` by up to ``length`` new tokens (seed 002's ``generate_text``).
+    """Continue ``prompt`` by up to ``length`` new tokens.
 
     The prompt is used as written, without a chat template; only the continuation is returned.
     ``tokenizer`` is a distrl ``Tokenizer`` or a Hugging Face one; ``options`` are
@@ -285,7 +285,7 @@ def read_history(path: str | Path) -> list[dict[str, str]]:
 
 
 class ChatInterface:
-    """A conversation with a model (seed 004's ``ChatInterface``).
+    """A conversation with a model.
 
     Args:
         path: a distrl checkpoint or Hugging Face folder; None or "default" is the packaged

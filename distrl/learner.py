@@ -446,7 +446,7 @@ class Learner:
     def reference_metrics(
         self, prompts: list[list[int]], references: list[list[int]]
     ) -> dict[str, float]:
-        """Token accuracy and perplexity of reference responses under the policy (seed 004)."""
+        """Token accuracy and perplexity of reference responses under the policy."""
         return reference_metrics(self.net.model, prompts, references, self.tokenizer.pad_token_id)
 
     # ---- checkpoints ---------------------------------------------------------------------

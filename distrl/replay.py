@@ -277,7 +277,6 @@ class UniformReplay:
             state["priorities"] = table.column("_priority").to_numpy()
         self.load_state_dict(state)
 
-    snapshot, restore = save_parquet, load_parquet  # the names the issue uses
 
 
 def _to_arrow(v: np.ndarray) -> pa.Array:

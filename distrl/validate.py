@@ -2,7 +2,7 @@
 
 Greedy generations on the validation prompts of the run's config are scored by every reward
 component; the policy's perplexity and token accuracy on reference responses and the
-distinct-1/2 diversity of its generations are reported beside them (seed 001's validate).
+distinct-1/2 diversity of its generations are reported beside them.
 Runs in one process, without Ray.
 
 Examples:

@@ -92,8 +92,11 @@ def test_checkpoint_round_trip_and_q_guided_decoding(tmp_path):
     replay = filled_replay(config, worker, prompts, np.ones(4))
     for _ in range(3):
         learner.update(replay.sample(32))
-    learner.weights()
+    published = learner.weights()
     learner.save(str(tmp_path), {"step": 7})
+    worker.set_weights(published)  # the worker holds what the checkpoint holds
+    ids = np.array([prompts[0]])
+    expected = worker.generate([prompts[0]], [0], greedy=True)
     fresh = QLearner(**QLearner.arguments(config))
     assert fresh.load(str(tmp_path)) == {"step": 7}
     assert fresh.steps == 3 and fresh.version == learner.version == 1
@@ -102,12 +105,10 @@ def test_checkpoint_round_trip_and_q_guided_decoding(tmp_path):
     sample = replay.sample(32)
     assert np.allclose(fresh.update(sample)[1], learner.update(sample)[1], atol=1e-6)
     policy, tokenizer = load_q_policy(tmp_path)
-    worker.set_weights(learner.weights())
-    ids = np.array([prompts[0]])
-    out = policy.decode(ids, np.ones_like(ids), 3)
-    expected = worker.generate([prompts[0]], [0], greedy=True)
-    # The checkpoint decodes like the worker holding the same weights (up to one update).
-    assert out.response_ids.shape == expected.response_ids.shape
+    out = policy.decode(ids, np.ones_like(ids), config.rollout.max_new_tokens)
+    # The checkpoint decodes exactly as the worker holding the same weights, Q-values included.
+    assert np.array_equal(out.response_ids, expected.response_ids)
+    np.testing.assert_allclose(out.q_taken, expected.q_taken, atol=1e-5)
     assert tokenizer.vocab_size == worker.tokenizer.vocab_size
 
 

@@ -82,7 +82,7 @@ def test_replay_actor_snapshot_restores_exactly(ray_session, tmp_path):
     _, ids, _ = actors.get(a.sample.remote(10))
     actors.get(a.update_priorities.remote(ids, rng.random(10)))
     path = str(tmp_path / "replay.parquet")
-    actors.get(a.snapshot.remote(path))
+    actors.get(a.save_parquet.remote(path))
     b = actors.make_actor(PrioritizedReplay, options, capacity=50, seed=99)
     actors.get(b.restore.remote(path))
     sa, sb = actors.get([a.sample.remote(16), b.sample.remote(16)])

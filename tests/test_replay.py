@@ -194,7 +194,7 @@ def test_parquet_snapshot_round_trip_is_exact(kind, tmp_path):
     buf, _ = filled(kind)
     path = tmp_path / "replay.parquet"
     buf.save_parquet(path)
-    buf.snapshot(path)  # overwriting an existing snapshot is atomic too
+    buf.save_parquet(path)  # overwriting an existing snapshot is atomic too
     assert os.listdir(tmp_path) == ["replay.parquet"]
     clone = PrioritizedReplay(16, seed=99) if kind == "prioritized" else UniformReplay(16, 99)
     clone.load_parquet(path)
@@ -205,7 +205,7 @@ def test_snapshot_of_an_empty_buffer_and_mismatched_restore(tmp_path):
     path = tmp_path / "empty.parquet"
     PrioritizedReplay(8).save_parquet(path)
     restored = PrioritizedReplay(8)
-    restored.restore(path)
+    restored.load_parquet(path)
     assert len(restored) == 0
     with pytest.raises(ValueError, match="snapshot is prioritized/8"):
         PrioritizedReplay(4).load_parquet(path)

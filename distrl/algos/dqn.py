@@ -112,7 +112,7 @@ def td_loss(
     kind: Literal["huber", "mse"] = "huber",
     delta: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Importance-weighted TD loss (seed 003's custom loss with PER weights).
+    """Importance-weighted TD loss (prioritized replay's weights on each error).
 
     Args:
         q: (B,) Q(s, a) of the taken actions, with gradient.
@@ -204,7 +204,7 @@ def boltzmann_actions(
 
 
 def ucb_bonus(*, counts: torch.Tensor, total: torch.Tensor | float, c: float) -> torch.Tensor:
-    """Count-based bonus ``c * sqrt(ln(total + 1) / (counts + 1))`` (seed 001's UCB).
+    """Count-based bonus ``c * sqrt(ln(total + 1) / (counts + 1))`` (UCB exploration).
 
     Args:
         counts: (B, A) or (A,) times each action was tried in the state's context.

@@ -7,7 +7,7 @@ extra loss for the learner to add beside the TD loss. ``build_qnet`` picks one b
 
 - ``lm_head``: ``LMHeadQNetwork``, the policy's backbone with a Q head copied from its LM head;
 - ``performer``: ``PerformerQNetwork``, FAVOR+ linear-attention transformer from scratch;
-- ``mlp``: ``StateQNetwork``, seed 000's MLP over a (pruned, frozen) policy-backbone state
+- ``mlp``: ``StateQNetwork``, an MLP over a (pruned, frozen) policy-backbone state
   embedding, optionally compressed by a ``StateAutoencoder``.
 
 Dtypes: what is copied from the policy (backbones, the ``lm_head`` Q head) keeps its dtype,

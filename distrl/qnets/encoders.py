@@ -1,9 +1,9 @@
 """State encoders and the MLP Q-network over a state embedding.
 
 ``StateEncoder`` turns token ids into one embedding per state with a (optionally magnitude
-pruned) causal LM backbone (seed 003's pruned transformer); ``StateAutoencoder`` compresses that
-embedding, trained by a reconstruction loss beside the TD loss (seed 001); ``MLPQNetwork`` is
-seed 000's one-hidden-layer Q-network over it. ``StateQNetwork`` chains them behind the common
+pruned) causal LM backbone (a pruned transformer); ``StateAutoencoder`` compresses that
+embedding, trained by a reconstruction loss beside the TD loss; ``MLPQNetwork`` is
+a one-hidden-layer Q-network over it. ``StateQNetwork`` chains them behind the common
 ``QNetwork`` interface. Shapes: ``B`` states, ``L`` tokens, ``H`` embedding size, ``V`` vocab.
 """
 
@@ -155,7 +155,7 @@ class StateAutoencoder(nn.Module):
 
 
 class MLPQNetwork(nn.Module):
-    """Seed 000's Q-network: one hidden ReLU layer, state embedding (B, state_dim) -> (B, V)."""
+    """The MLP Q-network: one hidden ReLU layer, state embedding (B, state_dim) -> (B, V)."""
 
     def __init__(self, state_dim: int, vocab_size: int, hidden: int = 128) -> None:
         super().__init__()

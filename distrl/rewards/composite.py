@@ -132,7 +132,7 @@ def _shown(text: str) -> str:
 
 
 class CompositeReward:
-    """The weighted sum of a ``RewardConfig``'s components (seed 000's ``compute_reward``).
+    """The weighted sum of a ``RewardConfig``'s components (``compute_reward``).
 
     Args:
         config: the reward config; validated here with ``check_reward_config``.
@@ -303,14 +303,14 @@ def compute_reward(
     target_context: str | None = None,
     seed: int = 0,
 ) -> ScoreResult:
-    """Score completions in-process with a composite reward (seed 000's ``compute_reward``).
+    """Score completions in-process with a composite reward.
 
     Args:
         completions: the texts to score.
-        config: the reward; default seed 000's fluency + diversity, plus relevance when a
+        config: the reward; default fluency + diversity, plus relevance when a
             target is given. The built reward (its models) is kept for the next call.
         prompts, references, qualities, targets: per-sample inputs, as in ``RewardBatch``.
-        target_context: one target for every sample (seed 000's ``target_context``).
+        target_context: one target for every sample.
         seed: seed of any random reference model.
     """
     if target_context is not None and targets is None:
