@@ -25,6 +25,7 @@ def tiny(tmp_path, **overrides):
     return load_config("tiny", {**base, **overrides})
 
 
+@pytest.mark.slow  # a whole run on Ray
 def test_tiny_run_trains_logs_and_checkpoints(ray_session, tmp_path):
     config = tiny(tmp_path)
     run_dir = train(config)
@@ -66,6 +67,7 @@ def test_tiny_run_trains_logs_and_checkpoints(ray_session, tmp_path):
     assert {p.name for p in (run_dir / "checkpoints").iterdir()} >= {"step_2", "step_4", "best"}
 
 
+@pytest.mark.slow  # a whole run on Ray
 def test_resume_continues_at_the_next_step(ray_session, tmp_path):
     train(tiny(tmp_path, iterations=2))
     run_dir = train(tiny(tmp_path, iterations=4), resume=True)
@@ -111,6 +113,7 @@ def test_cli_help_lists_fields():
     assert "--resume" in result.stdout
 
 
+@pytest.mark.slow  # a whole run on Ray
 def test_config_yaml_is_the_resolved_config(ray_session, tmp_path):
     config = tiny(tmp_path, iterations=1, **{"learner.lr": "2e-3"})
     run_dir = train(config)

@@ -48,6 +48,7 @@ def test_an_action_outside_the_vocabulary_is_refused(env):
 
 
 @pytest.mark.parametrize("algo", ["ppo", "dqn"])
+@pytest.mark.slow  # a whole run on Ray
 def test_rllib_runs_an_iteration(ray_session, algo):
     if algo == "ppo":
         from ray.rllib.algorithms.ppo import PPOConfig

@@ -28,6 +28,7 @@ def tiny_dqn(tmp_path, **over):
     return load_config("tiny", {**base, **over})
 
 
+@pytest.mark.slow  # a whole run on Ray
 def test_dqn_run_with_two_workers_replay_and_resume(ray_session, tmp_path):
     config = tiny_dqn(tmp_path)
     assert config.rollout.num_workers == 2

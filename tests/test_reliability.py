@@ -83,6 +83,7 @@ def final_state(run_dir: Path) -> dict:
     return torch.load(run_dir / "final" / "distrl_state.pt", weights_only=True)
 
 
+@pytest.mark.slow  # a whole run on Ray
 def test_a_sigkilled_reward_actor_is_restarted_and_counted(ray_session, tmp_path):
     config = tiny(tmp_path, iterations=5)
     records = run_with_kill(config, tmp_path / "run", lambda t: t.pool.actors)
@@ -92,6 +93,7 @@ def test_a_sigkilled_reward_actor_is_restarted_and_counted(ray_session, tmp_path
     assert all(np.isfinite(r["reward/total"]) for r in records)
 
 
+@pytest.mark.slow  # a whole run on Ray
 def test_a_sigkilled_rollout_worker_is_restarted_and_its_stale_batch_redone(ray_session, tmp_path):
     config = tiny(tmp_path, iterations=5)
     records = run_with_kill(config, tmp_path / "run", lambda t: t.workers[:1])
@@ -212,6 +214,7 @@ def test_a_sigkilled_driver_resumes_without_losing_or_repeating_a_step(ray_sessi
     assert state["steps"] == ref["steps"]  # total optimizer updates equal an uninterrupted run
 
 
+@pytest.mark.slow  # a whole run on Ray
 def test_non_finite_updates_stop_the_run_with_the_last_good_state_saved(ray_session, tmp_path):
     # A reward of 3e38 is finite but its squared value error is not: every update is skipped.
     config = tiny(
@@ -239,6 +242,7 @@ def test_non_finite_updates_stop_the_run_with_the_last_good_state_saved(ray_sess
     assert json.loads((saved / "distrl_checkpoint.json").read_text())["meta"]["step"] >= 1
 
 
+@pytest.mark.slow  # a whole run on Ray
 def test_a_corrupted_newest_checkpoint_is_reported_and_the_previous_one_resumed(
     ray_session, tmp_path
 ):
@@ -294,6 +298,7 @@ QUIET = {
 }
 
 
+@pytest.mark.slow  # a whole run on Ray
 def test_a_refused_resume_changes_nothing_and_says_why(finished_run, tmp_path):
     before = files_of(finished_run)
     line = refused("--resume", "--output-dir", str(finished_run), "--model.name", "tiny-gpt2")
