@@ -85,7 +85,7 @@ def test_replay_actor_snapshot_restores_exactly(ray_session, tmp_path):
     path = str(tmp_path / "replay.parquet")
     actors.get(a.save_parquet.remote(path))
     b = actors.make_actor(PrioritizedReplay, options, capacity=50, seed=99)
-    actors.get(b.restore.remote(path))
+    actors.get(b.load_parquet.remote(path))
     sa, sb = actors.get([a.sample.remote(16), b.sample.remote(16)])
     for x, y in zip(sa[0].values(), sb[0].values()):
         assert np.array_equal(x, y)
