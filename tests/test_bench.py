@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 
 def positive(value) -> bool:
@@ -19,10 +20,10 @@ def positive(value) -> bool:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    sections = ["rollout", "learner", "replay", "attention", "pipeline"]
-    cmd = [sys.executable, "-m", "distrl.bench", *sections]
+    sections = ["rollout", "learner", "publish", "replay", "attention", "pipeline"]
+    cmd = [sys.executable, "-m", "distrl.bench", *sections, "--batch", "4", "--new-tokens", "16"]
     done = subprocess.run(
-        [*cmd, "--model", "tiny", "--quick", "--json", str(out)],
+        [*cmd, "--model", "tiny", "--quick", "--device", "cpu", "--json", str(out)],
         timeout=600,
         capture_output=True,
         text=True,
@@ -36,13 +37,15 @@ def test_machine_and_sections(report):
     for key in ("cpu_count", "torch_threads", "device", "torch", "ray", "transformers"):
         assert machine[key], key
     assert report["model"] == "tiny" and report["quick"] is True
+    assert report["batch"] == 4 and report["new_tokens"] == 16 and report["device"] == "cpu"
     assert "reward" not in report  # only the sections asked for
 
 
 def test_rollout_figures(report):
     rollout = report["rollout"]
-    assert rollout["batch_size"] == 8 and rollout["max_new_tokens"] == 32
-    assert rollout["note"]
+    assert rollout["batch_size"] == 4 and rollout["max_new_tokens"] == 16
+    assert rollout["note"] and rollout["dtype"] == "float32"
+    assert rollout["raw"]["device"] == "cpu"
     assert positive(rollout["raw"]["tokens_per_s"])
     assert positive(rollout["raw"]["driver_peak_rss_mb"])
     assert set(rollout["distrl"]) == {"1 worker", "2 workers"}
@@ -50,12 +53,15 @@ def test_rollout_figures(report):
         assert positive(row["reference_tokens_per_s"])
         assert positive(row["tokens_per_s"]) and positive(row["ratio"])
         assert len(row["peak_rss_mb"]) == row["workers"]
+        assert row["devices"] == ["cpu"] * row["workers"] and row["gpus_per_worker"] == 0
         assert all(positive(mb) for mb in row["peak_rss_mb"])
 
 
 def test_learner_figures(report):
     learner = report["learner"]
     assert learner["note"] and learner["tokens"] > 0
+    assert learner["batch_shape"][0] == 4
+    assert learner["device"] == learner["raw"]["device"] == "cpu"
     assert positive(learner["raw"]["tokens_per_s"])
     assert positive(learner["driver_peak_rss_mb"])
     rows = learner["distrl"]
@@ -68,8 +74,21 @@ def test_learner_figures(report):
         assert positive(row["learner_reported_tokens_per_s"])
 
 
+def test_publish_figures(report):
+    publish = report["publish"]
+    assert publish["note"] and set(publish["dtypes"]) == {"float32", "bfloat16"}
+    rows = publish["dtypes"]
+    # bfloat16 publishes half the bytes of float32, as its raw 16-bit pattern.
+    assert rows["bfloat16"]["bytes"] * 2 == rows["float32"]["bytes"]
+    for row in rows.values():
+        assert positive(row["seconds"]) and positive(row["reference_seconds"])
+        assert positive(row["ratio"])
+        assert row["devices"] == {"learner": "cpu", "workers": ["cpu", "cpu"]}
+
+
 def test_replay_figures(report):
     replay = report["replay"]
+    assert replay["device"] == "cpu"
     assert replay["capacity"] == 100_000 and replay["batch"] == 512
     assert set(replay["figures"]) == {
         "add_transitions_per_s",
@@ -84,6 +103,7 @@ def test_replay_figures(report):
 
 def test_attention_figures(report):
     attention = report["attention"]
+    assert attention["device"] == "cpu"
     lengths = [row["length"] for row in attention["rows"]]
     assert lengths == sorted(lengths) and attention["length_growth"] == lengths[-1] / lengths[0]
     for row in attention["rows"]:
@@ -97,5 +117,30 @@ def test_pipeline_figures(report):
         row = pipeline[name]
         assert positive(row["seconds_per_step"]) and positive(row["completions_per_s"])
         assert len(row["seconds"]) == 3  # the quick run's timed steps, after a warm-up
+        assert row["device"] == "cpu" and row["dtype"] == "float32"
     # The tiny models use tiktoken, which TRL cannot take: the comparison says it was skipped.
     assert pipeline["trl_grpo"] is None and "TRL comparison skipped" in pipeline["note"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_rollout_and_learner_benches_on_cuda(tmp_path):
+    """On a GPU both sides run there: actors hold GPU shares, the raw side uses the same GPU."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "distrl.bench", "rollout", "learner", "publish", "--quick"]
+    done = subprocess.run(
+        [*cmd, "--model", "tiny", "--device", "cuda", "--batch", "16", "--json", str(out)],
+        timeout=900,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rollout, learner = report["rollout"], report["learner"]
+    assert rollout["raw"]["device"].startswith("cuda") and rollout["dtype"] == "bfloat16"
+    for row in rollout["distrl"].values():
+        assert row["gpus_per_worker"] > 0 and all(d.startswith("cuda") for d in row["devices"])
+        assert positive(row["ratio"])
+    assert learner["device"].startswith("cuda") and learner["raw"]["device"].startswith("cuda")
+    assert all(positive(row["ratio"]) for row in learner["distrl"].values())
+    assert report["publish"]["dtypes"]["bfloat16"]["devices"]["learner"].startswith("cuda")

@@ -304,6 +304,18 @@ def test_tiny_policy_on_cuda():
     assert all(t.device.type == "cpu" for t in get_weights(model).values())
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_weights_published_from_cuda_load_into_a_cpu_model():
+    model = load_policy("tiny-llama", vocab_size=VOCAB, device="cuda", dtype="bfloat16")
+    published = publish_weights(model, version=1)
+    assert all(isinstance(a, np.ndarray) for a in published.state.values())
+    received = tiny("tiny-llama", seed=1, dtype="bfloat16")
+    set_weights(received, published.tensors())
+    for name, param in received.state_dict().items():
+        assert torch.equal(param, model.state_dict()[name].cpu()), name
+
+
 @pytest.fixture(scope="session")
 def default_cache(tmp_path_factory):
     """A fresh distrl cache with the packaged SmolLM2 converted once (exercises the GGUF path)."""

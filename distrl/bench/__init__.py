@@ -1,12 +1,16 @@
 """Throughput benchmarks.
 
-``python -m distrl.bench [rollout|learner|replay|reward|attention|pipeline|all ...]
-[--json OUT] [--model default|tiny] [--quick]``
+``python -m distrl.bench [rollout|learner|publish|replay|reward|attention|pipeline|all ...]
+[--json OUT] [--model default|tiny] [--quick] [--batch B] [--new-tokens T]
+[--device auto|cpu|cuda] [--dtype auto|float32|bfloat16|float16]``
 
 Each section is a function returning a JSON-ready dict and printing a table; ``all`` runs every
 section. Speed is measured here, never asserted in tests. The machine is shared and noisy:
 compare figures from one run rather than across runs. Every distrl figure sits beside a raw
 reference measured in the same run (repetitions interleaved with distrl's), and their ratio.
+Both sides of a comparison run on the same device, and the JSON says which: on a CUDA machine
+(``--device auto``) distrl's actors hold GPU shares and the raw side runs on the same GPU, at
+``--batch`` x ``--new-tokens`` (GPU-sized batches are the ones worth measuring there).
 
 - ``rollout``: tokens/s of ``RolloutWorker`` actors (1 worker with every CPU; 2 workers with
   an equal share each, generating at once) against a plain Hugging Face ``model.generate`` of
@@ -14,6 +18,9 @@ reference measured in the same run (repetitions interleaved with distrl's), and 
 - ``learner``: tokens/s of ``Learner.train`` (in an actor with every CPU) on a batch from a real
   rollout, whole and its update phase alone, against a plain forward + backward + AdamW step
   of the same model on the same tokens in this process.
+- ``publish``: seconds to get the learner's weights into 2 rollout workers, as the driver
+  does it (``publish_weights`` views, ``set_weights``), in float32 and bfloat16, against the
+  plain way (a state dict of torch tensors through the object store, ``load_state_dict``).
 - ``replay``: add / sample / update-priorities throughput of distrl's prioritized replay,
   in-process and as a Ray actor, against RLlib's ``PrioritizedReplayBuffer`` in-process.
 - ``attention``: time and memory of FAVOR+ (the ``performer`` Q-network's attention) and of
@@ -32,6 +39,7 @@ for every actor.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -39,16 +47,19 @@ from pathlib import Path
 from typing import Any
 
 from distrl.bench.attention import bench_attention
-from distrl.bench.common import local_ray, machine_info
+from distrl.bench.common import BATCH_SIZE, MAX_NEW_TOKENS, BenchOptions, local_ray, machine_info
 from distrl.bench.learner import bench_learner
 from distrl.bench.pipeline import bench_pipeline
+from distrl.bench.publish import bench_publish
 from distrl.bench.replay import bench_replay
 from distrl.bench.reward import bench_reward
 from distrl.bench.rollout import bench_rollout
+from distrl.errors import ModelError
 
-SECTIONS: dict[str, Callable[[str, bool], dict[str, Any]]] = {
+SECTIONS: dict[str, Callable[[BenchOptions], dict[str, Any]]] = {
     "rollout": bench_rollout,
     "learner": bench_learner,
+    "publish": bench_publish,
     "reward": bench_reward,
     "replay": bench_replay,
     "attention": bench_attention,
@@ -76,20 +87,57 @@ def main(argv: list[str] | None = None) -> int:
         "--model", default="default", choices=["default", "tiny"], help="packaged config"
     )
     parser.add_argument("--quick", action="store_true", help="fewer samples and repeats")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=BATCH_SIZE,
+        help=f"sequences per generate call and learner batch (default {BATCH_SIZE})",
+    )
+    parser.add_argument(
+        "--new-tokens",
+        type=int,
+        default=MAX_NEW_TOKENS,
+        help=f"new tokens per sequence in rollout and learner (default {MAX_NEW_TOKENS})",
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="where both sides run; auto = CUDA when present (actors then hold GPU shares)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="model dtype; auto = bfloat16 on a GPU that supports it, else float32",
+    )
     args = parser.parse_args(argv)
+    if args.batch < 1 or args.new_tokens < 1:
+        parser.error("--batch and --new-tokens must be at least 1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     names = list(SECTIONS) if "all" in args.sections else list(dict.fromkeys(args.sections))
+    options = BenchOptions(
+        model=args.model,
+        quick=args.quick,
+        batch=args.batch,
+        new_tokens=args.new_tokens,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    try:
+        options.on_gpu  # noqa: B018 (resolves the device: fail before any section starts)
+    except ModelError as err:
+        parser.error(f"--device {args.device}: {err}")
     report: dict[str, Any] = {
         "machine": machine_info(),
-        "model": args.model,
-        "quick": args.quick,
+        **dataclasses.asdict(options),
     }
     print(", ".join(f"{k}: {v}" for k, v in report["machine"].items()))
     with local_ray():  # one Ray for every section: its start-up is paid once
         for name in names:
             # Other tenants of a shared machine show in the load average, not in our timings.
             load = os.getloadavg()[0]
-            report[name] = SECTIONS[name](args.model, args.quick)
+            report[name] = SECTIONS[name](options)
             report[name]["load_average"] = [load, os.getloadavg()[0]]
             print(f"1-min load average {load:.2f} before, {os.getloadavg()[0]:.2f} after")
             if args.json:  # after every section, so an interrupted run keeps what it measured

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from distrl.bench.common import BenchOptions
 from distrl.qnets import benchmark_attention
 
 
-def bench_attention(model: str, quick: bool) -> dict[str, Any]:
-    """Milliseconds and peak extra MiB of causal FAVOR+ and softmax attention per length."""
+def bench_attention(options: BenchOptions) -> dict[str, Any]:
+    """Milliseconds and peak extra MiB of causal FAVOR+ and softmax attention per length, on
+    the CPU (both sides; the memory count follows CPU tensors)."""
+    quick = options.quick
     lengths = [256, 512, 1024, 2048] if quick else [256, 512, 1024, 2048, 4096, 8192]
     rows = benchmark_attention(lengths, repeats=2 if quick else 3, softmax_max_len=4096)
     print("\nattention (causal, 2 heads x 16 dims, 64 random features), batch 1")
@@ -25,7 +28,7 @@ def bench_attention(model: str, quick: bool) -> dict[str, Any]:
         )
     first, last = rows[0], rows[-1]
     growth = last["length"] / first["length"]
-    out: dict[str, Any] = {"rows": rows, "length_growth": growth}
+    out: dict[str, Any] = {"device": "cpu", "rows": rows, "length_growth": growth}
     for kind in ("favor", "softmax"):
         a, b = first[f"{kind}_peak_mb"], last[f"{kind}_peak_mb"]
         if a and b:

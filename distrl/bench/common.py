@@ -9,6 +9,7 @@ import platform
 import resource
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,66 @@ import torch
 
 from distrl.config import RunConfig, load_config
 from distrl.data import load_examples
+from distrl.models import select_device
 from distrl.policy import encode_prompts
 from distrl.tokenizers import Tokenizer
 
 BATCH_SIZE = 8  # sequences per generate call and per learner batch (one PPO minibatch)
 MAX_NEW_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What the command line asks of every section.
+
+    Attributes:
+        model: packaged config, "default" (SmolLM2-135M) or "tiny".
+        quick: fewer samples and repeats.
+        batch: sequences per generate call and per learner batch (rollout and learner).
+        new_tokens: new tokens per sequence (rollout and learner).
+        device: "auto" (CUDA when present), "cpu" or "cuda", for both sides of a comparison.
+        dtype: "auto" (bfloat16 on a GPU, else float32), "float32", "bfloat16" or "float16".
+    """
+
+    model: str = "default"
+    quick: bool = False
+    batch: int = BATCH_SIZE
+    new_tokens: int = MAX_NEW_TOKENS
+    device: str = "auto"
+    dtype: str = "auto"
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether the models run on CUDA."""
+        return select_device(self.device).type == "cuda"
+
+
+def gpu_share(options: BenchOptions, actors: int) -> float:
+    """GPUs per actor when ``actors`` share the machine's GPUs (0 on the CPU): on a GPU
+    machine distrl's actors hold GPU shares, as a run's would, not CPUs only."""
+    if not options.on_gpu:
+        return 0.0
+    import ray
+
+    return min(1.0, ray.cluster_resources().get("GPU", 0.0) / actors)
+
+
+def _actor_device(actor: Any) -> str:
+    return str(actor.device)
+
+
+def actor_devices(handles: list[Any]) -> list[str]:
+    """The torch device each actor's model is on, read from inside it."""
+    import ray
+
+    return ray.get([h.__ray_call__.remote(_actor_device) for h in handles])
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for queued CUDA work, so a timed call is charged for all of it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
 
 # Options that let every built-in component run on unlabelled chat data.
 COMPONENT_OPTIONS: dict[str, dict[str, Any]] = {
@@ -34,8 +90,6 @@ def machine_info() -> dict[str, Any]:
     """Cores, torch threads, device and versions, stored with every benchmark result."""
     import ray
     import transformers
-
-    from distrl.models import select_device
 
     return {
         "cpu_count": os.cpu_count(),
@@ -101,23 +155,29 @@ def local_ray() -> Iterator[Any]:
         ray.shutdown()
 
 
-def bench_config(model: str) -> RunConfig:
-    """The packaged config ``model`` at batch 8 x 32 new tokens, one optimizer step per epoch."""
+def bench_config(options: BenchOptions) -> RunConfig:
+    """The packaged config ``options.model`` at ``options.batch`` x ``options.new_tokens``, on
+    ``options.device`` in ``options.dtype``, one optimizer step per epoch."""
     return load_config(
-        model,
+        options.model,
         {
-            "rollout.batch_size": BATCH_SIZE,
-            "rollout.max_new_tokens": MAX_NEW_TOKENS,
-            "ppo.minibatch_size": BATCH_SIZE,
+            "model.device": options.device,
+            "model.dtype": options.dtype,
+            "rollout.batch_size": options.batch,
+            "rollout.max_new_tokens": options.new_tokens,
+            "ppo.minibatch_size": options.batch,
             "ppo.epochs": 1,
         },
     )
 
 
 def bench_prompts(config: RunConfig, tokenizer: Tokenizer) -> list[list[int]]:
-    """The first ``rollout.batch_size`` packaged prompts, encoded as the driver encodes them."""
-    examples = load_examples(config.data.train, limit=config.rollout.batch_size)
-    return encode_prompts(examples, tokenizer, config.tokenizer, config.data)
+    """The first ``rollout.batch_size`` packaged prompts, encoded as the driver encodes them
+    (repeated when the set is smaller than the batch)."""
+    n = config.rollout.batch_size
+    examples = load_examples(config.data.train, limit=n)
+    prompts = encode_prompts(examples, tokenizer, config.tokenizer, config.data)
+    return (prompts * (n // len(prompts) + 1))[:n]
 
 
 def clock(fn: Callable[[], Any]) -> tuple[float, Any]:

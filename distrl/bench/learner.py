@@ -12,15 +12,19 @@ import numpy as np
 import torch
 
 from distrl.bench.common import (
+    BenchOptions,
+    actor_devices,
     bench_config,
     bench_prompts,
     clock,
+    gpu_share,
     local_ray,
     peak_rss_mb,
     print_figures,
     ratio,
     reset_peak_rss,
     rounded,
+    synchronize,
 )
 from distrl.learner import Learner
 from distrl.rollout import RolloutWorker
@@ -37,8 +41,13 @@ class MeasuredLearner(Learner):
         self.ppo = dataclasses.replace(self.ppo, epochs=epochs)
 
 
-def raw_train_step(model: Any, ids: Any, mask: Any, lr: float, wd: float) -> Callable[[], None]:
-    """A plain causal-LM step on ``ids`` (B, L): forward with labels, backward, AdamW."""
+def raw_train_step(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, lr: float, wd: float
+) -> Callable[[], None]:
+    """A plain causal-LM step on ``ids`` (B, L): forward with labels, backward, AdamW, on the
+    model's device (the inputs are moved there once, untimed)."""
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
     labels = ids.masked_fill(mask == 0, -100)
     model.train()
@@ -47,17 +56,18 @@ def raw_train_step(model: Any, ids: Any, mask: Any, lr: float, wd: float) -> Cal
         model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
 
     return step
 
 
-def bench_learner(model: str, quick: bool) -> dict[str, Any]:
+def bench_learner(options: BenchOptions) -> dict[str, Any]:
     """The learner section: ``Learner.train`` (whole, and one epoch of updates) against a
-    plain training step, on a batch from a real rollout."""
+    plain training step, on a batch from a real rollout, both on the same device."""
     from distrl.actors import actor_options, get, make_actor
 
-    config = bench_config(model)
-    cores, repeats = os.cpu_count() or 1, 3 if quick else 5
+    config = bench_config(options)
+    cores, repeats = os.cpu_count() or 1, 3 if options.quick else 5
     torch.set_num_threads(cores)
     reset_peak_rss()
     worker = RolloutWorker(
@@ -81,7 +91,7 @@ def bench_learner(model: str, quick: bool) -> dict[str, Any]:
     with local_ray() as ray:
         learner = make_actor(
             MeasuredLearner,
-            actor_options(cores),
+            actor_options(cores, gpu_share(options, 1)),
             model=config.model,
             tokenizer=config.tokenizer,
             learner=config.learner,
@@ -91,6 +101,7 @@ def bench_learner(model: str, quick: bool) -> dict[str, Any]:
             torch_threads=cores,
         )
         batch_ref = ray.put(batch)
+        (learner_device,) = actor_devices([learner])  # waits for the model loads
 
         def train(epochs: int) -> tuple[float, dict[str, float]]:
             get(learner.set_epochs.remote(epochs))
@@ -133,6 +144,8 @@ def bench_learner(model: str, quick: bool) -> dict[str, Any]:
         row["peak_rss_mb"] = learner_peak
     result = {
         "model": config.model.name,
+        "dtype": str(next(worker.model.parameters()).dtype).removeprefix("torch."),
+        "device": learner_device,
         "batch_shape": list(ids.shape),
         "tokens": tokens,
         "repeats": repeats,
@@ -153,12 +166,14 @@ def bench_learner(model: str, quick: bool) -> dict[str, Any]:
             "tokens_per_s": reference,
             "samples": rounded([tokens / t for t in raw_s]),
             "torch_threads": cores,
+            "device": str(worker.device),
         },
         "driver_peak_rss_mb": peak_rss_mb(),
         "distrl": rows,
     }
     print_figures(
-        f"learner: {result['model']}, batch {tokens} tokens {tuple(ids.shape)}; raw step "
+        f"learner: {result['model']} ({result['dtype']} on {learner_device}, raw on "
+        f"{worker.device}), batch {tokens} tokens {tuple(ids.shape)}; raw step "
         f"{reference:.1f} tokens/s, driver peak {result['driver_peak_rss_mb']:.0f} MiB",
         "tokens/s",
         rows,

@@ -11,7 +11,8 @@ distrl runs two ways: ``overlap`` (one rollout worker and the learner in separat
 torch thread each, generating the next batch while the learner trains: ``max_policy_lag`` 1)
 and ``alternate`` (generation then learning, each with both threads). TRL is the optional
 ``bench`` extra (``pip install -e ".[bench]"``); without it the comparison is skipped with a
-message.
+message. ``--device`` and ``--dtype`` apply to both (on a GPU, distrl's rollout worker and
+learner each hold half of it); the work itself stays the fixed one above.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ import tempfile
 import time
 from typing import Any
 
-from distrl.bench.common import local_ray, ratio, rounded
+from distrl.bench.common import BenchOptions, gpu_share, local_ray, ratio, rounded
 from distrl.config import load_config
 from distrl.data import load_examples
 from distrl.metrics import read_metrics
+from distrl.models import select_device, select_dtype
 
 REWARD = "distrl.bench.pipeline:distinct_words"
 COMPLETIONS, MAX_NEW_TOKENS, TEMPERATURE, LR = 8, 32, 0.7, 1e-6
@@ -47,15 +49,25 @@ def distinct_words(completions: list[Any], **_: Any) -> list[float]:
     ]
 
 
-def distrl_pipeline(model: str, steps: int, overlap: bool) -> dict[str, Any]:
+def device_and_dtype(options: BenchOptions) -> dict[str, str]:
+    """The device and dtype ``options`` resolve to, as both sides load the model."""
+    device = select_device(options.device)
+    dtype = select_dtype(options.dtype, device)
+    return {"device": str(device), "dtype": str(dtype).removeprefix("torch.")}
+
+
+def distrl_pipeline(options: BenchOptions, steps: int, overlap: bool) -> dict[str, Any]:
     """Seconds per iteration of ``distrl.driver.train`` on the benchmark's work."""
     from distrl.driver import train
 
     threads = 1 if overlap else 2
+    gpus = gpu_share(options, 2)
     with tempfile.TemporaryDirectory() as tmp:
         config = load_config(
-            model,
+            options.model,
             {
+                "model.device": options.device,
+                "model.dtype": options.dtype,
                 "iterations": steps + 1,
                 "rollout.num_workers": 1,
                 "rollout.batch_size": COMPLETIONS,
@@ -69,7 +81,9 @@ def distrl_pipeline(model: str, steps: int, overlap: bool) -> dict[str, Any]:
                 "reward.components": [{"name": REWARD}],
                 "resources.torch_threads": threads,
                 "resources.rollout_cpus": 0.0,
+                "resources.rollout_gpus": gpus,
                 "resources.learner_cpus": 0.0,
+                "resources.learner_gpus": gpus,
                 "resources.reward_cpus": 0.0,
                 "output.dir": f"{tmp}/run",
                 "output.eval_every": 0,
@@ -83,6 +97,7 @@ def distrl_pipeline(model: str, steps: int, overlap: bool) -> dict[str, Any]:
     seconds = [r["time/iteration_s"] for r in records[1:]]  # the first one warms up
     per_step = statistics.median(seconds)
     return {
+        **device_and_dtype(options),
         "torch_threads": threads,
         "max_policy_lag": config.rollout.max_policy_lag,
         "seconds_per_step": per_step,
@@ -93,7 +108,7 @@ def distrl_pipeline(model: str, steps: int, overlap: bool) -> dict[str, Any]:
     }
 
 
-def trl_grpo(model: str, steps: int) -> dict[str, Any]:
+def trl_grpo(options: BenchOptions, steps: int) -> dict[str, Any]:
     """Seconds per step of TRL's ``GRPOTrainer`` on the benchmark's work.
 
     Raises:
@@ -108,11 +123,14 @@ def trl_grpo(model: str, steps: int) -> dict[str, Any]:
     from distrl.policy import build_model, build_tokenizer
     from distrl.tokenizers import HFTokenizer
 
-    config = load_config(model)
+    config = load_config(
+        options.model, {"model.device": options.device, "model.dtype": options.dtype}
+    )
     tokenizer = build_tokenizer(config.model, config.tokenizer)
     if not isinstance(tokenizer, HFTokenizer):
         raise ImportError(
-            f"TRL needs a Hugging Face tokenizer, and config {model!r} uses {config.tokenizer.name}"
+            f"TRL needs a Hugging Face tokenizer, and config {options.model!r} uses "
+            f"{config.tokenizer.name}"
         )
     policy = build_model(config.model, tokenizer, seed=0)
     examples = load_examples("default", limit=4 * (steps + 1))
@@ -136,8 +154,8 @@ def trl_grpo(model: str, steps: int) -> dict[str, Any]:
             logging_steps=1,
             report_to=[],
             save_strategy="no",
-            use_cpu=True,
-            bf16=False,
+            use_cpu=not options.on_gpu,
+            bf16=policy.dtype == torch.bfloat16,
             seed=0,
         )
         trainer = GRPOTrainer(
@@ -153,6 +171,7 @@ def trl_grpo(model: str, steps: int) -> dict[str, Any]:
     seconds = [b - a for a, b in zip([start, *marks], marks)][1:]
     per_step = statistics.median(seconds)
     return {
+        **device_and_dtype(options),
         "torch_threads": torch.get_num_threads(),
         "seconds_per_step": per_step,
         "completions_per_s": COMPLETIONS / per_step,
@@ -160,15 +179,15 @@ def trl_grpo(model: str, steps: int) -> dict[str, Any]:
     }
 
 
-def bench_pipeline(model: str, quick: bool) -> dict[str, Any]:
+def bench_pipeline(options: BenchOptions) -> dict[str, Any]:
     """distrl's end-to-end PPO (overlapped and alternating) beside TRL GRPO."""
-    steps = 3 if quick else 6
+    steps = 3 if options.quick else 6
     out: dict[str, Any] = {"completions_per_step": COMPLETIONS, "max_new_tokens": MAX_NEW_TOKENS}
     with local_ray():
-        out["distrl_overlap"] = distrl_pipeline(model, steps, overlap=True)
-        out["distrl_alternate"] = distrl_pipeline(model, steps, overlap=False)
+        out["distrl_overlap"] = distrl_pipeline(options, steps, overlap=True)
+        out["distrl_alternate"] = distrl_pipeline(options, steps, overlap=False)
     try:
-        out["trl_grpo"] = trl_grpo(model, steps)
+        out["trl_grpo"] = trl_grpo(options, steps)
     except ImportError as err:
         out["trl_grpo"] = None
         out["note"] = f"TRL comparison skipped: {err} (pip install -e '.[bench]')"

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from distrl import actors
-from distrl.bench.common import actor_peak_rss_mb, local_ray, ratio
+from distrl.bench.common import BenchOptions, actor_peak_rss_mb, local_ray, ratio
 from distrl.replay import PrioritizedReplay, benchmark, rate
 
 CAPACITY, ADD_BATCH, BATCH, OBS_LEN = 100_000, 256, 512, 64
@@ -89,9 +89,10 @@ def actor_figures(capacity: int, seconds: float) -> dict[str, float]:
         ray.kill(buf, no_restart=True)
 
 
-def bench_replay(model: str, quick: bool) -> dict[str, Any]:
-    """Add / sample / update throughput: distrl in-process and through Ray vs RLlib."""
-    seconds = 0.5 if quick else 2.0
+def bench_replay(options: BenchOptions) -> dict[str, Any]:
+    """Add / sample / update throughput: distrl in-process and through Ray vs RLlib (numpy
+    on the CPU, both; no model is involved)."""
+    seconds = 0.5 if options.quick else 2.0
     ours = benchmark(CAPACITY, BATCH, seconds, ADD_BATCH, OBS_LEN)
     rllib = rllib_figures(CAPACITY, seconds)
     with local_ray():
@@ -115,6 +116,7 @@ def bench_replay(model: str, quick: bool) -> dict[str, Any]:
         )
     print(f"replay actor peak memory: {remote['peak_rss_mb']:.0f} MiB")
     return {
+        "device": "cpu",
         "capacity": CAPACITY,
         "add_batch": ADD_BATCH,
         "batch": BATCH,

@@ -5,7 +5,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from distrl.bench.common import COMPONENT_OPTIONS, actor_peak_rss_mb, local_ray, timed
+from distrl.bench.common import (
+    COMPONENT_OPTIONS,
+    BenchOptions,
+    actor_peak_rss_mb,
+    local_ray,
+    timed,
+)
 from distrl.config import RewardComponent, RewardConfig, load_config
 from distrl.data import load_examples
 from distrl.rewards import COMPONENTS, RewardBatch, RewardScorer
@@ -19,6 +25,19 @@ def reward_batch(n: int) -> RewardBatch:
         replies += replies
     prompts = [e.prompt_text for e in examples] * (n // len(examples) + 1)
     return RewardBatch(replies[:n], prompts=prompts[:n], references=replies[1 : n + 1])
+
+
+def scorer_devices(scorer: RewardScorer) -> dict[str, str]:
+    """Where each component of ``scorer`` runs: its model's device ("cpu" without a model)."""
+    out = {}
+    for key, component in zip(scorer.reward.keys, scorer.reward.components):
+        model = getattr(component, "lm", None) or getattr(component, "embedder", None)
+        out[key] = str(getattr(model, "device", "cpu"))
+    return out
+
+
+def _actor_scorer_devices(actor: RewardScorer) -> dict[str, str]:
+    return scorer_devices(actor)
 
 
 def component_costs(batch: RewardBatch, repeats: int) -> dict[str, dict[str, float]]:
@@ -57,18 +76,26 @@ def pool_throughput(
     pool.score(batch)  # warm-up
     seconds = timed(lambda: pool.score(batch), repeats)
     peaks = actor_peak_rss_mb(pool.actors)
+    import ray
+
+    devices = ray.get([a.__ray_call__.remote(_actor_scorer_devices) for a in pool.actors])
     pool.shutdown()
-    return {"samples_per_s": len(batch) / seconds, "startup_s": startup, "peak_rss_mb": peaks}
+    return {
+        "samples_per_s": len(batch) / seconds,
+        "startup_s": startup,
+        "peak_rss_mb": peaks,
+        "devices": devices,
+    }
 
 
-def bench_reward(model: str, quick: bool) -> dict[str, Any]:
+def bench_reward(options: BenchOptions) -> dict[str, Any]:
     """The reward section: pool samples/s with 1 and 2 actors, and per-component cost.
 
-    Always the packaged ``default`` config's reward; ``model`` does not apply here.
+    Always the packaged ``default`` config's reward and resources (its components' devices
+    as configured); ``options.quick`` alone applies here.
     """
-    del model
     config = load_config("default")
-    n_pool, n_components, repeats = (256, 32, 2) if quick else (2048, 128, 3)
+    n_pool, n_components, repeats = (256, 32, 2) if options.quick else (2048, 128, 3)
     pool_batch, component_batch = reward_batch(n_pool), reward_batch(n_components)
 
     in_process = RewardScorer(config.reward)
@@ -93,6 +120,7 @@ def bench_reward(model: str, quick: bool) -> dict[str, Any]:
         "batch_size": config.reward.batch_size,
         "samples": len(pool_batch),
         "in_process_samples_per_s": local,
+        "in_process_devices": scorer_devices(in_process),
         "pool": pools,
         "component_costs": component_costs(component_batch, repeats),
         "component_samples": len(component_batch),

@@ -10,15 +10,19 @@ from typing import Any
 import torch
 
 from distrl.bench.common import (
+    BenchOptions,
+    actor_devices,
     bench_config,
     bench_prompts,
     clock,
+    gpu_share,
     local_ray,
     peak_rss_mb,
     print_figures,
     ratio,
     reset_peak_rss,
     rounded,
+    synchronize,
 )
 from distrl.config import RolloutConfig
 from distrl.policy import build_model, build_tokenizer, left_pad
@@ -56,17 +60,19 @@ def raw_generate(
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
+        synchronize(device)
         return out[:, input_ids.shape[1] :].numel()
 
     return generate
 
 
-def bench_rollout(model: str, quick: bool) -> dict[str, Any]:
-    """The rollout section: RolloutWorker actors (1 and 2) against a plain ``generate``."""
+def bench_rollout(options: BenchOptions) -> dict[str, Any]:
+    """The rollout section: RolloutWorker actors (1 and 2) against a plain ``generate``, on
+    the same device (on a GPU machine the actors hold GPU shares)."""
     from distrl.actors import actor_options, get, make_actor
 
-    config = bench_config(model)
-    cores, repeats = os.cpu_count() or 1, 3 if quick else 5
+    config = bench_config(options)
+    cores, repeats = os.cpu_count() or 1, 3 if options.quick else 5
     torch.set_num_threads(cores)
     torch.manual_seed(config.seed)
     reset_peak_rss()
@@ -74,19 +80,20 @@ def bench_rollout(model: str, quick: bool) -> dict[str, Any]:
     prompts = bench_prompts(config, tokenizer)
     example_ids = list(range(len(prompts)))
     # Loaded as every distrl role loads it (same weights, dtype, device); the timed call is HF's.
-    raw = raw_generate(
-        build_model(config.model, tokenizer, seed=config.seed), tokenizer, config.rollout, prompts
-    )
+    raw_model = build_model(config.model, tokenizer, seed=config.seed)
+    raw_param = next(raw_model.parameters())
+    raw = raw_generate(raw_model, tokenizer, config.rollout, prompts)
     raw()  # warm-up
     raw_rates: list[float] = []
     rows: dict[str, dict[str, Any]] = {}
     with local_ray() as ray:
         for workers in (1, 2):
             threads = max(1, cores // workers)
+            gpus = gpu_share(options, workers)
             actors = [
                 make_actor(
                     MeasuredRolloutWorker,
-                    actor_options(cores / workers),
+                    actor_options(cores / workers, gpus),
                     model=config.model,
                     tokenizer=config.tokenizer,
                     rollout=config.rollout,
@@ -96,7 +103,7 @@ def bench_rollout(model: str, quick: bool) -> dict[str, Any]:
                 )
                 for i in range(workers)
             ]
-            get([a.peak_rss_mb.remote() for a in actors])  # waits for the model loads
+            devices = actor_devices(actors)  # waits for the model loads
 
             def generate(actors: list[Any] = actors) -> list[Trajectories]:
                 return get([a.generate.remote(prompts, example_ids) for a in actors])
@@ -114,6 +121,8 @@ def bench_rollout(model: str, quick: bool) -> dict[str, Any]:
             rows[f"{workers} worker{'s' * (workers > 1)}"] = {
                 "workers": workers,
                 "cpus_per_worker": cores / workers,
+                "gpus_per_worker": gpus,
+                "devices": devices,
                 "torch_threads_per_worker": threads,
                 "tokens_per_s": statistics.median(rates),
                 "samples": rounded(rates),
@@ -130,6 +139,7 @@ def bench_rollout(model: str, quick: bool) -> dict[str, Any]:
     reference = statistics.median(raw_rates)
     result = {
         "model": config.model.name,
+        "dtype": str(raw_param.dtype).removeprefix("torch."),
         "batch_size": len(prompts),
         "max_new_tokens": config.rollout.max_new_tokens,
         "temperature": config.rollout.temperature,
@@ -140,7 +150,8 @@ def bench_rollout(model: str, quick: bool) -> dict[str, Any]:
             "sides (batched generation computes every position, even after a row's EOS); "
             "distrl tokens/s is the driver's wall time of ray.get on all workers' generate "
             "calls (each worker generates its own batch of batch_size); raw = plain HF "
-            f"model.generate in the driver with {cores} torch threads; medians of "
+            f"model.generate in the driver with {cores} torch threads, on the workers' "
+            "device and dtype; medians of "
             f"{repeats} repetitions interleaved with distrl's, after one warm-up; each "
             "row's ratio is against the raw repetitions interleaved with it"
         ),
@@ -148,13 +159,15 @@ def bench_rollout(model: str, quick: bool) -> dict[str, Any]:
             "tokens_per_s": reference,
             "samples": rounded(raw_rates),
             "torch_threads": cores,
+            "device": str(raw_param.device),
             "driver_peak_rss_mb": peak_rss_mb(),
         },
         "distrl": rows,
     }
     print_figures(
-        f"rollout: {result['model']}, batch {result['batch_size']} x "
-        f"{result['max_new_tokens']} new tokens, T={result['temperature']}; raw generate "
+        f"rollout: {result['model']} ({result['dtype']} on {result['raw']['device']}), batch "
+        f"{result['batch_size']} x {result['max_new_tokens']} new tokens, "
+        f"T={result['temperature']}; raw generate "
         f"{reference:.1f} tokens/s, driver peak {result['raw']['driver_peak_rss_mb']:.0f} MiB",
         "tokens/s",
         rows,
