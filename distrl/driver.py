@@ -147,12 +147,7 @@ def _train(
         except OSError as exc:
             raise DistrlError(f"cannot write to output directory {run_dir}: {exc}") from None
     init_ray(config)
-    trainer_class = Trainer
-    if config.algo == "dqn":
-        from distrl.qtrainer import QTrainer
-
-        trainer_class = QTrainer
-    trainer = trainer_class(config, run_dir, train_prompts, val_prompts)
+    trainer = Trainer(config, run_dir, train_prompts, val_prompts)
     try:
         trainer.wait_started([trainer.learner], "the learner")
         if not actors.get(trainer.learner.sees.remote(str(run_dir / CONFIG_FILE))):

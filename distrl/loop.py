@@ -1,10 +1,10 @@
 """The training loop: rollout -> score -> learn -> publish -> log -> checkpoint, each stage timed.
 
-``Trainer`` owns one run's actors and steps the loop; ``QTrainer`` (``distrl.qtrainer``) is the
-DQN variant. Faults are met here: a hung rollout worker or reward actor is replaced, a lost
-learner or replay buffer is restored from the newest checkpoint with the steps since redone,
-and SIGINT/SIGTERM stop the run with the last complete step saved. Every survived fault is
-counted under ``faults/``.
+``Trainer`` owns one run's actors and steps the loop for every algorithm; what differs between
+algorithms is a plug-in (``distrl.algorithms``): its roles and a few hooks. Faults are met here:
+a hung rollout worker or reward actor is replaced, a lost learner or replay buffer is restored
+from the newest checkpoint with the steps since redone, and SIGINT/SIGTERM stop the run with
+the last complete step saved. Every survived fault is counted under ``faults/``.
 """
 
 from __future__ import annotations
@@ -19,23 +19,21 @@ from typing import Any
 
 import numpy as np
 import ray
-import torch
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from distrl import actors
-from distrl.algos import pg
+from distrl.algorithms import ALGORITHMS, Round
 from distrl.checkpoint import latest_checkpoint, prune_checkpoints, write_checkpoint
 from distrl.config import RunConfig
 from distrl.errors import DistrlError
 from distrl.faults import Hung, Interrupt, Lost, Stopped, StopSignals
-from distrl.learner import Learner, NonFiniteError
+from distrl.learner import NonFiniteError
 from distrl.metrics import MetricsLogger, format_progress
 from distrl.prompts import Prompts, reward_batch
 from distrl.rewards import ScoreResult
-from distrl.rollout import RolloutWorker, Trajectories
+from distrl.rollout import Trajectories
 
 Report = Callable[[int, dict[str, float], "Path | None"], None]
-PROGRESS_KEYS = ["reward/total", "learner/kl", "eval/reward", "rollout/tokens_per_s"]
 # Fault counters logged every iteration (each survived fault is counted here, never silent).
 FAULT_KEYS = (
     "faults/stale_batches",
@@ -49,14 +47,14 @@ FAULT_KEYS = (
 
 
 class Trainer:
-    """Owns the actors of one PPO run and steps the training loop (``QTrainer``: DQN)."""
-
-    learner_class: type = Learner
-    worker_class: type = RolloutWorker
-    progress_keys = PROGRESS_KEYS
+    """Owns the actors of one run and steps the training loop; ``self.algo`` (chosen by
+    ``config.algo`` from ``ALGORITHMS``) supplies the roles and the learning step."""
 
     def __init__(self, config: RunConfig, run_dir: Path, train: Prompts, val: Prompts) -> None:
         self.config, self.run_dir, self.train_prompts, self.val = config, run_dir, train, val
+        algorithm = ALGORITHMS[config.algo]
+        self.learner_class, self.worker_class = algorithm.learner_class, algorithm.worker_class
+        self.progress_keys = algorithm.progress_keys
         self.learner = self.make_learner()
         self.workers = [self.make_worker(i) for i in range(config.rollout.num_workers)]
         self.version = 0
@@ -77,7 +75,8 @@ class Trainer:
         self.reward_timeouts = 0  # counted before a resume
         self.logger: MetricsLogger | None = None
         self.signals = StopSignals()
-        self.initial_state = Trainer.state(self)  # what a recovery with no checkpoint restores
+        self.algo = algorithm(self)  # after the learner: its own actors may need the config only
+        self.initial_state = self.state()  # what a recovery with no checkpoint restores
 
     def make_learner(self) -> ray.actor.ActorHandle:
         """A new learner actor, never restarted by Ray (``recover`` restores it instead)."""
@@ -103,7 +102,7 @@ class Trainer:
 
     def stateful(self) -> dict[str, ray.actor.ActorHandle]:
         """The actors whose loss means restoring a checkpoint, by role."""
-        return {"learner": self.learner}
+        return {"learner": self.learner, **self.algo.actors()}
 
     def wait_stateful(self, role: str, refs: Any) -> Any:
         """``actors.get`` on calls of the learner or replay actor; ``Lost`` if one is lost.
@@ -214,11 +213,7 @@ class Trainer:
             i for i in self.train_prompts.next(r.batch_size) for _ in range(r.samples_per_prompt)
         ]
         prompts = [self.train_prompts.ids[i] for i in idx]
-        return worker.generate.remote(prompts, idx, **self.generate_options())
-
-    def generate_options(self) -> dict[str, float]:
-        """Extra keyword arguments of ``generate`` (DQN: the current epsilon)."""
-        return {}
+        return worker.generate.remote(prompts, idx, **self.algo.generate_options())
 
     def start(self) -> None:
         """Publish the first weights and start a rollout on every worker."""
@@ -251,93 +246,30 @@ class Trainer:
         return batch, scores
 
     def iterate(self) -> dict[str, float]:
-        """One policy-gradient iteration: rollout -> score -> learn -> publish; its metrics."""
-        times: dict[str, float] = {"time/rollout_wait_s": 0.0, "time/score_s": 0.0}
-        with self.signals.abandonable():  # nothing the learner holds changes until train
-            parts, scores, batch, total, groups, sampling = self.gather(times)
+        """One iteration: rollout -> score -> learn -> publish; returns its metrics."""
+        times = {"time/rollout_wait_s": 0.0, "time/score_s": 0.0}
+        rounds: list[Round] = []
+        with self.signals.abandonable():  # nothing the learner holds changes until learn
+            while not rounds or self.algo.wants_more(rounds):
+                t0 = time.perf_counter()
+                parts = self.collect()
+                t1 = time.perf_counter()
+                batch, scores = self.score(parts)
+                times["time/rollout_wait_s"] += t1 - t0
+                times["time/score_s"] += time.perf_counter() - t1
+                offset = int(rounds[-1].groups.max()) + 1 if rounds else 0
+                groups = offset + group_rows(parts, self.config.rollout.samples_per_prompt)
+                rounds.append(Round(parts, batch, scores, groups))
         t2 = time.perf_counter()
-        penalty = self.overlong(batch)
-        refs = [self.train_prompts.references[i] for i in batch.example_ids]
-        metrics = self.wait_stateful(
-            "learner", self.learner.train.remote(batch, total + penalty, refs, groups=groups)
-        )
+        metrics = self.algo.learn(rounds)
         t3 = time.perf_counter()
         self.version = self.publish()
         if self.config.rollout.max_policy_lag == 0:
             self.in_flight = {i: self.submit(w) for i, w in enumerate(self.workers)}
-        metrics.update(self.rollout_metrics(parts, batch, self.version))
-        metrics.update(scores.metrics())
-        metrics.update(sampling)
-        if self.config.ppo.overlong_buffer:
-            metrics["reward/overlong_penalty"] = float(np.mean(penalty)) if len(penalty) else 0.0
+        metrics.update(self.rollout_metrics(rounds, self.version))
+        metrics.update(ScoreResult.concat([r.scores for r in rounds]).metrics())
         times.update({"time/train_s": t3 - t2, "time/publish_s": time.perf_counter() - t3})
         return {**metrics, **times}
-
-    def gather(self, times: dict[str, float]) -> tuple[Any, ...]:
-        """Collect and score a batch to learn from.
-
-        Returns:
-            the rollout parts, the scores of every sample (for metrics), and of the samples to
-            learn from: the batch, their total rewards (B,) and group ids (B,), plus
-            ``sampling/*`` metrics. Samples the reward pool dropped are left out. With
-            ``ppo.dynamic_sampling``, so are groups whose completions all scored the same (no
-            signal: zero advantage), and more rounds are collected, at most
-            ``ppo.max_sampling_rounds``, until a full batch of groups with signal is in hand;
-            it is cut to the usual batch size, whole groups only.
-        """
-        p, r = self.config.ppo, self.config.rollout
-        n, target = r.samples_per_prompt, r.batch_size * r.num_workers * r.samples_per_prompt
-        parts: list[Trajectories] = []
-        batches, results, group_ids = [], [], []
-        while True:
-            t0 = time.perf_counter()
-            new = self.collect()
-            t1 = time.perf_counter()
-            batch, scores = self.score(new)
-            times["time/rollout_wait_s"] += t1 - t0
-            times["time/score_s"] += time.perf_counter() - t1
-            offset = int(group_ids[-1].max()) + 1 if group_ids else 0
-            group_ids.append(offset + group_rows(new, n))
-            parts += new
-            batches.append(batch)
-            results.append(scores)
-            scores = ScoreResult.concat(results)
-            groups = np.concatenate(group_ids)
-            keep = ~scores.dropped
-            if p.dynamic_sampling:
-                keep &= ~equal_reward_groups(scores.total, groups)
-            if not p.dynamic_sampling or keep.sum() >= target:
-                break
-            if len(batches) == p.max_sampling_rounds:
-                break
-        rows = np.flatnonzero(keep)
-        if p.dynamic_sampling:
-            if len(rows) == 0:  # no group had signal: learn from one round at zero advantage
-                rows = np.flatnonzero(~scores.dropped)[-target:]
-            first = np.unique(groups[rows])[: target // n]  # whole groups, oldest first
-            rows = rows[np.isin(groups[rows], first)]
-        sampling = {"sampling/rounds": float(len(batches))}
-        if p.dynamic_sampling:
-            sampling["sampling/kept_fraction"] = float(keep.mean())
-        batch = Trajectories.concat(batches).select(rows)
-        return parts, scores, batch, scores.total[rows], groups[rows], sampling
-
-    def overlong(self, batch: Trajectories) -> np.ndarray:
-        """DAPO's overlong penalty (B,) of each response (zeros when ``overlong_buffer`` is 0)."""
-        p = self.config.ppo
-        lengths = batch.response_mask.sum(1)
-        if not p.overlong_buffer:
-            return np.zeros(len(lengths))
-        return (
-            pg.overlong_penalty(
-                lengths=torch.from_numpy(lengths),
-                max_length=self.config.rollout.max_new_tokens,
-                buffer=p.overlong_buffer,
-                penalty_factor=p.overlong_penalty,
-            )
-            .numpy()
-            .astype(np.float64)
-        )
 
     def run(self, logger: MetricsLogger, progress: bool, report: Report | None = None) -> None:
         """Train from ``self.step`` to ``config.iterations``; ``report`` sees every iteration.
@@ -437,7 +369,7 @@ class Trainer:
             self.restore(path)
         else:  # nothing saved yet: start again from the constructors' state
             self.load_state(self.initial_state)
-            self.restore_extra(None)
+            self.algo.restore(None)
         self.faults = faults
         self.reward_restarts = faults["faults/reward_actor_restarts"] - self.pool.restarts
         self.reward_timeouts = faults["faults/reward_timeouts"] - self.pool.timeouts
@@ -454,7 +386,10 @@ class Trainer:
 
     def replace_stateful(self, role: str) -> None:
         """Start a new actor for ``role`` (its state comes from a checkpoint next)."""
-        self.learner = self.make_learner()
+        if role == "learner":
+            self.learner = self.make_learner()
+        else:
+            self.algo.replace(role)
 
     def stop_on_signal(self) -> None:
         """Checkpoint the last complete step (unless saved already) and raise ``Stopped``."""
@@ -471,15 +406,16 @@ class Trainer:
             signum,
         )
 
-    def rollout_metrics(
-        self, parts: list[Trajectories], batch: Trajectories, version: int
-    ) -> dict[str, float]:
-        """Rollout throughput, response length and policy lag of an iteration's batches."""
-        gen_s = max(p.seconds for p in parts)
+    def rollout_metrics(self, rounds: list[Round], version: int) -> dict[str, float]:
+        """Rollout throughput, response length and policy lag of an iteration's rounds (the
+        workers of a round generate side by side, rounds one after another)."""
+        parts = [p for r in rounds for p in r.parts]
+        gen_s = sum(max(p.seconds for p in r.parts) for r in rounds)
+        lengths = np.concatenate([p.response_mask.sum(1) for p in parts])
         return {
-            "rollout/tokens_per_s": batch.num_tokens / max(gen_s, 1e-9),
-            "rollout/response_length": float(batch.response_mask.sum(1).mean()),
-            "rollout/policy_lag": float(version - 1 - batch.version),
+            "rollout/tokens_per_s": sum(p.num_tokens for p in parts) / max(gen_s, 1e-9),
+            "rollout/response_length": float(lengths.mean()),
+            "rollout/policy_lag": float(version - 1 - min(p.version for p in parts)),
             "time/generate_s": gen_s,
         }
 
@@ -534,7 +470,7 @@ class Trainer:
 
         def write(tmp: Path) -> None:
             self.wait_stateful("learner", self.learner.save.remote(str(tmp), extra))
-            self.save_extra(tmp)
+            self.algo.save(tmp)
 
         path = write_checkpoint(root, f"step_{self.step}", write, meta=meta)
         reward = metrics.get("eval/reward")
@@ -549,7 +485,7 @@ class Trainer:
     def restore(self, path: Path) -> None:
         """Continue from checkpoint folder ``path``."""
         self.load_state(self.wait_stateful("learner", self.learner.load.remote(str(path))))
-        self.restore_extra(path)
+        self.algo.restore(path)
 
     def state(self) -> dict[str, Any]:
         """The driver's share of a checkpoint: step, prompt position, best reward, faults."""
@@ -557,7 +493,8 @@ class Trainer:
             "step": self.step,
             "prompts": self.train_prompts.state(),
             "best": self.best,
-            "faults": self.faults,
+            "faults": dict(self.faults),
+            **self.algo.state(),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -567,12 +504,7 @@ class Trainer:
         self.faults.update(state.get("faults", {}))
         self.reward_restarts = int(self.faults["faults/reward_actor_restarts"])
         self.reward_timeouts = int(self.faults["faults/reward_timeouts"])
-
-    def save_extra(self, folder: Path) -> None:
-        """Write what else a checkpoint needs besides the learner's state (DQN: replay)."""
-
-    def restore_extra(self, folder: Path | None) -> None:
-        """Restore what ``save_extra`` wrote (None: the state before any step)."""
+        self.algo.load_state(state)
 
 
 def group_rows(parts: list[Trajectories], n: int) -> np.ndarray:
@@ -581,14 +513,6 @@ def group_rows(parts: list[Trajectories], n: int) -> np.ndarray:
     sizes = [len(p.example_ids) // n for p in parts]
     starts = np.cumsum([0, *sizes[:-1]])
     return np.concatenate([s + np.arange(k * n) // n for s, k in zip(starts, sizes)])
-
-
-def equal_reward_groups(scores: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """(B,) True where every sample of the row's group has the same score."""
-    return pg.equal_reward_groups(
-        scores=torch.from_numpy(np.asarray(scores, dtype=np.float64)),
-        groups=torch.from_numpy(np.asarray(groups, dtype=np.int64)),
-    ).numpy()
 
 
 def _copy(src: Path, dst: Path) -> None:

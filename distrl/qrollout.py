@@ -41,6 +41,7 @@ class QTrajectories(Trajectories):
     ucb_bonus: float = 0.0
 
     array_fields = (*ARRAY_FIELDS, "q_taken", "q_max", "candidates")
+    reducers = {**Trajectories.reducers, "ucb_bonus": lambda v: float(np.mean(v))}
 
 
 def make_transitions(
@@ -103,7 +104,9 @@ def make_transitions(
         tokens[b, : len(p) + lengths[b]] = np.concatenate([p, batch.response_ids[b, : lengths[b]]])
     b_idx, t_idx = np.nonzero((batch.response_mask > 0) & keep[:, None])
     prompt_len = np.array([len(p) for p in prompts], dtype=np.int64)[b_idx]
-    boot_t = np.minimum(boot[b_idx, t_idx], T - 1)
+    # An episode's end bootstraps from nothing (discount 0); its index stays on its own last
+    # token, never on padding, so a batch's transitions do not depend on what it is joined to.
+    boot_t = np.minimum(boot[b_idx, t_idx], last[b_idx])
     bootstrap = np.where(discounts[b_idx, t_idx] > 0, batch.q_max[b_idx, boot_t], 0.0)
     target = returns[b_idx, t_idx] + discounts[b_idx, t_idx] * bootstrap
     columns = {
@@ -114,7 +117,7 @@ def make_transitions(
         "discount": discounts[b_idx, t_idx].astype(np.float32),
         "next_len": (prompt_len + boot[b_idx, t_idx]).astype(np.int32),
         "next_candidates": batch.candidates[b_idx, boot_t].astype(np.int32),
-        "version": np.full(b_idx.size, batch.version, dtype=np.int32),
+        "version": batch.row_versions[b_idx].astype(np.int32),
     }
     priorities = np.abs(target - batch.q_taken[b_idx, t_idx]).astype(np.float32)
     return columns, priorities

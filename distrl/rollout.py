@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from distrl.models import VersionedWeights, set_weights
 from distrl.policy import build_model, build_tokenizer, left_pad
 from distrl.tokenizers import Tokenizer
 
+PROMPT_FIELDS = ("prompt_ids", "prompt_mask")  # left-padded
 ARRAY_FIELDS = (
     "prompt_ids",
     "prompt_mask",
@@ -28,6 +30,7 @@ ARRAY_FIELDS = (
     "logprobs",
     "texts",
     "example_ids",
+    "row_versions",
 )
 
 
@@ -42,7 +45,10 @@ class Trajectories:
         logprobs: (B, T) float32, log-probabilities of the sampled tokens under
             ``softmax(logits / temperature)``, the distribution the learner recomputes.
         texts: (B,) decoded responses. example_ids: (B,) indices into the prompt set.
-        version: policy version that generated the batch. seconds: generation wall time.
+        version: policy version that generated the batch (of a joined batch: the oldest).
+        seconds: generation wall time.
+        row_versions: (B,) int64, the version that generated each row (filled from
+            ``version`` when not given; kept row by row when batches are joined).
     """
 
     prompt_ids: np.ndarray
@@ -54,8 +60,15 @@ class Trajectories:
     example_ids: np.ndarray
     version: int
     seconds: float
+    row_versions: np.ndarray | None = field(default=None, kw_only=True)
 
     array_fields = ARRAY_FIELDS  # per-sequence arrays, cut by ``select``
+    # How ``concat`` joins the per-batch scalars: the oldest version, the slowest worker.
+    reducers: ClassVar[dict[str, Callable[[list], Any]]] = {"version": min, "seconds": max}
+
+    def __post_init__(self) -> None:
+        if self.row_versions is None:
+            self.row_versions = np.full(len(self.example_ids), self.version, dtype=np.int64)
 
     @property
     def num_tokens(self) -> int:
@@ -69,29 +82,31 @@ class Trajectories:
             **{name: getattr(self, name)[rows] for name in self.array_fields},
         )
 
-    @staticmethod
-    def concat(parts: list[Trajectories]) -> Trajectories:
-        """Join batches (re-padding prompts and responses to a common width)."""
+    @classmethod
+    def concat(cls, parts: list[Trajectories]) -> Trajectories:
+        """Join batches of one class, every column kept (a subclass's too): prompts re-padded
+        on the left, per-token columns on the right, to common widths."""
+        first = parts[0]
         pad_p = max(p.prompt_ids.shape[1] for p in parts)
         pad_t = max(p.response_ids.shape[1] for p in parts)
 
-        def left(a: np.ndarray) -> np.ndarray:
-            return np.pad(a, ((0, 0), (pad_p - a.shape[1], 0)))
+        def join(name: str) -> np.ndarray:
+            arrays = [getattr(p, name) for p in parts]
+            if name in PROMPT_FIELDS:
+                arrays = [np.pad(a, ((0, 0), (pad_p - a.shape[1], 0))) for a in arrays]
+            elif arrays[0].ndim > 1:  # (B, T, ...) per-token columns
+                widths = [
+                    ((0, 0), (0, pad_t - a.shape[1]), *[(0, 0)] * (a.ndim - 2)) for a in arrays
+                ]
+                arrays = [np.pad(a, w) for a, w in zip(arrays, widths)]
+            return np.concatenate(arrays)
 
-        def right(a: np.ndarray) -> np.ndarray:
-            return np.pad(a, ((0, 0), (0, pad_t - a.shape[1])))
-
-        return Trajectories(
-            prompt_ids=np.concatenate([left(p.prompt_ids) for p in parts]),
-            prompt_mask=np.concatenate([left(p.prompt_mask) for p in parts]),
-            response_ids=np.concatenate([right(p.response_ids) for p in parts]),
-            response_mask=np.concatenate([right(p.response_mask) for p in parts]),
-            logprobs=np.concatenate([right(p.logprobs) for p in parts]),
-            texts=np.concatenate([p.texts for p in parts]),
-            example_ids=np.concatenate([p.example_ids for p in parts]),
-            version=min(p.version for p in parts),
-            seconds=max(p.seconds for p in parts),
-        )
+        values = {name: join(name) for name in first.array_fields}
+        for f in dataclasses.fields(first):
+            if f.name not in values:
+                reduce = first.reducers[f.name]  # a scalar without a reducer is a mistake
+                values[f.name] = reduce([getattr(p, f.name) for p in parts])
+        return type(first)(**values)
 
 
 def response_mask(ids: torch.Tensor, eos_id: int | None) -> torch.Tensor:

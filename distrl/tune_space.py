@@ -47,7 +47,7 @@ LOOP_METRICS = (
     "learner/early_stopped",
     "learner/version",
     "learner/tokens_per_s",
-    # DQN (QTrainer)
+    # DQN
     "learner/td_loss",
     "learner/aux_loss",
     "learner/q_mean",

@@ -46,6 +46,39 @@ def test_two_step_transitions_worked_example():
     assert np.allclose(prio, [0.4, 0.8, abs(0 + 0.25 * 4.0 - 0.5), 0.4, 1.3])
 
 
+def test_joined_batches_keep_their_q_columns_and_give_the_same_transitions():
+    # Two workers' batches of different widths: joined, every Q column is kept and padded,
+    # and the transitions of the joined batch are those of each batch, in order.
+    a = batch()
+    b = batch(
+        prompt_ids=np.array([[4, 5, 6]]),
+        prompt_mask=np.array([[1, 1, 1]]),
+        response_ids=np.array([[30, 31]]),
+        response_mask=np.array([[1, 1]], dtype=np.float32),
+        logprobs=np.zeros((1, 2), np.float32),
+        texts=np.array(["c"]),
+        example_ids=np.array([2]),
+        version=2,
+        q_taken=np.array([[0.9, 0.8]], np.float32),
+        q_max=np.array([[1.5, 2.5]], np.float32),
+        candidates=np.arange(4, dtype=np.int32).reshape(1, 2, 2),
+        ucb_bonus=1.0,
+    )
+    joined = QTrajectories.concat([a, b])
+    assert isinstance(joined, QTrajectories) and joined.version == 2
+    assert joined.q_max.shape == (3, 3) and joined.candidates.shape == (3, 3, 2)
+    assert joined.q_max[2].tolist() == [1.5, 2.5, 0.0] and joined.ucb_bonus == 0.5
+    rewards = np.array([1.0, 2.0, 3.0])
+    together = make_transitions(joined, rewards, gamma=0.5, n_step=2, width=6)
+    parts = [
+        make_transitions(a, rewards[:2], gamma=0.5, n_step=2, width=6),
+        make_transitions(b, rewards[2:], gamma=0.5, n_step=2, width=6),
+    ]
+    for key, column in together[0].items():
+        assert np.array_equal(column, np.concatenate([p[0][key] for p in parts])), key
+    assert np.allclose(together[1], np.concatenate([p[1] for p in parts]))
+
+
 def test_spread_shaping_and_dropped_rows():
     cols, _ = make_transitions(
         batch(), np.array([np.nan, 3.0]), gamma=1.0, n_step=1, width=6, shaping="spread"

@@ -45,12 +45,7 @@ def run_with_kill(
 ) -> list[dict]:
     """Run ``config`` in this process; once step ``after_step`` is logged, send ``sig`` to the
     processes of the actors ``pick_victims(trainer)`` returns (by PID, mid-iteration)."""
-    trainer_class = Trainer
-    if config.algo == "dqn":
-        from distrl.qtrainer import QTrainer
-
-        trainer_class = QTrainer
-    trainer = trainer_class(config, run_dir, *prepare(config))
+    trainer = Trainer(config, run_dir, *prepare(config))
     run_dir.mkdir()
     logger = MetricsLogger(run_dir, tensorboard=False, plots=False)
     victims = actors.pids(pick_victims(trainer))  # asked while idle: a busy actor answers late
@@ -136,7 +131,7 @@ def test_a_sigkilled_replay_actor_is_restored_and_the_dqn_run_goes_on(ray_sessio
     reference = train(tiny(tmp_path / "ref", **dqn))
     config = tiny(tmp_path, **dqn)
     run_dir = tmp_path / "run"
-    records = run_with_kill(config, run_dir, lambda t: [t.replay], after_step=3)
+    records = run_with_kill(config, run_dir, lambda t: [t.algo.replay], after_step=3)
     assert [r["step"] for r in records] == list(range(1, 7))
     assert records[-1]["faults/replay_restarts"] == 1
     ref_records = read_metrics(reference / "metrics.jsonl")

@@ -94,8 +94,8 @@ def test_replay_actor_snapshot_restores_exactly(ray_session, tmp_path):
 
 
 def test_resuming_dqn_from_a_checkpoint_without_replay_is_refused(tmp_path):
+    from distrl.algorithms import DQN
     from distrl.errors import DistrlError
-    from distrl.qtrainer import QTrainer
 
     with pytest.raises(DistrlError, match="has no replay.parquet: not a DQN checkpoint"):
-        QTrainer.restore_extra(None, tmp_path)  # the check comes before any actor is touched
+        DQN.restore(None, tmp_path)  # the check comes before any actor is touched
