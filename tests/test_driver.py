@@ -43,6 +43,8 @@ def test_tiny_run_trains_logs_and_checkpoints(ray_session, tmp_path):
         "rollout/tokens_per_s",
         "rollout/policy_lag",
         "time/score_s",
+        "time/publish_s",
+        "publish/bytes",
     ):
         assert key in records[-1], key
     assert "eval/reward" in records[1] and "eval/ref_perplexity" in records[1]
@@ -52,6 +54,9 @@ def test_tiny_run_trains_logs_and_checkpoints(ray_session, tmp_path):
     assert (run_dir / "plots" / "training.png").stat().st_size > 1000
     # The final policy is a Hugging Face folder whose weights moved away from the initial ones.
     final = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    # The published weights are the policy's, once each (tied tensors once): float32 bytes.
+    unique = {p.data_ptr(): p for p in final.parameters()}.values()
+    assert records[-1]["publish/bytes"] == sum(p.numel() * 4 for p in unique)
     initial = load_policy(
         "tiny-llama",
         vocab_size=final.config.vocab_size,
