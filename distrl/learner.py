@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from distrl.algos import pg, ppo
-from distrl.checkpoint import load_torch_state, rng_state, save_torch_state, set_rng_state
+from distrl.checkpoint import load_torch_state, save_torch_state
 from distrl.config import LearnerConfig, ModelConfig, PPOConfig, RunConfig, TokenizerConfig
 from distrl.errors import DistrlError
 from distrl.models import PolicyWithValue, VersionedWeights, publish_weights, set_weights
@@ -34,6 +33,7 @@ from distrl.policy import (
     response_hidden,
     with_responses,
 )
+from distrl.roles import LearnerRole, OptimizerStep
 from distrl.rollout import Trajectories
 from distrl.tokenizers import HFTokenizer
 
@@ -69,52 +69,7 @@ class PPOBatch:
         return PPOBatch(**tensors, references=refs)
 
 
-class NonFiniteError(DistrlError, RuntimeError):
-    """Too many updates in a row had a non-finite loss or gradient."""
-
-
-class OptimizerStep:
-    """AdamW with linear warm-up, gradient-norm clipping and the non-finite guard.
-
-    A step whose loss or gradient norm is not finite is skipped (gradients dropped); after
-    ``learner.max_nonfinite_updates`` such steps in a row it raises ``NonFiniteError``.
-    """
-
-    def __init__(self, params: Any, config: LearnerConfig) -> None:
-        self.params = [p for p in params if p.requires_grad]
-        self.config = config
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=config.lr, weight_decay=config.weight_decay
-        )
-        self.steps = 0  # optimizer steps taken
-        self.nonfinite_in_a_row = 0
-
-    def step(self, loss: torch.Tensor) -> float | None:
-        """Backward, clip and step; returns the gradient norm, or None when skipped."""
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
-        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-            self.optimizer.zero_grad(set_to_none=True)
-            self.nonfinite_in_a_row += 1
-            if self.nonfinite_in_a_row >= self.config.max_nonfinite_updates:
-                raise NonFiniteError(
-                    f"{self.nonfinite_in_a_row} updates in a row had a non-finite loss or "
-                    f"gradient (learner.max_nonfinite_updates); last loss {loss.item()}"
-                )
-            return None
-        self.nonfinite_in_a_row = 0
-        warm = self.config.warmup_steps
-        for group in self.optimizer.param_groups:
-            group["lr"] = (
-                self.config.lr * min(1.0, (self.steps + 1) / warm) if warm else self.config.lr
-            )
-        self.optimizer.step()
-        self.steps += 1
-        return grad_norm.item()
-
-
-class Learner:
+class Learner(LearnerRole):
     """Runs PPO updates on scored trajectories and publishes versioned weights."""
 
     def __init__(
@@ -160,7 +115,6 @@ class Learner:
         self.optimizer = self.opt.optimizer
         self.kl = ppo.KLController(ppo_config.kl_coef, ppo_config.kl_target, ppo_config.kl_horizon)
         self.version = 0
-        self.published_bytes = 0
 
     @staticmethod
     def arguments(config: RunConfig) -> dict[str, Any]:
@@ -177,11 +131,6 @@ class Learner:
             "torch_threads": config.resources.torch_threads,
         }
 
-    @property
-    def steps(self) -> int:
-        """Optimizer steps taken."""
-        return self.opt.steps
-
     # ---- weights -------------------------------------------------------------------------
 
     def weights(self) -> VersionedWeights:
@@ -189,10 +138,6 @@ class Learner:
         weights = publish_weights(self.net.model, self.version)
         self.published_bytes = weights.nbytes
         return weights
-
-    def publish_metrics(self) -> dict[str, float]:
-        """``publish/bytes``: the size of the weights the last ``weights`` call published."""
-        return {"publish/bytes": float(self.published_bytes)}
 
     # ---- forward passes ------------------------------------------------------------------
 
@@ -451,30 +396,15 @@ class Learner:
 
     # ---- checkpoints ---------------------------------------------------------------------
 
-    @staticmethod
-    def sees(path: str) -> bool:
-        """Whether ``path`` exists where the learner runs (checkpoints must reach the driver)."""
-        return Path(path).exists()
-
     def save(self, folder: str, extra: dict | None = None) -> None:
         """Write the policy as a Hugging Face folder plus ``distrl_state.pt`` into ``folder``."""
         path = Path(folder)
         self.net.model.save_pretrained(path)
         if isinstance(self.tokenizer, HFTokenizer):
             self.tokenizer.tok.save_pretrained(path)
-        (path / "distrl_tokenizer.json").write_text(json.dumps({"spec": self.tokenizer_spec}))
-        save_torch_state(
-            path / STATE_FILE,
-            {
-                "value_head": self.net.value_head.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "kl": self.kl.state_dict(),
-                "version": self.version,
-                "steps": self.steps,
-                "rng": rng_state(),
-                "extra": extra or {},
-            },
-        )
+        self.write_tokenizer_spec(path, self.tokenizer_spec)
+        state = {"value_head": self.net.value_head.state_dict(), "kl": self.kl.state_dict()}
+        save_torch_state(path / STATE_FILE, {**state, **self.role_state(extra)})
 
     def load(self, folder: str) -> dict:
         """Restore policy, value head, optimizer, KL controller and RNG; return the extra dict."""
@@ -486,8 +416,5 @@ class Learner:
         set_weights(self.net.model, weights)
         state = load_torch_state(path / STATE_FILE)
         self.net.value_head.load_state_dict(state["value_head"])
-        self.optimizer.load_state_dict(state["optimizer"])
         self.kl.load_state_dict(state["kl"])
-        self.version, self.opt.steps = int(state["version"]), int(state["steps"])
-        set_rng_state(state["rng"])
-        return state["extra"]
+        return self.load_role_state(state)

@@ -27,10 +27,10 @@ from distrl.checkpoint import latest_checkpoint, prune_checkpoints, write_checkp
 from distrl.config import RunConfig
 from distrl.errors import DistrlError
 from distrl.faults import Hung, Interrupt, Lost, Stopped, StopSignals
-from distrl.learner import NonFiniteError
 from distrl.metrics import MetricsLogger, format_progress
 from distrl.prompts import Prompts, reward_batch
 from distrl.rewards import ScoreResult
+from distrl.roles import NonFiniteError
 from distrl.rollout import Trajectories
 
 Report = Callable[[int, dict[str, float], "Path | None"], None]

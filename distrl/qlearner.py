@@ -8,7 +8,6 @@ returns the ids with new TD errors for ``update_priorities``, plus ``learner/*``
 from __future__ import annotations
 
 import copy
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -19,14 +18,14 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from distrl.algos import dqn
-from distrl.checkpoint import load_torch_state, rng_state, save_torch_state, set_rng_state
+from distrl.checkpoint import load_torch_state, save_torch_state
 from distrl.config import RunConfig, dump_yaml, load_config
 from distrl.errors import ModelError
-from distrl.learner import OptimizerStep
 from distrl.models import VersionedWeights, get_weights, publish_weights, set_weights
 from distrl.policy import build_model, build_tokenizer
 from distrl.qnets import QNetwork, build_qnet
 from distrl.qpolicy import QPolicy
+from distrl.roles import LearnerRole, OptimizerStep
 from distrl.tokenizers import Tokenizer
 
 STATE_FILE = "distrl_state.pt"
@@ -75,7 +74,7 @@ def load_q_policy(folder: str | Path) -> tuple[QPolicy, Tokenizer]:
     return policy, tokenizer
 
 
-class QLearner:
+class QLearner(LearnerRole):
     """Trains the online Q-network; a target copy follows by hard copies or Polyak averaging."""
 
     def __init__(self, *, config: RunConfig, torch_threads: int | None = None) -> None:
@@ -89,18 +88,12 @@ class QLearner:
         self.device = next(self.qnet.parameters()).device
         self.version = 0  # bumped by each publish after new updates
         self.published_steps = 0
-        self.published_bytes = 0
         self.skipped = 0
 
     @staticmethod
     def arguments(config: RunConfig) -> dict[str, Any]:
         """The keyword arguments that build a ``QLearner`` for run ``config``."""
         return {"config": config, "torch_threads": config.resources.torch_threads}
-
-    @property
-    def steps(self) -> int:
-        """Optimizer steps taken."""
-        return self.opt.steps
 
     def weights(self) -> VersionedWeights:
         """The online Q-network's weights, stamped with its version: one more than the last
@@ -110,10 +103,6 @@ class QLearner:
         weights = publish_weights(self.qnet, self.version)
         self.published_bytes = weights.nbytes
         return weights
-
-    def publish_metrics(self) -> dict[str, float]:
-        """``publish/bytes``: the size of the weights the last ``weights`` call published."""
-        return {"publish/bytes": float(self.published_bytes)}
 
     def update(
         self, sample: tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]
@@ -193,32 +182,18 @@ class QLearner:
 
     # ---- checkpoints ---------------------------------------------------------------------
 
-    @staticmethod
-    def sees(path: str) -> bool:
-        """Whether ``path`` exists where the learner runs."""
-        return Path(path).exists()
-
     def save(self, folder: str, extra: dict | None = None) -> None:
         """Write the Q-network (safetensors), the run config and the learner state."""
         path = Path(folder)
         save_file(get_weights(self.qnet), path / QNET_FILE)
         dump_yaml(self.run_config, path / RUN_FILE)
-        (path / "distrl_tokenizer.json").write_text(
-            json.dumps({"spec": self.run_config.tokenizer.name})
-        )
-        save_torch_state(
-            path / STATE_FILE,
-            {
-                "target": self.target.state_dict(),
-                "optimizer": self.opt.optimizer.state_dict(),
-                "version": self.version,
-                "published_steps": self.published_steps,
-                "steps": self.steps,
-                "skipped": self.skipped,
-                "rng": rng_state(),
-                "extra": extra or {},
-            },
-        )
+        self.write_tokenizer_spec(path, self.run_config.tokenizer.name)
+        state = {
+            "target": self.target.state_dict(),
+            "published_steps": self.published_steps,
+            "skipped": self.skipped,
+        }
+        save_torch_state(path / STATE_FILE, {**state, **self.role_state(extra)})
 
     def load(self, folder: str) -> dict:
         """Restore both networks, the optimizer, counters and RNG; return the extra dict."""
@@ -229,9 +204,6 @@ class QLearner:
         set_weights(self.qnet, load_file(path / QNET_FILE))
         state = load_torch_state(path / STATE_FILE)
         self.target.load_state_dict(state["target"])
-        self.opt.optimizer.load_state_dict(state["optimizer"])
-        self.version, self.opt.steps = int(state["version"]), int(state["steps"])
         self.skipped = int(state["skipped"])
         self.published_steps = int(state["published_steps"])
-        set_rng_state(state["rng"])
-        return state["extra"]
+        return self.load_role_state(state)

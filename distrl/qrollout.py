@@ -28,6 +28,7 @@ from distrl.errors import DistrlError
 from distrl.policy import build_model, build_tokenizer, left_pad
 from distrl.qnets import build_qnet
 from distrl.qpolicy import QPolicy, UCBCounts
+from distrl.roles import WorkerRole
 from distrl.rollout import ARRAY_FIELDS, RolloutWorker, Trajectories, response_texts
 
 
@@ -123,7 +124,7 @@ def make_transitions(
     return columns, priorities
 
 
-class QRolloutWorker:
+class QRolloutWorker(WorkerRole):
     """Generates with Q-guided decoding (exploring), keeping the Q-values that the driver turns
     into transitions and initial priorities (``make_transitions``)."""
 
@@ -152,7 +153,6 @@ class QRolloutWorker:
             pad_id=self.tokenizer.pad_token_id,
             eos_id=self.tokenizer.eos_token_id,
         )
-        self.model = qnet  # what published weights load into
         self.counts = UCBCounts(dqn_config.ucb_context)
         self.generator = torch.Generator().manual_seed(seed * 1000 + worker_index)
         self.version = 0
@@ -166,7 +166,9 @@ class QRolloutWorker:
             "width": config.data.max_prompt_tokens + config.rollout.max_new_tokens,
         }
 
-    set_weights = RolloutWorker.set_weights  # loads the learner's Q-network into ``self.model``
+    def trainable(self) -> torch.nn.Module:
+        """The Q-network (published weights load into it; the reference LM stays frozen)."""
+        return self.policy.qnet
 
     def generate(
         self,

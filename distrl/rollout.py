@@ -17,8 +17,8 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from distrl.config import ModelConfig, RolloutConfig, RunConfig, TokenizerConfig
-from distrl.models import VersionedWeights, set_weights
 from distrl.policy import build_model, build_tokenizer, left_pad
+from distrl.roles import WorkerRole
 from distrl.tokenizers import Tokenizer
 
 PROMPT_FIELDS = ("prompt_ids", "prompt_mask")  # left-padded
@@ -159,7 +159,7 @@ class SampledLogprobs(LogitsProcessor):
         return torch.stack(self.taken[: response.shape[1]], dim=1)
 
 
-class RolloutWorker:
+class RolloutWorker(WorkerRole):
     """Generates batched continuations with the KV cache and records their logprobs."""
 
     def __init__(
@@ -194,12 +194,9 @@ class RolloutWorker:
             "torch_threads": config.resources.torch_threads,
         }
 
-    def set_weights(self, weights: VersionedWeights) -> int:
-        """Load published weights; returns the version now held."""
-        if weights.version != self.version:
-            set_weights(self.model, weights.tensors())
-            self.version = weights.version
-        return self.version
+    def trainable(self) -> torch.nn.Module:
+        """The policy."""
+        return self.model
 
     def generation_config(self, greedy: bool = False) -> GenerationConfig:
         """Sampling settings from the rollout config (top_k 0 and top_p 1 mean off)."""

@@ -117,7 +117,7 @@ def check_dqn_roles(config, learner, worker):
         assert math.isfinite(metrics["learner/td_loss"]), metrics
     weights = learner.weights()
     assert worker.set_weights(weights) == 1
-    for name, param in worker.model.state_dict().items():
+    for name, param in worker.trainable().state_dict().items():
         assert torch.equal(param, learner.qnet.state_dict()[name]), name
     greedy = worker.generate(prompts, list(range(len(prompts))), greedy=True)
     assert np.isfinite(greedy.q_taken).all()

@@ -21,10 +21,10 @@ from distrl import actors
 from distrl.checkpoint import latest_checkpoint, verify_checkpoint
 from distrl.config import load_config
 from distrl.driver import train
-from distrl.learner import NonFiniteError
 from distrl.loop import Trainer
 from distrl.metrics import MetricsLogger, read_metrics
 from distrl.prompts import prepare
+from distrl.roles import NonFiniteError
 
 # ---- faults with real processes ----------------------------------------------------------
 
