@@ -1,11 +1,11 @@
-"""End to end: distrl's PPO loop against TRL's GRPO trainer on the same work, in the same run.
+"""End to end: distrl's GRPO against TRL's ``GRPOTrainer`` on the same work, in the same run.
 
-Both train the same model on the same packaged chat prompts with the same reward (distinct
-words / 32, a plain Python function), 8 completions per step of at most 32 new tokens at
-temperature 0.7, one optimizer step per step at learning rate 1e-6, and no KL penalty (GRPO's
-default beta 0; distrl's ``ppo.kl_coef`` 0), so neither runs a reference model. TRL makes its 8 as
-2 prompts x 4 generations (GRPO needs groups); distrl as 8 prompts x 1. Seconds per step are
-the median over the timed steps after a warm-up step.
+Both run GRPO on the same model and packaged chat prompts with the same reward (distinct words /
+32, a plain Python function): 2 prompts x 4 generations = 8 completions per step of at most 32
+new tokens at temperature 0.7, group-normalised advantages, token-mean loss, clip 0.2, one
+optimizer step per step at learning rate 1e-6, and no KL term (beta 0, TRL's default), so neither
+runs a reference model. TRL keeps its default gradient checkpointing. Seconds per step are the
+median over the timed steps after a warm-up step.
 
 distrl runs two ways: ``overlap`` (one rollout worker and the learner in separate processes, one
 torch thread each, generating the next batch while the learner trains: ``max_policy_lag`` 1)
@@ -30,7 +30,7 @@ from distrl.metrics import read_metrics
 from distrl.models import select_device, select_dtype
 
 REWARD = "distrl.bench.pipeline:distinct_words"
-COMPLETIONS, MAX_NEW_TOKENS, TEMPERATURE, LR = 8, 32, 0.7, 1e-6
+COMPLETIONS, GENERATIONS, MAX_NEW_TOKENS, TEMPERATURE, LR = 8, 4, 32, 0.7, 1e-6
 WORD = re.compile(r"\w+('\w+)*")
 
 
@@ -57,7 +57,7 @@ def device_and_dtype(options: BenchOptions) -> dict[str, str]:
 
 
 def distrl_pipeline(options: BenchOptions, steps: int, overlap: bool) -> dict[str, Any]:
-    """Seconds per iteration of ``distrl.driver.train`` on the benchmark's work."""
+    """Seconds per iteration of ``distrl.driver.train`` (algo grpo) on the benchmark's work."""
     from distrl.driver import train
 
     threads = 1 if overlap else 2
@@ -70,13 +70,15 @@ def distrl_pipeline(options: BenchOptions, steps: int, overlap: bool) -> dict[st
                 "model.dtype": options.dtype,
                 "iterations": steps + 1,
                 "rollout.num_workers": 1,
-                "rollout.batch_size": COMPLETIONS,
+                "algo": "grpo",
+                "rollout.batch_size": COMPLETIONS // GENERATIONS,
+                "rollout.samples_per_prompt": GENERATIONS,
                 "rollout.max_new_tokens": MAX_NEW_TOKENS,
                 "rollout.temperature": TEMPERATURE,
                 "rollout.max_policy_lag": 1 if overlap else 0,
                 "ppo.epochs": 1,
                 "ppo.minibatch_size": COMPLETIONS,
-                "ppo.kl_coef": 0.0,  # GRPO's default beta 0: no reference model in either
+                "ppo.kl_loss_coef": 0.0,  # TRL's default beta 0: no reference model in either
                 "learner.lr": LR,
                 "reward.components": [{"name": REWARD}],
                 "resources.torch_threads": threads,
@@ -145,7 +147,7 @@ def trl_grpo(options: BenchOptions, steps: int) -> dict[str, Any]:
         args = GRPOConfig(
             output_dir=tmp,
             per_device_train_batch_size=COMPLETIONS,
-            num_generations=4,
+            num_generations=GENERATIONS,
             max_completion_length=MAX_NEW_TOKENS,
             temperature=TEMPERATURE,
             beta=0.0,
@@ -180,7 +182,7 @@ def trl_grpo(options: BenchOptions, steps: int) -> dict[str, Any]:
 
 
 def bench_pipeline(options: BenchOptions) -> dict[str, Any]:
-    """distrl's end-to-end PPO (overlapped and alternating) beside TRL GRPO."""
+    """distrl's end-to-end GRPO (overlapped and alternating) beside TRL's GRPO."""
     steps = 3 if options.quick else 6
     out: dict[str, Any] = {"completions_per_step": COMPLETIONS, "max_new_tokens": MAX_NEW_TOKENS}
     with local_ray():
