@@ -278,7 +278,6 @@ class UniformReplay:
         self.load_state_dict(state)
 
 
-
 def _to_arrow(v: np.ndarray) -> pa.Array:
     """A column as a flat array, or a FixedSizeList of its flattened trailing dimensions."""
     if v.ndim == 1:
