@@ -4,10 +4,10 @@ import functools
 import pytest
 import torch
 
+from distrl.bench.attention import benchmark_attention
 from distrl.qnets.favor import (
     FavorAttention,
     TensorMemory,
-    benchmark_attention,
     favor_attention,
     favor_features,
     orthogonal_gaussian,

@@ -9,7 +9,6 @@ from distrl.replay import (
     SumTree,
     Transitions,
     UniformReplay,
-    benchmark,
     from_config,
 )
 
@@ -223,12 +222,3 @@ def test_from_config_and_stats():
     assert stats["replay/size"] == 3.0
     assert stats["replay/priority_max"] == pytest.approx((3.0 + 1e-6) ** 0.5)
     assert {"replay/priority_mean", "replay/beta", "replay/added"} <= stats.keys()
-
-
-@pytest.mark.slow
-def test_micro_benchmark_prints_figures():
-    rllib = {"add_transitions_per_s": 29_000, "sample_per_s": 91, "update_per_s": 118}
-    rllib["sample_update_per_s"] = 49
-    figures = benchmark(seconds=1.0)
-    for key, ref in rllib.items():
-        print(f"{key}: {figures[key]:,.0f} (RLlib {ref:,}; x{figures[key] / ref:.0f})")

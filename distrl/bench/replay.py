@@ -8,6 +8,7 @@ of 256, samples and priority updates in batches of 512 (beta 0.4).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from distrl import actors
 from distrl.bench.common import BenchOptions, actor_peak_rss_mb, local_ray, ratio
-from distrl.replay import PrioritizedReplay, benchmark, rate
+from distrl.replay import PrioritizedReplay, UniformReplay
 
 CAPACITY, ADD_BATCH, BATCH, OBS_LEN = 100_000, 256, 512, 64
 OPERATIONS = ("add_transitions_per_s", "sample_per_s", "update_per_s", "sample_update_per_s")
@@ -122,4 +123,56 @@ def bench_replay(options: BenchOptions) -> dict[str, Any]:
         "batch": BATCH,
         "figures": rows,
         "actor_peak_rss_mb": remote["peak_rss_mb"],
+    }
+
+
+def rate(fn: Callable[[], object], seconds: float) -> float:
+    """Calls per second of ``fn`` over at least ``seconds`` (and at least 3 calls)."""
+    calls, start = 0, time.perf_counter()
+    while calls < 3 or time.perf_counter() - start < seconds:
+        fn()
+        calls += 1
+    return calls / (time.perf_counter() - start)
+
+
+def benchmark(
+    capacity: int = 100_000,
+    batch: int = 512,
+    seconds: float = 1.0,
+    add_batch: int = 256,
+    obs_len: int = 64,
+    prioritized: bool = True,
+    seed: int = 0,
+) -> dict[str, float]:
+    """In-process throughput on int32[obs_len] obs/next_obs transitions in a full buffer.
+
+    Mirrors the RLlib figures in limits.md: adds in batches of ``add_batch`` (transitions/s),
+    ``sample(batch)``, ``update_priorities`` of ``batch`` ids and sample + update (calls/s).
+    """
+    rng = np.random.default_rng(seed)
+    chunk = {
+        "obs": rng.integers(0, 50_000, (add_batch, obs_len), dtype=np.int32),
+        "next_obs": rng.integers(0, 50_000, (add_batch, obs_len), dtype=np.int32),
+        "action": rng.integers(0, 50_000, add_batch),
+        "reward": rng.random(add_batch, dtype=np.float32),
+        "done": rng.random(add_batch) < 0.05,
+    }
+    buf = PrioritizedReplay(capacity, seed=seed) if prioritized else UniformReplay(capacity, seed)
+    while len(buf) < capacity:
+        buf.add(chunk)
+    add_per_s = rate(lambda: buf.add(chunk), seconds) * add_batch
+    _, ids, _ = buf.sample(batch)  # after the adds, so that these ids are live
+    td = rng.standard_normal(batch)
+
+    def sample_update() -> None:
+        _, fresh_ids, _ = buf.sample(batch)
+        buf.update_priorities(fresh_ids, td)
+
+    return {
+        "capacity": capacity,
+        "batch": batch,
+        "add_transitions_per_s": add_per_s,
+        "sample_per_s": rate(lambda: buf.sample(batch), seconds),
+        "update_per_s": rate(lambda: buf.update_priorities(ids, td), seconds),
+        "sample_update_per_s": rate(sample_update, seconds),
     }

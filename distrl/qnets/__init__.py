@@ -36,7 +36,6 @@ from distrl.qnets.encoders import (
 from distrl.qnets.favor import (
     FavorAttention,
     TensorMemory,
-    benchmark_attention,
     favor_attention,
     favor_features,
     orthogonal_gaussian,
@@ -55,7 +54,6 @@ __all__ = [
     "StateEncoder",
     "StateQNetwork",
     "TensorMemory",
-    "benchmark_attention",
     "build_qnet",
     "favor_attention",
     "favor_features",

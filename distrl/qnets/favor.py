@@ -11,9 +11,7 @@ Shapes: ``B`` batch, ``H`` heads, ``L`` positions, ``d`` head dim, ``m`` random 
 
 from __future__ import annotations
 
-import functools
 import math
-import time
 import weakref
 from typing import Any
 
@@ -228,65 +226,3 @@ class TensorMemory(TorchDispatchMode):
                 self.largest_numel = max(self.largest_numel, tensor.numel())
                 weakref.finalize(tensor, self._release, nbytes)
         return out
-
-
-def _measure(fn: Any, repeats: int) -> tuple[float, int, int]:
-    """Best wall time (ms) over ``repeats`` calls, then peak bytes and largest tensor of one."""
-    fn()  # warm-up: first calls pay for lazy initialisation
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    with TensorMemory() as memory:
-        fn()
-    return min(times), memory.peak_bytes, memory.largest_numel
-
-
-@torch.no_grad()
-def benchmark_attention(
-    lengths: list[int] | tuple[int, ...],
-    *,
-    dim_head: int = 16,
-    heads: int = 2,
-    num_features: int = 64,
-    batch: int = 1,
-    causal: bool = True,
-    repeats: int = 3,
-    softmax_max_len: int = 4096,
-    seed: int = 0,
-    threads: int | None = 1,
-) -> list[dict[str, float | int | None]]:
-    """Time and peak extra memory of FAVOR+ vs softmax attention at each sequence length.
-
-    Returns one dict per length: ``length``, ``favor_ms``, ``favor_peak_mb``,
-    ``favor_largest_numel``, and the same for ``softmax_*`` (None beyond ``softmax_max_len``,
-    where the L x L matrix gets too big). Memory is that of tensors made inside the call.
-    ``threads`` sets torch's thread count for the run (restored after; None = leave it): on a
-    loaded machine several threads make each small op wait ~100 ms for a busy core.
-    """
-    attention = FavorAttention(dim_head, num_features, causal=causal, seed=seed)
-    gen = torch.Generator().manual_seed(seed)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads or previous)
-    rows: list[dict[str, float | int | None]] = []
-    try:
-        for length in lengths:
-            q, k, v = torch.randn(3, batch, heads, length, dim_head, generator=gen).unbind(0)
-            ms, peak, largest = _measure(functools.partial(attention, q, k, v), repeats)
-            row: dict[str, float | int | None] = {
-                "length": length,
-                "favor_ms": ms,
-                "favor_peak_mb": peak / 2**20,
-                "favor_largest_numel": largest,
-            }
-            soft: tuple[float | None, ...] = (None, None, None)
-            if length <= softmax_max_len:
-                fn = functools.partial(softmax_attention, q, k, v, causal=causal)
-                ms, peak, largest = _measure(fn, repeats)
-                soft = (ms, peak / 2**20, largest)
-            row.update(zip(("softmax_ms", "softmax_peak_mb", "softmax_largest_numel"), soft))
-            rows.append(row)
-    finally:
-        torch.set_num_threads(previous)
-    return rows

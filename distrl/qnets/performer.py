@@ -1,7 +1,8 @@
 """A Performer Q-network: a small causal transformer with FAVOR+ attention, trained from scratch.
 
-Its attention cost grows linearly with the state's length (see ``favor.benchmark_attention``),
-so long prefixes stay cheap. Shapes: ``B`` states, ``L`` tokens, ``D`` model width, ``V`` vocab.
+Its attention cost grows linearly with the state's length (``python -m distrl.bench attention``
+measures it), so long prefixes stay cheap. Shapes: ``B`` states, ``L`` tokens, ``D`` model width,
+``V`` vocab.
 """
 
 from __future__ import annotations
