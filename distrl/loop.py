@@ -264,12 +264,12 @@ class Trainer:
         metrics = self.algo.learn(rounds)
         t3 = time.perf_counter()
         self.version = self.publish()
+        times.update({"time/train_s": t3 - t2, "time/publish_s": time.perf_counter() - t3})
         if self.config.rollout.max_policy_lag == 0:
             self.in_flight = {i: self.submit(w) for i, w in enumerate(self.workers)}
         metrics.update(self.wait_stateful("learner", self.learner.publish_metrics.remote()))
         metrics.update(self.rollout_metrics(rounds, self.version))
         metrics.update(ScoreResult.concat([r.scores for r in rounds]).metrics())
-        times.update({"time/train_s": t3 - t2, "time/publish_s": time.perf_counter() - t3})
         return {**metrics, **times}
 
     def run(self, logger: MetricsLogger, progress: bool, report: Report | None = None) -> None:
