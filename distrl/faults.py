@@ -21,6 +21,17 @@ from typing import Any
 
 from distrl.errors import DistrlError
 
+# Fault counters logged every iteration (each survived fault is counted here, never silent).
+FAULT_KEYS = (
+    "faults/stale_batches",
+    "faults/dropped_samples",
+    "faults/reward_actor_restarts",
+    "faults/reward_timeouts",
+    "faults/rollout_timeouts",
+    "faults/learner_restarts",
+    "faults/replay_restarts",
+)
+
 
 class Hung(DistrlError):
     """A remote call did not return within its timeout, on every try."""

@@ -26,7 +26,7 @@ from distrl.algorithms import ALGORITHMS, Round
 from distrl.checkpoint import latest_checkpoint, prune_checkpoints, write_checkpoint
 from distrl.config import RunConfig
 from distrl.errors import DistrlError
-from distrl.faults import Hung, Interrupt, Lost, Stopped, StopSignals
+from distrl.faults import FAULT_KEYS, Hung, Interrupt, Lost, Stopped, StopSignals
 from distrl.metrics import MetricsLogger, format_progress
 from distrl.prompts import Prompts, reward_batch
 from distrl.rewards import ScoreResult
@@ -34,16 +34,6 @@ from distrl.roles import NonFiniteError
 from distrl.rollout import Trajectories
 
 Report = Callable[[int, dict[str, float], "Path | None"], None]
-# Fault counters logged every iteration (each survived fault is counted here, never silent).
-FAULT_KEYS = (
-    "faults/stale_batches",
-    "faults/dropped_samples",
-    "faults/reward_actor_restarts",
-    "faults/reward_timeouts",
-    "faults/rollout_timeouts",
-    "faults/learner_restarts",
-    "faults/replay_restarts",
-)
 
 
 class Trainer:

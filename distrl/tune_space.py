@@ -20,6 +20,7 @@ import yaml
 
 from distrl.config import NAMED_CONFIGS, RunConfig, build, to_dict
 from distrl.errors import ConfigError
+from distrl.faults import FAULT_KEYS
 
 SPACE_KEYS = ("base", "overrides", "metric", "mode", "params")
 PARAM_KEYS = ("low", "high", "log", "type")
@@ -76,13 +77,7 @@ LOOP_METRICS = (
     "time/learn_s",
     "time/publish_s",
     "time/iteration_s",
-    "faults/stale_batches",
-    "faults/dropped_samples",
-    "faults/reward_actor_restarts",
-    "faults/reward_timeouts",
-    "faults/rollout_timeouts",
-    "faults/learner_restarts",
-    "faults/replay_restarts",
+    *FAULT_KEYS,
     # group algorithms and DAPO options
     "sampling/rounds",
     "sampling/kept_fraction",

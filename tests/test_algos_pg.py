@@ -245,3 +245,38 @@ def test_overlong_penalty_ramp():
     assert torch.allclose(half, torch.tensor([0.0, 0.0, -0.125, -0.25, -0.5, -0.5]))
     with pytest.raises(ValueError, match="buffer"):
         overlong_penalty(lengths=lengths, max_length=20, buffer=0)
+
+
+# PPO's surrogate is the symmetric case, aggregated over every token.
+PPO = {"clip_low": 0.2, "clip_high": 0.2, "loss_agg": "token_mean"}
+
+
+@pytest.mark.parametrize(
+    ("adv", "ratio", "loss", "clipfrac"),
+    [
+        (1.0, 1.5, -1.2, 1.0),  # gain capped at 1 + eps
+        (-1.0, 0.5, 0.8, 1.0),  # loss floored at 1 - eps
+        (1.0, 0.5, -0.5, 0.0),  # pessimistic side: unclipped
+        (2.0, 1.0, -2.0, 0.0),
+    ],
+)
+def test_symmetric_clipping_is_ppos(adv, ratio, loss, clipfrac):
+    old = t([-1.0])
+    new = old + math.log(ratio)
+    out, stats = policy_loss(
+        logprobs=new, old_logprobs=old, advantages=t([adv]), mask=t([1.0]), **PPO
+    )
+    assert out.item() == pytest.approx(loss, abs=1e-6)
+    assert stats["clipfrac"].item() == clipfrac
+    assert stats["approx_kl"].item() == pytest.approx((ratio - 1) - math.log(ratio), abs=1e-6)
+
+
+def test_symmetric_policy_loss_ignores_padding():
+    out, _ = policy_loss(
+        logprobs=t([0.0, 5.0]),
+        old_logprobs=t([0.0, 0.0]),
+        advantages=t([1.0, 100.0]),
+        mask=t([1.0, 0.0]),
+        **PPO,
+    )
+    assert out.item() == pytest.approx(-1.0)

@@ -100,39 +100,6 @@ def gae(
     return advantages, returns
 
 
-def policy_loss(
-    *,
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    clip: float,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate loss ``-min(r A, clip(r, 1-e, 1+e) A)`` averaged over tokens.
-
-    Args:
-        logprobs: (B, T) under the policy being trained.
-        old_logprobs: (B, T) recorded when the tokens were sampled.
-        advantages: (B, T); mask: (B, T); clip: epsilon.
-
-    Returns:
-        the loss and stats: ``clipfrac`` (share of tokens where clipping bit) and ``approx_kl``
-        (the k3 estimator ``(r - 1) - log r`` of KL(old || new)).
-    """
-    log_ratio = (logprobs - old_logprobs) * mask
-    ratio = log_ratio.exp()
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    with torch.no_grad():
-        stats = {
-            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
-            "approx_kl": masked_mean((ratio - 1.0) - log_ratio, mask),
-            "ratio": masked_mean(ratio, mask),
-        }
-    return loss, stats
-
-
 def value_loss(
     *,
     values: torch.Tensor,
