@@ -65,7 +65,7 @@ class Trainer:
         self.reward_timeouts = 0  # counted before a resume
         self.logger: MetricsLogger | None = None
         self.signals = StopSignals()
-        self.algo = algorithm(self)  # after the learner: its own actors may need the config only
+        self.algo = algorithm(self)  # its own actors (DQN: the replay buffer) and state
         self.initial_state = self.state()  # what a recovery with no checkpoint restores
 
     def make_learner(self) -> ray.actor.ActorHandle:
