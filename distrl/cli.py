@@ -15,8 +15,31 @@ from distrl import config as cfg
 from distrl.errors import ConfigError, DistrlError
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--config`` and one ``--section.field`` flag per config field to ``parser``."""
+def chosen_config(argv: list[str]) -> tuple[str, cfg.RunConfig | None]:
+    """The ``--config`` named in ``argv`` (``default`` when none) and its values, or None when
+    it does not load (the error then comes from parsing, naming the problem)."""
+    name = "default"
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            name = argv[i + 1]
+        elif arg.startswith("--config="):
+            name = arg.split("=", 1)[1]
+    try:
+        return name, cfg.load_config(name)
+    except DistrlError:
+        return name, None
+
+
+def add_config_arguments(
+    parser: argparse.ArgumentParser, shown: tuple[str, cfg.RunConfig | None] | None = None
+) -> None:
+    """Add ``--config`` and one ``--section.field`` flag per config field to ``parser``.
+
+    Args:
+        parser: the parser to extend.
+        shown: ``(name, config)`` whose values the help shows as defaults (``chosen_config``);
+            None or an unloadable config shows the built-in defaults.
+    """
     parser.add_argument(
         "--config",
         default="default",
@@ -24,12 +47,14 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"packaged config ({', '.join(cfg.NAMED_CONFIGS)}) or a YAML file "
         "(default: %(default)s)",
     )
-    group = parser.add_argument_group(
-        "config fields",
-        "override the --config file; the defaults shown are the built-in ones, which a config "
-        "file may change",
+    name, config = shown or ("", None)
+    where = (
+        f"the values shown are those of --config {name}"
+        if config is not None
+        else "the values shown are the built-in defaults, which a config file may change"
     )
-    defaults = cfg.to_dict(cfg.RunConfig())
+    group = parser.add_argument_group("config fields", f"override the --config file; {where}")
+    defaults = cfg.to_dict(config if config is not None else cfg.RunConfig())
     for path, tp, f in cfg.iter_fields():
         default: Any = defaults
         for part in path.split("."):

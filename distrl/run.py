@@ -20,8 +20,9 @@ from distrl import cli
 from distrl.errors import ConfigError
 
 
-def parser() -> argparse.ArgumentParser:
-    """The argument parser: run options plus one flag per config field."""
+def parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser: run options plus one flag per config field, whose help shows the
+    values of the ``--config`` in ``argv`` (``default`` when none)."""
     p = argparse.ArgumentParser(
         prog="python -m distrl.run",
         description=__doc__,
@@ -39,14 +40,14 @@ def parser() -> argparse.ArgumentParser:
         help="continue the run in --output-dir from its last complete checkpoint "
         "(its config.yaml is the base config)",
     )
-    cli.add_config_arguments(p)
+    cli.add_config_arguments(p, cli.chosen_config(argv or []))
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse, validate (before Ray starts), train."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    p = parser()
+    p = parser(argv)
     args, _ = p.parse_known_args(argv)
     if args.resume:
         if not args.output_dir:

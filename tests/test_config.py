@@ -133,6 +133,34 @@ def test_every_field_has_help_and_a_flag():
         assert f"--{path}" in text
 
 
+def field_help(text: str, flag: str) -> str:
+    """The help paragraph of ``flag`` in ``--help`` output, on one line."""
+    start = text.index(f"  {flag} ")
+    end = text.find("\n  --", start + 1)
+    return " ".join(text[start:end].split())
+
+
+@pytest.mark.parametrize(
+    "argv, iterations, lr",
+    [([], "30", "3e-05"), (["--config", "tiny"], "4", "0.001"), (["--config=tiny"], "4", "0.001")],
+)
+def test_help_shows_the_chosen_configs_values(argv, iterations, lr):
+    from distrl.run import parser
+
+    text = parser(argv).format_help()
+    assert "(default: " + iterations + ";" in field_help(text, "--iterations")
+    assert "(default: " + lr + ";" in field_help(text, "--learner.lr")
+    name = "tiny" if argv else "default"
+    assert f"the values shown are those of --config {name}" in " ".join(text.split())
+
+
+def test_help_falls_back_to_built_in_defaults_for_a_config_that_does_not_load():
+    from distrl.run import parser
+
+    text = parser(["--config", "no/such.yaml"]).format_help()
+    assert "(default: 100;" in field_help(text, "--iterations")  # RunConfig's own
+
+
 def test_to_dict_is_yaml_ready():
     text = yaml.safe_dump(to_dict(load_config("default")))
     assert "components" in text and "!!python" not in text
