@@ -50,6 +50,9 @@ def write_checkpoint(
     tmp.mkdir()
     try:
         write(tmp)
+        readable = 0o666 & ~_umask()  # some writers (safetensors) leave their files 0600
+        for rel in _files(tmp):
+            os.chmod(tmp / rel, readable)
         files = {rel: _describe(tmp / rel, sync=True) for rel in _files(tmp)}
         marker = {"format": FORMAT_VERSION, "meta": json.loads(marker_meta), "files": files}
         with open(tmp / MARKER, "w", encoding="utf-8") as f:
@@ -230,6 +233,12 @@ def _describe(file: Path, *, sync: bool = False) -> dict[str, Any]:
         if sync:  # the data must be on disk before the marker claims it is
             os.fsync(f.fileno())
     return {"size": size, "sha256": digest.hexdigest()}
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def fsync_dir(path: Path) -> None:

@@ -132,7 +132,8 @@ def format_progress(metrics: dict[str, Any], keys: list[str]) -> str:
     """Short ``name=value`` pairs for a tqdm postfix, e.g. ``total=0.512 kl=0.0031``.
 
     Keys missing from ``metrics`` or not finite numbers are left out; a key is shortened to its
-    last ``/`` part unless that would be ambiguous among ``keys``.
+    last ``/`` part unless that would be ambiguous among ``keys``; values under 5e-5 in size
+    show as 0.
     """
     short = [key.rsplit("/", 1)[-1] for key in keys]
     parts = []
@@ -140,7 +141,8 @@ def format_progress(metrics: dict[str, Any], keys: list[str]) -> str:
         value = metrics.get(key)
         if _is_number(value):
             label = name if short.count(name) == 1 else key
-            parts.append(f"{label}={value:.4g}")
+            shown = value if abs(value) >= 5e-5 else 0  # round-off such as kl=-2e-08 is 0
+            parts.append(f"{label}={shown:.4g}")
     return " ".join(parts)
 
 

@@ -1,4 +1,5 @@
 import json
+import os
 import random
 
 import numpy as np
@@ -162,3 +163,17 @@ def test_rng_state_round_trip_through_a_file(tmp_path):
     draw()
     set_rng_state(load_torch_state(tmp_path / "rng.pt")["rng"])
     assert draw() == expected
+
+
+def test_files_are_readable_like_any_other_whatever_wrote_them(tmp_path):
+    def private(tmp):  # as safetensors leaves its file
+        (tmp / "model.safetensors").write_bytes(b"w")
+        (tmp / "model.safetensors").chmod(0o600)
+
+    mask = os.umask(0o022)
+    try:
+        path = write_checkpoint(tmp_path, "step_1", private, meta={"step": 1})
+    finally:
+        os.umask(mask)
+    assert (path / "model.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (path / "distrl_checkpoint.json").stat().st_mode & 0o777 == 0o644

@@ -152,3 +152,8 @@ def test_format_progress_is_short_and_skips_missing_or_nan():
     assert format_progress(metrics, keys) == "total=0.5123 tokens_per_s=1234"
     both = {"reward/total": 1.0, "eval/total": 2.0}
     assert format_progress(both, ["reward/total", "eval/total"]) == "reward/total=1 eval/total=2"
+
+
+def test_format_progress_shows_round_off_as_zero():
+    metrics = {"learner/kl": -2.078e-08, "reward/total": 0.00012}
+    assert format_progress(metrics, ["learner/kl", "reward/total"]) == "kl=0 total=0.00012"
