@@ -596,10 +596,36 @@ def load_config(source: str = "default", overrides: dict[str, Any] | None = None
         source: a packaged config name (``tiny``, ``default``) or a YAML file path.
         overrides: dotted field -> value (strings are parsed as YAML, e.g. ``"3e-5"``).
     """
-    data = read_yaml(source)
+    data = read_with_base(source)
     for path, value in (overrides or {}).items():
         apply_override(data, path, value)
     return build(RunConfig, data)
+
+
+def read_with_base(source: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``read_yaml``, with a top-level ``base: <packaged name or file>`` read first and this
+    file's fields applied over it (mappings merge, any other value replaces); a relative base
+    path is relative to the file naming it."""
+    if source in seen:
+        raise ConfigError(f"config {source}: 'base' goes round in a circle ({' -> '.join(seen)})")
+    data = read_yaml(source)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"config {source}: base must be a packaged config name or a file")
+    if base not in NAMED_CONFIGS and source not in NAMED_CONFIGS:
+        near = Path(source).parent / base
+        base = str(near) if near.is_file() else base
+    return _merged(read_with_base(base, (*seen, source)), data)
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both else value
+    return out
 
 
 def dump_yaml(config: RunConfig, file: Path) -> None:

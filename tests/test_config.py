@@ -164,3 +164,27 @@ def test_help_falls_back_to_built_in_defaults_for_a_config_that_does_not_load():
 def test_to_dict_is_yaml_ready():
     text = yaml.safe_dump(to_dict(load_config("default")))
     assert "components" in text and "!!python" not in text
+
+
+def test_a_config_file_starts_from_its_base(tmp_path):
+    (tmp_path / "mine.yaml").write_text("base: tiny\niterations: 7\nlearner: {lr: 0.002}\n")
+    config = load_config(str(tmp_path / "mine.yaml"))
+    tiny = load_config("tiny")
+    assert config.iterations == 7 and config.learner.lr == 0.002
+    # Everything else is the base's, nested sections merged field by field.
+    assert config.learner.max_grad_norm == tiny.learner.max_grad_norm
+    assert config.model == tiny.model and config.rollout == tiny.rollout
+    # A base named by a relative path is found beside the file naming it, and chains.
+    (tmp_path / "more.yaml").write_text("base: mine.yaml\nseed: 3\n")
+    chained = load_config(str(tmp_path / "more.yaml"))
+    assert (chained.seed, chained.iterations, chained.model) == (3, 7, tiny.model)
+
+
+def test_a_base_that_goes_round_in_a_circle_is_named(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="'base' goes round in a circle"):
+        load_config(str(tmp_path / "a.yaml"))
+    (tmp_path / "c.yaml").write_text("base: [tiny]\n")
+    with pytest.raises(ConfigError, match="base must be a packaged config name or a file"):
+        load_config(str(tmp_path / "c.yaml"))
