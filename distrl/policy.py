@@ -6,12 +6,13 @@ config gives the same tokenizer, the same special ids and the same prompt tokens
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 import transformers
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
 from distrl.config import DataConfig, ModelConfig, TokenizerConfig
 from distrl.data import Example
@@ -90,19 +91,77 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def distinct_prompts(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct rows of left-padded prompts ``ids`` (B, P): the row index of each distinct
+    prompt's first occurrence (U,), and per row the index of its prompt among them (B,)."""
+    _, inverse = torch.unique(ids, dim=0, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), ids.shape[0], device=ids.device)
+    first = first.scatter_reduce(0, inverse, torch.arange(ids.shape[0], device=ids.device), "amin")
+    return first, inverse
+
+
+def new_cache(model: PreTrainedModel) -> dict[str, DynamicCache]:
+    """A fresh KV cache as a keyword argument of ``model``'s forward and ``generate``
+    (``cache`` in newer transformers, ``past_key_values`` before)."""
+    params = inspect.signature(model.base_model.forward).parameters
+    name = "cache" if "cache" in params else "past_key_values"
+    return {name: DynamicCache(config=model.config)}
+
+
+def prefill_shared(
+    model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor
+) -> tuple[dict[str, DynamicCache], torch.Tensor]:
+    """Run each distinct prompt of ``ids`` (B, P) once and copy its KV cache to every row that
+    repeats it, as a group of samples of one prompt does.
+
+    Gradients flow through the copies into the one computation, so this is the plain forward
+    over all rows done once per prompt instead of once per sample.
+
+    Returns:
+        the cache keyword argument (B rows, P positions) and the last hidden state (B, 1, H).
+    """
+    first, inverse = distinct_prompts(ids)
+    cache = new_cache(model)
+    out = model.base_model(
+        input_ids=ids[first],
+        attention_mask=mask[first],
+        position_ids=position_ids(mask[first]),
+        use_cache=True,
+        **cache,
+    )
+    next(iter(cache.values())).batch_select_indices(inverse)
+    return cache, out.last_hidden_state[inverse, -1:]
+
+
 def response_hidden(
     model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, start: int
 ) -> torch.Tensor:
     """Last hidden states (B, T, H) at the positions that predict ``ids[:, start:]``.
 
+    Rows that share a prompt (the samples of one group) run it once: its KV cache is computed
+    for the distinct prompts and copied, and only the responses run per row.
+
     Args:
         model: a causal LM. ids, mask: (B, L) left-padded prompts followed by responses.
         start: column where responses begin (the padded prompt width).
     """
+    first, _ = distinct_prompts(ids[:, :start])
+    if len(first) == ids.shape[0] or start == ids.shape[1]:
+        out = model.base_model(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False
+        )
+        return out.last_hidden_state[:, start - 1 : -1]
+    cache, last = prefill_shared(model, ids[:, :start], mask[:, :start])
+    if ids.shape[1] - start == 1:
+        return last
     out = model.base_model(
-        input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False
+        input_ids=ids[:, start:-1],
+        attention_mask=mask[:, :-1],
+        position_ids=position_ids(mask)[:, start:-1],
+        use_cache=True,
+        **cache,
     )
-    return out.last_hidden_state[:, start - 1 : -1]
+    return torch.cat([last, out.last_hidden_state], dim=1)
 
 
 def with_responses(
@@ -133,8 +192,8 @@ def reference_metrics(
     references: Sequence[Sequence[int]],
     pad_id: int,
 ) -> dict[str, float]:
-    """Perplexity and greedy token accuracy of reference responses after their prompts (seed
-    004's metrics); pairs without a reference are skipped, and no pairs give ``{}``."""
+    """Perplexity and greedy token accuracy of reference responses after their prompts; pairs
+    without a reference are skipped, and no pairs give ``{}``."""
     pairs = [(p, r) for p, r in zip(prompts, references) if r]
     if not pairs:
         return {}

@@ -17,7 +17,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from distrl.config import ModelConfig, RolloutConfig, RunConfig, TokenizerConfig
-from distrl.policy import build_model, build_tokenizer, left_pad
+from distrl.policy import build_model, build_tokenizer, distinct_prompts, left_pad, prefill_shared
 from distrl.roles import WorkerRole
 from distrl.tokenizers import Tokenizer
 
@@ -230,11 +230,17 @@ class RolloutWorker(WorkerRole):
         mask_t = torch.from_numpy(mask).to(self.device)
         # Raw logits (before top-k/top-p warping) over the temperature: what the learner computes.
         recorder = SampledLogprobs(1.0 if greedy else self.config.temperature)
+        cache = {}
+        if len(distinct_prompts(ids_t)[0]) < len(prompts) and ids.shape[1] > 1:
+            # The samples of one prompt share its prefill: all but the last prompt token run
+            # once per distinct prompt; generate continues from the copied cache.
+            cache, _ = prefill_shared(self.model, ids_t[:, :-1], mask_t[:, :-1])
         sequences = self.model.generate(
             input_ids=ids_t,
             attention_mask=mask_t,
             generation_config=self.generation_config(greedy),
             logits_processor=LogitsProcessorList([recorder]),
+            **cache,
         )
         response = sequences[:, ids.shape[1] :]
         logprobs = recorder.result(response)
