@@ -26,6 +26,7 @@ import torch
 from distrl.errors import DistrlError
 
 MARKER = "distrl_checkpoint.json"
+OPTIMIZER_FILE = "optimizer.pt"  # what only a resume needs, and the largest file
 FORMAT_VERSION = 1
 
 
@@ -126,8 +127,33 @@ def latest_checkpoint(root: Path, prefix: str = "step_") -> Path | None:
     return None
 
 
-def prune_checkpoints(root: Path, keep: int, prefix: str = "step_") -> None:
-    """Delete all but the newest ``keep`` step folders and any stale ``.tmp-*`` folders.
+def drop_files(path: Path, names: set[str]) -> None:
+    """Delete ``names`` from checkpoint ``path`` and from its manifest (rewritten atomically
+    first, so the folder verifies at every moment); names it does not hold are ignored."""
+    path = Path(path)
+    marker = json.loads((path / MARKER).read_text(encoding="utf-8"))
+    gone = sorted(names & set(marker["files"]))
+    if not gone:
+        return
+    marker["files"] = {rel: d for rel, d in marker["files"].items() if rel not in names}
+    marker["dropped"] = sorted({*marker.get("dropped", []), *gone})
+    tmp = path / f".{MARKER}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(marker, f, indent=1, allow_nan=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path / MARKER)
+    for rel in gone:
+        (path / rel).unlink(missing_ok=True)
+    fsync_dir(path)
+
+
+def prune_checkpoints(
+    root: Path, keep: int, prefix: str = "step_", newest_only: frozenset[str] = frozenset()
+) -> None:
+    """Delete all but the newest ``keep`` step folders and any stale ``.tmp-*`` folders, and
+    the files ``newest_only`` from every kept folder but the newest (``OPTIMIZER_FILE``: only
+    a resume needs it, and a resume starts from the newest).
 
     Call only while no ``write_checkpoint`` into ``root`` is running.
     """
@@ -139,6 +165,9 @@ def prune_checkpoints(root: Path, keep: int, prefix: str = "step_") -> None:
     folders = sorted(_step_folders(root, prefix))
     for _, path in folders[: max(0, len(folders) - keep)]:
         shutil.rmtree(path, ignore_errors=True)
+    for _, path in folders[max(0, len(folders) - keep) : -1]:
+        if newest_only and (path / MARKER).is_file():
+            drop_files(path, set(newest_only))
     for path in root.glob(".tmp-*"):
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)

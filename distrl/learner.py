@@ -404,7 +404,7 @@ class Learner(LearnerRole):
             self.tokenizer.tok.save_pretrained(path)
         self.write_tokenizer_spec(path, self.tokenizer_spec)
         state = {"value_head": self.net.value_head.state_dict(), "kl": self.kl.state_dict()}
-        save_torch_state(path / STATE_FILE, {**state, **self.role_state(extra)})
+        save_torch_state(path / STATE_FILE, {**state, **self.role_state(extra, path)})
 
     def load(self, folder: str) -> dict:
         """Restore policy, value head, optimizer, KL controller and RNG; return the extra dict."""
@@ -417,4 +417,4 @@ class Learner(LearnerRole):
         state = load_torch_state(path / STATE_FILE)
         self.net.value_head.load_state_dict(state["value_head"])
         self.kl.load_state_dict(state["kl"])
-        return self.load_role_state(state)
+        return self.load_role_state(state, path)

@@ -193,7 +193,7 @@ class QLearner(LearnerRole):
             "published_steps": self.published_steps,
             "skipped": self.skipped,
         }
-        save_torch_state(path / STATE_FILE, {**state, **self.role_state(extra)})
+        save_torch_state(path / STATE_FILE, {**state, **self.role_state(extra, path)})
 
     def load(self, folder: str) -> dict:
         """Restore both networks, the optimizer, counters and RNG; return the extra dict."""
@@ -206,4 +206,4 @@ class QLearner(LearnerRole):
         self.target.load_state_dict(state["target"])
         self.skipped = int(state["skipped"])
         self.published_steps = int(state["published_steps"])
-        return self.load_role_state(state)
+        return self.load_role_state(state, path)

@@ -8,13 +8,20 @@ the non-finite guard), its version and checkpoint state, and the workers' weight
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from distrl.checkpoint import rng_state, set_rng_state
+from distrl.checkpoint import (
+    OPTIMIZER_FILE,
+    load_torch_state,
+    rng_state,
+    save_torch_state,
+    set_rng_state,
+)
 from distrl.config import LearnerConfig
 from distrl.errors import DistrlError
 from distrl.models import VersionedWeights, set_weights
@@ -34,8 +41,10 @@ class OptimizerStep:
     def __init__(self, params: Any, config: LearnerConfig) -> None:
         self.params = [p for p in params if p.requires_grad]
         self.config = config
+        # The fused kernel (one pass over all parameters) where torch has one: CPU and CUDA.
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in self.params)
         self.optimizer = torch.optim.AdamW(
-            self.params, lr=config.lr, weight_decay=config.weight_decay
+            self.params, lr=config.lr, weight_decay=config.weight_decay, fused=fused or None
         )
         self.steps = 0  # optimizer steps taken
         self.nonfinite_in_a_row = 0
@@ -87,19 +96,34 @@ class LearnerRole:
         """``publish/bytes``: the size of the weights the last ``weights`` call published."""
         return {"publish/bytes": float(self.published_bytes)}
 
-    def role_state(self, extra: dict | None) -> dict[str, Any]:
-        """Optimizer, version, step count, RNG and the driver's ``extra`` for a checkpoint."""
+    def role_state(self, extra: dict | None, folder: Path) -> dict[str, Any]:
+        """Version, step count, RNG and the driver's ``extra`` for a checkpoint; the optimizer
+        state goes to its own file in ``folder`` (``OPTIMIZER_FILE``), which only the newest
+        step checkpoint keeps (``distrl.checkpoint.drop_files``)."""
+        save_torch_state(folder / OPTIMIZER_FILE, self.opt.optimizer.state_dict())
         return {
-            "optimizer": self.opt.optimizer.state_dict(),
             "version": self.version,
             "steps": self.steps,
             "rng": rng_state(),
             "extra": extra or {},
         }
 
-    def load_role_state(self, state: dict[str, Any]) -> dict:
-        """Restore what ``role_state`` saved; returns the driver's ``extra``."""
-        self.opt.optimizer.load_state_dict(state["optimizer"])
+    def load_role_state(self, state: dict[str, Any], folder: Path) -> dict:
+        """Restore what ``role_state`` saved; returns the driver's ``extra``.
+
+        A checkpoint without optimizer state (an older step, or ``best``/``final``) resumes with
+        fresh AdamW moments, with a warning: only the newest step checkpoint resumes exactly.
+        """
+        if "optimizer" in state:  # written before the optimizer had a file of its own
+            self.opt.optimizer.load_state_dict(state["optimizer"])
+        elif (folder / OPTIMIZER_FILE).is_file():
+            self.opt.optimizer.load_state_dict(load_torch_state(folder / OPTIMIZER_FILE))
+        else:
+            warnings.warn(
+                f"{folder} holds no optimizer state (only the newest step checkpoint keeps it): "
+                "AdamW starts from fresh moments",
+                stacklevel=2,
+            )
         self.version, self.opt.steps = int(state["version"]), int(state["steps"])
         set_rng_state(state["rng"])
         return state["extra"]

@@ -8,6 +8,7 @@ import torch
 
 from distrl.checkpoint import (
     MARKER,
+    drop_files,
     latest_checkpoint,
     load_torch_state,
     prune_checkpoints,
@@ -115,6 +116,27 @@ def test_prune_keeps_newest_and_removes_stale_tmp(tmp_path):
     write_checkpoint(tmp_path, "best", fill, meta={})
     prune_checkpoints(tmp_path, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "step_10", "step_11"]
+
+
+def test_only_the_newest_kept_step_keeps_resume_only_files(tmp_path):
+    for step in (1, 2, 3):
+        save(tmp_path, step)
+    prune_checkpoints(tmp_path, keep=2, newest_only=frozenset({"weights.bin"}))
+    assert not (tmp_path / "step_1").exists()
+    assert not (tmp_path / "step_2" / "weights.bin").exists()
+    assert (tmp_path / "step_3" / "weights.bin").is_file()
+    verify_checkpoint(tmp_path / "step_2")  # its manifest no longer lists the file
+    assert json.loads((tmp_path / "step_2" / MARKER).read_text())["dropped"] == ["weights.bin"]
+    assert latest_checkpoint(tmp_path) == tmp_path / "step_3"
+
+
+def test_dropping_a_file_keeps_the_rest_verified(tmp_path):
+    path = save(tmp_path, 1)
+    drop_files(path, {"weights.bin", "not-there"})
+    assert verify_checkpoint(path) == {"step": 1}
+    (path / "sub" / "config.json").write_text('{"layers": 3}')
+    with pytest.raises(DistrlError, match="config.json"):
+        verify_checkpoint(path)
 
 
 def test_torch_state_loads_with_weights_only(tmp_path):

@@ -3,6 +3,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from distrl.checkpoint import OPTIMIZER_FILE
 from distrl.config import load_config
 from distrl.data import load_examples
 from distrl.learner import Learner
@@ -138,10 +139,18 @@ def test_save_and_load_round_trip(tmp_path, prompts):
     assert fresh.load(str(tmp_path)) == {"step": 1}
     assert fresh.version == 1 and fresh.steps == learner.steps
     assert np.allclose(fresh.logprobs(batch), learner.logprobs(batch), atol=1e-6)
-    assert (
-        fresh.optimizer.state_dict()["state"].keys()
-        == learner.optimizer.state_dict()["state"].keys()
-    )
+    saved, restored = learner.optimizer.state_dict(), fresh.optimizer.state_dict()
+    assert saved["state"].keys() == restored["state"].keys()
+    for k, v in saved["state"].items():
+        assert torch.equal(v["exp_avg_sq"], restored["state"][k]["exp_avg_sq"]), k
+    # Without its optimizer file (an older step, best/, final/) it loads with fresh moments,
+    # and says so.
+    (tmp_path / OPTIMIZER_FILE).unlink()
+    again, _ = make(config)
+    with pytest.warns(UserWarning, match="no optimizer state"):
+        assert again.load(str(tmp_path)) == {"step": 1}
+    assert not again.optimizer.state_dict()["state"]
+    assert np.allclose(again.logprobs(batch), learner.logprobs(batch), atol=1e-6)
 
 
 def test_reference_metrics(prompts):
