@@ -21,6 +21,7 @@ from distrl.checkpoint import verify_checkpoint
 from distrl.config import RunConfig, dump_yaml
 from distrl.errors import DistrlError
 from distrl.faults import Hung
+from distrl.loggers import build_sinks
 from distrl.loop import Report, Trainer
 from distrl.metrics import MetricsLogger
 from distrl.prompts import Prompts, prepare
@@ -164,6 +165,7 @@ def _train(
             tensorboard=config.output.tensorboard,
             plots=config.output.plots,
             resume=resume,
+            sinks=build_sinks(config, run_dir, resume),
         )
     except BaseException:
         trainer.shutdown()
