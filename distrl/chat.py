@@ -375,7 +375,8 @@ def tokenization_report(text: str, tokenizer: Tokenizer) -> str:
         ids = tok.encode(text)
         back = tok.decode(ids, skip_special_tokens=False)
         check = "round trip ok" if back == text else f"round trip differs: {back!r}"
-        lines += [f"{label}: {len(ids)} tokens, {check}", f"  tokens: {tok.tokens(text)}"]
+        count = f"{len(ids)} token" + ("" if len(ids) == 1 else "s")
+        lines += [f"{label}: {count}, {check}", f"  tokens: {tok.tokens(text)}"]
         lines.append(f"  ids:    {ids}")
     return "\n".join(lines)
 
@@ -394,7 +395,8 @@ def run_command(chat: ChatInterface, line: str) -> str | None:
     if word in ("save", "load") and " " not in arg:  # "save the whales" is a message
         getattr(chat, word)(arg)
         done = "saved" if word == "save" else "loaded"
-        return f"{done} {len(chat.messages)} messages {'to' if word == 'save' else 'from'} {arg}"
+        count = f"{len(chat.messages)} message" + ("" if len(chat.messages) == 1 else "s")
+        return f"{done} {count} {'to' if word == 'save' else 'from'} {arg}"
     if word == "test":
         return tokenization_report(arg or TEST_SAMPLE, chat.tokenizer)
     return None
