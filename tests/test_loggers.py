@@ -246,8 +246,8 @@ def test_loggers_open_no_network_connection_and_let_the_process_exit(tmp_path):
     assert "LOGGED" in result.stdout and "NETWORK" not in result.stdout, result.stdout
 
 
-@pytest.mark.slow  # a whole run on Ray
-def test_training_run_logs_every_iteration_to_mlflow_and_wandb(ray_session, tmp_path):
+@pytest.mark.slow  # two runs on Ray
+def test_training_run_and_its_resume_log_to_one_mlflow_run_and_one_wandb_id(ray_session, tmp_path):
     from distrl.driver import train
 
     overrides = {
@@ -270,3 +270,11 @@ def test_training_run_logs_every_iteration_to_mlflow_and_wandb(ray_session, tmp_
     (wandb_run,) = wandb_runs(run_dir)
     assert sorted(wandb_run["history"]) == [1, 2]
     assert "reward/total" in wandb_run["history"][2]
+
+    train(load_config("tiny", {**overrides, "iterations": 3}), resume=True)
+    experiment = client.get_experiment_by_name("distrl")
+    assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [run_id]
+    assert [m.step for m in client.get_metric_history(run_id, "reward/total")] == [1, 2, 3]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    first, resumed = wandb_runs(run_dir)
+    assert first["id"] == resumed["id"] and sorted(resumed["history"]) == [3]
