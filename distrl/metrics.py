@@ -9,16 +9,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import Any
 
 from distrl.checkpoint import fsync_dir
 from distrl.errors import DataError
+from distrl.plots import plot_history
 
 METRICS_FILE = "metrics.jsonl"
-GROUP_ORDER = ("reward", "learner", "eval", "rollout", "time")
 Record = dict[str, Any]
 
 
@@ -86,21 +85,15 @@ class MetricsLogger:
             self._purge_step = min(self._purge_step, step + 1)
 
     def plot(self) -> list[Path]:
-        """Draw ``plots/training.png`` (one panel per namespace) and ``plots/<namespace>.png``.
+        """Draw ``plots/training.png`` (the main curves) and ``plots/<namespace>.png`` (every
+        metric), one panel per metric (see ``distrl.plots``).
 
         Returns:
             The PNG files written; empty when plotting is off or nothing was logged.
         """
-        if not self.plots or not self.history:
+        if not self.plots:
             return []
-        groups = _group_series(self.history)
-        out = self.run_dir / "plots"
-        out.mkdir(exist_ok=True)
-        paths = [_save(_figure(groups, f"distrl: {self.run_dir.name}"), out / "training.png")]
-        for name, series in groups.items():
-            filename = re.sub(r"[^\w.-]", "_", name) + ".png"
-            paths.append(_save(_figure({name: series}, name), out / filename))
-        return paths
+        return plot_history(self.history, self.run_dir / "plots", title=self.run_dir.name)
 
     def close(self) -> None:
         """Close the JSONL file and the TensorBoard writer."""
@@ -191,53 +184,3 @@ def _rewrite(path: Path, records: list[Record]) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
-
-
-def _group_series(history: list[Record]) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
-    """``{namespace: {key: (steps, values)}}`` in plotting order; gaps are skipped."""
-    groups: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
-    for record in history:
-        for key, value in record.items():
-            if key == "step" or not _is_number(value):
-                continue
-            name = key.split("/", 1)[0] if "/" in key else "other"
-            steps, values = groups.setdefault(name, {}).setdefault(key, ([], []))
-            steps.append(record["step"])
-            values.append(value)
-    rank = {name: i for i, name in enumerate(GROUP_ORDER)}
-    order = sorted(groups, key=lambda name: (rank.get(name, len(rank)), name))
-    return {name: groups[name] for name in order}
-
-
-def _figure(groups: dict[str, dict[str, tuple[list[int], list[float]]]], title: str):
-    # Figure + Agg canvas instead of pyplot: no global backend switch, safe off the main thread.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    ncols = min(len(groups), 2) or 1
-    nrows = max(1, math.ceil(len(groups) / ncols))
-    fig = Figure(figsize=(6.5 * ncols, 4 * nrows), layout="constrained")
-    FigureCanvasAgg(fig)
-    fig.suptitle(title)
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax, (name, series) in zip(axes, groups.items()):
-        for key, (steps, values) in sorted(series.items()):
-            marker = "o" if len(steps) <= 50 else None
-            ax.plot(steps, values, marker=marker, markersize=3, label=key.split("/", 1)[-1])
-        ax.set_title(name)
-        ax.set_xlabel("step")
-        ax.set_ylabel(name)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-    for ax in axes[len(groups) :]:
-        ax.set_visible(False)
-    return fig
-
-
-def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
-    return path

@@ -9,8 +9,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from distrl.errors import DataError
 from distrl.metrics import MetricsLogger, format_progress, read_metrics
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
 
 def scalars(run_dir, tag):
     acc = EventAccumulator(str(run_dir / "tensorboard"))
@@ -53,35 +51,6 @@ def test_tensorboard_holds_the_finite_scalars(tmp_path):
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert scalars(tmp_path, "reward/total") == [(1, 0.5), (2, 0.75)]
     assert [(s, pytest.approx(v)) for s, v in scalars(tmp_path, "learner/kl")] == [(2, 0.01)]
-
-
-def test_plot_writes_valid_pngs_with_gaps_and_single_steps(tmp_path):
-    logger = MetricsLogger(tmp_path, tensorboard=False)
-    logger.log(0, {"reward/total": 0.1, "time/rollout_s": 2.0, "eval/reward": 0.3})
-    logger.log(1, {"reward/total": 0.2, "learner/policy_loss": float("nan"), "replay/size": 4})
-    paths = logger.plot()
-    logger.close()
-
-    names = {p.name for p in paths}
-    assert names == {
-        "training.png",
-        "reward.png",
-        "eval.png",
-        "time.png",
-        "replay.png",
-    }  # learner/* has no finite value yet, so no panel
-    for path in paths:
-        assert path.parent == tmp_path / "plots"
-        data = path.read_bytes()
-        assert data[:8] == PNG_MAGIC and len(data) > 1000
-
-
-def test_plot_is_off_or_empty_without_data(tmp_path):
-    assert MetricsLogger(tmp_path / "a", tensorboard=False).plot() == []
-    logger = MetricsLogger(tmp_path / "b", tensorboard=False, plots=False)
-    logger.log(0, {"reward/total": 1.0})
-    assert logger.plot() == []
-    assert not (tmp_path / "b" / "plots").exists()
 
 
 def test_resume_drops_a_truncated_last_line_and_appends(tmp_path):
