@@ -47,12 +47,13 @@ import yaml
 from distrl import cli
 from distrl.checkpoint import latest_checkpoint
 from distrl.config import RunConfig, build, dump_yaml, load_config, to_dict
-from distrl.errors import ConfigError, DistrlError
+from distrl.errors import ConfigError, DataError, DistrlError
+from distrl.metrics import METRICS_FILE, read_metrics
+from distrl.plots import plot_history, plot_sweep
 from distrl.tune_space import (
     SWEEP_FILE,
     Param,
     Space,
-    best_config,
     check_space,
     read_space,
     trial_bundles,
@@ -60,6 +61,8 @@ from distrl.tune_space import (
     with_values,
     write_summary,
 )
+
+BEST_FILE = "best_config.yaml"
 
 # ---- Ray Tune --------------------------------------------------------------------------------
 
@@ -86,7 +89,9 @@ def run_trial(
             **values,
             "output.dir": str(run_dir),
             "output.progress": False,
-            "output.tensorboard": False,  # Tune writes the same metrics to TensorBoard
+            # Tune may stop this process at any report (ASHA), before the run could draw its
+            # plots: the sweep draws them from metrics.jsonl when the trial ends (TrialPlots).
+            "output.plots": False,
         },
     )
     _adopt_tune_checkpoint(tune.get_checkpoint(), run_dir / "checkpoints")
@@ -135,6 +140,33 @@ def trial_dirname(trial_id: str) -> str:
     return f"trial_{trial_id}"
 
 
+def plot_trial(trial_dir: Path) -> list[Path]:
+    """Draw a trial's plots (``<trial>/distrl/plots/``) from its ``metrics.jsonl``, as
+    ``distrl.run`` does at the end of a run; returns the PNG files written."""
+    run_dir = Path(trial_dir) / "distrl"
+    if not (run_dir / METRICS_FILE).is_file():
+        return []
+    history = read_metrics(run_dir / METRICS_FILE)
+    return plot_history(history, run_dir / "plots", title=Path(trial_dir).name)
+
+
+def _trial_plots(exp_dir: Path) -> Any:
+    from ray.tune import Callback
+
+    class TrialPlots(Callback):
+        """Draws each trial's plots when it ends: finished, stopped by ASHA or failed."""
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any):
+            try:
+                plot_trial(exp_dir / trial_dirname(trial.trial_id))
+            except (OSError, DataError) as exc:  # plots are not worth stopping a sweep for
+                print(f"distrl.tune: no plots for {trial.trial_id}: {exc}", file=sys.stderr)
+
+        on_trial_error = on_trial_complete
+
+    return TrialPlots()
+
+
 def _searcher(metric: str, mode: str, random_steps: int, seed: int) -> Any:
     from ray.tune.search.bayesopt import BayesOptSearch
 
@@ -173,12 +205,19 @@ def run_sweep(
     Ray must be initialised (``distrl.driver.init_ray``).
     """
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
 
     # Each distrl checkpoint makes Tune snapshot the experiment (num_to_keep=1), which it
     # would report as "excessive"; local snapshots are cheap.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # No Tune TensorBoard logger: each trial's distrl run writes its own event files (the tags
+    # of distrl.run), and Tune's logger would print a hint to its temporary staging folder.
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    callbacks = [CSVLoggerCallback(), JsonLoggerCallback()]
+    if config.output.plots:
+        callbacks.append(_trial_plots(exp_dir))
 
     trainable = tune.with_resources(
         tune.with_parameters(
@@ -196,14 +235,18 @@ def run_sweep(
     if scheduler == "asha":
         grace = config.output.eval_every if space.metric.startswith("eval/") else 1
         asha = ASHAScheduler(
-            time_attr="training_iteration", max_t=config.iterations, grace_period=grace
+            time_attr="training_iteration",
+            metric=space.metric,
+            mode=space.mode,
+            max_t=config.iterations,
+            grace_period=grace,
         )
     tuner = tune.Tuner(
         trainable,
         param_space={p.key: tune.uniform(*p.bounds()) for p in space.params},
+        # metric and mode go to the searcher and scheduler only: given here, Tune's console would
+        # print its own "Current best trial" (the last result, not distrl's best_trial).
         tune_config=tune.TuneConfig(
-            metric=space.metric,
-            mode=space.mode,
             search_alg=ConcurrencyLimiter(
                 _searcher(space.metric, space.mode, steps, config.seed),
                 max_concurrent=max_concurrent,
@@ -216,6 +259,7 @@ def run_sweep(
             name=exp_dir.name,
             storage_path=str(exp_dir.parent),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            callbacks=callbacks,
             verbose=1,
         ),
     )
@@ -384,19 +428,22 @@ def main(argv: list[str] | None = None) -> int:
     return summarize(results, space, config, exp_dir)
 
 
+def best_trial(rows: list[dict[str, Any]], space: Space) -> dict[str, Any] | None:
+    """The sweep's best trial: the best ``best_<metric>`` (the best value any of its iterations
+    reported); ties go to the better ``last_<metric>``, then to the first trial folder by name.
+
+    ``best_config.yaml``, ``summary.png`` and the printed line all name this trial; None when no
+    trial reported the metric.
+    """
+    best, last = f"best_{space.metric}", f"last_{space.metric}"
+    sign = -1.0 if space.mode == "max" else 1.0
+    scored = [r for r in rows if r[best] is not None]
+    return min(scored, key=lambda r: (sign * r[best], sign * r[last], r["trial"]), default=None)
+
+
 def summarize(results: Any, space: Space, config: RunConfig, exp_dir: Path) -> int:
-    """Write summary.csv, summary.png and best_config.yaml into ``exp_dir``; print the best."""
-    rows = trial_rows(results, space, config.iterations)
-    write_summary(rows, space, exp_dir)
-    print(f"distrl.tune: {len(rows)} trials; summary in {exp_dir / 'summary.csv'}", flush=True)
-    print(f"distrl.tune: curves: tensorboard --logdir {exp_dir}", flush=True)
-    best = best_config(rows, space, config)
-    if best is None:
-        print(f"distrl.tune: no trial reported {space.metric}; see summary.csv", file=sys.stderr)
-    else:
-        dump_yaml(best, exp_dir / "best_config.yaml")
-        print(f"distrl.tune: best config ({exp_dir / 'best_config.yaml'}):", flush=True)
-        print((exp_dir / "best_config.yaml").read_text(encoding="utf-8"), flush=True)
+    """Write and print the summary of Tune's ResultGrid (``write_results``); the exit code."""
+    top = write_results(trial_rows(results, space, config.iterations), space, config, exp_dir)
     if results.num_terminated + results.num_errors < len(results):
         print(
             "distrl.tune: interrupted; continue with: python -m distrl.tune --resume "
@@ -404,7 +451,40 @@ def summarize(results: Any, space: Space, config: RunConfig, exp_dir: Path) -> i
             file=sys.stderr,
         )
         return 130
-    return 0 if best is not None else 1
+    return 0 if top is not None else 1
+
+
+def write_results(
+    rows: list[dict[str, Any]], space: Space, config: RunConfig, exp_dir: Path
+) -> dict[str, Any] | None:
+    """Write summary.csv, summary.png and best_config.yaml into ``exp_dir`` and print where
+    they are and which trial is best (``best_trial``); returns that trial's row."""
+    top = best_trial(rows, space)
+    write_summary(rows, space, exp_dir)
+    params = [(p.path, p.log) for p in space.params]
+    plot_sweep(
+        rows,
+        metric=space.metric,
+        mode=space.mode,
+        params=params,
+        best=top["trial"] if top else None,
+        path=exp_dir / "summary.png",
+    )
+    print(f"distrl.tune: {len(rows)} trials; summary in {exp_dir / 'summary.csv'}", flush=True)
+    if config.output.tensorboard:
+        print(f"distrl.tune: curves: tensorboard --logdir {exp_dir}", flush=True)
+    if top is None:
+        print(f"distrl.tune: no trial reported {space.metric}; see summary.csv", file=sys.stderr)
+        return None
+    dump_yaml(with_values(config, {p: top[p] for p, _ in params}), exp_dir / BEST_FILE)
+    values = " ".join(f"{p}={top[p]:.4g}" for p, _ in params)
+    print(
+        f"distrl.tune: best trial {top['trial']} ({space.mode} {space.metric} "
+        f"{top[f'best_{space.metric}']:.4g}): {exp_dir / top['trial']}\n"
+        f"distrl.tune: its config ({values}): {exp_dir / BEST_FILE}",
+        flush=True,
+    )
+    return top
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 a real BayesOpt sweep of the tiny config on the session's local Ray."""
 
 import csv
+import dataclasses
 import json
 import math
 import random
@@ -12,6 +13,7 @@ import pytest
 from distrl import tune, tune_space
 from distrl.config import load_config
 from distrl.errors import ConfigError, DistrlError
+from distrl.metrics import MetricsLogger
 
 SPACES = Path(__file__).resolve().parents[1] / "tune_spaces"
 
@@ -206,6 +208,73 @@ def test_a_dqn_sweep_may_optimise_dqn_metrics(tmp_path):
     assert tune.main(["--space", str(path), "--dry-run"]) == 0
 
 
+LR = tune_space.Param("learner.lr", 1e-5, 1e-2, log=True)
+
+
+def summary_row(trial, best, last, lr=1e-4, status="finished"):
+    return {
+        "trial": trial,
+        "status": status,
+        "iterations": 2,
+        "learner.lr": lr,
+        "best_eval/reward": best,
+        "last_eval/reward": last,
+        "error": "",
+    }
+
+
+def test_best_trial_ties_go_to_the_better_last_value_then_the_first_folder():
+    space = tune_space.Space("s.yaml", "tiny", "eval/reward", "max", (LR,))
+    rows = [
+        summary_row("trial_c", 1.0, 0.8),
+        summary_row("trial_b", 1.0, 0.9),
+        summary_row("trial_a", 1.0, 0.8),
+        summary_row("trial_d", 0.5, 0.5),
+        summary_row("trial_e", None, None, status="error"),
+    ]
+    assert tune.best_trial(rows, space)["trial"] == "trial_b"
+    rows[1]["last_eval/reward"] = 0.8
+    assert tune.best_trial(rows, space)["trial"] == "trial_a"
+    low = dataclasses.replace(space, mode="min")
+    assert tune.best_trial(rows, low)["trial"] == "trial_d"
+    assert tune.best_trial(rows[4:], space) is None
+
+
+def test_the_best_config_file_summary_and_printed_line_name_one_trial(tmp_path, capsys):
+    space = tune_space.Space("s.yaml", "tiny", "eval/reward", "max", (LR,))
+    rows = [
+        summary_row("trial_b", 1.0, 1.0, lr=2e-4),
+        summary_row("trial_a", 1.0, 1.0, lr=3e-4, status="stopped"),  # tie: first folder wins
+        summary_row("trial_c", 0.5, 0.5, lr=4e-4),
+    ]
+    top = tune.write_results(rows, space, load_config("tiny"), tmp_path)
+    out = capsys.readouterr().out
+    assert top["trial"] == "trial_a"
+    assert load_config(str(tmp_path / "best_config.yaml")).learner.lr == pytest.approx(3e-4)
+    assert out.splitlines()[-2:] == [
+        f"distrl.tune: best trial trial_a (max eval/reward 1): {tmp_path / 'trial_a'}",
+        f"distrl.tune: its config (learner.lr=0.0003): {tmp_path / 'best_config.yaml'}",
+    ]
+    assert out.count("tensorboard --logdir") == 1
+    assert [r["trial"] for r in read_csv(tmp_path / "summary.csv")] == [
+        "trial_b",
+        "trial_a",
+        "trial_c",
+    ]
+    assert (tmp_path / "summary.png").stat().st_size > 10_000
+
+
+def test_plot_trial_draws_a_trials_plots_from_its_metrics(tmp_path):
+    logger = MetricsLogger(tmp_path / "trial_x" / "distrl", tensorboard=False, plots=False)
+    logger.log(1, {"reward/total": 0.5, "learner/kl": 0.01})
+    logger.log(2, {"reward/total": 0.7, "learner/kl": 0.02})
+    logger.close()
+    paths = tune.plot_trial(tmp_path / "trial_x")
+    assert [p.name for p in paths] == ["training.png", "reward.png", "learner.png"]
+    assert all(p.parent == tmp_path / "trial_x" / "distrl" / "plots" for p in paths)
+    assert tune.plot_trial(tmp_path / "trial_y") == []  # died before its first iteration
+
+
 @pytest.mark.slow  # about 2 minutes on 2 shared cores
 def test_bayesopt_sweep_of_tiny_runs_summarises_and_its_best_config_trains(ray_session, tmp_path):
     from distrl.driver import train
@@ -254,8 +323,10 @@ def test_bayesopt_sweep_of_tiny_runs_summarises_and_its_best_config_trains(ray_s
         for p in space.params:
             assert last[f"params/{p.path}"] == pytest.approx(float(row[p.path]))
         assert last["step"] == 2 and math.isfinite(last["eval/reward"])
-        assert list(trial.glob("events.out.tfevents.*")) and (trial / "progress.csv").is_file()
+        assert (trial / "progress.csv").is_file()
+        assert list((trial / "distrl" / "tensorboard").glob("events.out.tfevents.*"))
         assert (trial / "distrl" / "final").is_dir()
+        assert not (trial / "distrl" / "plots").exists()  # --output.plots false
     assert (exp / "summary.png").stat().st_size > 10_000
 
     best = load_config(str(exp / "best_config.yaml"))
@@ -277,3 +348,41 @@ def test_bayesopt_sweep_of_tiny_runs_summarises_and_its_best_config_trains(ray_s
     assert len(read_csv(exp / "summary.csv")) == 4
     with pytest.raises(DistrlError, match="already exists"):
         tune.main(argv)
+
+
+@pytest.mark.slow  # about 1.5 minutes on 2 shared cores
+def test_an_asha_sweep_plots_every_trial_and_prints_one_best_and_one_hint(
+    ray_session, tmp_path, capfd
+):
+    argv = [
+        *("--space", str(SPACES / "ppo.yaml"), "--config", "tiny", "--scheduler", "asha"),
+        *("--num-samples", "2", "--max-concurrent", "2", "--trial-cpus", "0.25"),
+        *("--storage", str(tmp_path), "--name", "asha"),
+        *("--iterations", "2", "--rollout.num_workers", "1"),
+    ]
+    assert tune.main(argv) == 0
+    out = capfd.readouterr().out
+    exp = tmp_path / "asha"
+    rows = read_csv(exp / "summary.csv")
+    assert len(rows) == 2
+
+    # ASHA stops each trial at its last report (max_t), before the trial could draw its plots.
+    for row in rows:
+        run_dir = exp / row["trial"] / "distrl"
+        names = {p.name for p in (run_dir / "plots").glob("*.png")}
+        assert {"training.png", "reward.png", "learner.png", "eval.png", "time.png"} <= names
+        assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+        assert not list((exp / row["trial"]).glob("events.out.tfevents.*"))  # no Tune logger
+
+    # One best: not Tune's "Current best trial", distrl's line, the trial of best_config.yaml.
+    assert "Current best trial" not in out
+    best = [line for line in out.splitlines() if line.startswith("distrl.tune: best trial")]
+    assert len(best) == 1
+    (top,) = [r for r in rows if f" {r['trial']} " in best[0]]
+    assert best[0].endswith(str(exp / top["trial"]))
+    config = load_config(str(exp / "best_config.yaml"))
+    assert config.learner.lr == pytest.approx(float(top["learner.lr"]))
+    # One TensorBoard hint, to the folder holding every trial's event files.
+    assert [line for line in out.splitlines() if "tensorboard" in line.lower()] == [
+        f"distrl.tune: curves: tensorboard --logdir {exp}"
+    ]
