@@ -381,48 +381,8 @@ def trial_rows(results: Any, space: Space, iterations: int) -> list[dict[str, An
 
 
 def write_summary(rows: list[dict[str, Any]], space: Space, out_dir: Path) -> None:
-    """``summary.csv`` (one row per trial) and ``summary.png`` (best metric per trial, and the
-    best metric against each parameter)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """``summary.csv``: one row per trial (``distrl.plots`` draws ``summary.png``)."""
     with open(out_dir / "summary.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["trial"])
         writer.writeheader()
         writer.writerows(rows)
-    best_key = f"best_{space.metric}"
-    n = 1 + len(space.params)
-    cols = min(n, 3)
-    fig, axes = plt.subplots(
-        (n + cols - 1) // cols, cols, figsize=(4.5 * cols, 3.6 * ((n + cols - 1) // cols))
-    )
-    axes = list(getattr(axes, "flat", [axes]))
-    ok = [r for r in rows if r[best_key] is not None]
-    colours = {"finished": "tab:blue", "stopped": "tab:orange", "error": "tab:red"}
-    axes[0].bar(range(len(ok)), [r[best_key] for r in ok], color=[colours[r["status"]] for r in ok])
-    axes[0].set_xticks(range(len(ok)), [r["trial"].split("_")[-1] for r in ok], rotation=90)
-    axes[0].set_title(f"best {space.metric} per trial ({space.mode})")
-    for ax, p in zip(axes[1:], space.params):
-        ax.scatter([r[p.path] for r in ok], [r[best_key] for r in ok])
-        if p.log:
-            ax.set_xscale("log")
-        ax.set_xlabel(p.path)
-        ax.set_ylabel(space.metric)
-    for ax in axes[n:]:
-        ax.set_visible(False)
-    fig.tight_layout()
-    fig.savefig(out_dir / "summary.png", dpi=100)
-    plt.close(fig)
-
-
-def best_config(rows: list[dict[str, Any]], space: Space, config: RunConfig) -> RunConfig | None:
-    """The base config with the values of the trial with the best metric (None if none has one)."""
-    key = f"best_{space.metric}"
-    scored = [r for r in rows if r[key] is not None]
-    if not scored:
-        return None
-    pick = max if space.mode == "max" else min
-    best = pick(scored, key=lambda r: r[key])
-    return with_values(config, {p.path: best[p.path] for p in space.params})
