@@ -8,6 +8,7 @@ run directory is locked, and ``distrl.loop.Trainer`` runs the loop.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import warnings
 from collections.abc import Iterator
@@ -51,13 +52,53 @@ def init_ray(config: RunConfig) -> None:
     address = config.resources.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
-    else:
-        with loopback_only():
-            ray.init(
-                address="local",
-                num_cpus=config.resources.num_cpus,
-                object_store_memory=config.resources.object_store_memory,
-            )
+        return
+    with loopback_only(), quiet_local_start():
+        context = ray.init(
+            address="local",
+            num_cpus=config.resources.num_cpus,
+            object_store_memory=config.resources.object_store_memory,
+        )
+    if context.dashboard_url:  # the port Ray found free: 8265 unless another Ray holds it
+        url = context.dashboard_url
+        url = url if "://" in url else f"http://{url}"
+        token = os.environ.get("RAY_AUTH_MODE") == "token"
+        hint = " (token auth: `ray get-auth-token` prints the token)" if token else ""
+        print(f"distrl: local Ray dashboard at {url}{hint}", flush=True)
+
+
+# What Ray logs while it starts a local instance that distrl says itself, or need not say on every
+# run: the notice that token authentication is on (Ray's default, kept; the embedded Ray listens
+# on loopback only), and its dashboard line (replaced by distrl's, with the real URL).
+_START_NOTICES = {
+    "ray._private.authentication.authentication_token_setup": (
+        "Token authentication is enabled for this Ray cluster",
+    ),
+    "ray._private.worker": ("Started a local Ray instance",),
+}
+
+
+class _DropNotices(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+@contextlib.contextmanager
+def quiet_local_start() -> Iterator[None]:
+    """Drop Ray's start-up notices listed in ``_START_NOTICES`` while the embedded Ray starts;
+    every other message, and every message afterwards, is logged as usual."""
+    filters = [(logging.getLogger(name), _DropNotices(p)) for name, p in _START_NOTICES.items()]
+    for logger, notice_filter in filters:
+        logger.addFilter(notice_filter)
+    try:
+        yield
+    finally:
+        for logger, notice_filter in filters:
+            logger.removeFilter(notice_filter)
 
 
 @contextlib.contextmanager
