@@ -1,8 +1,9 @@
 """``python -m distrl.clusters FILE...``: check cluster files before ``ray up`` or ``kubectl``.
 
 A Ray cluster-launcher YAML is checked against Ray's own JSON schema (offline); a KubeRay
-manifest must hold a RayJob or RayCluster with a head group. Errors name the file and, for YAML
-syntax, the line; for the schema, the field.
+manifest must hold a RayJob or RayCluster with a head group; a job's runtime environment
+(``ray job submit --runtime-env FILE``) must use Ray's fields with their types. Errors name the
+file and, for YAML syntax, the line; for the schema, the field.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from distrl import cli
 from distrl.errors import ConfigError
 
 KUBERAY_KINDS = ("RayJob", "RayCluster")
+# Fields only a cluster-launcher YAML has: a file with none of them is a runtime environment.
+LAUNCHER_FIELDS = ("cluster_name", "provider", "available_node_types", "head_node_type", "auth")
 
 
 def read_yaml_documents(path: Path) -> list[Any]:
@@ -33,8 +36,8 @@ def read_yaml_documents(path: Path) -> list[Any]:
 
 
 def check_cluster_file(path: str | Path) -> dict[str, Any]:
-    """Check a launcher YAML or KubeRay manifest; return the launcher config (with Ray's
-    defaults filled in) or the RayJob/RayCluster document.
+    """Check a launcher YAML, KubeRay manifest or job runtime environment; return the launcher
+    config (with Ray's defaults filled in), the RayJob/RayCluster document or the environment.
 
     Raises:
         ConfigError: naming the file and what is wrong.
@@ -52,6 +55,8 @@ def check_cluster_file(path: str | Path) -> dict[str, Any]:
         if not isinstance(cluster, dict) or "headGroupSpec" not in cluster:
             raise ConfigError(f"cluster file {path}: {kube[0]['kind']} has no headGroupSpec")
         return kube[0]
+    if not any(field in docs[0] for field in LAUNCHER_FIELDS):
+        return check_runtime_env(path, docs[0])
     from jsonschema.exceptions import ValidationError
     from ray.autoscaler._private.util import prepare_config, validate_config
 
@@ -64,6 +69,25 @@ def check_cluster_file(path: str | Path) -> dict[str, Any]:
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"cluster file {path}: {e}") from None
     return config
+
+
+def check_runtime_env(path: Path, env: dict[str, Any]) -> dict[str, Any]:
+    """Check a runtime environment for ``ray job submit --runtime-env``: Ray's fields only
+    (``working_dir``, ``excludes``, ``pip``, ``env_vars``...), each of the type Ray expects."""
+    from ray.runtime_env import RuntimeEnv
+
+    public = sorted(f for f in RuntimeEnv.known_fields if not f.startswith("_"))
+    for field in env:
+        if field not in RuntimeEnv.known_fields:
+            raise ConfigError(
+                f"runtime environment {path}: unknown field {field!r}; Ray's fields: "
+                f"{', '.join(public)}"
+            )
+    try:
+        RuntimeEnv(**env)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"runtime environment {path}: {e}") from None
+    return env
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,12 +1,16 @@
 """clusters/: every file is valid for Ray's cluster launcher (or KubeRay), offers what distrl's
-packaged cluster configs ask for, and `ray job submit` runs distrl.run on a real Ray head."""
+packaged cluster configs ask for and turns token authentication on, and `ray job submit`, as the
+files document it, runs distrl.run on a real Ray head that requires the token."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import os
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -15,7 +19,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
+import zipfile
 from collections import Counter
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass
@@ -25,17 +31,29 @@ import psutil
 import pytest
 import ray
 import yaml
+from ray._private import ray_constants
+from ray._private.runtime_env.packaging import create_package
 from ray.autoscaler._private.util import prepare_config
 
 from distrl.clusters import check_cluster_file
 from distrl.config import RunConfig, load_config
+from distrl.errors import ConfigError
 from distrl.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTERS = ROOT / "clusters"
 CONFIGS = ROOT / "distrl" / "configs"
-CLUSTER_FILES = sorted(CLUSTERS.glob("*.yaml"))
+RUNTIME_ENV = CLUSTERS / "runtime-env.yaml"  # the job's, not a cluster's
+CLUSTER_FILES = sorted(p for p in CLUSTERS.glob("*.yaml") if p != RUNTIME_ENV)
 KUBERAY = CLUSTERS / "kuberay-rayjob.yaml"
+# What the cluster files tell a user to run on their machine to submit a job: token auth on, and
+# the upload's excludes from RUNTIME_ENV alone (no .gitignore reading, no built-in list).
+CLIENT_ENV = {
+    "RAY_AUTH_MODE": "token",
+    "RAY_RUNTIME_ENV_IGNORE_GITIGNORE": "1",
+    "RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES": "",
+}
+SUBMIT = "ray job submit --address http://127.0.0.1:8265 --working-dir . --runtime-env"
 
 # Packaged cluster configs (distrl/configs/cluster_*.yaml) -> the cluster files sized for them.
 CLUSTER_RUNS = {
@@ -184,7 +202,11 @@ def test_launcher_yaml_validates_and_installs_distrl(path):
     config = check_cluster_file(path)  # Ray's JSON schema, offline
     setup = " && ".join(config["setup_commands"])
     assert "pip install" in setup and "~/distrl" in setup and "python -m distrl.assets" in setup
-    assert raw["file_mounts"] == {"~/distrl": "."}
+    # Token auth: the token made on the user's machine reaches every node, and every later
+    # command there (ray start, a job's driver) runs with RAY_AUTH_MODE=token.
+    assert raw["file_mounts"] == {"~/distrl": ".", "~/.ray/auth_token": "~/.ray/auth_token"}
+    assert "echo 'export RAY_AUTH_MODE=token' >> ~/.bashrc" in setup
+    assert_documents_the_submission(path)
     start = " ".join(config["head_start_ray_commands"])
     # The dashboard and job server stay on the head's loopback (reached via `ray dashboard`).
     assert "--dashboard-host=127.0.0.1" in start and "0.0.0.0" not in start
@@ -194,6 +216,14 @@ def test_launcher_yaml_validates_and_installs_distrl(path):
             r'"\s(\d+\.\d+\.\d+\.\d+)\s"', " ".join(raw["worker_start_ray_commands"])
         )
         assert named and set(named) <= set(raw["provider"]["worker_ips"])
+
+
+def assert_documents_the_submission(path: Path) -> None:
+    """The file's comment gives the token and submission steps with the client environment."""
+    header = " ".join(line.lstrip("# ").rstrip(" \\") for line in path.read_text().splitlines())
+    assert "ray get-auth-token --generate" in header
+    exports = "export " + " ".join(f"{k}={v}" for k, v in CLIENT_ENV.items())
+    assert exports in header and f"{SUBMIT} clusters/runtime-env.yaml --" in header, path
 
 
 def test_kuberay_manifest_is_a_rayjob_running_distrl():
@@ -217,6 +247,98 @@ def test_kuberay_manifest_is_a_rayjob_running_distrl():
         mounts = pod["containers"][0]["volumeMounts"]
         assert any(output.startswith(m["mountPath"] + "/") for m in mounts), group
         assert {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]} <= claims
+
+
+def test_kuberay_turns_token_auth_on_everywhere():
+    """Every Ray container, the autoscaler and the submitter Job read the token from the Secret
+    the manifest's comment tells the user to create from their own ~/.ray/auth_token."""
+    (job,) = [d for d in kuberay_documents() if d["kind"] == "RayJob"]
+    (secret,) = re.findall(
+        r"kubectl create secret generic (\S+) --from-file=auth_token=\$HOME/\.ray/auth_token",
+        KUBERAY.read_text(),
+    )
+    expected = [
+        {"name": "RAY_AUTH_MODE", "value": "token"},
+        {
+            "name": "RAY_AUTH_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": secret, "key": "auth_token"}},
+        },
+    ]
+    cluster = job["spec"]["rayClusterSpec"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    pods = [job["spec"]["submitterPodTemplate"], *(g["template"] for g in groups)]
+    for pod in pods:
+        assert pod["spec"]["containers"][0]["env"] == expected, pod
+    assert cluster["autoscalerOptions"]["env"] == expected
+    assert "RAY_AUTH_MODE=token ray job logs" in KUBERAY.read_text()
+
+
+# ---- the job's runtime environment -------------------------------------------------------
+
+
+class KeepRecords(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def packed_files(root: Path, gitignore: bool, excludes: list[str], out: Path) -> tuple[set, list]:
+    """The files Ray's job client packs from ``root``, and what it logged meanwhile."""
+    log = logging.getLogger(f"distrl-test-packaging-{gitignore}")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    log.handlers = [kept := KeepRecords()]
+    target = out / f"package-{root.name}-{gitignore}.zip"
+    create_package(str(root), target, include_gitignore=gitignore, excludes=excludes, logger=log)
+    with zipfile.ZipFile(target) as package:
+        return {n for n in package.namelist() if not n.endswith("/")}, kept.messages
+
+
+def checkout_with_every_ignored_kind(folder: Path) -> Path:
+    """A folder holding the repository's .gitignore and, for each of its patterns, a matching
+    folder at the top and one level down (a checkout's runs/, build/, caches...), plus files
+    that must ship."""
+    folder.mkdir()
+    (folder / ".gitignore").write_text((ROOT / ".gitignore").read_text())
+    names = [p.strip().strip("/").replace("*", "x") for p in (ROOT / ".gitignore").open()]
+    for name in [n for n in names if n and not n.startswith("#")] + [".git"]:
+        for parent in (folder, folder / "pkg"):
+            (parent / name).mkdir(parents=True, exist_ok=True)
+            (parent / name / "file").write_text("left home")
+    (folder / "pkg" / "module.py").write_text("shipped")
+    (folder / "README.md").write_text("shipped")
+    return folder
+
+
+def test_runtime_env_uploads_what_gitignore_leaves_and_logs_nothing(tmp_path):
+    """The documented submission packs exactly the files Ray's defaults (.gitignore + its
+    built-in excludes) pack, without Ray logging each .gitignore it reads (three times each)."""
+    env = check_cluster_file(RUNTIME_ENV)
+    assert set(env) == {"excludes"}  # working_dir is --working-dir, so local edits ship
+    defaults = [x.strip() for x in ray_constants.RAY_RUNTIME_ENV_DEFAULT_EXCLUDES.split(",")]
+    assert set(defaults) <= set(env["excludes"])  # so Ray's built-in list can be switched off
+    every_kind = checkout_with_every_ignored_kind(tmp_path / "checkout")
+    for root in (ROOT, every_kind):
+        by_gitignore, logged = packed_files(root, True, defaults, tmp_path)
+        documented, quiet = packed_files(root, False, env["excludes"], tmp_path)
+        assert documented == by_gitignore, root
+        assert any("Ignoring upload to cluster for these files" in m for m in logged)
+        assert not any("Ignoring upload" in m for m in quiet), quiet
+    assert "distrl/driver.py" in packed_files(ROOT, False, env["excludes"], tmp_path)[0]
+    assert documented == {".gitignore", "README.md", "pkg/module.py"}
+
+
+def test_bad_runtime_env_names_file_and_field(tmp_path):
+    path = tmp_path / "env.yaml"
+    path.write_text("exclude: [runs]\n")
+    with pytest.raises(ConfigError, match=f"runtime environment {path}: unknown field 'exclude'"):
+        check_cluster_file(path)
+    path.write_text("excludes: runs\n")
+    with pytest.raises(ConfigError, match=r"excludes.*List\[str\]"):
+        check_cluster_file(path)
 
 
 def test_every_cluster_file_and_cluster_config_is_paired():
@@ -315,18 +437,36 @@ def stop_head(head: subprocess.Popen, markers: list[str]) -> None:
     head.wait(timeout=10)
 
 
-def wait_for_http(url: str, head: subprocess.Popen, timeout: float) -> None:
+def wait_for_http(url: str, head: subprocess.Popen, timeout: float, token: str) -> None:
+    """Wait until ``url`` answers 200 to a request carrying ``token``."""
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert head.poll() is None, "ray start --head exited"
         try:
-            with urllib.request.urlopen(url, timeout=5) as response:
+            with urllib.request.urlopen(request, timeout=5) as response:
                 if response.status == 200:
                     return
         except OSError:
             pass
         time.sleep(1)
     raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def http_status(url: str) -> int:
+    """The status of a GET without any token."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def file_state(path: Path) -> tuple | None:
+    """(content hash, mtime) of ``path``, or None if it does not exist."""
+    if not path.exists():
+        return None
+    return hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns
 
 
 # Every port a head opens, so this head never collides with another Ray on the machine.
@@ -343,8 +483,9 @@ HEAD_PORT_FLAGS = (
 )
 
 
-def start_head(temp_dir: str, env: dict[str, str], log) -> tuple[subprocess.Popen, str]:
-    """``ray start --head --block`` on loopback and free ports; returns (process, job address)."""
+def start_head(temp_dir: str, env: dict[str, str], log) -> tuple[subprocess.Popen, str, str]:
+    """``ray start --head --block`` on loopback and free ports; returns (process, job address,
+    GCS address)."""
     ports = free_ports(len(HEAD_PORT_FLAGS) + 32)
     flags = [f"--{flag}={port}" for flag, port in zip(HEAD_PORT_FLAGS, ports)]
     workers = ",".join(map(str, ports[len(HEAD_PORT_FLAGS) :]))
@@ -367,17 +508,28 @@ def start_head(temp_dir: str, env: dict[str, str], log) -> tuple[subprocess.Pope
     head = subprocess.Popen(
         command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
-    return head, f"http://127.0.0.1:{ports[1]}"
+    return head, f"http://127.0.0.1:{ports[1]}", f"127.0.0.1:{ports[0]}"
 
 
 @pytest.mark.slow
-def test_ray_job_submit_runs_distrl_on_a_real_head(tmp_path, monkeypatch):
+def test_ray_job_submit_runs_distrl_on_a_real_head_with_token_auth(tmp_path):
+    """A head started as the cluster files start it (RAY_AUTH_MODE=token) refuses requests
+    without the token, and runs the job the documented command submits with it."""
     bin_dir = Path(sys.executable).parent
     temp_dir = tempfile.mkdtemp(prefix="distrl-ray-", dir="/tmp")  # short: socket path limit
     run_dir = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # This head's own token, in its own folder: RAY_AUTH_TOKEN_PATH comes before ~/.ray/auth_token
+    # for the head, its processes, the job and the client, so the user's token is never used.
+    token = secrets.token_hex(32)
+    token_file = Path(temp_dir) / "auth_token"
+    token_file.write_text(token)
+    token_file.chmod(0o600)
+    users_token = Path.home() / ".ray" / "auth_token"
+    users_token_before = file_state(users_token)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
     env.update(
-        RAY_AUTH_MODE="disabled",
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=str(token_file),
         RAY_USAGE_STATS_ENABLED="0",
         # Ray turns --node-ip-address=127.0.0.1 into the machine's address and listens on all
         # interfaces; its single-machine mode (the macOS default) keeps everything on loopback.
@@ -385,52 +537,46 @@ def test_ray_job_submit_runs_distrl_on_a_real_head(tmp_path, monkeypatch):
         # The job's `python` must be this venv's, which has distrl's dependencies.
         PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
     )
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # for the job client in this process
     with open(tmp_path / "head.log", "w") as head_log:
-        head, address = start_head(temp_dir, env, head_log)
+        head, address, gcs = start_head(temp_dir, env, head_log)
         try:
-            wait_for_http(f"{address}/api/version", head, timeout=120)
-            submission_id = f"distrl-test-{os.getpid()}"
-            excludes = [".git", ".venv", "runs", "*.egg-info", "__pycache__", ".pytest_cache"]
+            wait_for_http(f"{address}/api/version", head, timeout=120, token=token)
+            assert http_status(f"{address}/api/version") == 401  # no token, no job server
+            # The documented command, as the user's shell runs it from the checkout.
             submit = subprocess.run(
                 [
                     str(bin_dir / "ray"),
-                    *("job", "submit", "--address", address, "--no-wait"),
-                    *("--submission-id", submission_id, "--working-dir", str(ROOT)),
-                    *("--runtime-env-json", json.dumps({"excludes": excludes}), "--"),
+                    *("job", "submit", "--address", address, "--working-dir", "."),
+                    *("--runtime-env", str(RUNTIME_ENV.relative_to(ROOT)), "--"),
                     *("python", "-m", "distrl.run", "--config", "tiny"),
                     *("--output-dir", str(run_dir), "--output.progress", "false"),
                 ],
-                env=env,
+                cwd=ROOT,
+                env={**env, **CLIENT_ENV},
                 capture_output=True,
                 text=True,
-                timeout=180,
+                timeout=480,
             )
-            assert submit.returncode == 0, submit.stdout + submit.stderr
-
-            from ray.job_submission import JobStatus, JobSubmissionClient
-
-            jobs = JobSubmissionClient(address)
-            deadline = time.monotonic() + 420
-            status = jobs.get_job_status(submission_id)
-            while not status.is_terminal() and time.monotonic() < deadline:
-                time.sleep(3)
-                status = jobs.get_job_status(submission_id)
-            logs = jobs.get_job_logs(submission_id)
-            assert status == JobStatus.SUCCEEDED, f"job {status}:\n{logs[-4000:]}"
-            assert "distrl: finished 4 iterations" in logs
+            console = submit.stdout + submit.stderr
+            (tmp_path / "submit.log").write_text(console)  # what the user sees
+            assert submit.returncode == 0, console[-4000:]
+            assert re.search(r"Job 'raysubmit_\w+' succeeded", console), console[-4000:]
+            assert "distrl: finished 4 iterations" in console
+            # The driver attached to this head (an embedded Ray would print its own dashboard).
+            assert f"Connecting to existing Ray cluster at address: {gcs}" in console
+            assert "distrl: local Ray dashboard" not in console
+            # No noise: no .gitignore read per folder and pass, no default-exclude warnings.
+            for noise in ("Ignoring upload", "ignored by default", "Traceback"):
+                assert noise not in console, console
 
             # Outputs: the final policy folder and one metrics line per iteration.
             assert (run_dir / "final" / "config.json").is_file()
+            assert (run_dir / "final" / "tokenizer.json").is_file()
             records = read_metrics(run_dir / "metrics.jsonl")
             assert [r["step"] for r in records] == [1, 2, 3, 4]
             assert math.isfinite(records[-1]["reward/total"])
-            # The driver attached to this head: an embedded Ray would have hidden its actors.
-            from ray.util.state import list_actors
-
-            classes = {a.class_name for a in list_actors(address=address, limit=1000)}
-            assert {"Learner", "RolloutWorker", "RewardScorer"} <= classes, classes
         finally:
             stop_head(head, [temp_dir, str(run_dir)])
             shutil.rmtree(temp_dir, ignore_errors=True)
     assert not process_tree(head.pid, [temp_dir]), "processes of the test's head survived"
+    assert file_state(users_token) == users_token_before, "the user's ~/.ray/auth_token changed"
