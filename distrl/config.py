@@ -167,6 +167,12 @@ class PPOConfig:
         None, "stop an update's epochs early past this approximate KL", gt=0.0
     )
     whiten_advantages: bool = _f(True, "normalise advantages to zero mean, unit variance")
+    whiten_min_std: float = _f(
+        0.01,
+        "advantages (REINFORCE++: returns) whose spread over the batch is below this are centred "
+        "but not scaled up: a batch without reward signal leaves the policy in place",
+        ge=0.0,
+    )
     ce_coef: float = _f(
         0.0, "cross-entropy coefficient on reference responses, when the data has them", ge=0.0
     )
@@ -340,12 +346,22 @@ class FaultsConfig:
 class OutputConfig:
     dir: str | None = _f(None, "run directory; empty = ./runs/<algo>-<timestamp>")
     checkpoint_every: int = _f(10, "iterations between checkpoints", ge=1)
+    checkpoint_minutes: float = _f(
+        30.0, "also checkpoint when this many minutes passed since the last one; 0 = never", ge=0.0
+    )
     keep_checkpoints: int = _f(3, "step checkpoints kept besides best/ and final/", ge=1)
     eval_every: int = _f(5, "iterations between held-out evaluations; 0 = never", ge=0)
     eval_examples: int = _f(16, "held-out prompts per evaluation", ge=1)
     tensorboard: bool = _f(True, "write TensorBoard event files")
     plots: bool = _f(True, "write PNG plots of the training curves")
     progress: bool = _f(True, "show a progress bar")
+    samples_every: int = _f(
+        1, "iterations between sample logs (samples.jsonl, TensorBoard text); 0 = never", ge=0
+    )
+    samples_logged: int = _f(8, "completions logged each time (the first of the batch)", ge=1)
+    mlflow: bool = _f(False, "also log to MLflow (a file store under the run directory, offline)")
+    wandb: bool = _f(False, "also log to Weights & Biases (offline mode, under the run directory)")
+    experiment: str = _f("distrl", "MLflow experiment / W&B project name")
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,12 @@ from ray.exceptions import GetTimeoutError, RayActorError
 
 from distrl import actors
 from distrl.algorithms import ALGORITHMS, Round
-from distrl.checkpoint import latest_checkpoint, prune_checkpoints, write_checkpoint
+from distrl.checkpoint import (
+    OPTIMIZER_FILE,
+    latest_checkpoint,
+    prune_checkpoints,
+    write_checkpoint,
+)
 from distrl.config import RunConfig
 from distrl.errors import DistrlError
 from distrl.faults import FAULT_KEYS, Hung, Interrupt, Lost, Stopped, StopSignals
@@ -64,6 +69,8 @@ class Trainer:
         self.faults = dict.fromkeys(FAULT_KEYS, 0)
         self.reward_timeouts = 0  # counted before a resume
         self.logger: MetricsLogger | None = None
+        self.last_rounds: list[Round] = []  # the latest iteration's, for its samples
+        self.last_checkpoint = time.monotonic()
         self.signals = StopSignals()
         self.algo = algorithm(self)  # its own actors (DQN: the replay buffer) and state
         self.initial_state = self.state()  # what a recovery with no checkpoint restores
@@ -260,7 +267,30 @@ class Trainer:
         metrics.update(self.wait_stateful("learner", self.learner.publish_metrics.remote()))
         metrics.update(self.rollout_metrics(rounds, self.version))
         metrics.update(ScoreResult.concat([r.scores for r in rounds]).metrics())
+        self.last_rounds = rounds
         return {**metrics, **times}
+
+    def samples(self, rounds: list[Round]) -> list[dict[str, Any]]:
+        """The first ``output.samples_logged`` completions of an iteration, as rows of
+        ``samples.jsonl``: prompt, response, the policy version that generated it, the total
+        reward and each component (None where a sample was dropped or a component failed)."""
+        rows: list[dict[str, Any]] = []
+        for r in rounds:
+            for i in range(len(r.batch.texts)):
+                if len(rows) == self.config.output.samples_logged:
+                    return rows
+                example = self.train_prompts.examples[int(r.batch.example_ids[i])]
+                rewards = {"reward/total": r.scores.total[i]}
+                rewards.update({f"reward/{k}": v[i] for k, v in r.scores.components.items()})
+                rows.append(
+                    {
+                        "prompt": example.prompt_text,
+                        "response": str(r.batch.texts[i]),
+                        "version": int(r.batch.row_versions[i]),
+                        **{k: float(v) for k, v in rewards.items()},
+                    }
+                )
+        return rows
 
     def run(self, logger: MetricsLogger, progress: bool, report: Report | None = None) -> None:
         """Train from ``self.step`` to ``config.iterations``; ``report`` sees every iteration.
@@ -315,8 +345,13 @@ class Trainer:
             if cfg.output.eval_every and self.step % cfg.output.eval_every == 0:
                 metrics.update(self.guarded(self.evaluate, default={}))
             self.logger.log(self.step, metrics)
+            every = cfg.output.samples_every
+            if every and (self.step % every == 0 or self.step == 1):
+                self.logger.log_samples(self.step, self.samples(self.last_rounds))
             saved = None
-            if self.step % cfg.output.checkpoint_every == 0 or self.step == cfg.iterations:
+            minutes = (time.monotonic() - self.last_checkpoint) / 60
+            due = cfg.output.checkpoint_minutes and minutes >= cfg.output.checkpoint_minutes
+            if self.step % cfg.output.checkpoint_every == 0 or self.step == cfg.iterations or due:
                 saved = self.guarded(lambda m=metrics: self.checkpoint(m))
                 if saved is None:  # lost while saving: recovered to an earlier step
                     continue
@@ -470,7 +505,10 @@ class Trainer:
             write_checkpoint(root, "best", lambda tmp: _copy(path, tmp), meta=meta)
         if self.step == self.config.iterations:
             write_checkpoint(self.run_dir, "final", lambda tmp: _copy(path, tmp), meta=meta)
-        prune_checkpoints(root, self.config.output.keep_checkpoints)
+        prune_checkpoints(
+            root, self.config.output.keep_checkpoints, newest_only=frozenset({OPTIMIZER_FILE})
+        )
+        self.last_checkpoint = time.monotonic()
         return path
 
     def restore(self, path: Path) -> None:
@@ -507,6 +545,7 @@ def group_rows(parts: list[Trajectories], n: int) -> np.ndarray:
 
 
 def _copy(src: Path, dst: Path) -> None:
+    """``best``/``final``: a step checkpoint without its manifest and optimizer state."""
     for item in src.iterdir():
-        if item.name != "distrl_checkpoint.json":
+        if item.name not in ("distrl_checkpoint.json", OPTIMIZER_FILE):
             shutil.copy2(item, dst / item.name)

@@ -1,4 +1,6 @@
-"""Training metrics: one JSON line per step, TensorBoard scalars and PNG plots.
+"""Training metrics: one JSON line per step, TensorBoard scalars and PNG plots; sample
+completions in ``samples.jsonl`` and as TensorBoard text; optional other experiment loggers
+(``Sink``) fed the same.
 
 Keys are namespaced (``reward/total``, ``learner/policy_loss``, ``time/rollout_s``); the part
 before the first ``/`` picks the plot a key is drawn in.
@@ -10,15 +12,30 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from distrl.checkpoint import fsync_dir
 from distrl.errors import DataError
 from distrl.plots import plot_history
 
 METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
 Record = dict[str, Any]
+
+
+class Sink(Protocol):
+    """Another experiment logger fed what ``MetricsLogger`` writes (MLflow, W&B)."""
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        """Log one step's finite scalars."""
+
+    def samples(self, step: int, rows: list[Record]) -> None:
+        """Log one step's sample completions (the rows of ``samples.jsonl``)."""
+
+    def close(self) -> None:
+        """Flush and finish."""
 
 
 class MetricsLogger:
@@ -28,18 +45,27 @@ class MetricsLogger:
         run_dir: The run's output folder (created if missing).
         tensorboard: Also write scalars under ``run_dir/tensorboard/``.
         plots: Whether ``plot`` draws anything.
-        resume: Keep an existing ``metrics.jsonl`` (minus a truncated last line) instead of
-            starting a new one.
+        resume: Keep an existing ``metrics.jsonl`` and ``samples.jsonl`` (minus a truncated last
+            line) instead of starting new ones.
+        sinks: Other loggers fed every step's scalars and samples.
     """
 
     def __init__(
-        self, run_dir: Path, *, tensorboard: bool = True, plots: bool = True, resume: bool = False
+        self,
+        run_dir: Path,
+        *,
+        tensorboard: bool = True,
+        plots: bool = True,
+        resume: bool = False,
+        sinks: Sequence[Sink] = (),
     ) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / METRICS_FILE
+        self.samples_path = self.run_dir / SAMPLES_FILE
         self.tensorboard = tensorboard
         self.plots = plots
+        self.sinks = list(sinks)
         self.history: list[Record] = []
         if resume and self.path.exists():
             self.history, complete = _read(self.path)
@@ -47,11 +73,18 @@ class MetricsLogger:
                 _rewrite(self.path, self.history)
         else:
             _rewrite(self.path, [])
+        if resume and self.samples_path.exists():
+            samples, complete = _read(self.samples_path)
+            if not complete:
+                _rewrite(self.samples_path, samples)
+        else:
+            _rewrite(self.samples_path, [])
         # TensorBoard hides events at or after purge_step left by an earlier process.
         steps = [r["step"] for r in self.history]
         self._purge_step = max(steps) + 1 if steps else 0
         self._writer = None  # made on first use, so truncate_after can still set purge_step
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (kept open)
+        self._samples = open(self.samples_path, "a", encoding="utf-8")  # noqa: SIM115
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Append one step's metrics; the line is on disk when this returns.
@@ -74,6 +107,28 @@ class MetricsLogger:
                 if key != "step" and _is_number(value):
                     writer.add_scalar(key, value, global_step=record["step"])
             writer.flush()
+        finite = {k: v for k, v in record.items() if k != "step" and _is_number(v)}
+        for sink in self.sinks:
+            sink.scalars(record["step"], finite)
+
+    def log_samples(self, step: int, rows: list[Record]) -> None:
+        """Append one step's sample completions to ``samples.jsonl``, one line each (``step``
+        first), and write them as a TensorBoard text table; on disk when this returns.
+
+        Args:
+            step: Training iteration the samples were generated for.
+            rows: JSON-able dicts, e.g. prompt, response, version and each reward component.
+        """
+        rows = [{"step": int(step), **{k: _sample_value(v) for k, v in r.items()}} for r in rows]
+        self._samples.writelines(json.dumps(r, allow_nan=False) + "\n" for r in rows)
+        self._samples.flush()
+        os.fsync(self._samples.fileno())
+        if self.tensorboard and rows:
+            writer = self._tensorboard_writer()
+            writer.add_text("samples", markdown_table(rows), global_step=int(step))
+            writer.flush()
+        for sink in self.sinks:
+            sink.samples(int(step), rows)
 
     def truncate_after(self, step: int) -> None:
         """Drop every logged step after ``step`` (a run resuming from an earlier checkpoint)."""
@@ -81,6 +136,10 @@ class MetricsLogger:
         self._file.close()
         _rewrite(self.path, self.history)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (kept open)
+        self._samples.close()
+        kept = [r for r in _read(self.samples_path)[0] if r["step"] <= step]
+        _rewrite(self.samples_path, kept)
+        self._samples = open(self.samples_path, "a", encoding="utf-8")  # noqa: SIM115
         if self._writer is None:
             self._purge_step = min(self._purge_step, step + 1)
 
@@ -96,8 +155,11 @@ class MetricsLogger:
         return plot_history(self.history, self.run_dir / "plots", title=self.run_dir.name)
 
     def close(self) -> None:
-        """Close the JSONL file and the TensorBoard writer."""
+        """Close the JSONL files, the TensorBoard writer and the sinks."""
         self._file.close()
+        self._samples.close()
+        for sink in self.sinks:
+            sink.close()
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -147,6 +209,28 @@ def _clean(key: str, value: Any) -> Any:
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     raise TypeError(f"metric {key!r} is a {type(value).__name__}, not a number")
+
+
+def _sample_value(value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy and torch scalars
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def markdown_table(rows: list[Record]) -> str:
+    """Rows as a Markdown table (TensorBoard renders text as Markdown); columns in first-seen
+    order, floats to 4 significant digits, ``|`` and newlines escaped."""
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+
+    def cell(value: Any) -> str:
+        text = f"{value:.4g}" if isinstance(value, float) else str(value)
+        return text.replace("|", "\\|").replace("\n", "<br>")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
 
 
 def _is_number(value: Any) -> bool:

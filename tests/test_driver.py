@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from distrl.checkpoint import OPTIMIZER_FILE, verify_checkpoint
 from distrl.config import load_config
 from distrl.driver import train
 from distrl.metrics import read_metrics
@@ -69,12 +70,27 @@ def test_tiny_run_trains_logs_and_checkpoints(ray_session, tmp_path):
         if not torch.equal(p, dict(initial.named_parameters())[n])
     ]
     assert len(changed) > 0
-    assert {p.name for p in (run_dir / "checkpoints").iterdir()} >= {"step_2", "step_4", "best"}
+    checkpoints = run_dir / "checkpoints"
+    assert {p.name for p in checkpoints.iterdir()} >= {"step_2", "step_4", "best"}
+    # Optimizer state only where a resume starts: the newest step checkpoint.
+    assert (checkpoints / "step_4" / OPTIMIZER_FILE).is_file()
+    for folder in (checkpoints / "step_2", checkpoints / "best", run_dir / "final"):
+        assert not (folder / OPTIMIZER_FILE).exists(), folder
+    verify_checkpoint(checkpoints / "step_2")
+    # Every iteration's first completions, with their rewards and the version that made them.
+    samples = read_metrics(run_dir / "samples.jsonl")
+    assert sorted({r["step"] for r in samples}) == [1, 2, 3, 4]
+    row = samples[-1]
+    assert row["prompt"] and isinstance(row["response"], str) and row["version"] >= 2
+    assert {"reward/total", "reward/diversity"} <= set(row)
 
 
 @pytest.mark.slow  # a whole run on Ray
 def test_resume_continues_at_the_next_step(ray_session, tmp_path):
-    train(tiny(tmp_path, iterations=2))
+    # Checkpoints every few minutes too: here every step, though checkpoint_every is 5.
+    minutes = {"output.checkpoint_every": 5, "output.checkpoint_minutes": 1e-6}
+    train(tiny(tmp_path, iterations=2, **minutes))
+    assert (tmp_path / "run" / "checkpoints" / "step_1").is_dir()
     run_dir = train(tiny(tmp_path, iterations=4), resume=True)
     steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")]
     assert steps == [1, 2, 3, 4]
