@@ -203,12 +203,30 @@ class Learner(LearnerRole):
         # the advantages need, so the separate value pass is skipped.
         single = self.critic and c.epochs == 1 and c.minibatch_size >= n
         kl_in_reward = self.algo in ("ppo", "reinforce_pp")
+        # Without a KL penalty (fixed coefficient 0) the reference model is not run, as GRPO
+        # does with beta 0.
+        measure_kl = kl_in_reward and (self.kl.value > 0 or c.kl_target is not None)
+        measure_kl = measure_kl or c.kl_loss_coef > 0
+        # With the KL in the reward, old logprobs are recomputed by the learner's forward, as
+        # the reference's are: while the policy is the reference the KL is then exactly 0. The
+        # workers' own numbers differ by round-off, which whitening and Adam's normalised step
+        # would turn into a real update on a batch without reward. Elsewhere the workers'
+        # recorded logprobs are the old ones. The pass also gives the critic its old values.
+        recompute = kl_in_reward and measure_kl
+        values, mismatch = None, {}
         with torch.no_grad():
             self.net.eval()
-            # Old logprobs are the workers' (recorded at sampling). Without a KL penalty (fixed
-            # coefficient 0) the reference model is not run, as GRPO does with beta 0.
-            measure_kl = kl_in_reward and (self.kl.value > 0 or c.kl_target is not None)
-            measure_kl = measure_kl or c.kl_loss_coef > 0
+            if recompute or (self.critic and not single):
+                logits, values = self._forward(self.net.model, ids, mask, start, self.critic)
+                if recompute:
+                    recomputed = ppo.logprobs_from_logits(logits, tokens) * rmask
+                    gap = (recomputed - old_logprobs).abs()
+                    mismatch = {
+                        "learner/logprob_mismatch": float(ppo.masked_mean(gap, rmask)),
+                        "learner/logprob_mismatch_max": float((gap * rmask).max()),
+                    }
+                    old_logprobs = recomputed
+                del logits
             ref_logprobs = old_logprobs
             if measure_kl:
                 ref_logits, _ = self._forward(self.reference, ids, mask, start)
@@ -226,9 +244,7 @@ class Learner(LearnerRole):
             data = dataclasses.replace(data, ref_logprobs=ref_logprobs)
         if not self.critic:
             data = self._critic_free_advantages(data, scores, groups)
-        elif not single:
-            with torch.no_grad():
-                values = self.net.value_head(response_hidden(self.net.model, ids, mask, start))
+        elif values is not None:
             data = self._with_advantages(data, values)
         self.net.train()
         stats: dict[str, list[float]] = {}
@@ -255,6 +271,7 @@ class Learner(LearnerRole):
         metrics = {f"learner/{k}": float(np.mean(v)) for k, v in stats.items()}
         if measure_kl:
             metrics["learner/kl"] = seq_kl
+        metrics.update(mismatch)
         metrics.update(
             {
                 "learner/kl_coef": self.kl.value,
@@ -280,7 +297,7 @@ class Learner(LearnerRole):
                 lam=c.gae_lambda,
             )
             if c.whiten_advantages:
-                advantages = ppo.whiten(advantages, data.rmask)
+                advantages = ppo.whiten(advantages, data.rmask, min_std=c.whiten_min_std)
         return dataclasses.replace(data, old_values=values, advantages=advantages, returns=returns)
 
     def _critic_free_advantages(
@@ -290,7 +307,10 @@ class Learner(LearnerRole):
         with torch.no_grad():
             if self.algo == "reinforce_pp":  # KL in the reward, returns whitened over the batch
                 advantages = pg.reinforce_pp_advantages(
-                    token_rewards=data.rewards, mask=data.rmask, gamma=self.ppo.gamma
+                    token_rewards=data.rewards,
+                    mask=data.rmask,
+                    gamma=self.ppo.gamma,
+                    min_std=self.ppo.whiten_min_std,
                 )
             else:
                 if groups is None:

@@ -247,8 +247,9 @@ class ValueHead(nn.Module):
         super().__init__()
         self.dropout = nn.Dropout(dropout)
         self.linear = nn.Linear(hidden_size, 1)
-        # Small init (as in trlx/OpenRLHF) so early values are near 0 and do not swamp GAE.
-        nn.init.normal_(self.linear.weight, std=1.0 / (hidden_size + 1))
+        # Zero init: every value starts at 0, so before the critic learns, the advantages are
+        # the rewards themselves, not the noise of a random head.
+        nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

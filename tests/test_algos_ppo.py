@@ -91,6 +91,16 @@ def test_whiten_and_masked_mean():
     assert w[..., 3].item() == 0.0
 
 
+def test_whiten_does_not_scale_a_spread_below_min_std_up():
+    x, mask = t([1e-6, -1e-6, 3e-6, 5.0]), t([1.0, 1.0, 1.0, 0.0])
+    centred = x - masked_mean(x, mask)
+    w = whiten(x, mask, min_std=0.01)
+    assert torch.allclose(w[..., :3], centred[..., :3] / 0.01)  # centred, divided by the floor
+    assert w.abs().max().item() < 1e-3  # not unit size
+    big = t([1.0, 2.0, 3.0, 0.0])
+    assert torch.allclose(whiten(big, mask, min_std=0.01), whiten(big, mask))  # above: as before
+
+
 def test_logprobs_and_entropy_of_uniform():
     logits = torch.zeros(1, 2, 4)
     tokens = torch.tensor([[0, 3]])

@@ -178,3 +178,49 @@ def test_without_a_kl_penalty_the_reference_model_is_not_run(prompts):
     calls = count_reference_passes(with_kl)
     assert "learner/kl" in with_kl.train(batch, np.ones(len(prompts)))
     assert calls  # the hook sees the reference pass when there is one
+
+
+def zero_reward_update(model: dict, algo: str, prompts=None):
+    """The default config's update (lr, epochs, minibatches, KL penalty, whitening) on a batch
+    whose rewards are all 0: the learner, the batch and its logprobs before the update."""
+    config = load_config(
+        "default", {**model, "algo": algo, "rollout.samples_per_prompt": 1 + (algo == "grpo")}
+    )
+    learner, worker = make(config)
+    if prompts is None:
+        examples = load_examples("default", limit=8)
+        prompts = encode_prompts(examples, worker.tokenizer, config.tokenizer, config.data)
+    batch = worker.generate(prompts, list(range(len(prompts))))
+    before = learner.logprobs(batch)
+    initial = {k: v.clone() for k, v in learner.net.named_parameters()}
+    metrics = learner.train(
+        batch, np.zeros(len(prompts), dtype=np.float32), groups=np.arange(len(prompts)) // 2
+    )
+    assert metrics["learner/version"] == 1
+    return learner, batch, before, initial
+
+
+def k3_kl(learner, batch, before) -> float:
+    """KL(before || after) per response token, k3 estimator on tokens sampled from before."""
+    log_ratio = learner.logprobs(batch) - before
+    kl = ((np.exp(log_ratio) - 1 - log_ratio) * batch.response_mask).sum()
+    return float(kl / batch.response_mask.sum())
+
+
+@pytest.mark.parametrize("algo", ["ppo", "reinforce_pp", "grpo"])
+def test_a_batch_without_reward_leaves_the_policy_in_place(prompts, algo):
+    """The value head starts at 0 and the old logprobs of a KL-in-reward update are the
+    learner's own (the KL is exactly 0 while the policy is the reference), so nothing moves."""
+    tiny = {"model.name": "tiny-llama", "tokenizer.name": "tiktoken:gpt2"}
+    learner, batch, before, initial = zero_reward_update(tiny, algo, prompts)
+    for k, v in learner.net.named_parameters():
+        assert torch.equal(v, initial[k]), k
+    assert k3_kl(learner, batch, before) == 0.0
+
+
+@pytest.mark.slow  # the real model
+def test_without_reward_the_default_model_stays_in_place():
+    """SmolLM2 under the default config: a batch of all-zero rewards moves it by KL < 1e-3 (with
+    the workers' logprobs as old ones, round-off whitened and normalised by Adam moved it 0.9)."""
+    learner, batch, before, _ = zero_reward_update({}, "ppo")
+    assert k3_kl(learner, batch, before) < 1e-3

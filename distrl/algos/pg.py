@@ -119,7 +119,7 @@ def reinforce_pp_returns(
 
 
 def reinforce_pp_advantages(
-    *, token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0
+    *, token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, min_std: float = 0.0
 ) -> torch.Tensor:
     """REINFORCE++ advantage: the return-to-go whitened over every response token of the batch.
 
@@ -128,11 +128,13 @@ def reinforce_pp_advantages(
 
     Args:
         token_rewards: (B, T); mask: (B, T); gamma: discount (see ``reinforce_pp_returns``).
+        min_std: a spread of returns below this is not scaled up (see ``ppo.whiten``).
 
     Returns:
         advantages (B, T) with zero mean and unit variance over masked tokens, zero on padding.
     """
-    return whiten(reinforce_pp_returns(token_rewards=token_rewards, mask=mask, gamma=gamma), mask)
+    returns = reinforce_pp_returns(token_rewards=token_rewards, mask=mask, gamma=gamma)
+    return whiten(returns, mask, min_std=min_std)
 
 
 AdvantageFn = Callable[..., torch.Tensor]

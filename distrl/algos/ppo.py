@@ -17,11 +17,17 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True) -> torch.Tensor:
-    """Normalise ``x`` to unit variance (and zero mean) over masked positions; padding stays 0."""
+def whiten(
+    x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, min_std: float = 0.0
+) -> torch.Tensor:
+    """Normalise ``x`` to unit variance (and zero mean) over masked positions; padding stays 0.
+
+    A spread below ``min_std`` is divided by ``min_std`` instead: noise (a batch whose rewards
+    are all equal, with round-off in its KL term) is not scaled up to unit size.
+    """
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
-    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    out = (x - mean) * torch.rsqrt(var.clamp(min=min_std**2) + 1e-8)
     if not shift_mean:
         out = out + mean
     return out * mask
