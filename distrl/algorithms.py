@@ -11,6 +11,7 @@ uses are pure functions in ``distrl.algos``.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from distrl.loop import Trainer
 
 REPLAY_FILE = "replay.parquet"
+NO_SIGNAL_ITERATIONS = 5  # DQN warns when no reward differed over this many iterations
 
 
 @dataclass
@@ -183,6 +185,7 @@ class DQN(Algorithm):
         self.replay = self.make_replay()
         self.updates = 0  # learner update calls made (the epsilon schedule's clock)
         self.width = self.config.data.max_prompt_tokens + self.config.rollout.max_new_tokens
+        self.rewards_seen: set[float] = set()  # distinct rewards of the first iterations
 
     def make_replay(self) -> ray.actor.ActorHandle:
         """A new, empty replay-buffer actor, never restarted by Ray (a loss is restored)."""
@@ -232,6 +235,7 @@ class DQN(Algorithm):
             shaping=d.reward_shaping,
         )
         wait("replay", self.replay.add.remote(columns, priorities))
+        self.warn_if_no_signal(rewards)
         size = wait("replay", self.replay.stats.remote())["replay/size"]
         learner_metrics: list[dict[str, float]] = []
         if size >= max(d.learning_starts, 1):
@@ -262,6 +266,15 @@ class DQN(Algorithm):
             wait("replay", self.replay.save_parquet.remote(path))
         return out
 
+    def warn_if_no_signal(self, rewards: np.ndarray) -> None:
+        """Warn once if the first iterations' rewards carry no signal (``no_signal_warning``)."""
+        step = self.trainer.step + 1
+        if step <= NO_SIGNAL_ITERATIONS:
+            self.rewards_seen.update(float(r) for r in rewards[np.isfinite(rewards)])
+            message = no_signal_warning(self.rewards_seen, self.config.dqn.action_top_k, step)
+            if message:
+                warnings.warn(message, stacklevel=2)
+
     def state(self) -> dict[str, Any]:
         """The update count."""
         return {"updates": self.updates}
@@ -286,6 +299,20 @@ class DQN(Algorithm):
         if not path.is_file():
             raise DistrlError(f"checkpoint {folder} has no {REPLAY_FILE}: not a DQN checkpoint")
         self.trainer.wait_stateful("replay", self.replay.load_parquet.remote(str(path)))
+
+
+def no_signal_warning(rewards_seen: set[float], top_k: int, step: int) -> str | None:
+    """What to say after iteration ``step`` (once, at ``NO_SIGNAL_ITERATIONS``) when every
+    reward so far was the same while DQN acts only among the reference's top-k tokens: the
+    tokens the reward needs may lie outside them, where DQN can never reach them."""
+    if not top_k or step != NO_SIGNAL_ITERATIONS or len(rewards_seen) > 1:
+        return None
+    seen = f"{next(iter(rewards_seen)):g}" if rewards_seen else "dropped"
+    return (
+        f"every reward of the first {step} iterations was {seen}: DQN acts only among the "
+        f"reference's top {top_k} tokens (dqn.action_top_k), so the tokens the reward needs may "
+        "be out of reach; try a larger dqn.action_top_k, or 0 for the whole vocabulary"
+    )
 
 
 ALGORITHMS: dict[str, type[Algorithm]] = {

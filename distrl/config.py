@@ -254,7 +254,10 @@ class DQNConfig:
     )
     ucb_c: float = _f(1.0, "UCB exploration constant", ge=0.0)
     action_top_k: int = _f(
-        32, "actions = the reference LM's top-k tokens; 0 = full vocabulary", ge=0
+        32,
+        "actions = the reference LM's top-k tokens at each step, 0 = full vocabulary; a token "
+        "the reference ranks below k can never be chosen or learned",
+        ge=0,
     )
     batch_size: int = _f(64, "transitions per learner step", ge=1)
     updates_per_iteration: int = _f(8, "learner steps per iteration", ge=1)

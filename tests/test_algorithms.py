@@ -99,3 +99,17 @@ def test_resuming_dqn_from_a_checkpoint_without_replay_is_refused(tmp_path):
 
     with pytest.raises(DistrlError, match="has no replay.parquet: not a DQN checkpoint"):
         DQN.restore(None, tmp_path)  # the check comes before any actor is touched
+
+
+def test_dqn_says_when_no_reward_fired_and_actions_are_restricted():
+    from distrl.algorithms import NO_SIGNAL_ITERATIONS, no_signal_warning
+
+    n = NO_SIGNAL_ITERATIONS
+    message = no_signal_warning({0.0}, 16, n)
+    assert message and "dqn.action_top_k" in message and "top 16" in message
+    assert "was 0:" in message
+    assert no_signal_warning(set(), 16, n) and "dropped" in no_signal_warning(set(), 16, n)
+    assert no_signal_warning({0.0, 1.0}, 16, n) is None  # the reward fired
+    assert no_signal_warning({0.0}, 0, n) is None  # the whole vocabulary: nothing excluded
+    assert no_signal_warning({0.0}, 16, n - 1) is None  # said once, after n iterations
+    assert no_signal_warning({0.0}, 16, n + 1) is None
