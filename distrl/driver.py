@@ -22,7 +22,7 @@ from distrl.checkpoint import verify_checkpoint
 from distrl.config import RunConfig, dump_yaml
 from distrl.errors import DistrlError
 from distrl.faults import Hung
-from distrl.loggers import build_sinks
+from distrl.loggers import build_sinks, check_loggers
 from distrl.loop import Report, Trainer
 from distrl.metrics import MetricsLogger
 from distrl.prompts import Prompts, prepare
@@ -161,6 +161,7 @@ def train(config: RunConfig, *, resume: bool = False, report: Report | None = No
                 f"that run or choose another --output-dir"
             )
         train_prompts, val_prompts = prepare(config)
+        check_loggers(config)
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

@@ -11,6 +11,7 @@ both libraries' usage telemetry is switched off for the process before they are 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import re
@@ -53,6 +54,24 @@ def build_sinks(config: RunConfig, run_dir: Path, resume: bool) -> list[Sink]:
             sink.close()
         raise
     return sinks
+
+
+def check_loggers(config: RunConfig) -> None:
+    """Before Ray starts: the packages of the loggers ``config.output`` turns on are installed.
+
+    Raises:
+        ConfigError: one is missing (names the field and the pip extra).
+    """
+    for on, module, field, extra in (
+        (config.output.mlflow, "mlflow", "output.mlflow", "mlflow"),
+        (config.output.wandb, "wandb", "output.wandb", "wandb"),
+    ):
+        loaded = module in sys.modules  # None there: an import that failed or was blocked
+        if on and not (sys.modules[module] if loaded else importlib.util.find_spec(module)):
+            raise ConfigError(
+                f"{field} is on but the {module!r} package is not installed: "
+                f"pip install 'distrl[{extra}]' (or set {field} false)"
+            )
 
 
 def flat_params(config: RunConfig) -> dict[str, str]:

@@ -21,6 +21,7 @@ from distrl.loggers import (
     MLflowSink,
     WandbSink,
     build_sinks,
+    check_loggers,
     flat_params,
     split_table,
     tracking_uri,
@@ -201,6 +202,10 @@ def test_a_missing_package_names_the_field_and_the_extra(tmp_path, monkeypatch, 
         build_sinks(config(**{f"output.{field}": True}), tmp_path, resume=False)
     assert f"output.{field} is on" in str(err.value)
     assert f"pip install 'distrl[{field}]'" in str(err.value)
+    # distrl.driver.train runs this check before Ray starts.
+    with pytest.raises(ConfigError, match=f"pip install 'distrl\\[{field}\\]'"):
+        check_loggers(config(**{f"output.{field}": True}))
+    check_loggers(config())  # nothing on: nothing needed
 
 
 NETWORK_PROBE = textwrap.dedent(
