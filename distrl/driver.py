@@ -224,5 +224,6 @@ def _train(
         logger.close()
         trainer.shutdown()
     verify_checkpoint(run_dir / "final")
-    print(f"distrl: finished {trainer.step} iterations; outputs in {run_dir}", flush=True)
+    plural = "" if trainer.step == 1 else "s"
+    print(f"distrl: finished {trainer.step} iteration{plural}; outputs in {run_dir}", flush=True)
     return run_dir

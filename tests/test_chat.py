@@ -333,3 +333,11 @@ def test_default_model_answers_in_english(monkeypatch, capsys):
     assert code == 0
     reply = out.split("assistant> ", 1)[1].split("you> ", 1)[0]
     assert "Paris" in reply, out
+
+
+def test_test_command_counts_one_token_in_the_singular(checkpoint, monkeypatch, capsys):
+    code, out = chat_main(
+        monkeypatch, capsys, ["--checkpoint", str(checkpoint), *FAST], ["test a", "bye"]
+    )
+    assert code == 0
+    assert "model (tiktoken:gpt2): 1 token, round trip ok" in out and "1 tokens" not in out

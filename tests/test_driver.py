@@ -1,6 +1,10 @@
 """The training loop end to end on a real local Ray, with the tiny config."""
 
+import contextlib
 import json
+import os
+import re
+import socket
 import subprocess
 import sys
 
@@ -197,3 +201,41 @@ def test_dynamic_sampling_drops_groups_without_signal_and_says_so(ray_session, t
     records = read_metrics(train(config) / "metrics.jsonl")
     assert records[0]["sampling/rounds"] == 3 and records[0]["sampling/kept_fraction"] == 0.0
     assert records[0]["reward/overlong_penalty"] < 0  # 8-token replies hit the length limit
+
+
+@pytest.mark.slow  # starts a Ray of its own
+def test_embedded_ray_prints_the_real_dashboard_url_and_no_token_notice():
+    """With 8265 taken the dashboard moves to another port: distrl prints that one (it answers),
+    and not Ray's token-authentication notice (token auth stays on, as Ray decides)."""
+    code = (
+        "import contextlib, io, re, urllib.request, ray\n"
+        "from distrl.config import load_config\n"
+        "from distrl.driver import init_ray\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out):\n"
+        "    init_ray(load_config('tiny'))\n"
+        "print(out.getvalue(), end='')\n"
+        "url = re.search(r'dashboard at (\\S+)', out.getvalue())\n"
+        "if url:\n"
+        "    print('status', urllib.request.urlopen(url[1] + '/', timeout=30).status)\n"
+        "print('auth', ray._private.authentication.authentication_utils.is_token_auth_enabled())\n"
+        "ray.shutdown()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    with socket.socket() as taken:
+        with contextlib.suppress(OSError):  # another process holding 8265 does as well
+            taken.bind(("127.0.0.1", 8265))
+            taken.listen()
+        run = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+        )
+    assert run.returncode == 0, run.stderr
+    printed = re.fullmatch(
+        r"distrl: local Ray dashboard at http://127\.0\.0\.1:(\d+) "
+        r"\(token auth: `ray get-auth-token` prints the token\)\nstatus 200\nauth True\n",
+        run.stdout,
+    )
+    assert printed, run.stdout
+    assert int(printed[1]) != 8265
+    assert "Token authentication is enabled" not in run.stderr, run.stderr
+    assert "View the dashboard" not in run.stderr, run.stderr
