@@ -123,12 +123,39 @@ class RewardConfig:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    rank: int = _f(
+        0,
+        "LoRA rank: train low-rank adapters on the transformer's linear layers (and the value "
+        "or Q head) and publish only them; 0 = full fine-tuning",
+        ge=0,
+    )
+    alpha: float = _f(16.0, "LoRA scale: an adapter's update is multiplied by alpha / rank", gt=0.0)
+    dropout: float = _f(0.0, "dropout on the adapters' input in training", ge=0.0, lt=1.0)
+    target_modules: tuple[str, ...] = _f(
+        ("all-linear",),
+        "layers that get adapters, by name (Llama: [q_proj, k_proj, v_proj, o_proj, gate_proj, "
+        "up_proj, down_proj]; GPT-2: [c_attn, c_proj, c_fc]); [all-linear] = every linear "
+        "layer but the LM head",
+    )
+
+    def __post_init__(self) -> None:
+        if not self.target_modules or not all(self.target_modules):
+            raise ConfigError("target_modules must name at least one layer, or be [all-linear]")
+        if "all-linear" in self.target_modules and len(self.target_modules) > 1:
+            raise ConfigError(
+                f"target_modules: all-linear stands alone, not in {list(self.target_modules)}"
+            )
+
+
+@dataclass(frozen=True)
 class LearnerConfig:
     lr: float = _f(1e-5, "AdamW learning rate", gt=0.0, le=1.0)
     weight_decay: float = _f(0.0, "AdamW weight decay", ge=0.0)
     max_grad_norm: float = _f(1.0, "clip the gradient norm to this", gt=0.0)
     warmup_steps: int = _f(0, "linear learning-rate warm-up, in optimizer steps", ge=0)
     max_nonfinite_updates: int = _f(3, "stop after this many non-finite updates in a row", ge=1)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 PG_ALGOS = ("ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp")

@@ -10,9 +10,11 @@ surrogate for all, with DAPO's asymmetric clipping and loss aggregation as optio
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,19 @@ from distrl.algos import pg, ppo
 from distrl.checkpoint import load_torch_state, save_torch_state
 from distrl.config import LearnerConfig, ModelConfig, PPOConfig, RunConfig, TokenizerConfig
 from distrl.errors import DistrlError
-from distrl.models import PolicyWithValue, VersionedWeights, publish_weights, set_weights
+from distrl.models import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    PolicyWithValue,
+    VersionedWeights,
+    adapters_disabled,
+    add_lora,
+    load_adapter,
+    publish_weights,
+    save_adapter,
+    save_merged,
+    set_weights,
+)
 from distrl.policy import (
     build_model,
     build_tokenizer,
@@ -70,7 +84,12 @@ class PPOBatch:
 
 
 class Learner(LearnerRole):
-    """Runs PPO updates on scored trajectories and publishes versioned weights."""
+    """Runs PPO updates on scored trajectories and publishes versioned weights.
+
+    With ``learner.lora.rank > 0`` the policy's transformer carries LoRA adapters: only they
+    (and the value head) are trained, only they are published, and the reference model is the
+    policy with its adapters off, so the learner holds one copy of the base model.
+    """
 
     def __init__(
         self,
@@ -99,15 +118,16 @@ class Learner(LearnerRole):
         policy = build_model(model, self.tokenizer, seed=seed)
         if model.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
-        self.reference = (
-            (
-                build_model(model, self.tokenizer, seed=seed, name=model.reference)
-                if model.reference
-                else copy.deepcopy(policy)
-            )
-            .eval()
-            .requires_grad_(False)
-        )
+        self.lora = learner.lora.rank > 0
+        self.reference: torch.nn.Module | None = None  # None: the policy with adapters off
+        if model.reference:
+            self.reference = build_model(model, self.tokenizer, seed=seed, name=model.reference)
+        elif not self.lora:
+            self.reference = copy.deepcopy(policy)
+        if self.reference is not None:
+            self.reference.eval().requires_grad_(False)
+        if self.lora:
+            add_lora(policy, learner.lora, seed=seed)
         self.net = PolicyWithValue(policy)
         self.device = next(policy.parameters()).device
         trained = self.net.parameters() if self.critic else policy.parameters()
@@ -140,6 +160,16 @@ class Learner(LearnerRole):
         return weights
 
     # ---- forward passes ------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def reference_model(self) -> Iterator[torch.nn.Module]:
+        """The frozen reference model for the KL: its own copy, or (LoRA) the policy with its
+        adapters off for the duration of the block."""
+        if self.reference is not None:
+            yield self.reference
+        else:
+            with adapters_disabled(self.net.model) as base:
+                yield base
 
     def _forward(
         self,
@@ -229,7 +259,8 @@ class Learner(LearnerRole):
                 del logits
             ref_logprobs = old_logprobs
             if measure_kl:
-                ref_logits, _ = self._forward(self.reference, ids, mask, start)
+                with self.reference_model() as reference:
+                    ref_logits, _ = self._forward(reference, ids, mask, start)
                 ref_logprobs = ppo.logprobs_from_logits(ref_logits, tokens)
                 del ref_logits
             rewards, kl = ppo.kl_shaped_rewards(
@@ -417,9 +448,13 @@ class Learner(LearnerRole):
     # ---- checkpoints ---------------------------------------------------------------------
 
     def save(self, folder: str, extra: dict | None = None) -> None:
-        """Write the policy as a Hugging Face folder plus ``distrl_state.pt`` into ``folder``."""
+        """Write the policy as a Hugging Face folder (with LoRA: its adapter in PEFT's format)
+        plus ``distrl_state.pt`` into ``folder``."""
         path = Path(folder)
-        self.net.model.save_pretrained(path)
+        if self.lora:
+            save_adapter(self.net.model, path)
+        else:
+            self.net.model.save_pretrained(path)
         if isinstance(self.tokenizer, HFTokenizer):
             self.tokenizer.tok.save_pretrained(path)
         self.write_tokenizer_spec(path, self.tokenizer_spec)
@@ -430,11 +465,30 @@ class Learner(LearnerRole):
         """Restore policy, value head, optimizer, KL controller and RNG; return the extra dict."""
 
         path = Path(folder)
-        weights = {}
-        for file in sorted(path.glob("*.safetensors")):
-            weights.update(load_file(file))
-        set_weights(self.net.model, weights)
+        if self.lora:
+            load_adapter(self.net.model, path)
+        elif (path / ADAPTER_WEIGHTS).is_file():
+            raise DistrlError(
+                f"{path} holds a LoRA adapter: resume it with the run's learner.lora settings"
+            )
+        else:
+            weights = {}
+            for file in sorted(path.glob("*.safetensors")):
+                weights.update(load_file(file))
+            set_weights(self.net.model, weights)
         state = load_torch_state(path / STATE_FILE)
         self.net.value_head.load_state_dict(state["value_head"])
         self.kl.load_state_dict(state["kl"])
         return self.load_role_state(state, path)
+
+    def export_merged(self, folder: str) -> None:
+        """Make ``folder``, a copy of this learner's newest step checkpoint (``best/``,
+        ``final/``), a plain Hugging Face folder: with LoRA, the policy with its adapter merged
+        replaces the adapter files, so ``from_pretrained``, chat and validate load it without
+        PEFT. With full fine-tuning the copy already is one and nothing is written."""
+        if not self.lora:
+            return
+        path = Path(folder)
+        for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+            (path / name).unlink(missing_ok=True)
+        save_merged(self.net.model, path)

@@ -8,6 +8,7 @@ returns the ids with new TD errors for ``update_priorities``, plus ``learner/*``
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,20 @@ from safetensors.torch import load_file, save_file
 
 from distrl.algos import dqn
 from distrl.checkpoint import load_torch_state, save_torch_state
-from distrl.config import RunConfig, dump_yaml, load_config
-from distrl.errors import ModelError
-from distrl.models import VersionedWeights, get_weights, publish_weights, set_weights
+from distrl.config import LoraConfig, RunConfig, dump_yaml, load_config
+from distrl.errors import ConfigError, ModelError
+from distrl.models import (
+    VersionedWeights,
+    add_lora,
+    get_weights,
+    has_lora,
+    merged_weights,
+    publish_weights,
+    published_names,
+    set_weights,
+)
 from distrl.policy import build_model, build_tokenizer
-from distrl.qnets import QNetwork, build_qnet
+from distrl.qnets import LMHeadQNetwork, QNetwork, build_qnet
 from distrl.qpolicy import QPolicy
 from distrl.roles import LearnerRole, OptimizerStep
 from distrl.tokenizers import Tokenizer
@@ -33,11 +43,31 @@ QNET_FILE = "q_network.safetensors"
 RUN_FILE = "distrl_run.yaml"  # the run's config: what rebuilds the Q-network and its reference
 
 
+def add_q_lora(qnet: QNetwork, lora: LoraConfig | None, seed: int) -> QNetwork:
+    """With ``learner.lora.rank > 0``, LoRA adapters on the backbone of an ``lm_head``
+    Q-network (its Q head and state value stay fully trained); returns ``qnet``.
+
+    Raises:
+        ConfigError: LoRA asked of a Q-network without a language-model backbone.
+    """
+    if lora is None or not lora.rank:
+        return qnet
+    if not isinstance(qnet, LMHeadQNetwork):
+        raise ConfigError(
+            "learner.lora.rank > 0 adapts the language model of dqn.q_network=lm_head; "
+            f"{type(qnet).__name__} has none to adapt (set learner.lora.rank 0)"
+        )
+    add_lora(qnet.backbone, lora, seed=seed)
+    return qnet
+
+
 def build_q_parts(config: RunConfig) -> tuple[Tokenizer, QNetwork, Any]:
-    """The tokenizer, a fresh Q-network and the frozen reference LM of a DQN run."""
+    """The tokenizer, a fresh Q-network (with LoRA adapters when configured) and the frozen
+    reference LM of a DQN run."""
     tokenizer = build_tokenizer(config.model, config.tokenizer)
     reference = build_model(config.model, tokenizer, seed=config.seed)
     qnet = build_qnet(config.dqn, reference, tokenizer.vocab_size, config.seed)
+    add_q_lora(qnet, config.learner.lora, config.seed)
     return tokenizer, qnet, reference.eval().requires_grad_(False)
 
 
@@ -75,7 +105,12 @@ def load_q_policy(folder: str | Path) -> tuple[QPolicy, Tokenizer]:
 
 
 class QLearner(LearnerRole):
-    """Trains the online Q-network; a target copy follows by hard copies or Polyak averaging."""
+    """Trains the online Q-network; a target copy follows by hard copies or Polyak averaging.
+
+    With LoRA (``learner.lora.rank > 0``) the target is a copy of the trained tensors only
+    (adapters, Q head, state value), run on the online network's frozen base through
+    ``torch.func.functional_call``: the learner holds one copy of the base model.
+    """
 
     def __init__(self, *, config: RunConfig, torch_threads: int | None = None) -> None:
         if torch_threads:
@@ -83,7 +118,13 @@ class QLearner(LearnerRole):
         torch.manual_seed(config.seed)
         self.run_config, self.dqn = config, config.dqn
         self.tokenizer, self.qnet, _ = build_q_parts(config)
-        self.target = copy.deepcopy(self.qnet).requires_grad_(False).eval()
+        self.target: QNetwork | None = None
+        self.target_state: dict[str, torch.Tensor] | None = None  # the LoRA target
+        if has_lora(self.qnet):
+            state = self.qnet.state_dict()
+            self.target_state = {n: state[n].detach().clone() for n in published_names(self.qnet)}
+        else:
+            self.target = copy.deepcopy(self.qnet).requires_grad_(False).eval()
         self.opt = OptimizerStep(self.qnet.parameters(), config.learner)
         self.device = next(self.qnet.parameters()).device
         self.version = 0  # bumped by each publish after new updates
@@ -124,11 +165,11 @@ class QLearner(LearnerRole):
         state_len, next_len = t("state_len").long(), t("next_len").long()
         n_ids, n_mask = prefixes(tokens, next_len, pad)  # each state is a prefix of its next
         discount = t("discount").float()
+        next_target = self.target_q(n_ids, n_mask)  # before train(): no adapter dropout
         self.qnet.train()
         q_state, next_online = self.qnet.state_and_next(n_ids, n_mask, next_len - state_len)
         q = q_state.gather(-1, t("action").long()[:, None])[:, 0]
         with torch.no_grad():
-            next_target = self.target(n_ids, n_mask)
             cand = t("next_candidates").long()
             next_mask = None
             if cand.shape[-1]:
@@ -156,9 +197,9 @@ class QLearner(LearnerRole):
             self.skipped += 1
             return ids, np.zeros(len(ids), dtype=np.float32), {"learner/skipped_updates": 1.0}
         if d.tau < 1.0:
-            dqn.polyak_update(target=self.target, online=self.qnet, tau=d.tau)
+            self.update_target(d.tau)
         elif self.steps % d.target_update_interval == 0:
-            dqn.polyak_update(target=self.target, online=self.qnet, tau=1.0)
+            self.update_target(1.0)
         metrics = {
             "learner/td_loss": loss.item(),
             "learner/aux_loss": aux.item(),
@@ -174,6 +215,29 @@ class QLearner(LearnerRole):
         }
         return ids, td.abs().cpu().numpy(), metrics
 
+    @torch.no_grad()
+    def target_q(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Q-values (B, V) of the target network for states (B, L)."""
+        if self.target is not None:
+            return self.target(input_ids, attention_mask)
+        self.qnet.eval()
+        return torch.func.functional_call(
+            self.qnet, self.target_state, (input_ids, attention_mask), strict=False
+        )
+
+    @torch.no_grad()
+    def update_target(self, tau: float) -> None:
+        """``target <- (1 - tau) target + tau online``; tau=1 copies exactly."""
+        if self.target is not None:
+            dqn.polyak_update(target=self.target, online=self.qnet, tau=tau)
+            return
+        online = self.qnet.state_dict()
+        for name, tensor in self.target_state.items():
+            if tau == 1.0:
+                tensor.copy_(online[name])
+            else:
+                tensor.lerp_(online[name], tau)
+
     def reference_metrics(
         self, prompts: list[list[int]], references: list[list[int]]
     ) -> dict[str, float]:
@@ -183,13 +247,15 @@ class QLearner(LearnerRole):
     # ---- checkpoints ---------------------------------------------------------------------
 
     def save(self, folder: str, extra: dict | None = None) -> None:
-        """Write the Q-network (safetensors), the run config and the learner state."""
+        """Write the Q-network (safetensors; with LoRA its trained tensors: adapters and
+        heads), the run config and the learner state."""
         path = Path(folder)
         save_file(get_weights(self.qnet), path / QNET_FILE)
         dump_yaml(self.run_config, path / RUN_FILE)
         self.write_tokenizer_spec(path, self.run_config.tokenizer.name)
+        target = self.target.state_dict() if self.target is not None else self.target_state
         state = {
-            "target": self.target.state_dict(),
+            "target": target,
             "published_steps": self.published_steps,
             "skipped": self.skipped,
         }
@@ -201,9 +267,34 @@ class QLearner(LearnerRole):
         saved = yaml.safe_load((path / RUN_FILE).read_text())
         if saved.get("dqn", {}).get("q_network") != self.dqn.q_network:
             raise ModelError(f"{path} holds a different dqn.q_network than this run's")
+        rank = saved.get("learner", {}).get("lora", {}).get("rank", 0)
+        if rank != self.run_config.learner.lora.rank:
+            raise ModelError(
+                f"{path} holds a Q-network of learner.lora.rank {rank}, this run's is "
+                f"{self.run_config.learner.lora.rank}"
+            )
         set_weights(self.qnet, load_file(path / QNET_FILE))
         state = load_torch_state(path / STATE_FILE)
-        self.target.load_state_dict(state["target"])
+        if self.target is not None:
+            self.target.load_state_dict(state["target"])
+        else:
+            if state["target"].keys() != self.target_state.keys():
+                raise ModelError(f"{path / STATE_FILE}: its target network does not fit")
+            for name, tensor in state["target"].items():
+                self.target_state[name].copy_(tensor)
         self.skipped = int(state["skipped"])
         self.published_steps = int(state["published_steps"])
         return self.load_role_state(state, path)
+
+    def export_merged(self, folder: str) -> None:
+        """Make ``folder``, a copy of this learner's newest step checkpoint (``best/``,
+        ``final/``), hold the whole Q-network: with LoRA, its adapters merged into the backbone
+        and a run config of ``learner.lora.rank`` 0, which ``load_q_policy`` (chat, validate)
+        loads as any DQN checkpoint. With full fine-tuning the copy already does."""
+        if not has_lora(self.qnet):
+            return
+        path = Path(folder)
+        save_file(merged_weights(self.qnet), path / QNET_FILE)
+        lora = dataclasses.replace(self.run_config.learner.lora, rank=0)
+        learner = dataclasses.replace(self.run_config.learner, lora=lora)
+        dump_yaml(dataclasses.replace(self.run_config, learner=learner), path / RUN_FILE)

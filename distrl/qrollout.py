@@ -23,9 +23,17 @@ import numpy as np
 import torch
 
 from distrl.algos import dqn
-from distrl.config import DQNConfig, ModelConfig, RolloutConfig, RunConfig, TokenizerConfig
+from distrl.config import (
+    DQNConfig,
+    LoraConfig,
+    ModelConfig,
+    RolloutConfig,
+    RunConfig,
+    TokenizerConfig,
+)
 from distrl.errors import DistrlError
 from distrl.policy import build_model, build_tokenizer, left_pad
+from distrl.qlearner import add_q_lora
 from distrl.qnets import build_qnet
 from distrl.qpolicy import QPolicy, UCBCounts
 from distrl.roles import WorkerRole
@@ -139,6 +147,7 @@ class QRolloutWorker(WorkerRole):
         seed: int,
         worker_index: int = 0,
         torch_threads: int | None = None,
+        lora: LoraConfig | None = None,
     ) -> None:
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -146,6 +155,7 @@ class QRolloutWorker(WorkerRole):
         self.tokenizer = build_tokenizer(model, tokenizer)
         reference = build_model(model, self.tokenizer, seed=seed)
         qnet = build_qnet(dqn_config, reference, self.tokenizer.vocab_size, seed)
+        add_q_lora(qnet, lora, seed)  # the learner's adapters (learner.lora), B = 0 at first
         self.policy = QPolicy(
             qnet,
             reference,

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from distrl.config import ModelConfig, RolloutConfig, RunConfig, TokenizerConfig
+from distrl.config import LoraConfig, ModelConfig, RolloutConfig, RunConfig, TokenizerConfig
+from distrl.models import add_lora
 from distrl.policy import build_model, build_tokenizer, distinct_prompts, left_pad, prefill_shared
 from distrl.roles import WorkerRole
 from distrl.tokenizers import Tokenizer
@@ -160,7 +161,11 @@ class SampledLogprobs(LogitsProcessor):
 
 
 class RolloutWorker(WorkerRole):
-    """Generates batched continuations with the KV cache and records their logprobs."""
+    """Generates batched continuations with the KV cache and records their logprobs.
+
+    With ``lora`` (``learner.lora``, rank > 0) the policy carries the learner's LoRA adapters,
+    at first a no-op (B = 0), and published weights are only theirs.
+    """
 
     def __init__(
         self,
@@ -171,12 +176,15 @@ class RolloutWorker(WorkerRole):
         seed: int,
         worker_index: int = 0,
         torch_threads: int | None = None,
+        lora: LoraConfig | None = None,
     ) -> None:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.config = rollout
         self.tokenizer = build_tokenizer(model, tokenizer)
         self.model = build_model(model, self.tokenizer, seed=seed)
+        if lora is not None and lora.rank:
+            add_lora(self.model, lora, seed=seed)
         self.device = next(self.model.parameters()).device
         self.version = 0
         self.seed = seed * 1000 + worker_index
@@ -192,6 +200,7 @@ class RolloutWorker(WorkerRole):
             "seed": config.seed,
             "worker_index": worker_index,
             "torch_threads": config.resources.torch_threads,
+            "lora": config.learner.lora,
         }
 
     def trainable(self) -> torch.nn.Module:

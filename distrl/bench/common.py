@@ -23,6 +23,7 @@ from distrl.tokenizers import Tokenizer
 
 BATCH_SIZE = 8  # sequences per generate call and per learner batch (one PPO minibatch)
 MAX_NEW_TOKENS = 32
+LORA_RANK = 8  # the LoRA rows' learner.lora.rank (adapters on every linear layer)
 
 
 @dataclass(frozen=True)
@@ -155,9 +156,10 @@ def local_ray() -> Iterator[Any]:
         ray.shutdown()
 
 
-def bench_config(options: BenchOptions) -> RunConfig:
+def bench_config(options: BenchOptions, lora_rank: int = 0) -> RunConfig:
     """The packaged config ``options.model`` at ``options.batch`` x ``options.new_tokens``, on
-    ``options.device`` in ``options.dtype``, one optimizer step per epoch."""
+    ``options.device`` in ``options.dtype``, one optimizer step per epoch, with LoRA adapters
+    of ``lora_rank`` (0: full fine-tuning)."""
     return load_config(
         options.model,
         {
@@ -167,8 +169,16 @@ def bench_config(options: BenchOptions) -> RunConfig:
             "rollout.max_new_tokens": options.new_tokens,
             "ppo.minibatch_size": options.batch,
             "ppo.epochs": 1,
+            "learner.lora.rank": lora_rank,
         },
     )
+
+
+def peak_gpu_mb() -> float | None:
+    """Peak CUDA memory allocated by this process's tensors in MiB; None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.max_memory_allocated() / 2**20
 
 
 def bench_prompts(config: RunConfig, tokenizer: Tokenizer) -> list[list[int]]:

@@ -1,4 +1,5 @@
-"""Learner throughput: ``Learner.train`` against a plain forward + backward + AdamW step."""
+"""Learner throughput and memory: ``Learner.train`` (full fine-tuning, and LoRA adapters)
+against a plain forward + backward + AdamW step."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 
 from distrl.bench.common import (
+    LORA_RANK,
     BenchOptions,
     actor_devices,
     bench_config,
@@ -19,6 +21,7 @@ from distrl.bench.common import (
     clock,
     gpu_share,
     local_ray,
+    peak_gpu_mb,
     peak_rss_mb,
     print_figures,
     ratio,
@@ -31,10 +34,18 @@ from distrl.rollout import RolloutWorker
 
 
 class MeasuredLearner(Learner):
-    """A ``Learner`` that also reports its peak memory and can change its PPO epochs."""
+    """A ``Learner`` that also reports its peak memory, what it trains, and can change its PPO
+    epochs."""
 
     def peak_rss_mb(self) -> float:
         return peak_rss_mb()
+
+    def peak_gpu_mb(self) -> float | None:
+        return peak_gpu_mb()
+
+    def trained_parameters(self) -> int:
+        """Parameters in the optimizer (LoRA: the adapters and the value head)."""
+        return sum(p.numel() for p in self.opt.params)
 
     def set_epochs(self, epochs: int) -> None:
         """Make later ``train`` calls take ``epochs`` passes (the rest of the config unchanged)."""
@@ -88,18 +99,17 @@ def bench_learner(options: BenchOptions) -> dict[str, Any]:
     # The rollout model is the same model freshly loaded: train it rather than load another.
     raw = raw_train_step(worker.model, ids, mask, config.learner.lr, config.learner.weight_decay)
     raw()  # warm-up (AdamW allocates its state on the first step)
+    lora_config = bench_config(options, lora_rank=LORA_RANK)
     with local_ray() as ray:
-        learner = make_actor(
-            MeasuredLearner,
-            actor_options(cores, gpu_share(options, 1)),
-            model=config.model,
-            tokenizer=config.tokenizer,
-            learner=config.learner,
-            ppo_config=config.ppo,
-            temperature=config.rollout.temperature,
-            seed=config.seed,
-            torch_threads=cores,
-        )
+
+        def start(config: Any) -> Any:
+            return make_actor(
+                MeasuredLearner,
+                actor_options(cores, gpu_share(options, 1)),
+                **Learner.arguments(config) | {"torch_threads": cores},
+            )
+
+        learner = start(config)
         batch_ref = ray.put(batch)
         (learner_device,) = actor_devices([learner])  # waits for the model loads
 
@@ -118,7 +128,31 @@ def bench_learner(options: BenchOptions) -> dict[str, Any]:
                 learn_s[epochs].append(metrics["time/learn_s"])
                 reported[epochs].append(metrics["learner/tokens_per_s"])
         learner_peak = get(learner.peak_rss_mb.remote())
+        memory = {
+            "peak_gpu_mb": get(learner.peak_gpu_mb.remote()),
+            "trained_parameters": get(learner.trained_parameters.remote()),
+        }
         ray.kill(learner, no_restart=True)
+        # One learner at a time, so each actor's peak memory is its own alone.
+        lora = start(lora_config)
+        lora_wall, lora_reported = [], []
+        clock(lambda: get(lora.train.remote(batch_ref, scores)))  # warm-up
+        for _ in range(repeats):
+            raw_s.append(clock(raw)[0])
+            seconds, metrics = clock(lambda: get(lora.train.remote(batch_ref, scores)))
+            lora_wall.append(seconds)
+            lora_reported.append(metrics["learner/tokens_per_s"])
+        lora_row = {
+            "tokens_per_s": tokens / statistics.median(lora_wall),
+            "seconds": statistics.median(lora_wall),
+            "samples": rounded([tokens / t for t in lora_wall]),
+            "learner_reported_tokens_per_s": statistics.median(lora_reported),
+            "lora_rank": LORA_RANK,
+            "peak_gpu_mb": get(lora.peak_gpu_mb.remote()),
+            "trained_parameters": get(lora.trained_parameters.remote()),
+        }
+        lora_peak = get(lora.peak_rss_mb.remote())
+        ray.kill(lora, no_restart=True)
     reference = tokens / statistics.median(raw_s)
     # Two more epochs of one minibatch step each: half the difference is one update step.
     epochs_s = [(b - a) / 2 for a, b in zip(learn_s[1], learn_s[3])]
@@ -139,9 +173,11 @@ def bench_learner(options: BenchOptions) -> dict[str, Any]:
         "samples": rounded([tokens / t if t > 0 else 0.0 for t in epochs_s]),
     }
     for row in rows.values():
+        row.update(memory, peak_rss_mb=learner_peak)
+    rows[f"train, 1 epoch, LoRA rank {LORA_RANK}"] = {**lora_row, "peak_rss_mb": lora_peak}
+    for row in rows.values():
         row["reference_tokens_per_s"] = reference
         row["ratio"] = ratio(row["tokens_per_s"], reference)
-        row["peak_rss_mb"] = learner_peak
     result = {
         "model": config.model.name,
         "dtype": str(next(worker.model.parameters()).dtype).removeprefix("torch."),
@@ -160,7 +196,11 @@ def bench_learner(options: BenchOptions) -> dict[str, Any]:
             "labels (LM head and loss over every position, where the Learner's cover the "
             "response only) + backward + AdamW step of the same model on the same ids and "
             f"mask in the driver with {cores} torch threads; medians of {repeats} "
-            "interleaved repetitions after one warm-up"
+            "interleaved repetitions after one warm-up; the LoRA row is a second learner "
+            f"actor (rank {LORA_RANK} adapters on every linear layer, the value head; its "
+            "reference is its policy with adapters off) started after the first is gone, "
+            "on the same batch, so each row's peak_rss_mb (and peak_gpu_mb on CUDA) is one "
+            "learner's alone"
         ),
         "raw": {
             "tokens_per_s": reference,

@@ -1,4 +1,5 @@
-"""Weight publication: the learner's weights into every rollout worker, in float32 and bfloat16.
+"""Weight publication: the learner's weights into every rollout worker, in float32 and bfloat16,
+with full fine-tuning and with LoRA adapters (then only the adapters move).
 
 distrl's way (``Trainer.publish``): the learner returns ``publish_weights``, numpy views of its
 parameters (bfloat16 as its raw int16 bits); Ray writes them into the object store once; each
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from distrl.bench.common import (
+    LORA_RANK,
     BenchOptions,
     actor_devices,
     bench_config,
@@ -25,8 +27,14 @@ from distrl.bench.common import (
     ratio,
     rounded,
 )
-from distrl.config import ModelConfig, TokenizerConfig
-from distrl.models import VersionedWeights, publish_weights
+from distrl.config import LoraConfig, ModelConfig, TokenizerConfig
+from distrl.models import (
+    VersionedWeights,
+    add_lora,
+    has_lora,
+    publish_weights,
+    published_names,
+)
 from distrl.policy import build_model, build_tokenizer
 from distrl.rollout import RolloutWorker
 
@@ -38,10 +46,18 @@ class Publisher:
     """Holds the policy as a learner does and publishes it both ways, a new version each time."""
 
     def __init__(
-        self, *, model: ModelConfig, tokenizer: TokenizerConfig, seed: int, torch_threads: int
+        self,
+        *,
+        model: ModelConfig,
+        tokenizer: TokenizerConfig,
+        seed: int,
+        torch_threads: int,
+        lora: LoraConfig | None = None,
     ) -> None:
         torch.set_num_threads(torch_threads)
         self.model = build_model(model, build_tokenizer(model, tokenizer), seed=seed)
+        if lora is not None and lora.rank:
+            add_lora(self.model, lora, seed=seed)
         self.device = next(self.model.parameters()).device
         self.version = 0
 
@@ -51,8 +67,12 @@ class Publisher:
         return publish_weights(self.model, self.version)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The plain publication: the state dict's tensors, on the host."""
-        return {name: t.detach().cpu() for name, t in self.model.state_dict().items()}
+        """The plain publication: the state dict's tensors (with LoRA: the adapters'), on the
+        host."""
+        state = self.model.state_dict()
+        if has_lora(self.model):
+            state = {name: state[name] for name in published_names(self.model)}
+        return {name: t.detach().cpu() for name, t in state.items()}
 
     def nbytes(self) -> int:
         """Bytes of one publication (tied tensors once)."""
@@ -68,12 +88,20 @@ class Receiver(RolloutWorker):
         return len(state)
 
 
-def publish_round(options: BenchOptions, dtype: str, repeats: int) -> dict[str, Any]:
-    """Seconds per publication into ``WORKERS`` workers, both ways, for one dtype."""
+def publish_round(
+    options: BenchOptions, dtype: str, repeats: int, lora_rank: int = 0
+) -> dict[str, Any]:
+    """Seconds per publication into ``WORKERS`` workers, both ways, for one dtype (with LoRA
+    adapters of ``lora_rank``, 0: full weights)."""
     from distrl.actors import actor_options, get, make_actor
 
-    config = bench_config(dataclasses.replace(options, dtype=dtype))
-    args = {"model": config.model, "tokenizer": config.tokenizer, "seed": config.seed}
+    config = bench_config(dataclasses.replace(options, dtype=dtype), lora_rank)
+    args = {
+        "model": config.model,
+        "tokenizer": config.tokenizer,
+        "seed": config.seed,
+        "lora": config.learner.lora,
+    }
     gpus = gpu_share(options, WORKERS + 1)
     publisher = make_actor(Publisher, actor_options(0.0, gpus), **args, torch_threads=1)
     workers = [
@@ -125,12 +153,14 @@ def bench_publish(options: BenchOptions) -> dict[str, Any]:
     repeats = 3 if options.quick else 5
     with local_ray():
         rows = {dtype: publish_round(options, dtype, repeats) for dtype in DTYPES}
+        lora = {dtype: publish_round(options, dtype, repeats, LORA_RANK) for dtype in DTYPES}
     model = bench_config(options).model.name
     print(f"\npublish: {model} into {WORKERS} rollout workers (seconds per publication)")
-    print(f"{'dtype':<12}{'MiB':>10}{'distrl s':>12}{'plain s':>12}{'speed-up':>10}")
-    for dtype, row in rows.items():
+    print(f"{'dtype':<22}{'MiB':>10}{'distrl s':>12}{'plain s':>12}{'speed-up':>10}")
+    named = {**rows, **{f"{dtype}, LoRA rank {LORA_RANK}": row for dtype, row in lora.items()}}
+    for name, row in named.items():
         print(
-            f"{dtype:<12}{row['bytes'] / 2**20:>10.1f}{row['seconds']:>12.3f}"
+            f"{name:<22}{row['bytes'] / 2**20:>10.2f}{row['seconds']:>12.3f}"
             f"{row['reference_seconds']:>12.3f}{row['ratio']:>10.2f}"
         )
     return {
@@ -142,7 +172,10 @@ def bench_publish(options: BenchOptions) -> dict[str, Any]:
             f"all {WORKERS} workers having loaded them; distrl = publish_weights + "
             "set_weights (as Trainer.publish); plain = the state dict's torch tensors through "
             "the object store + load_state_dict; medians of interleaved repetitions after a "
-            "warm-up; ratio = plain seconds / distrl seconds"
+            "warm-up; ratio = plain seconds / distrl seconds; lora: the same with rank "
+            f"{LORA_RANK} adapters on every linear layer, where only the adapters are "
+            "published (kept in float32 whatever the model's dtype)"
         ),
         "dtypes": rows,
+        "lora": {"rank": LORA_RANK, "dtypes": lora},
     }

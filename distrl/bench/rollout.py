@@ -1,4 +1,5 @@
-"""Rollout throughput: ``RolloutWorker`` actors against a plain ``model.generate``."""
+"""Rollout throughput: ``RolloutWorker`` actors (full weights, and with LoRA adapters) against a
+plain ``model.generate``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 import torch
 
 from distrl.bench.common import (
+    LORA_RANK,
     BenchOptions,
     actor_devices,
     bench_config,
@@ -86,8 +88,9 @@ def bench_rollout(options: BenchOptions) -> dict[str, Any]:
     raw()  # warm-up
     raw_rates: list[float] = []
     rows: dict[str, dict[str, Any]] = {}
+    lora = bench_config(options, lora_rank=LORA_RANK).learner.lora
     with local_ray() as ray:
-        for workers in (1, 2):
+        for workers, rank in ((1, 0), (2, 0), (1, LORA_RANK)):
             threads = max(1, cores // workers)
             gpus = gpu_share(options, workers)
             actors = [
@@ -100,6 +103,7 @@ def bench_rollout(options: BenchOptions) -> dict[str, Any]:
                     seed=config.seed,
                     worker_index=i,
                     torch_threads=threads,
+                    lora=lora if rank else None,
                 )
                 for i in range(workers)
             ]
@@ -118,8 +122,10 @@ def bench_rollout(options: BenchOptions) -> dict[str, Any]:
                 rates.append(positions / seconds)
                 inside.append(positions / max(b.seconds for b in batches))
                 real.append(sum(b.num_tokens for b in batches) / positions)
-            rows[f"{workers} worker{'s' * (workers > 1)}"] = {
+            name = f"{workers} worker{'s' * (workers > 1)}"
+            rows[name + (f", LoRA rank {rank}" if rank else "")] = {
                 "workers": workers,
+                "lora_rank": rank,
                 "cpus_per_worker": cores / workers,
                 "gpus_per_worker": gpus,
                 "devices": devices,
@@ -153,7 +159,9 @@ def bench_rollout(options: BenchOptions) -> dict[str, Any]:
             f"model.generate in the driver with {cores} torch threads, on the workers' "
             "device and dtype; medians of "
             f"{repeats} repetitions interleaved with distrl's, after one warm-up; each "
-            "row's ratio is against the raw repetitions interleaved with it"
+            "row's ratio is against the raw repetitions interleaved with it; the LoRA row's "
+            f"worker holds rank {LORA_RANK} adapters on every linear layer, unmerged, as "
+            "its policy does in a LoRA run"
         ),
         "raw": {
             "tokens_per_s": reference,
