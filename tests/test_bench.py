@@ -48,7 +48,8 @@ def test_rollout_figures(report):
     assert rollout["raw"]["device"] == "cpu"
     assert positive(rollout["raw"]["tokens_per_s"])
     assert positive(rollout["raw"]["driver_peak_rss_mb"])
-    assert set(rollout["distrl"]) == {"1 worker", "2 workers"}
+    assert set(rollout["distrl"]) == {"1 worker", "2 workers", "1 worker, LoRA rank 8"}
+    assert rollout["distrl"]["1 worker, LoRA rank 8"]["lora_rank"] == 8
     for row in rollout["distrl"].values():
         assert positive(row["reference_tokens_per_s"])
         assert positive(row["tokens_per_s"]) and positive(row["ratio"])
@@ -65,13 +66,18 @@ def test_learner_figures(report):
     assert positive(learner["raw"]["tokens_per_s"])
     assert positive(learner["driver_peak_rss_mb"])
     rows = learner["distrl"]
-    assert set(rows) == {"train, 1 epoch", "train, 3 epochs", "update phase, one epoch"}
+    lora = "train, 1 epoch, LoRA rank 8"
+    assert set(rows) == {"train, 1 epoch", "train, 3 epochs", "update phase, one epoch", lora}
     for row in rows.values():
         assert row["reference_tokens_per_s"] == learner["raw"]["tokens_per_s"]
         assert positive(row["tokens_per_s"]) and positive(row["ratio"])
-        assert positive(row["peak_rss_mb"])
-    for row in (rows["train, 1 epoch"], rows["train, 3 epochs"]):
+        assert positive(row["peak_rss_mb"]) and positive(row["trained_parameters"])
+        assert row["peak_gpu_mb"] is None  # on the CPU
+    for row in (rows["train, 1 epoch"], rows["train, 3 epochs"], rows[lora]):
         assert positive(row["learner_reported_tokens_per_s"])
+    # LoRA trains the adapters and the value head only.
+    assert rows[lora]["lora_rank"] == 8
+    assert rows[lora]["trained_parameters"] * 20 < rows["train, 1 epoch"]["trained_parameters"]
 
 
 def test_publish_figures(report):
@@ -80,7 +86,12 @@ def test_publish_figures(report):
     rows = publish["dtypes"]
     # bfloat16 publishes half the bytes of float32, as its raw 16-bit pattern.
     assert rows["bfloat16"]["bytes"] * 2 == rows["float32"]["bytes"]
-    for row in rows.values():
+    lora = publish["lora"]["dtypes"]
+    assert publish["lora"]["rank"] == 8 and set(lora) == {"float32", "bfloat16"}
+    # Only the adapters are published, in float32 whatever the model's dtype.
+    assert lora["bfloat16"]["bytes"] == lora["float32"]["bytes"]
+    assert lora["float32"]["bytes"] * 20 < rows["float32"]["bytes"]
+    for row in [*rows.values(), *lora.values()]:
         assert positive(row["seconds"]) and positive(row["reference_seconds"])
         assert positive(row["ratio"])
         assert row["devices"] == {"learner": "cpu", "workers": ["cpu", "cpu"]}

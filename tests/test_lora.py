@@ -285,24 +285,33 @@ def dqn_roles(config, prompts, updates=3):
 
 def test_dqn_trains_and_publishes_adapters_and_the_q_head_only(prompts):
     config = tiny_dqn(**{"dqn.target_update_interval": 2})
-    learner = QLearner(**QLearner.arguments(config))
+    learner, worker, replay = dqn_roles(config, prompts, updates=0)
     names = {id(p): n for n, p in learner.qnet.named_parameters()}
     trained = {names[id(p)] for p in learner.opt.params}
     heads = {n for n in trained if not is_adapter_name(n)}
     assert heads == {"q_head.linear.weight", "q_head.linear.bias", "value.weight", "value.bias"}
-    base = {n: t.clone() for n, t in learner.qnet.state_dict().items() if n.startswith("backbone")}
-    learner, worker, replay = dqn_roles(config, prompts)
-    state = learner.qnet.state_dict()
-    assert all(torch.equal(state[n], t) for n, t in base.items() if not is_adapter_name(n))
     assert learner.target is None and set(learner.target_state) == trained  # no second base
-    # A hard copy at step 2; step 3 moved the online network on.
-    assert not all(torch.equal(learner.target_state[n], state[n]) for n in trained)
+    base = {n: t.clone() for n, t in learner.qnet.state_dict().items() if not is_adapter_name(n)}
+    ids = torch.tensor([prompts[0][:6], prompts[1][:6]])
+    with torch.no_grad():
+        q0 = learner.qnet(ids)
+    targets, onlines = [], []
+    for _ in range(3):
+        learner.update(replay.sample(32))
+        targets.append(learner.target_q(ids))
+        with torch.no_grad():
+            onlines.append(learner.qnet(ids))
+    # The target holds the first network until the hard copy of step 2, and only that.
+    assert torch.equal(targets[0], q0) and not torch.allclose(onlines[0], q0)
+    assert torch.allclose(targets[1], onlines[1], atol=1e-6)
+    assert torch.equal(targets[2], targets[1]) and not torch.allclose(targets[2], onlines[2])
+    state = learner.qnet.state_dict()
+    assert all(torch.equal(state[n], t) for n, t in base.items() if n.startswith("backbone"))
     weights = learner.weights()
     assert set(weights.state) == trained
     worker.set_weights(weights)
-    ids = torch.tensor([prompts[0][:6], prompts[1][:6]])
     with torch.no_grad():
-        assert torch.allclose(worker.trainable()(ids), learner.qnet(ids), atol=1e-5)
+        assert torch.allclose(worker.trainable()(ids), onlines[2], atol=1e-5)
 
 
 def test_dqn_checkpoint_resume_and_merged_export(tmp_path, prompts):
