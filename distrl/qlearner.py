@@ -216,8 +216,10 @@ class QLearner(LearnerRole):
         return ids, td.abs().cpu().numpy(), metrics
 
     @torch.no_grad()
-    def target_q(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Q-values (B, V) of the target network for states (B, L)."""
+    def target_q(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Q-values (B, V) of the target network for states ``input_ids`` (B, L)."""
         if self.target is not None:
             return self.target(input_ids, attention_mask)
         self.qnet.eval()

@@ -24,10 +24,12 @@ from distrl.models import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     add_lora,
+    get_weights,
     is_adapter_name,
     load_policy,
     model_source_dir,
     publish_weights,
+    set_weights,
     tiny_model,
 )
 from distrl.policy import build_model, build_tokenizer, encode_prompts
@@ -107,6 +109,12 @@ def test_adapters_go_in_place_and_start_as_the_base_model(name):
     assert trained and all(is_adapter_name(n) for n in trained)
     assert {p.dtype for p in trained.values()} == {torch.float32}  # adapters in float32
     assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    # Weights move as the adapters alone: a full state is refused, never written into the base.
+    full = get_weights(tiny_model(name, vocab_size=300, dtype=torch.bfloat16, seed=1))
+    with pytest.raises(ModelError, match="unexpected"):
+        set_weights(model, full)
+    assert torch.equal(logits(model, ids), before)
+    set_weights(model, get_weights(model))
 
 
 def test_target_modules_that_fit_no_layer_are_named():
