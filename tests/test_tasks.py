@@ -9,12 +9,21 @@ import pytest
 
 from distrl.config import load_config
 from distrl.data import load_examples, split
+from distrl.driver import train
+from distrl.metrics import read_metrics
+from distrl.prompts import prepare, reward_batch
 from distrl.rewards import RewardBatch, RewardScorer, SampleError, check_reward_config
+from distrl.rollout import RolloutWorker
 from distrl.tasks import arithmetic
 from distrl.tasks.arithmetic import answer_given, answer_of, correct, first_integer
 
 CONFIG = str(resources.files("distrl.configs").joinpath("arithmetic.yaml"))
 PROMPT = "17 + 25 = ? Reply with only the result."
+# The learning test: mean training reward of the last 5 of ITERATIONS iterations against the
+# first (the untrained policy's), and greedy accuracy on held-out problems, trained and not.
+ITERATIONS = 10
+RISE = 0.15
+EVAL_RISE = 0.1
 
 
 @pytest.mark.parametrize(
@@ -31,6 +40,9 @@ PROMPT = "17 + 25 = ? Reply with only the result."
         ("17 + 25 = 43", 0.0),
         ("17 + 25 = 40 + 2 = 42", 1.0),
         ("17 + 25 = 43, so 42", 0.0),
+        ("17 + 25 is 42", 1.0),
+        ("17 + 25 is 17", 0.0),  # an operand of the calculation is not its answer
+        ("(17 + 25) equals 42.", 1.0),
         ("17 + 25 = ?", 0.0),  # the question repeated: no answer
         ("forty-two", 0.0),  # no number
         ("", 0.0),
@@ -56,6 +68,12 @@ def test_correct_reads_negative_numbers(completion, score):
     assert correct([completion], ["-8"], ["4 - 12 = ? Reply with only the result."]) == [score]
 
 
+def test_the_reference_is_the_answer_when_it_is_an_integer():
+    assert correct(["13", "12"], ["13", "13"], ["What is six plus seven?"] * 2) == [1.0, 0.0]
+    # The data's label wins over the prompt's sum.
+    assert correct(["5", "3"], ["5", "5"], ["1 + 2 = ?"] * 2) == [1.0, 0.0]
+
+
 def test_without_a_reference_the_answer_comes_from_the_prompt():
     prompts = ["9 - 7 = ? Reply with only the result.", "12 + 0 = ?"]
     assert correct(["2", "12"], [None, None], prompts) == [1.0, 1.0]
@@ -78,6 +96,8 @@ def test_first_integer_answer_given_and_answer_of():
     assert answer_given("7 + 5 = 12") == 12
     assert answer_given("7 - 9 = -2") == -2
     assert answer_given("7 + 5 = ?") is None
+    assert answer_given("5 - 0 is 4") == 4
+    assert answer_given("3 x 4 - 1 = 11") == 11
     assert answer_of("12 - 5 = ? Reply with only the result.") == 7
     assert answer_of("12 + 12 = ?") == 24
     assert answer_of("What is 5 times 3?") is None
@@ -122,3 +142,42 @@ def test_the_config_holds_out_unseen_problems():
     train, val = split(examples, val_fraction=config.data.val_fraction, seed=config.seed)
     assert {e.prompt_text for e in train}.isdisjoint(e.prompt_text for e in val)
     assert config.output.eval_examples <= len(val) < len(train)
+
+
+def held_out_accuracy(config, worker, prompts) -> float:
+    """Greedy accuracy on the first ``output.eval_examples`` held-out problems, as the loop's
+    evaluation measures it (``eval/reward``)."""
+    n = min(config.output.eval_examples, len(prompts.ids))
+    batch = worker.generate(prompts.ids[:n], list(range(n)), greedy=True)
+    return float(RewardScorer(config.reward).score(reward_batch(prompts, batch)).total.mean())
+
+
+def learning_run(tmp_path, seed: int) -> tuple[list[float], float, float]:
+    """Train the arithmetic config for ITERATIONS iterations: (training reward of each
+    iteration, held-out greedy accuracy before training, and after)."""
+    config = load_config(
+        CONFIG,
+        {
+            "seed": seed,
+            "iterations": ITERATIONS,
+            "output.dir": str(tmp_path / "run"),
+            "output.progress": False,
+            "output.plots": False,
+            "output.eval_every": ITERATIONS,
+            "output.checkpoint_every": ITERATIONS,
+        },
+    )
+    _, held_out = prepare(config)
+    untrained = held_out_accuracy(
+        config, RolloutWorker(**RolloutWorker.arguments(config)), held_out
+    )
+    records = read_metrics(train(config) / "metrics.jsonl")
+    return [r["reward/total"] for r in records], untrained, records[-1]["eval/reward"]
+
+
+@pytest.mark.slow  # the packaged SmolLM2 trained on Ray for 10 iterations (a few minutes)
+def test_the_packaged_model_learns_arithmetic(ray_session, tmp_path):
+    rewards, untrained, trained = learning_run(tmp_path, seed=0)
+    # Step 1 samples the untrained policy; the last steps sample the trained one.
+    assert np.mean(rewards[-5:]) >= rewards[0] + RISE, rewards
+    assert trained >= untrained + EVAL_RISE, (untrained, trained)

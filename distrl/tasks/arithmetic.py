@@ -6,10 +6,10 @@ Each prompt asks for one sum or difference of whole numbers from 0 to ``MAX_OPER
     {"prompt": "7 + 5 = ? Reply with only the result.", "response": "12"}
 
 ``correct`` scores a completion 1.0 when the number it answers with is the answer and 0.0
-otherwise. That number is the completion's first integer, where a worked equation counts as its
-result: "12", "12." "The answer is 12" and "7 + 5 = 12" all answer 12, "7 + 5 = 11, so 12"
-answers 11, and a completion with no number, or only the question repeated ("7 + 5 = ?"),
-answers nothing. There is no partial credit. Use it as a reward component::
+otherwise. That number is the completion's first integer that is not part of a calculation
+(``7 + 5``): "12", "The answer is 12.", "7 + 5 = 12" and "7 + 5 is 12" all answer 12, "7 + 5 =
+11, so 12" answers 11, and a completion with no number, or only the question repeated ("7 + 5 =
+?"), answers nothing. There is no partial credit. Use it as a reward component::
 
     reward:
       components:
@@ -39,8 +39,8 @@ _MINUS = "-\u2212"  # ASCII hyphen-minus and the typographic minus sign
 # A minus sign is part of a number unless it follows a word character, as in "3-4" or "x-5",
 # where it joins rather than negates.
 _INTEGER = re.compile(rf"(?:(?<!\w)[{_MINUS}])?\d+")
-# The left-hand side of a worked equation, "7 + 5 =", which leads to its result.
-_WORKING = re.compile(rf"[{_MINUS}]?\d+(?:\s*[-+*/×x\u2212]\s*[{_MINUS}]?\d+)+\s*=")
+# A calculation, "7 + 5" or "3 x 4 - 1": it leads to the answer (after "=", "is") but is not it.
+_CALCULATION = re.compile(rf"[{_MINUS}]?\d+(?:\s*[-+*/×÷x\u2212]\s*[{_MINUS}]?\d+)+")
 _PROBLEM = re.compile(r"(\d+)\s*([+-])\s*(\d+)\s*=")
 
 
@@ -51,9 +51,9 @@ def first_integer(text: str) -> int | None:
 
 
 def answer_given(completion: str) -> int | None:
-    """The number a completion answers with: its first integer, reading a worked equation
-    (``"7 + 5 = 12"``) as its result; None when it gives no number."""
-    return first_integer(_WORKING.sub(" ", completion))
+    """The number a completion answers with: its first integer outside a calculation, so the
+    answer of ``"7 + 5 = 12"`` is 12; None when it gives no such number."""
+    return first_integer(_CALCULATION.sub(" ", completion))
 
 
 def answer_of(prompt: str) -> int | None:
