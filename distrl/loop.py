@@ -499,12 +499,17 @@ class Trainer:
             self.algo.save(tmp)
 
         path = write_checkpoint(root, f"step_{self.step}", write, meta=meta)
+
+        def export(tmp: Path) -> None:  # a plain Hugging Face folder (LoRA: merged)
+            _copy(path, tmp)
+            self.wait_stateful("learner", self.learner.export_merged.remote(str(tmp)))
+
         reward = metrics.get("eval/reward")
         if reward is not None and reward > self.best:
             self.best = reward
-            write_checkpoint(root, "best", lambda tmp: _copy(path, tmp), meta=meta)
+            write_checkpoint(root, "best", export, meta=meta)
         if self.step == self.config.iterations:
-            write_checkpoint(self.run_dir, "final", lambda tmp: _copy(path, tmp), meta=meta)
+            write_checkpoint(self.run_dir, "final", export, meta=meta)
         prune_checkpoints(
             root, self.config.output.keep_checkpoints, newest_only=frozenset({OPTIMIZER_FILE})
         )

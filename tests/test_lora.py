@@ -386,6 +386,11 @@ def test_ppo_run_with_lora(ray_session, tmp_path):
     assert 0 < records[-1]["publish/bytes"] < full.nbytes / 20
     step = run_dir / "checkpoints" / "step_2"
     assert (step / ADAPTER_WEIGHTS).is_file() and not (step / "model.safetensors").exists()
+    # final/ is a plain, merged Hugging Face folder: no adapter, and it loads without PEFT.
+    final = run_dir / "final"
+    assert not (final / ADAPTER_WEIGHTS).exists()
+    merged = AutoModelForCausalLM.from_pretrained(final)
+    assert not any("lora" in name for name, _ in merged.named_parameters())
     resumed = train(tiny_run(tmp_path, iterations=3), resume=True)
     assert [r["step"] for r in read_metrics(resumed / "metrics.jsonl")][-1] == 3
 
