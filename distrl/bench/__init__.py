@@ -13,14 +13,17 @@ Both sides of a comparison run on the same device, and the JSON says which: on a
 ``--batch`` x ``--new-tokens`` (GPU-sized batches are the ones worth measuring there).
 
 - ``rollout``: tokens/s of ``RolloutWorker`` actors (1 worker with every CPU; 2 workers with
-  an equal share each, generating at once) against a plain Hugging Face ``model.generate`` of
-  the same model, prompts, batch size, length and sampling settings in this process.
+  an equal share each, generating at once; 1 worker whose policy carries rank-8 LoRA adapters)
+  against a plain Hugging Face ``model.generate`` of the same model, prompts, batch size,
+  length and sampling settings in this process.
 - ``learner``: tokens/s of ``Learner.train`` (in an actor with every CPU) on a batch from a real
   rollout, whole and its update phase alone, against a plain forward + backward + AdamW step
-  of the same model on the same tokens in this process.
+  of the same model on the same tokens in this process; and a learner with rank-8 LoRA
+  adapters on the same batch, with each learner's peak memory and trained parameters.
 - ``publish``: seconds to get the learner's weights into 2 rollout workers, as the driver
   does it (``publish_weights`` views, ``set_weights``), in float32 and bfloat16, against the
-  plain way (a state dict of torch tensors through the object store, ``load_state_dict``).
+  plain way (a state dict of torch tensors through the object store, ``load_state_dict``);
+  and the same with rank-8 LoRA adapters, where only the adapters move.
 - ``replay``: add / sample / update-priorities throughput of distrl's prioritized replay,
   in-process and as a Ray actor, against RLlib's ``PrioritizedReplayBuffer`` in-process.
 - ``attention``: time and memory of FAVOR+ (the ``performer`` Q-network's attention) and of
