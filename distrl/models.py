@@ -548,7 +548,7 @@ def is_adapter_name(name: str) -> bool:
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run ``model`` as its frozen base: its LoRA adapters are off inside the block. A LoRA
-    learner's reference model is its policy so, not a second copy."""
+    learner's reference model is its own policy run this way, not a second copy."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
