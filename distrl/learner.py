@@ -49,7 +49,6 @@ from distrl.policy import (
 )
 from distrl.roles import LearnerRole, OptimizerStep
 from distrl.rollout import Trajectories
-from distrl.tokenizers import HFTokenizer
 
 STATE_FILE = "distrl_state.pt"
 
@@ -455,9 +454,7 @@ class Learner(LearnerRole):
             save_adapter(self.net.model, path)
         else:
             self.net.model.save_pretrained(path)
-        if isinstance(self.tokenizer, HFTokenizer):
-            self.tokenizer.tok.save_pretrained(path)
-        self.write_tokenizer_spec(path, self.tokenizer_spec)
+        self.write_tokenizer_spec(path, self.tokenizer_spec)  # and the tokenizer's HF files
         state = {"value_head": self.net.value_head.state_dict(), "kl": self.kl.state_dict()}
         save_torch_state(path / STATE_FILE, {**state, **self.role_state(extra, path)})
 
