@@ -409,6 +409,12 @@ def test_dqn_run_with_lora(ray_session, tmp_path):
     assert [r["step"] for r in records] == [1, 2]
     saved = load_file(run_dir / "checkpoints" / "step_2" / QNET_FILE)
     assert any(is_adapter_name(n) for n in saved) and not any("base_layer" in n for n in saved)
+    # final/ holds the whole Q-network, adapters merged, under a run config without LoRA.
+    final = run_dir / "final"
+    assert not any(is_adapter_name(n) for n in load_file(final / QNET_FILE))
+    assert load_config(str(final / RUN_FILE)).learner.lora.rank == 0
+    policy, _ = load_q_policy(final)
+    assert policy.top_k == 8
 
 
 @pytest.mark.slow  # starts a Ray of its own
