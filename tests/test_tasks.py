@@ -19,11 +19,13 @@ from distrl.tasks.arithmetic import answer_given, answer_of, correct, first_inte
 
 CONFIG = str(resources.files("distrl.configs").joinpath("arithmetic.yaml"))
 PROMPT = "17 + 25 = ? Reply with only the result."
-# The learning test: mean training reward of the last 5 of ITERATIONS iterations against the
-# first (the untrained policy's), and greedy accuracy on held-out problems, trained and not.
+# The learning test, measured with seeds 0, 1 and 2: over iterations 4-10 the mean training
+# reward was 0.59, 0.54 and 0.73 (0.21 with seed 0 and a learning rate of 1e-9, which leaves the
+# policy untrained); greedy accuracy on the first 32 held-out problems went from 0.50, 0.44 and
+# 0.38 to 0.75, 0.59 and 0.78.
 ITERATIONS = 10
-RISE = 0.15
-EVAL_RISE = 0.1
+TRAINED_REWARD = 0.45
+EVAL_RISE = 3 / 32  # three more held-out problems right
 
 
 @pytest.mark.parametrize(
@@ -178,6 +180,6 @@ def learning_run(tmp_path, seed: int) -> tuple[list[float], float, float]:
 @pytest.mark.slow  # the packaged SmolLM2 trained on Ray for 10 iterations (a few minutes)
 def test_the_packaged_model_learns_arithmetic(ray_session, tmp_path):
     rewards, untrained, trained = learning_run(tmp_path, seed=0)
-    # Step 1 samples the untrained policy; the last steps sample the trained one.
-    assert np.mean(rewards[-5:]) >= rewards[0] + RISE, rewards
-    assert trained >= untrained + EVAL_RISE, (untrained, trained)
+    figures = {"rewards": rewards, "untrained_eval": untrained, "eval": trained}
+    assert np.mean(rewards[3:]) >= TRAINED_REWARD, figures
+    assert trained >= untrained + EVAL_RISE, figures
