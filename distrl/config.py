@@ -23,7 +23,7 @@ import yaml
 
 from distrl.errors import ConfigError
 
-NAMED_CONFIGS = ("tiny", "default", "cluster_gpu")
+NAMED_CONFIGS = ("tiny", "default", "arithmetic", "cluster_gpu")
 
 
 def _f(default: Any, help: str, **checks: Any) -> Any:
