@@ -386,3 +386,21 @@ def test_an_asha_sweep_plots_every_trial_and_prints_one_best_and_one_hint(
     assert [line for line in out.splitlines() if "tensorboard" in line.lower()] == [
         f"distrl.tune: curves: tensorboard --logdir {exp}"
     ]
+
+
+@pytest.mark.slow  # a 2-trial sweep of tiny GRPO runs
+def test_the_grpo_space_sweeps_a_critic_free_algorithm(ray_session, tmp_path):
+    argv = ["--space", str(SPACES / "grpo.yaml"), "--config", "tiny", "--num-samples", "2"]
+    argv += ["--max-concurrent", "2", "--storage", str(tmp_path), "--name", "grpo"]
+    argv += ["--trial-cpus", "0.25", "--iterations", "2", "--rollout.num_workers", "1"]
+    argv += ["--output.plots", "false"]
+    assert tune.main(argv) == 0
+    rows = read_csv(tmp_path / "grpo" / "summary.csv")
+    assert [r["status"] for r in rows] == ["finished", "finished"]
+    for row in rows:
+        trial = tmp_path / "grpo" / row["trial"] / "distrl"
+        last = json.loads((trial / "metrics.jsonl").read_text().splitlines()[-1])
+        assert "learner/value_loss" not in last and "learner/kl_loss" in last  # no critic
+        assert last["learner/lr"] == pytest.approx(float(row["learner.lr"]))
+    best = load_config(str(tmp_path / "grpo" / "best_config.yaml"))
+    assert best.algo == "grpo" and best.rollout.samples_per_prompt == 4
