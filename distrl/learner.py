@@ -152,9 +152,13 @@ class Learner(LearnerRole):
 
     # ---- weights -------------------------------------------------------------------------
 
+    def published_module(self) -> torch.nn.Module:
+        """The network whose weights the rollout workers get: the policy."""
+        return self.net.model
+
     def weights(self) -> VersionedWeights:
         """The policy's current weights, stamped with its version."""
-        weights = publish_weights(self.net.model, self.version)
+        weights = publish_weights(self.published_module(), self.version)
         self.published_bytes = weights.nbytes
         return weights
 

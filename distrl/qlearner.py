@@ -136,12 +136,16 @@ class QLearner(LearnerRole):
         """The keyword arguments that build a ``QLearner`` for run ``config``."""
         return {"config": config, "torch_threads": config.resources.torch_threads}
 
+    def published_module(self) -> torch.nn.Module:
+        """The network whose weights the rollout workers get: the online Q-network."""
+        return self.qnet
+
     def weights(self) -> VersionedWeights:
         """The online Q-network's weights, stamped with its version: one more than the last
         published when updates happened since (so versions count publishes, as in PPO)."""
         if self.steps != self.published_steps:
             self.version, self.published_steps = self.version + 1, self.steps
-        weights = publish_weights(self.qnet, self.version)
+        weights = publish_weights(self.published_module(), self.version)
         self.published_bytes = weights.nbytes
         return weights
 

@@ -84,6 +84,10 @@ class LearnerRole:
     version: int
     published_bytes: int = 0
 
+    def published_module(self) -> nn.Module:
+        """The network whose weights the rollout workers get."""
+        raise NotImplementedError
+
     @property
     def steps(self) -> int:
         """Optimizer steps taken."""
