@@ -66,6 +66,7 @@ class PPOBatch:
     rewards: torch.Tensor
     references: list[list[int]] | None
     ref_logprobs: torch.Tensor | None = None  # for a KL loss term
+    is_weights: torch.Tensor | None = None  # truncated importance weights (ppo.rollout_is)
     # None when one update covers the whole batch: its own forward supplies the old values.
     old_values: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
@@ -245,19 +246,26 @@ class Learner(LearnerRole):
         # workers' own numbers differ by round-off, which whitening and Adam's normalised step
         # would turn into a real update on a batch without reward. Elsewhere the workers'
         # recorded logprobs are the old ones. The pass also gives the critic its old values.
-        recompute = kl_in_reward and measure_kl
-        values, mismatch = None, {}
+        # Truncated importance sampling needs the learner's old logprobs beside the workers'.
+        rollout_is = c.rollout_is == "truncated"
+        recompute = (kl_in_reward and measure_kl) or rollout_is
+        values, mismatch, is_weights = None, {}, None  # mismatch: metrics, without learner/
         with torch.no_grad():
             self.net.eval()
             if recompute or (self.critic and not single):
                 logits, values = self._forward(self.net.model, ids, mask, start, self.critic)
                 if recompute:
                     recomputed = ppo.logprobs_from_logits(logits, tokens) * rmask
-                    gap = (recomputed - old_logprobs).abs()
-                    mismatch = {
-                        "learner/logprob_mismatch": float(ppo.masked_mean(gap, rmask)),
-                        "learner/logprob_mismatch_max": float((gap * rmask).max()),
-                    }
+                    mismatch = self._mismatch(recomputed, old_logprobs, rmask)
+                    if rollout_is:
+                        is_weights, is_stats = pg.truncated_is_weights(
+                            learner_logprobs=recomputed,
+                            rollout_logprobs=old_logprobs,
+                            mask=rmask,
+                            cap=c.rollout_is_cap,
+                        )
+                        mismatch["rollout_is_weight"] = float(is_stats["weight"])
+                        mismatch["rollout_is_truncated"] = float(is_stats["truncated"])
                     old_logprobs = recomputed
                 del logits
             ref_logprobs = old_logprobs
@@ -273,7 +281,9 @@ class Learner(LearnerRole):
                 mask=rmask,
                 kl_coef=self.kl.value if kl_in_reward else 0.0,
             )
-        data = PPOBatch(ids, mask, tokens, rmask, old_logprobs, rewards, references)
+        data = PPOBatch(
+            ids, mask, tokens, rmask, old_logprobs, rewards, references, is_weights=is_weights
+        )
         if c.kl_loss_coef > 0:
             data = dataclasses.replace(data, ref_logprobs=ref_logprobs)
         if not self.critic:
@@ -284,12 +294,18 @@ class Learner(LearnerRole):
         stats: dict[str, list[float]] = {}
         skipped = 0
         stop = False
+        # Without a recomputing pass, a first minibatch that covers the whole batch is a forward
+        # of the learner's old weights over every row: the mismatch comes free from it.
+        probe = not recompute and c.minibatch_size >= n and self._deterministic_forward()
         for _ in range(c.epochs):
             for idx in torch.randperm(n).split(c.minibatch_size):
-                out = self._minibatch(data.rows(idx), start)
+                out = self._minibatch(data.rows(idx), start, probe=probe)
+                probe = False
                 if out is None:
                     skipped += 1
                     continue
+                for k in [k for k in out if k.startswith("logprob_mismatch")]:
+                    mismatch[k] = out.pop(k)
                 for k, v in out.items():
                     stats.setdefault(k, []).append(v)
                 if c.target_kl is not None and out["approx_kl"] > c.target_kl:
@@ -305,7 +321,7 @@ class Learner(LearnerRole):
         metrics = {f"learner/{k}": float(np.mean(v)) for k, v in stats.items()}
         if measure_kl:
             metrics["learner/kl"] = seq_kl
-        metrics.update(mismatch)
+        metrics.update({f"learner/{k}": v for k, v in mismatch.items()})
         metrics.update(
             {
                 "learner/kl_coef": self.kl.value,
@@ -317,6 +333,23 @@ class Learner(LearnerRole):
             }
         )
         return metrics
+
+    @staticmethod
+    def _mismatch(
+        learner_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor
+    ) -> dict[str, float]:
+        """Mean and largest |rollout - learner| log-probability over response tokens."""
+        gap = (learner_logprobs.detach().float() - rollout_logprobs.float()).abs()
+        gap = torch.where(mask > 0, gap, 0.0)  # padding may hold anything
+        return {
+            "logprob_mismatch": float(ppo.masked_mean(gap, mask)),
+            "logprob_mismatch_max": float(gap.max()),
+        }
+
+    def _deterministic_forward(self) -> bool:
+        """Whether a training-mode forward gives the logprobs an eval-mode one does (no
+        adapter dropout; the models' own dropout is off)."""
+        return not (self.lora and self.config.lora.dropout > 0)
 
     def _with_advantages(self, data: PPOBatch, values: torch.Tensor) -> PPOBatch:
         """``data`` with old values, GAE advantages (whitened if configured) and returns."""
@@ -356,14 +389,16 @@ class Learner(LearnerRole):
                 )
         return dataclasses.replace(data, advantages=advantages)
 
-    def _minibatch(self, mb: PPOBatch, start: int) -> dict[str, float] | None:
-        """One optimizer step on a minibatch; None when it was skipped as non-finite."""
+    def _minibatch(self, mb: PPOBatch, start: int, probe: bool = False) -> dict[str, float] | None:
+        """One optimizer step on a minibatch; None when it was skipped as non-finite. With
+        ``probe`` (a forward of the old weights) it also gives the gap to ``mb.old_logprobs``."""
         c = self.ppo
         m = mb.rmask
         logits, values = self._forward(self.net.model, mb.ids, mb.mask, start, self.critic)
         if mb.advantages is None:
             mb = self._with_advantages(mb, values)
         logprobs = ppo.logprobs_from_logits(logits, mb.tokens)
+        gap = self._mismatch(logprobs, mb.old_logprobs, m) if probe else {}
         pg_loss, pg_stats = pg.policy_loss(
             logprobs=logprobs,
             old_logprobs=mb.old_logprobs,
@@ -373,6 +408,7 @@ class Learner(LearnerRole):
             clip_high=c.clip if c.clip_high is None else c.clip_high,
             loss_agg=self.loss_agg,
             max_length=self.max_new_tokens,
+            weights=mb.is_weights,
         )
         v_loss, v_clipfrac = torch.zeros((), device=self.device), torch.zeros(())
         if self.critic:
@@ -419,6 +455,7 @@ class Learner(LearnerRole):
             out["kl_loss"] = kl_loss.item()
         if ce is not None:
             out["ce_loss"] = ce.item()
+        out.update(gap)
         return out
 
     def _reference_nll(

@@ -9,7 +9,8 @@ A loss is built from three choices: an advantage estimator (``ADVANTAGE_ESTIMATO
 ``reinforce_pp_advantages``), the clip range (``clip_low``/``clip_high``) and how per-token losses
 become a scalar (``aggregate_loss``). GRPO = ``grpo`` + ``seq_mean_token_mean``; Dr. GRPO =
 ``dr_grpo`` + ``seq_mean_token_sum_norm``; DAPO = ``grpo`` + ``token_mean`` + ``clip_high >
-clip_low`` + ``equal_reward_groups`` filtering + ``overlong_penalty``.
+clip_low`` + ``equal_reward_groups`` filtering + ``overlong_penalty``. ``truncated_is_weights``
+corrects for rollouts sampled by an engine whose log-probabilities differ from the learner's.
 """
 
 from __future__ import annotations
@@ -226,6 +227,7 @@ def policy_loss(
     clip_high: float,
     loss_agg: str,
     max_length: int | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate ``-min(r A, clip(r, 1 - clip_low, 1 + clip_high) A)``, aggregated.
 
@@ -238,6 +240,8 @@ def policy_loss(
         advantages: (B, T); mask: (B, T).
         clip_low, clip_high: the ratio is clamped to ``[1 - clip_low, 1 + clip_high]``.
         loss_agg: an ``aggregate_loss`` mode; max_length: its ``seq_mean_token_sum_norm`` constant.
+        weights: (B, T) constant per-token factors on the surrogate, applied before aggregation
+            (``truncated_is_weights``); None = 1.
 
     Returns:
         the loss and token-mean stats: ``clipfrac`` (share of tokens where clipping bit),
@@ -249,6 +253,8 @@ def policy_loss(
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     per_token = torch.maximum(unclipped, clipped)
+    if weights is not None:
+        per_token = per_token * weights
     loss = aggregate_loss(loss=per_token, mask=mask, mode=loss_agg, max_length=max_length)
     with torch.no_grad():
         stats = {
@@ -257,6 +263,45 @@ def policy_loss(
             "ratio": masked_mean(ratio, mask),
         }
     return loss, stats
+
+
+def truncated_is_weights(
+    *,
+    learner_logprobs: torch.Tensor,
+    rollout_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    cap: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Truncated importance weight ``min(exp(learner - rollout), cap)`` of each sampled token.
+
+    The tokens were sampled by the rollout engine, whose log-probabilities can differ from the
+    learner's for the same weights (another kernel, another precision). Weighting each token's
+    policy loss by the ratio of the two corrects the gradient toward the learner's distribution;
+    the cap bounds the variance a token the rollout found far less likely would add (TIS, as
+    veRL's ``rollout_is`` and TRL's ``vllm_importance_sampling_correction``).
+
+    Args:
+        learner_logprobs: (B, T) the learner's old log-probabilities of the sampled tokens.
+        rollout_logprobs: (B, T) those the rollout engine recorded when it sampled them.
+        mask: (B, T) response-token mask.
+        cap: upper bound of the weight, > 0.
+
+    Returns:
+        weights (B, T) in float32, detached, 0 on padding; and stats over masked tokens:
+        ``weight`` (mean weight) and ``truncated`` (share of tokens whose weight the cap bound).
+    """
+    with torch.no_grad():
+        real = mask > 0
+        # Padding may hold anything (even -inf): it is set to 0 before exp, never multiplied.
+        log_ratio = torch.where(real, learner_logprobs.float() - rollout_logprobs.float(), 0.0)
+        raw = log_ratio.clamp(-20.0, 20.0).exp()
+        weights = raw.clamp(max=cap) * real
+        mask = real.float()
+        stats = {
+            "weight": masked_mean(weights, mask),
+            "truncated": masked_mean((raw > cap).float(), mask),
+        }
+    return weights, stats
 
 
 def equal_reward_groups(*, scores: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
