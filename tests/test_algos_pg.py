@@ -14,6 +14,7 @@ from distrl.algos.pg import (
     reinforce_pp_advantages,
     reinforce_pp_returns,
     rloo_advantages,
+    truncated_is_weights,
 )
 from distrl.algos.ppo import kl_shaped_rewards
 
@@ -280,3 +281,60 @@ def test_symmetric_policy_loss_ignores_padding():
         **PPO,
     )
     assert out.item() == pytest.approx(-1.0)
+
+
+def test_truncated_is_weights_worked_example():
+    # learner - rollout per token: row 0 -> 0, 0.5, 5.5; row 1 -> -1, 0, padding (rollout -inf).
+    # exp: 1, 1.648721, 244.69 (capped to 2); 0.367879, 1; padding 0.
+    learner = t([-1.0, -2.0, -0.5], [-3.0, -1.0, 0.0])
+    rollout = t([-1.0, -2.5, -6.0], [-2.0, -1.0, -math.inf])
+    mask = t([1, 1, 1], [1, 1, 0])
+    weights, stats = truncated_is_weights(
+        learner_logprobs=learner, rollout_logprobs=rollout, mask=mask, cap=2.0
+    )
+    expected = t([1.0, math.exp(0.5), 2.0], [math.exp(-1.0), 1.0, 0.0])
+    assert weights.dtype == torch.float32 and torch.allclose(weights, expected, atol=1e-6)
+    # Mean over the 5 real tokens: (1 + 1.648721 + 2 + 0.367879 + 1) / 5; the cap bound 1 of 5.
+    assert stats["weight"].item() == pytest.approx((4.0 + math.exp(0.5) + math.exp(-1)) / 5)
+    assert stats["truncated"].item() == pytest.approx(0.2)
+    # With cap 1 the two tokens above 1 are truncated; the two at exactly 1 are not.
+    weights, stats = truncated_is_weights(
+        learner_logprobs=learner, rollout_logprobs=rollout, mask=mask, cap=1.0
+    )
+    assert torch.allclose(weights, t([1.0, 1.0, 1.0], [math.exp(-1.0), 1.0, 0.0]))
+    assert stats["truncated"].item() == pytest.approx(0.4)
+
+
+def test_truncated_is_weights_are_detached_float32_from_bfloat16():
+    learner = t([-1.0, -2.0]).to(torch.bfloat16).requires_grad_()
+    rollout = t([-1.5, -2.0]).to(torch.bfloat16)
+    weights, _ = truncated_is_weights(
+        learner_logprobs=learner, rollout_logprobs=rollout, mask=t([1, 1]), cap=3.0
+    )
+    assert weights.dtype == torch.float32 and not weights.requires_grad
+    assert torch.allclose(weights, t([math.exp(0.5), 1.0]), atol=1e-6)
+
+
+def test_policy_loss_weights_scale_each_token_before_aggregation():
+    # Ratio 1, so each token's loss is -A; weighted: -A * w = [-2, -2], [0.5, padding].
+    adv, mask = t([1.0, 2.0], [-1.0, 3.0]), t([1, 1], [1, 0])
+    weights = t([2.0, 1.0], [0.5, 0.0])
+    old = t([-1.0, -2.0], [-0.5, -3.0])
+    expected = {"token_mean": -3.5 / 3, "seq_mean_token_mean": (-2.0 + 0.5) / 2}
+    for mode, value in expected.items():
+        logprobs = old.clone().requires_grad_()
+        loss, _ = policy_loss(
+            logprobs=logprobs,
+            old_logprobs=old,
+            advantages=adv,
+            mask=mask,
+            clip_low=0.2,
+            clip_high=0.2,
+            loss_agg=mode,
+            weights=weights,
+        )
+        assert loss.item() == pytest.approx(value), mode
+        if mode == "token_mean":
+            # d/d logprob of -A w r / 3 at r = 1: -A w / 3; the weights carry no gradient.
+            loss.backward()
+            assert torch.allclose(logprobs.grad, t([-2 / 3, -2 / 3], [1 / 6, 0.0]))
