@@ -1,13 +1,17 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from distrl.algos import ppo
+from distrl.algos.pg import group_advantages
 from distrl.checkpoint import OPTIMIZER_FILE
 from distrl.config import load_config
 from distrl.data import load_examples
 from distrl.learner import Learner
-from distrl.policy import encode_prompts
+from distrl.policy import encode_prompts, response_hidden
 from distrl.rollout import RolloutWorker
 
 
@@ -224,3 +228,140 @@ def test_without_reward_the_default_model_stays_in_place():
     the workers' logprobs as old ones, round-off whitened and normalised by Adam moved it 0.9)."""
     learner, batch, before, _ = zero_reward_update({}, "ppo")
     assert k3_kl(learner, batch, before) < 1e-3
+
+
+# ---- truncated importance sampling (ppo.rollout_is) ---------------------------------------
+
+SHIFT = 5.0  # nats below the learner's: an importance weight of e^5 = 148 before the cap
+
+
+def with_rollout_logprobs(learner, batch, shift: bool = False):
+    """``batch`` whose rollout logprobs are the learner's own, with ``shift``: ``SHIFT`` lower
+    on every third response token of every other row; and the (B, T) bool mask of those."""
+    own = learner.logprobs(batch)
+    rows, cols = np.indices(own.shape)
+    shifted = (batch.response_mask > 0) & (cols % 3 == 0) & (rows % 2 == 0) & shift
+    logprobs = (own - SHIFT * shifted).astype(np.float32)
+    return dataclasses.replace(batch, logprobs=logprobs), shifted
+
+
+def group_update(prompts, **overrides):
+    """A GRPO learner, its worker's batch of 8 (4 groups of 2) and the scores."""
+    config = load_config(
+        "tiny", {"algo": "grpo", "rollout.samples_per_prompt": 2, "ppo.epochs": 1, **overrides}
+    )
+    learner, worker = make(config)
+    batch = worker.generate(prompts, list(range(len(prompts))))
+    scores = np.linspace(-1, 1, len(prompts)).astype(np.float32)
+    return config, learner, batch, scores, np.arange(len(prompts)) // 2
+
+
+@pytest.mark.parametrize(
+    ("algo", "dtype"), [("ppo", "float32"), ("grpo", "float32"), ("grpo", "bfloat16")]
+)
+def test_truncated_is_without_a_mismatch_is_the_plain_update(prompts, algo, dtype):
+    """Rollout logprobs equal to the learner's: every weight is exactly 1, so two epochs of
+    minibatch updates with rollout_is truncated are bit for bit those without it."""
+    overrides = {
+        "algo": algo,
+        "model.dtype": dtype,
+        "rollout.samples_per_prompt": 2,
+        "ppo.epochs": 2,
+        "ppo.minibatch_size": 4,
+    }
+    plain, worker = make(load_config("tiny", overrides))
+    initial = {k: v.clone() for k, v in plain.net.named_parameters()}
+    batch, _ = with_rollout_logprobs(plain, worker.generate(prompts, list(range(len(prompts)))))
+    scores = np.linspace(-1, 1, len(prompts)).astype(np.float32)
+    groups = np.arange(len(prompts)) // 2
+    torch.manual_seed(0)  # the same minibatches for both
+    plain.train(batch, scores, groups=groups)
+    tis, _ = make(load_config("tiny", {**overrides, "ppo.rollout_is": "truncated"}))
+    torch.manual_seed(0)
+    metrics = tis.train(batch, scores, groups=groups)
+    after = dict(tis.net.named_parameters())
+    for k, v in plain.net.named_parameters():
+        assert torch.equal(v, after[k]), k
+    assert any(not torch.equal(v, initial[k]) for k, v in after.items())  # it did update
+    assert metrics["learner/rollout_is_weight"] == 1.0
+    assert metrics["learner/rollout_is_truncated"] == 0.0
+    assert metrics["learner/logprob_mismatch"] == 0.0
+
+
+def test_truncated_is_caps_the_weight_of_tokens_the_rollout_found_unlikely(prompts):
+    """Some tokens have rollout logprob = learner's - 5: their weight e^5 is capped
+    at 2, the metrics say so exactly, the ratio is the learner's (1 on the first step) and the
+    loss and gradient are the surrogate with those tokens' terms doubled."""
+    overrides = {
+        "ppo.minibatch_size": 8,
+        "ppo.rollout_is": "truncated",
+        "ppo.rollout_is_cap": 2.0,
+        "learner.max_grad_norm": 1e9,  # no clipping: the step's gradient is the loss's
+    }
+    config, learner, batch, scores, groups = group_update(prompts, **overrides)
+    batch, shifted = with_rollout_logprobs(learner, batch, shift=True)
+    metrics = learner.train(batch, scores, groups=groups)
+    n_real, n_shifted = batch.response_mask.sum(), shifted.sum()
+    assert 0 < n_shifted < n_real
+    assert metrics["learner/rollout_is_truncated"] == pytest.approx(n_shifted / n_real)
+    assert metrics["learner/rollout_is_weight"] == pytest.approx(
+        (2.0 * n_shifted + (n_real - n_shifted)) / n_real
+    )
+    assert metrics["learner/clipfrac"] == 0.0
+    assert metrics["learner/approx_kl"] == pytest.approx(0.0, abs=1e-6)
+
+    # The same loss recomputed directly from the initial weights: -mean over tokens of A * w.
+    fresh, _ = make(config)
+    ids = torch.from_numpy(np.concatenate([batch.prompt_ids, batch.response_ids], 1))
+    mask = torch.from_numpy(
+        np.concatenate([batch.prompt_mask, batch.response_mask.astype(np.int64)], 1)
+    )
+    rmask = torch.from_numpy(batch.response_mask).float()
+    start = batch.prompt_ids.shape[1]
+    advantages = group_advantages(
+        scores=torch.from_numpy(scores), groups=torch.from_numpy(groups), mask=rmask
+    )
+    model = fresh.net.model
+    hidden = response_hidden(model, ids, mask, start)
+    logits = model.get_output_embeddings()(hidden).float() / config.rollout.temperature
+    logprobs = ppo.logprobs_from_logits(logits, torch.from_numpy(batch.response_ids))
+    ratio = (logprobs - logprobs.detach()).exp()  # 1, with the gradient of logprobs
+    weights = 1.0 + torch.from_numpy(shifted).float()  # the cap, 2, on shifted tokens
+    loss = -ppo.masked_mean(advantages * ratio * weights, rmask)
+    assert metrics["learner/policy_loss"] == pytest.approx(loss.item(), rel=1e-5)
+    unweighted = -ppo.masked_mean(advantages * ratio, rmask)
+    assert abs(unweighted.item() - loss.item()) > 1e-3  # the weights matter here
+    loss.backward()
+    stepped = dict(learner.net.model.named_parameters())
+    compared = 0
+    for k, p in model.named_parameters():
+        if p.grad is not None and p.grad.abs().max() > 0:
+            assert torch.allclose(stepped[k].grad, p.grad, rtol=1e-4, atol=1e-7), k
+            compared += 1
+    assert compared > 0
+
+
+@pytest.mark.parametrize(
+    ("algo", "minibatch_size"),
+    [("grpo", 8), ("ppo", 4)],  # the first minibatch's forward; the KL pass's recomputation
+)
+def test_logprob_mismatch_is_the_known_shift(prompts, algo, minibatch_size):
+    """Rollout logprobs 5 nats below the learner's on some tokens: the mean gap is 5 x their
+    share, the largest is 5, with rollout_is off."""
+    _, learner, batch, scores, groups = group_update(
+        prompts, algo=algo, **{"ppo.minibatch_size": minibatch_size}
+    )
+    batch, shifted = with_rollout_logprobs(learner, batch, shift=True)
+    metrics = learner.train(batch, scores, groups=groups)
+    share = shifted.sum() / batch.response_mask.sum()
+    assert metrics["learner/logprob_mismatch"] == pytest.approx(SHIFT * share, rel=1e-5)
+    assert metrics["learner/logprob_mismatch_max"] == pytest.approx(SHIFT, rel=1e-5)
+    assert "learner/rollout_is_weight" not in metrics
+
+
+def test_no_mismatch_metric_without_a_forward_of_the_old_weights_over_the_batch(prompts):
+    """GRPO without a KL term and with two minibatches never runs the old weights over every
+    row, and logs no mismatch rather than a partial one."""
+    _, learner, batch, scores, groups = group_update(prompts, **{"ppo.minibatch_size": 4})
+    metrics = learner.train(batch, scores, groups=groups)
+    assert "learner/logprob_mismatch" not in metrics
