@@ -1,5 +1,8 @@
 """What every role shares, written once: the learner's optimizer step (AdamW, warm-up, clipping,
-the non-finite guard), its version and checkpoint state, and the workers' weight loading.
+the non-finite guard), its version and checkpoint state, and how weights go from the learner to
+the workers: through Ray's object store (``weights`` / ``set_weights``) or a torch.distributed
+broadcast (``broadcast_weights`` / ``receive_weights``, ``distrl.weight_sync``). Both end in
+``WorkerRole.apply_weights``.
 
 ``Learner`` and ``QLearner`` build on ``LearnerRole``; ``RolloutWorker`` and ``QRolloutWorker`` on
 ``WorkerRole``. Plain classes: ``distrl.actors`` makes them actors.
@@ -24,8 +27,9 @@ from distrl.checkpoint import (
 )
 from distrl.config import LearnerConfig
 from distrl.errors import DistrlError
-from distrl.models import VersionedWeights, set_weights
+from distrl.models import VersionedWeights, published_names, set_weights
 from distrl.tokenizers import Tokenizer
+from distrl.weight_sync import WeightGroup, WeightSyncError, default_host, host_store
 
 
 class NonFiniteError(DistrlError, RuntimeError):
@@ -83,10 +87,66 @@ class LearnerRole:
     tokenizer: Tokenizer
     version: int
     published_bytes: int = 0
+    weight_store: tuple[Any, str, int] | None = None  # the store this learner serves
+    weight_group: WeightGroup | None = None
 
     def published_module(self) -> nn.Module:
         """The network whose weights the rollout workers get."""
         raise NotImplementedError
+
+    def publish_version(self) -> int:
+        """The version the next publication carries: ``version`` (a learner that counts
+        publications rather than updates bumps it here)."""
+        return self.version
+
+    # ---- weights by broadcast (distrl.weight_sync) -----------------------------------------
+
+    def weight_group_address(self, host: str | None = None) -> tuple[str, int]:
+        """Serve a new weight group's store on ``host`` (default: this machine's address) at
+        a free port; returns ``(host, port)`` for the workers' ``join_weight_group``. Any
+        earlier group is left."""
+        self.leave_weight_group()
+        host = host or default_host()
+        store, port = host_store(host, timeout_s=60.0)
+        self.weight_store = (store, host, port)
+        return host, port
+
+    def join_weight_group(self, world_size: int, *, timeout_s: float) -> str:
+        """Form the group on the store ``weight_group_address`` serves, as rank 0 of
+        ``world_size`` members, waiting at most ``timeout_s`` for the others; returns the
+        backend the members share ("nccl" or "gloo").
+
+        Raises:
+            WeightSyncError: no store is served, or a member did not join in time.
+        """
+        if self.weight_store is None:
+            raise WeightSyncError("the learner serves no weight group (weight_group_address)")
+        device = next(self.published_module().parameters()).device
+        store = self.weight_store[0]
+        self.weight_group = WeightGroup(store, 0, world_size, device=device, timeout_s=timeout_s)
+        return self.weight_group.backend
+
+    def broadcast_weights(self) -> int:
+        """Broadcast ``published_module()``'s published tensors (``published_names``) to the
+        weight group; returns their version. ``published_bytes`` records the bytes sent.
+
+        Raises:
+            WeightSyncError: no group, or a worker was not ready or failed (the group is spent).
+        """
+        if self.weight_group is None:
+            raise WeightSyncError("the learner is in no weight group (join_weight_group)")
+        module = self.published_module()
+        state = module.state_dict()
+        tensors = {name: state[name] for name in published_names(module)}
+        version = self.publish_version()
+        self.published_bytes = self.weight_group.send(tensors, version)
+        return version
+
+    def leave_weight_group(self) -> None:
+        """Leave the weight group and stop serving its store."""
+        if self.weight_group is not None:
+            self.weight_group.close()
+        self.weight_group, self.weight_store = None, None
 
     @property
     def steps(self) -> int:
@@ -99,7 +159,8 @@ class LearnerRole:
         return Path(path).exists()
 
     def publish_metrics(self) -> dict[str, float]:
-        """``publish/bytes``: the size of the weights the last ``weights`` call published."""
+        """``publish/bytes``: the size of the weights the last publication sent (``weights``
+        or ``broadcast_weights``)."""
         return {"publish/bytes": float(self.published_bytes)}
 
     def role_state(self, extra: dict | None, folder: Path) -> dict[str, Any]:
@@ -143,18 +204,64 @@ class LearnerRole:
 
 
 class WorkerRole:
-    """What every rollout worker shares: the version it holds and how published weights load
-    into its ``trainable()`` network."""
+    """What every rollout worker shares: the version it holds and how published weights reach
+    it (object store: ``set_weights``; broadcast: ``receive_weights``), both ending in
+    ``apply_weights``, which an engine with its own weight loading overrides."""
 
     version: int = 0
+    weight_group: WeightGroup | None = None
 
     def trainable(self) -> nn.Module:
         """The network the learner trains and publishes (the policy, or the Q-network)."""
         raise NotImplementedError
 
+    def apply_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load published tensors, by the learner's names (Hugging Face names for a policy),
+        into the network that generates: by default ``trainable()``."""
+        set_weights(self.trainable(), tensors)
+
+    def weight_device(self) -> torch.device:
+        """Where received weights are wanted: NCCL carries them if every member's is a GPU."""
+        return next(self.trainable().parameters()).device
+
     def set_weights(self, weights: VersionedWeights) -> int:
         """Load published weights; returns the version now held."""
         if weights.version != self.version:
-            set_weights(self.trainable(), weights.tensors())
+            self.apply_weights(weights.tensors())
             self.version = weights.version
         return self.version
+
+    def join_weight_group(
+        self, address: tuple[str, int], rank: int, world_size: int, *, timeout_s: float
+    ) -> str:
+        """Join the learner's weight group at ``address`` as ``rank`` (1.. ``world_size`` -
+        1), leaving any earlier one; returns the backend the members share.
+
+        Raises:
+            WeightSyncError: the group did not form within ``timeout_s``.
+        """
+        self.leave_weight_group()
+        host, port = address
+        self.weight_group = WeightGroup.join(
+            host, port, rank, world_size, device=self.weight_device(), timeout_s=timeout_s
+        )
+        return self.weight_group.backend
+
+    def receive_weights(self) -> int:
+        """Take the learner's next broadcast and load it; returns the version now held.
+
+        Raises:
+            WeightSyncError: no group (a restarted worker), or the broadcast failed.
+        """
+        if self.weight_group is None:
+            raise WeightSyncError("this rollout worker is in no weight group (restarted?)")
+        version, tensors = self.weight_group.receive()
+        self.apply_weights(tensors)
+        self.version = version
+        return version
+
+    def leave_weight_group(self) -> None:
+        """Leave the weight group, if any."""
+        if self.weight_group is not None:
+            self.weight_group.close()
+        self.weight_group = None
