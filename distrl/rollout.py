@@ -17,7 +17,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from distrl.config import LoraConfig, ModelConfig, RolloutConfig, RunConfig, TokenizerConfig
-from distrl.models import add_lora
+from distrl.models import VersionedWeights, add_lora, set_weights
 from distrl.policy import build_model, build_tokenizer, distinct_prompts, left_pad, prefill_shared
 from distrl.roles import WorkerRole
 from distrl.tokenizers import Tokenizer
@@ -167,6 +167,8 @@ class RolloutWorker(WorkerRole):
     at first a no-op (B = 0), and published weights are only theirs.
     """
 
+    engine: Any = None  # a ``distrl.vllm_engine.VLLMEngine`` with rollout.engine vllm
+
     def __init__(
         self,
         *,
@@ -177,18 +179,32 @@ class RolloutWorker(WorkerRole):
         worker_index: int = 0,
         torch_threads: int | None = None,
         lora: LoraConfig | None = None,
+        max_prompt_tokens: int = 128,
     ) -> None:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.config = rollout
         self.tokenizer = build_tokenizer(model, tokenizer)
+        self.version = 0
+        self.seed = seed * 1000 + worker_index
+        self.calls = 0
+        if rollout.engine == "vllm":
+            from distrl.vllm_engine import VLLMEngine
+
+            self.engine = VLLMEngine(
+                model=model,
+                rollout=rollout,
+                tokenizer=self.tokenizer,
+                max_prompt_tokens=max_prompt_tokens,
+                seed=self.seed,
+                build_hf=lambda: build_model(model, self.tokenizer, seed=seed),
+            )
+            self.device = self.engine.device
+            return
         self.model = build_model(model, self.tokenizer, seed=seed)
         if lora is not None and lora.rank:
             add_lora(self.model, lora, seed=seed)
         self.device = next(self.model.parameters()).device
-        self.version = 0
-        self.seed = seed * 1000 + worker_index
-        self.calls = 0
 
     @staticmethod
     def arguments(config: RunConfig, worker_index: int = 0) -> dict[str, Any]:
@@ -201,11 +217,28 @@ class RolloutWorker(WorkerRole):
             "worker_index": worker_index,
             "torch_threads": config.resources.torch_threads,
             "lora": config.learner.lora,
+            "max_prompt_tokens": config.data.max_prompt_tokens,
         }
 
     def trainable(self) -> torch.nn.Module:
-        """The policy."""
+        """The policy (a Hugging Face model; with the vllm engine, the engine holds it)."""
+        if self.engine is not None:
+            raise NotImplementedError("the vllm engine holds the policy; see apply_weights")
         return self.model
+
+    def apply_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load published tensors into the policy, or into the running vLLM engine."""
+        if self.engine is not None:
+            self.engine.load_weights(tensors)
+        else:
+            set_weights(self.model, tensors)
+
+    def set_weights(self, weights: VersionedWeights) -> int:
+        """Load published weights; returns the version now held."""
+        if weights.version != self.version:
+            self.apply_weights(weights.tensors())
+            self.version = weights.version
+        return self.version
 
     def generation_config(self, greedy: bool = False) -> GenerationConfig:
         """Sampling settings from the rollout config (top_k 0 and top_p 1 mean off)."""
@@ -235,6 +268,19 @@ class RolloutWorker(WorkerRole):
         torch.manual_seed(self.seed + 7919 * self.calls)
         self.calls += 1
         ids, mask = left_pad(prompts, self.tokenizer.pad_token_id)
+        if self.engine is not None:
+            response, rmask, logprobs = self.engine.generate(prompts, greedy=greedy)
+            return Trajectories(
+                prompt_ids=ids,
+                prompt_mask=mask,
+                response_ids=response,
+                response_mask=rmask,
+                logprobs=logprobs,
+                texts=response_texts(self.tokenizer, response, rmask),
+                example_ids=np.asarray(example_ids, dtype=np.int64),
+                version=self.version,
+                seconds=time.perf_counter() - start,
+            )
         ids_t = torch.from_numpy(ids).to(self.device)
         mask_t = torch.from_numpy(mask).to(self.device)
         # Raw logits (before top-k/top-p warping) over the temperature: what the learner computes.

