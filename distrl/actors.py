@@ -79,7 +79,22 @@ def _pid(_actor: Any) -> int:
 
 def pids(handles: list[Any], timeout: float | None = None) -> list[int]:
     """The process id of each actor (a restarted actor has a new one); waits for busy actors."""
-    return get([h.__ray_call__.remote(_pid) for h in handles], timeout=timeout)
+    return get(pid_refs(handles), timeout=timeout)
+
+
+def pid_refs(handles: list[Any]) -> list[ray.ObjectRef]:
+    """Refs to each actor's process id, answered once the actor's earlier calls are done."""
+    return [h.__ray_call__.remote(_pid) for h in handles]
+
+
+def _node_ip(_actor: Any) -> str:
+    return ray.util.get_node_ip_address()
+
+
+def node_ip_ref(handle: Any) -> ray.ObjectRef:
+    """A ref to the address of the node ``handle``'s actor runs on (loopback for a Ray that
+    listens on loopback only): where it can serve others."""
+    return handle.__ray_call__.remote(_node_ip)
 
 
 def get(refs: Any, timeout: float | None = None) -> Any:

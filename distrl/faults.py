@@ -5,6 +5,9 @@ and stop signals.
   retries a bounded number of times, then stops with this error's one line.
 - ``Lost``: the learner or the replay buffer died or hung. Their state cannot be rebuilt from a
   constructor, so the driver restores both from the newest checkpoint and redoes the steps since.
+- A broadcast weight group (``rollout.weight_sync: broadcast``) cannot take a new member: a
+  replaced or restarted worker, a restored learner or a failed broadcast makes the driver form
+  it again (``faults/weight_group_rebuilds``).
 - ``StopSignals``: SIGINT/SIGTERM stop the run at the next safe point (at once while it only
   waits for rollouts or rewards), after which the driver checkpoints and raises ``Stopped``.
 """
@@ -30,6 +33,7 @@ FAULT_KEYS = (
     "faults/rollout_timeouts",
     "faults/learner_restarts",
     "faults/replay_restarts",
+    "faults/weight_group_rebuilds",
 )
 
 
