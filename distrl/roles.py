@@ -221,7 +221,11 @@ class WorkerRole:
         set_weights(self.trainable(), tensors)
 
     def weight_device(self) -> torch.device:
-        """Where received weights are wanted: NCCL carries them if every member's is a GPU."""
+        """Where received weights are wanted (NCCL carries them if every member's is a GPU):
+        the role's ``device`` where it keeps one (an engine's), else ``trainable()``'s."""
+        device = getattr(self, "device", None)
+        if device is not None:
+            return torch.device(device)
         return next(self.trainable().parameters()).device
 
     def set_weights(self, weights: VersionedWeights) -> int:
