@@ -17,7 +17,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from distrl.config import LoraConfig, ModelConfig, RolloutConfig, RunConfig, TokenizerConfig
-from distrl.models import VersionedWeights, add_lora, set_weights
+from distrl.models import add_lora, set_weights
 from distrl.policy import build_model, build_tokenizer, distinct_prompts, left_pad, prefill_shared
 from distrl.roles import WorkerRole
 from distrl.tokenizers import Tokenizer
@@ -233,12 +233,9 @@ class RolloutWorker(WorkerRole):
         else:
             set_weights(self.model, tensors)
 
-    def set_weights(self, weights: VersionedWeights) -> int:
-        """Load published weights; returns the version now held."""
-        if weights.version != self.version:
-            self.apply_weights(weights.tensors())
-            self.version = weights.version
-        return self.version
+    def weight_device(self) -> torch.device:
+        """Where received weights are wanted: the policy's (or the engine's) device."""
+        return self.device
 
     def generation_config(self, greedy: bool = False) -> GenerationConfig:
         """Sampling settings from the rollout config (top_k 0 and top_p 1 mean off)."""
