@@ -34,7 +34,10 @@ import torch.distributed as dist
 
 from distrl.errors import DistrlError
 
-BUCKET_BYTES = 512 * 1024**2  # a bucket's copy is the sender's extra memory
+# Largest flat buffer per backend; a bucket's copy is the sender's extra memory. Gloo moves
+# small buffers faster (SmolLM2 float32 to two workers on one host: 0.57 s in 4 MiB buckets,
+# 1.3 s in 512 MiB ones); NCCL wants few large ones.
+BUCKET_BYTES = {"gloo": 4 * 1024**2, "nccl": 256 * 1024**2}
 # Receivers wait this much longer than the learner, so they hear why it gave up.
 FOLLOW_MARGIN_S = 2.0
 # Buckets of one dtype: the dtype's name and the (name, shape) of each tensor packed in order.
@@ -87,7 +90,7 @@ def route_to(host: str) -> str:
         return sock.getsockname()[0]
 
 
-def plan_buckets(tensors: dict[str, torch.Tensor], bucket_bytes: int = BUCKET_BYTES) -> Layout:
+def plan_buckets(tensors: dict[str, torch.Tensor], bucket_bytes: int) -> Layout:
     """Group ``tensors`` by dtype (in order of first appearance), each dtype's run split into
     buckets of at most ``bucket_bytes`` (a larger tensor is a bucket of its own)."""
     by_dtype: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
@@ -146,7 +149,8 @@ class WeightGroup:
         world_size: members, the learner included.
         device: where this member keeps its weights (NCCL only if every member's is a GPU).
         timeout_s: how long any step waits for the other members before raising.
-        bucket_bytes: largest flat buffer the sender packs.
+        bucket_bytes: largest flat buffer the sender packs (default: ``BUCKET_BYTES`` of
+            the backend).
 
     Raises:
         WeightSyncError: the group did not form within ``timeout_s`` (a member missing).
@@ -160,12 +164,12 @@ class WeightGroup:
         *,
         device: torch.device | str = "cpu",
         timeout_s: float = 300.0,
-        bucket_bytes: int = BUCKET_BYTES,
+        bucket_bytes: int | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise WeightSyncError(f"weight group: rank {rank} outside 0..{world_size - 1}")
         self.store, self.rank, self.world_size = store, rank, world_size
-        self.timeout_s, self.bucket_bytes = timeout_s, bucket_bytes
+        self.timeout_s = timeout_s
         store.set_timeout(_delta(timeout_s + (FOLLOW_MARGIN_S if rank else 0.0)))
         self.publications = 0  # publications so far: their store keys are numbered
         self.layout: Layout | None = None
@@ -174,6 +178,7 @@ class WeightGroup:
         device = torch.device(device)
         self.backend = self._rendezvous(device)
         self.device = device if self.backend == "nccl" else torch.device("cpu")
+        self.bucket_bytes = bucket_bytes or BUCKET_BYTES[self.backend]
         try:
             self.pg = _process_group(self.backend, store, rank, world_size, timeout_s, store.host)
         except RuntimeError as err:
