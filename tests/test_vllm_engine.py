@@ -147,3 +147,44 @@ def test_vllm_rows_end_at_eos_and_greedy_rows_repeat(worker_and_learner):
     assert batch.response_ids.shape == (2, 1) and (batch.response_ids == eos).all()
     assert batch.response_mask.tolist() == [[1.0], [1.0]]
     assert list(batch.texts) == [worker.tokenizer.decode([eos])] * 2
+
+
+def run_config(folder: str, tmp_path, algo: str, **overrides):
+    return vllm_config(
+        folder,
+        algo=algo,
+        iterations=2,
+        **{
+            "output.dir": str(tmp_path / algo),
+            "output.progress": False,
+            "output.plots": False,
+            "data.max_prompt_tokens": 32,
+            "ppo.rollout_is": "truncated",  # the learner recomputes: the mismatch is logged
+            "rollout.max_policy_lag": 0,  # on-policy: the mismatch is the engines' alone
+            "ppo.ent_coef": 0.01,  # the policy moves even when every reward ties
+            **overrides,
+        },
+    )
+
+
+@vllm_mark
+@pytest.mark.slow  # a whole run on Ray, two vLLM engines
+@pytest.mark.parametrize(
+    ("algo", "sync"), [("ppo", "object_store"), ("grpo", "broadcast")], ids=["ppo", "grpo"]
+)
+def test_a_run_generates_with_vllm_engines_end_to_end(ray_session, folder, tmp_path, algo, sync):
+    from distrl.driver import train
+    from distrl.metrics import read_metrics
+
+    config = run_config(folder, tmp_path, algo, **{"rollout.weight_sync": sync})
+    assert config.rollout.num_workers == 2
+    run_dir = train(config)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        assert r["rollout/response_length"] > 0 and np.isfinite(r["reward/total"])
+        # The engines' log-probabilities are the learner's, within vLLM's float32 round-off.
+        assert r["learner/logprob_mismatch_max"] < TOLERANCE, r
+        assert r["learner/rollout_is_truncated"] == 0.0
+    assert records[-1]["learner/version"] == 2
+    assert (run_dir / "final" / "config.json").is_file()
