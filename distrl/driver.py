@@ -35,6 +35,7 @@ from distrl.rundir import (
     is_empty,
     resume_hint,
 )
+from distrl.vllm_engine import check_vllm
 
 
 def run_dir_for(config: RunConfig) -> Path:
@@ -162,6 +163,7 @@ def train(config: RunConfig, *, resume: bool = False, report: Report | None = No
             )
         train_prompts, val_prompts = prepare(config)
         check_loggers(config)
+        check_vllm(config.rollout.engine, config.model)
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

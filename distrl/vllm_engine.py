@@ -33,7 +33,7 @@ import torch
 
 from distrl.config import ModelConfig, RolloutConfig
 from distrl.errors import ConfigError, ModelError
-from distrl.models import model_source_dir, select_device, select_dtype
+from distrl.models import TINY_MODELS, model_source_dir, select_device, select_dtype
 from distrl.tokenizers import Tokenizer
 
 # The engine core runs in the actor's process: no engine subprocess to spawn or to lose.
@@ -51,10 +51,29 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def check_vllm(engine: str) -> None:
-    """Raise a ``ConfigError`` naming ``rollout.engine`` when it is "vllm" and vLLM is missing."""
-    if engine == "vllm" and not vllm_available():
+def check_vllm(engine: str, model: ModelConfig | None = None) -> None:
+    """Before any actor starts: with ``rollout.engine`` vllm, vLLM must be installed and (on a
+    CPU) ``model``'s head width one its CPU attention runs.
+
+    Raises:
+        ConfigError: vLLM is missing. ModelError: the model's head width does not fit.
+    """
+    if engine != "vllm":
+        return
+    if not vllm_available():
         raise ConfigError(f"rollout.engine is vllm but vLLM is not installed: {INSTALL_HINT}")
+    if model is None or select_device(model.device).type != "cpu":
+        return
+    if model.name in TINY_MODELS:
+        config_cls, sizes = TINY_MODELS[model.name]
+        config = config_cls(**sizes)
+    elif (folder := model_source_dir(model.name)) is not None:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    else:
+        return  # a hub id: the engine checks it when it is built
+    check_head_dim(config, torch.device("cpu"), model.name)
 
 
 def head_dim(config: Any) -> int:

@@ -201,7 +201,8 @@ def test_launcher_yaml_validates_and_installs_distrl(path):
     raw = yaml.safe_load(path.read_text())
     config = check_cluster_file(path)  # Ray's JSON schema, offline
     setup = " && ".join(config["setup_commands"])
-    assert "pip install" in setup and "~/distrl" in setup and "python -m distrl.assets" in setup
+    # distrl with the vLLM engine cluster_gpu generates with, then its offline assets.
+    assert 'pip install -q -e "$HOME/distrl[vllm]"' in setup and "python -m distrl.assets" in setup
     # Token auth: the token made on the user's machine reaches every node, and every later
     # command there (ray start, a job's driver) runs with RAY_AUTH_MODE=token.
     assert raw["file_mounts"] == {"~/distrl": ".", "~/.ray/auth_token": "~/.ray/auth_token"}

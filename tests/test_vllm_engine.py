@@ -12,7 +12,7 @@ from distrl.config import load_config
 from distrl.errors import ConfigError, ModelError
 from distrl.models import TINY_MODELS
 from distrl.policy import build_tokenizer
-from distrl.vllm_engine import check_head_dim, head_dim, kv_cache_bytes
+from distrl.vllm_engine import check_head_dim, check_vllm, head_dim, kv_cache_bytes
 
 vllm_mark = pytest.mark.skipif(
     __import__("importlib").util.find_spec("vllm") is None,
@@ -81,6 +81,10 @@ def test_a_head_width_vllm_cannot_run_on_cpu_is_named():
     with pytest.raises(ModelError, match="head width 16 is not supported"):
         check_head_dim(tiny_llama_config(tokenizer, heads=4), torch.device("cpu"), "tiny-llama")
     check_head_dim(tiny_llama_config(tokenizer, heads=2), torch.device("cpu"), "ok")
+    # The run's check, before Ray starts: the packaged tiny models have head width 16.
+    with pytest.raises(ModelError, match="model tiny-llama: head width 16"):
+        check_vllm("vllm", load_config("tiny").model)
+    check_vllm("hf", load_config("tiny").model)  # the default engine is not checked
 
 
 @pytest.fixture(scope="module")
