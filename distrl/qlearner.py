@@ -140,12 +140,16 @@ class QLearner(LearnerRole):
         """The network whose weights the rollout workers get: the online Q-network."""
         return self.qnet
 
-    def weights(self) -> VersionedWeights:
-        """The online Q-network's weights, stamped with its version: one more than the last
-        published when updates happened since (so versions count publishes, as in PPO)."""
+    def publish_version(self) -> int:
+        """The version a publish stamps: one more than the last published when updates
+        happened since (so versions count publishes, as in PPO)."""
         if self.steps != self.published_steps:
             self.version, self.published_steps = self.version + 1, self.steps
-        weights = publish_weights(self.published_module(), self.version)
+        return self.version
+
+    def weights(self) -> VersionedWeights:
+        """The online Q-network's weights, stamped with ``publish_version()``."""
+        weights = publish_weights(self.published_module(), self.publish_version())
         self.published_bytes = weights.nbytes
         return weights
 

@@ -238,20 +238,7 @@ def assert_workers_hold_the_learners_weights(trainer: Trainer) -> int:
 
 
 @pytest.mark.slow  # a tiny run on Ray
-@pytest.mark.parametrize(
-    "algo",
-    [
-        "ppo",
-        pytest.param(
-            "dqn",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="QLearner bumps its version in weights(); broadcast_weights asks "
-                "publish_version(), which QLearner does not override",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("algo", ["ppo", "dqn"])
 def test_a_broadcast_run_leaves_every_worker_with_the_learners_weights(ray_session, tmp_path, algo):
     dqn = {"dqn.learning_starts": 8, "dqn.batch_size": 8, "dqn.action_top_k": 8}
     config = tiny(tmp_path, algo=algo, iterations=2, **(dqn if algo == "dqn" else {}))
