@@ -71,7 +71,9 @@ class TokenizerConfig:
 @dataclass(frozen=True)
 class DataConfig:
     train: str = _f(
-        "default", "prompts: 'default' (packaged conversations) or a .jsonl, .txt or .parquet file"
+        "default",
+        "prompts: 'default' (packaged conversations), 'arithmetic' (packaged sums), or a "
+        ".jsonl, .txt or .parquet file",
     )
     validation: str | None = _f(
         None, "held-out prompts file; empty = split off val_fraction of train"

@@ -26,6 +26,7 @@ Every problem raises ``DataError`` naming the file and its 1-based line (Parquet
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import itertools
 import json
 import math
@@ -39,6 +40,8 @@ from distrl.assets import module_dir
 from distrl.errors import AssetError, DataError
 
 DEFAULT = "default"
+# Prompt sets inside the package, by name: (package, file).
+PACKAGED = {"arithmetic": ("distrl.tasks", "arithmetic.jsonl")}
 MAX_LINE_BYTES = 1 << 20
 SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
 PARQUET_BATCH_ROWS = 1024
@@ -91,7 +94,8 @@ def read_examples(
     """Stream the examples of a data file, or of the packaged default set.
 
     Args:
-        source: a ``.jsonl``, ``.json``, ``.txt`` or ``.parquet`` path, or ``"default"``.
+        source: a ``.jsonl``, ``.json``, ``.txt`` or ``.parquet`` path, ``"default"``, or the
+            name of a prompt set in ``PACKAGED`` (``"arithmetic"``).
         limit: stop after this many examples (None: all of them).
         max_line_bytes: longest line accepted, so one runaway line cannot exhaust memory.
 
@@ -100,9 +104,10 @@ def read_examples(
     """
     if source == DEFAULT:
         return itertools.islice(_chitchat_examples(), limit)
-    path = Path(source)
+    path = packaged_file(source) if source in PACKAGED else Path(source)
     if not path.is_file():
-        raise DataError(f"{path}: no such file")
+        names = ", ".join(map(repr, [DEFAULT, *PACKAGED]))
+        raise DataError(f"{path}: no such file (packaged prompt sets: {names})")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         examples = _read_jsonl(path, max_line_bytes)
@@ -113,9 +118,16 @@ def read_examples(
     else:
         raise DataError(
             f"{path}: unknown extension {suffix or '(none)'!r}; supported: "
-            f"{', '.join(SUFFIXES)} or {DEFAULT!r} for the packaged prompts"
+            f"{', '.join(SUFFIXES)}, or {', '.join(map(repr, [DEFAULT, *PACKAGED]))} for the "
+            "packaged prompts"
         )
     return itertools.islice(_require_some(examples, path), limit)
+
+
+def packaged_file(name: str) -> Path:
+    """The file of the packaged prompt set ``name`` (a key of ``PACKAGED``)."""
+    package, filename = PACKAGED[name]
+    return Path(str(importlib.resources.files(package).joinpath(filename)))
 
 
 def load_examples(

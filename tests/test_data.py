@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from distrl import data
-from distrl.data import Example, Message, load_examples, read_examples, split
+from distrl.data import Example, Message, load_examples, packaged_file, read_examples, split
 from distrl.errors import DataError
 
 
@@ -297,3 +297,12 @@ def test_split_small_inputs():
     assert len(val) == 1 and len(train) == 2
     with pytest.raises(ValueError, match="val_fraction"):
         split(two, val_fraction=1.0, seed=0)
+
+
+def test_packaged_prompt_sets_load_by_name_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the checkout: the file comes from the package
+    examples = load_examples("arithmetic")
+    assert len(examples) == 260 and examples[0].source.startswith(str(packaged_file("arithmetic")))
+    assert "Reply with only the result" in examples[0].prompt_text
+    with pytest.raises(DataError, match="no such file .*'default', 'arithmetic'"):
+        load_examples("arithmetics")
