@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import os
 import statistics
 import tempfile
@@ -220,7 +221,9 @@ def raw_vllm_generate(
     from transformers import AutoConfig
     from vllm import LLM, SamplingParams
 
-    from distrl.vllm_engine import kv_cache_bytes
+    from distrl.vllm_engine import _NoChatWarmup, kv_cache_bytes
+
+    logging.getLogger("vllm.renderers.base").addFilter(_NoChatWarmup())
 
     rollout, seed = config.rollout, config.seed * 1000  # worker 0's engine seed
     device = select_device(config.model.device)
@@ -292,6 +295,13 @@ def bench_rollout_vllm(options: BenchOptions) -> dict[str, Any]:
     hf_param = next(hf_model.parameters())
     hf = raw_generate(hf_model, tokenizer, config.rollout, prompts)
     hf()  # warm-up
+    # vLLM's CPU default keeps a core for a scheduler process the in-process engine does not
+    # have (1 of 2 cores idle here): bind both vLLM sides to every core, as raw HF's threads.
+    bind = None
+    if select_device(config.model.device).type == "cpu":
+        every = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+        bind = os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", every)
+    env = {"env_vars": {"VLLM_CPU_OMP_THREADS_BIND": bind}} if bind else None
     with tempfile.TemporaryDirectory(prefix="distrl-bench-vllm-") as scratch, local_ray() as ray:
         folder = model_folder(config, tokenizer, scratch)
         raw_build_s, raw = raw_vllm_generate(folder, config, tokenizer, prompts)
@@ -300,7 +310,7 @@ def bench_rollout_vllm(options: BenchOptions) -> dict[str, Any]:
         start = time.perf_counter()
         worker = make_actor(
             MeasuredRolloutWorker,
-            actor_options(cores, gpus),
+            actor_options(cores, gpus, runtime_env=env),
             model=config.model,
             tokenizer=config.tokenizer,
             rollout=rollout,
@@ -325,6 +335,7 @@ def bench_rollout_vllm(options: BenchOptions) -> dict[str, Any]:
             seconds, batch = clock(generate)
             rates.append(batch.num_tokens / seconds)
             inside.append(batch.num_tokens / batch.seconds)
+        hf_threads = torch.get_num_threads()  # as vLLM's binding in this process left them
         worker_peak = get(worker.peak_rss_mb.remote())
         ray.kill(worker, no_restart=True)
     raw_vllm, worker_rate = statistics.median(raw_rates), statistics.median(rates)
@@ -342,6 +353,7 @@ def bench_rollout_vllm(options: BenchOptions) -> dict[str, Any]:
         "prompt_width": max(len(p) for p in prompts),
         "repeats": repeats,
         "tokens_counted": "generated",
+        "vllm_cpu_omp_threads_bind": bind,
         "note": (
             "vLLM tokens = generated tokens, each row's up to and including its EOS (both vLLM "
             "sides stop at EOS and sample with per-row seeds, so their counts differ a little "
@@ -349,9 +361,11 @@ def bench_rollout_vllm(options: BenchOptions) -> dict[str, Any]:
             "in the driver on the same model folder with VLLMEngine's engine arguments; "
             "distrl_vllm_worker = the driver's wall time of ray.get on one RolloutWorker actor "
             f"(rollout.engine vllm, {cores} CPUs) generating the same batch; raw_hf = plain HF "
-            f"model.generate in the driver with {cores} torch threads, its tokens_per_s counting "
-            "positions (B x width after the prompt, every position computed) and "
-            "generated_tokens_per_s the tokens up to each row's EOS; vllm_over_hf = raw_vllm "
+            "model.generate in the driver (torch threads as vLLM's binding leaves them), its "
+            "tokens_per_s counting positions (B x width after the prompt, every position "
+            "computed) and generated_tokens_per_s the tokens up to each row's EOS; on CPUs both "
+            "vLLM sides bind their threads to vllm_cpu_omp_threads_bind (every core unless "
+            "VLLM_CPU_OMP_THREADS_BIND is set); vllm_over_hf = raw_vllm "
             "over raw_hf generated_tokens_per_s; build_s = engine build, outside every rate; "
             f"medians of {repeats} repetitions, hf, raw vLLM and the worker interleaved, after "
             "one warm-up each"
@@ -360,7 +374,7 @@ def bench_rollout_vllm(options: BenchOptions) -> dict[str, Any]:
             "tokens_per_s": statistics.median(hf_rates),
             "generated_tokens_per_s": hf_rate,
             "samples": rounded(hf_real),
-            "torch_threads": cores,
+            "torch_threads": hf_threads,
         },
         "raw_vllm": {
             "tokens_per_s": raw_vllm,
