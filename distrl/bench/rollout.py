@@ -46,6 +46,10 @@ class MeasuredRolloutWorker(RolloutWorker):
     def peak_rss_mb(self) -> float:
         return peak_rss_mb()
 
+    def engine_name(self) -> str:
+        """What generates: "hf" (transformers), or the class of the engine the worker built."""
+        return "hf" if self.engine is None else type(self.engine).__name__
+
 
 def raw_generate(
     model: Any, tokenizer: Tokenizer, rollout: RolloutConfig, prompts: list[list[int]]
@@ -337,6 +341,7 @@ def bench_rollout_vllm(options: BenchOptions) -> dict[str, Any]:
             inside.append(batch.num_tokens / batch.seconds)
         hf_threads = torch.get_num_threads()  # as vLLM's binding in this process left them
         worker_peak = get(worker.peak_rss_mb.remote())
+        worker_engine = get(worker.engine_name.remote())
         ray.kill(worker, no_restart=True)
     raw_vllm, worker_rate = statistics.median(raw_rates), statistics.median(rates)
     hf_rate = statistics.median(hf_real)
@@ -384,6 +389,7 @@ def bench_rollout_vllm(options: BenchOptions) -> dict[str, Any]:
         },
         "distrl_vllm_worker": {
             "workers": 1,
+            "engine": worker_engine,
             "cpus_per_worker": cores,
             "gpus_per_worker": gpus,
             "devices": devices,
@@ -395,6 +401,8 @@ def bench_rollout_vllm(options: BenchOptions) -> dict[str, Any]:
             "peak_rss_mb": [worker_peak],
             "reference_tokens_per_s": raw_vllm,
             "ratio": ratio(worker_rate, raw_vllm),
+            # Each repetition's worker over the raw vLLM call just before it: load drifts.
+            "ratio_samples": [round(w / r, 3) for w, r in zip(rates, raw_rates)],
         },
         "vllm_over_hf": ratio(raw_vllm, hf_rate),
     }
