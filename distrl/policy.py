@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -100,12 +101,22 @@ def distinct_prompts(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return first, inverse
 
 
+def cache_kwargs(module: torch.nn.Module, cache: Any) -> dict[str, Any]:
+    """``cache`` as the keyword argument ``module``'s forward takes: ``cache`` from
+    transformers 5.20, ``past_key_values`` before (vLLM's CPU build pins 5.19)."""
+    params = inspect.signature(module.forward).parameters
+    return {"cache" if "cache" in params else "past_key_values": cache}
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache a forward returned (``cache`` from transformers 5.20, ``past_key_values``
+    before)."""
+    return out.cache if hasattr(out, "cache") else out.past_key_values
+
+
 def new_cache(model: PreTrainedModel) -> dict[str, DynamicCache]:
-    """A fresh KV cache as a keyword argument of ``model``'s forward and ``generate``
-    (``cache`` in newer transformers, ``past_key_values`` before)."""
-    params = inspect.signature(model.base_model.forward).parameters
-    name = "cache" if "cache" in params else "past_key_values"
-    return {name: DynamicCache(config=model.config)}
+    """A fresh KV cache as a keyword argument of ``model``'s forward and ``generate``."""
+    return cache_kwargs(model.base_model, DynamicCache(config=model.config))
 
 
 def prefill_shared(

@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedModel
 
 from distrl.algos import dqn
-from distrl.policy import position_ids
+from distrl.policy import cache_kwargs, output_cache, position_ids
 from distrl.qnets import QNetwork
 
 Explore = Literal["greedy", "epsilon", "boltzmann", "ucb"]
@@ -147,7 +147,7 @@ class QPolicy:
             use_cache=True,
             logits_to_keep=1,
         )
-        past, ref_logits = out.cache, out.logits[:, -1].float()
+        past, ref_logits = output_cache(out), out.logits[:, -1].float()
         q, q_cache = self.qnet.start(ids, mask)
         finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=self.device)
         steps: list[tuple[torch.Tensor, ...]] = []
@@ -190,11 +190,11 @@ class QPolicy:
                 input_ids=action[:, None],
                 attention_mask=mask,
                 position_ids=position_ids(mask)[:, -1:],
-                cache=past,
                 use_cache=True,
+                **cache_kwargs(self.reference, past),
                 logits_to_keep=1,
             )
-            past, ref_logits = out.cache, out.logits[:, -1].float()
+            past, ref_logits = output_cache(out), out.logits[:, -1].float()
             q, q_cache = self.qnet.step(ids, mask, q_cache)
         action, live, q_taken, q_max, cand = (torch.stack(x, dim=1) for x in zip(*steps))
         return QDecoded(

@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 
 from distrl.errors import ModelError
 from distrl.models import QHead
+from distrl.policy import cache_kwargs, output_cache
 from distrl.qnets.base import QNetwork, full_mask, gather_last, position_ids
 
 
@@ -73,8 +74,8 @@ class LMHeadQNetwork(QNetwork):
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
-            cache=cache,
             use_cache=use_cache,
+            **cache_kwargs(self.backbone, cache),
         )
 
     def forward(
@@ -102,7 +103,7 @@ class LMHeadQNetwork(QNetwork):
         """As ``forward``, also returning the backbone's KV cache for ``step``."""
         mask = full_mask(input_ids, attention_mask)
         out = self._backbone(input_ids, mask, use_cache=True)
-        return self.head(gather_last(out.last_hidden_state, mask)), out.cache
+        return self.head(gather_last(out.last_hidden_state, mask)), output_cache(out)
 
     def step(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any
@@ -110,4 +111,4 @@ class LMHeadQNetwork(QNetwork):
         """Q-values after the last token of ``input_ids``, reading only it through the cache."""
         mask = full_mask(input_ids, attention_mask)
         out = self._backbone(input_ids[:, -1:], mask, cache, use_cache=True)
-        return self.head(out.last_hidden_state[:, -1]), out.cache
+        return self.head(out.last_hidden_state[:, -1]), output_cache(out)
