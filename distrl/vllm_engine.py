@@ -109,12 +109,19 @@ def kv_cache_bytes(config: Any, tokens: int, dtype: torch.dtype) -> int:
     return max(2 * tokens * per_token, 64 << 20)
 
 
-class _NoChatWarmup(logging.Filter):
+class NoChatWarmup(logging.Filter):
     """Drops vLLM's "Chat template warmup failed" traceback: distrl never loads vLLM's
     tokenizer (prompts come as token ids), so there is no chat template to warm up."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("Chat template warmup failed")
+
+
+def quiet_vllm() -> None:
+    """Keep vLLM's chat-template warm-up traceback out of the log (see ``NoChatWarmup``)."""
+    logger = logging.getLogger("vllm.renderers.base")
+    if not any(isinstance(f, NoChatWarmup) for f in logger.filters):
+        logger.addFilter(NoChatWarmup())
 
 
 class VLLMEngine:
@@ -139,7 +146,7 @@ class VLLMEngine:
         check_vllm("vllm")
         from vllm import LLM
 
-        logging.getLogger("vllm.renderers.base").addFilter(_NoChatWarmup())
+        quiet_vllm()
 
         self.config, self.tokenizer, self.seed = rollout, tokenizer, seed
         self.device = select_device(model.device)

@@ -186,9 +186,11 @@ def test_rollout_vllm_rows(tmp_path, ray_session):
     LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
     yaml = tmp_path / "tiny-32.yaml"
     yaml.write_text(f"base: tiny\nmodel:\n  name: {tmp_path / 'model'}\n", encoding="utf-8")
-    options = BenchOptions(model=str(yaml), quick=True, batch=2, new_tokens=4, device="cpu")
+    options = BenchOptions(
+        model=str(yaml), quick=True, batch=2, new_tokens=4, device="cpu", engine="vllm"
+    )
 
-    rollout = bench_rollout(options, engine="vllm")
+    rollout = bench_rollout(options)
     assert rollout["engine"] == "vllm" and rollout["tokens_counted"] == "generated"
     assert rollout["device"] == "cpu" and rollout["dtype"] == "float32"
     assert rollout["batch_size"] == 2 and rollout["max_new_tokens"] == 4

@@ -2,7 +2,7 @@
 
 ``python -m distrl.bench [rollout|learner|publish|replay|reward|attention|pipeline|all ...]
 [--json OUT] [--model default|tiny] [--quick] [--batch B] [--new-tokens T]
-[--device auto|cpu|cuda] [--dtype auto|float32|bfloat16|float16]``
+[--device auto|cpu|cuda] [--dtype auto|float32|bfloat16|float16] [--engine hf|vllm]``
 
 Each section is a function returning a JSON-ready dict and printing a table; ``all`` runs every
 section. Speed is measured here, never asserted in tests. The machine is shared and noisy:
@@ -114,6 +114,13 @@ def main(argv: list[str] | None = None) -> int:
         choices=["auto", "float32", "bfloat16", "float16"],
         help="model dtype; auto = bfloat16 on a GPU that supports it, else float32",
     )
+    parser.add_argument(
+        "--engine",
+        default="hf",
+        choices=["hf", "vllm"],
+        help="the rollout section's engine; vllm: a RolloutWorker with rollout.engine vllm "
+        "against a plain vLLM LLM.generate and a plain HF generate",
+    )
     args = parser.parse_args(argv)
     if args.batch < 1 or args.new_tokens < 1:
         parser.error("--batch and --new-tokens must be at least 1")
@@ -126,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         new_tokens=args.new_tokens,
         device=args.device,
         dtype=args.dtype,
+        engine=args.engine,
     )
     try:
         options.on_gpu  # noqa: B018 (resolves the device: fail before any section starts)

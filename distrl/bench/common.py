@@ -37,6 +37,7 @@ class BenchOptions:
         new_tokens: new tokens per sequence (rollout and learner).
         device: "auto" (CUDA when present), "cpu" or "cuda", for both sides of a comparison.
         dtype: "auto" (bfloat16 on a GPU, else float32), "float32", "bfloat16" or "float16".
+        engine: the rollout section's generation engine, "hf" or "vllm".
     """
 
     model: str = "default"
@@ -45,6 +46,7 @@ class BenchOptions:
     new_tokens: int = MAX_NEW_TOKENS
     device: str = "auto"
     dtype: str = "auto"
+    engine: str = "hf"
 
     @property
     def on_gpu(self) -> bool:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import logging
 import os
 import statistics
 import tempfile
@@ -82,14 +81,12 @@ def raw_generate(
     return generate
 
 
-def bench_rollout(options: BenchOptions, engine: str = "hf") -> dict[str, Any]:
+def bench_rollout(options: BenchOptions) -> dict[str, Any]:
     """The rollout section: RolloutWorker actors (1 and 2) against a plain ``generate``, on
-    the same device (on a GPU machine the actors hold GPU shares); with ``engine`` "vllm",
-    ``bench_rollout_vllm``'s rows instead."""
-    if engine == "vllm":
+    the same device (on a GPU machine the actors hold GPU shares); with ``options.engine``
+    "vllm", ``bench_rollout_vllm``'s rows instead."""
+    if options.engine == "vllm":
         return bench_rollout_vllm(options)
-    if engine != "hf":
-        raise ValueError(f"--engine {engine}: expected hf or vllm")
     from distrl.actors import actor_options, get, make_actor
 
     config = bench_config(options)
@@ -225,9 +222,9 @@ def raw_vllm_generate(
     from transformers import AutoConfig
     from vllm import LLM, SamplingParams
 
-    from distrl.vllm_engine import _NoChatWarmup, kv_cache_bytes
+    from distrl.vllm_engine import kv_cache_bytes, quiet_vllm
 
-    logging.getLogger("vllm.renderers.base").addFilter(_NoChatWarmup())
+    quiet_vllm()
 
     rollout, seed = config.rollout, config.seed * 1000  # worker 0's engine seed
     device = select_device(config.model.device)
