@@ -15,7 +15,9 @@ Both sides of a comparison run on the same device, and the JSON says which: on a
 - ``rollout``: tokens/s of ``RolloutWorker`` actors (1 worker with every CPU; 2 workers with
   an equal share each, generating at once; 1 worker whose policy carries rank-8 LoRA adapters)
   against a plain Hugging Face ``model.generate`` of the same model, prompts, batch size,
-  length and sampling settings in this process.
+  length and sampling settings in this process. With ``--engine vllm``: 1 worker with
+  ``rollout.engine vllm`` against a plain vLLM ``LLM.generate`` (same engine arguments) and a
+  plain ``model.generate``, generated tokens/s up to each row's EOS, engine builds apart.
 - ``learner``: tokens/s of ``Learner.train`` (in an actor with every CPU) on a batch from a real
   rollout, whole and its update phase alone, against a plain forward + backward + AdamW step
   of the same model on the same tokens in this process; and a learner with rank-8 LoRA
