@@ -81,6 +81,19 @@ def raw_generate(
     return generate
 
 
+def setup(options: BenchOptions) -> tuple[Any, int, int, Tokenizer, list[list[int]], list[int]]:
+    """The section's config, cores (every one, as torch threads), repetitions, tokenizer,
+    prompts and their ids; the seed and the peak-memory mark are reset."""
+    config = bench_config(options)
+    cores, repeats = os.cpu_count() or 1, 3 if options.quick else 5
+    torch.set_num_threads(cores)
+    torch.manual_seed(config.seed)
+    reset_peak_rss()
+    tokenizer = build_tokenizer(config.model, config.tokenizer)
+    prompts = bench_prompts(config, tokenizer)
+    return config, cores, repeats, tokenizer, prompts, list(range(len(prompts)))
+
+
 def bench_rollout(options: BenchOptions) -> dict[str, Any]:
     """The rollout section: RolloutWorker actors (1 and 2) against a plain ``generate``, on
     the same device (on a GPU machine the actors hold GPU shares); with ``options.engine``
@@ -89,14 +102,7 @@ def bench_rollout(options: BenchOptions) -> dict[str, Any]:
         return bench_rollout_vllm(options)
     from distrl.actors import actor_options, get, make_actor
 
-    config = bench_config(options)
-    cores, repeats = os.cpu_count() or 1, 3 if options.quick else 5
-    torch.set_num_threads(cores)
-    torch.manual_seed(config.seed)
-    reset_peak_rss()
-    tokenizer = build_tokenizer(config.model, config.tokenizer)
-    prompts = bench_prompts(config, tokenizer)
-    example_ids = list(range(len(prompts)))
+    config, cores, repeats, tokenizer, prompts, example_ids = setup(options)
     # Loaded as every distrl role loads it (same weights, dtype, device); the timed call is HF's.
     raw_model = build_model(config.model, tokenizer, seed=config.seed)
     raw_param = next(raw_model.parameters())
@@ -283,15 +289,8 @@ def bench_rollout_vllm(options: BenchOptions) -> dict[str, Any]:
     from distrl.vllm_engine import check_vllm
 
     check_vllm("vllm")
-    config = bench_config(options)
+    config, cores, repeats, tokenizer, prompts, example_ids = setup(options)
     rollout = dataclasses.replace(config.rollout, engine="vllm")
-    cores, repeats = os.cpu_count() or 1, 3 if options.quick else 5
-    torch.set_num_threads(cores)
-    torch.manual_seed(config.seed)
-    reset_peak_rss()
-    tokenizer = build_tokenizer(config.model, config.tokenizer)
-    prompts = bench_prompts(config, tokenizer)
-    example_ids = list(range(len(prompts)))
     hf_model = build_model(config.model, tokenizer, seed=config.seed)
     hf_param = next(hf_model.parameters())
     hf = raw_generate(hf_model, tokenizer, config.rollout, prompts)
