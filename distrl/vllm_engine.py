@@ -247,4 +247,25 @@ class VLLMEngine:
         self.llm.collective_rpc(
             "reload_weights", kwargs={"weights_iterator": list(tensors.items())}
         )
+        self.llm.collective_rpc(refresh_tied_head)
         self.llm.reset_prefix_cache()
+
+
+def refresh_tied_head(worker: Any) -> bool:
+    """After an in-place reload, make a tied output layer use the new input embeddings.
+
+    vLLM's reload re-processes only the layers whose weights it loaded: with tied embeddings
+    (SmolLM2) that is the embedding, and the output layer keeps what it derived from the old
+    weights (on CPUs a packed copy for its matmul). Runs in the engine's worker; returns
+    whether the model ties them.
+    """
+    model = worker.model_runner.model
+    head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    if head is None or embed is None or not tied:
+        return False
+    if head.weight is not embed.weight:
+        head.weight = embed.weight
+    head.quant_method.process_weights_after_loading(head)
+    return True

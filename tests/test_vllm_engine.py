@@ -22,13 +22,14 @@ vllm_mark = pytest.mark.skipif(
 TOLERANCE = 1e-4
 
 
-def tiny_llama_config(tokenizer, heads: int = 2) -> LlamaConfig:
+def tiny_llama_config(tokenizer, heads: int = 2, tied: bool = False) -> LlamaConfig:
     sizes = dict(TINY_MODELS["tiny-llama"][1], num_attention_heads=heads, num_key_value_heads=1)
     return LlamaConfig(
         vocab_size=tokenizer.vocab_size,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=tied,
         **sizes,
     )
 
@@ -192,3 +193,31 @@ def test_a_run_generates_with_vllm_engines_end_to_end(ray_session, folder, tmp_p
         assert r["learner/rollout_is_truncated"] == 0.0
     assert records[-1]["learner/version"] == 2
     assert (run_dir / "final" / "config.json").is_file()
+
+
+@vllm_mark
+@pytest.mark.slow  # builds a vLLM engine
+def test_a_tied_output_layer_follows_new_embeddings(tmp_path):
+    """SmolLM2 ties its output layer to its input embeddings: after an in-place reload the
+    engine's output layer must use the new embeddings (vLLM re-processes only the layers it
+    loaded, and on CPUs the output layer multiplies by a packed copy)."""
+    from distrl.learner import Learner
+    from distrl.rollout import RolloutWorker
+
+    base = load_config("tiny")
+    tokenizer = build_tokenizer(base.model, base.tokenizer)
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(tokenizer, tied=True)).save_pretrained(tmp_path / "m")
+    config = vllm_config(str(tmp_path / "m"))
+    worker = RolloutWorker(**RolloutWorker.arguments(config))
+    learner = Learner(**Learner.arguments(config))
+    assert "lm_head.weight" not in learner.weights().state  # published once, as the embedding
+    embed = learner.published_module().model.embed_tokens.weight
+    with torch.no_grad():
+        embed.add_(0.5 * torch.randn_like(embed))
+    learner.version += 1
+    worker.set_weights(learner.weights())
+    batch = worker.generate([[10, 20, 30], [40, 50]], [0, 1])
+    gap = np.abs((learner.logprobs(batch) - batch.logprobs) * batch.response_mask).max()
+    assert gap < TOLERANCE, gap
+    worker.engine.close()
