@@ -12,7 +12,9 @@ torch thread each, generating the next batch while the learner trains: ``max_pol
 and ``alternate`` (generation then learning, each with both threads). TRL is the optional
 ``bench`` extra (``pip install -e ".[bench]"``); without it the comparison is skipped with a
 message. ``--device`` and ``--dtype`` apply to both (on a GPU, distrl's rollout worker and
-learner each hold half of it); the work itself stays the fixed one above.
+learner each hold half of it); the work itself stays the fixed one above. ``--engine vllm``
+makes distrl's rollout worker generate with vLLM (``rollout.engine vllm``); TRL still generates
+with ``generate`` (its vLLM modes need a GPU).
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ def distrl_pipeline(options: BenchOptions, steps: int, overlap: bool) -> dict[st
                 "iterations": steps + 1,
                 "rollout.num_workers": 1,
                 "algo": "grpo",
+                "rollout.engine": options.engine,
                 "rollout.batch_size": COMPLETIONS // GENERATIONS,
                 "rollout.samples_per_prompt": GENERATIONS,
                 "rollout.max_new_tokens": MAX_NEW_TOKENS,
@@ -102,6 +105,7 @@ def distrl_pipeline(options: BenchOptions, steps: int, overlap: bool) -> dict[st
     return {
         **device_and_dtype(options),
         "torch_threads": threads,
+        "engine": config.rollout.engine,
         "max_policy_lag": config.rollout.max_policy_lag,
         "seconds_per_step": per_step,
         "completions_per_s": COMPLETIONS / per_step,
