@@ -295,13 +295,9 @@ def bench_rollout_vllm(options: BenchOptions) -> dict[str, Any]:
     hf_param = next(hf_model.parameters())
     hf = raw_generate(hf_model, tokenizer, config.rollout, prompts)
     hf()  # warm-up
-    # vLLM's CPU default keeps a core for a scheduler process the in-process engine does not
-    # have (1 of 2 cores idle here): bind both vLLM sides to every core, as raw HF's threads.
-    bind = None
-    if select_device(config.model.device).type == "cpu":
-        every = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
-        bind = os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", every)
-    env = {"env_vars": {"VLLM_CPU_OMP_THREADS_BIND": bind}} if bind else None
+    # Both vLLM sides run the engine in their own process, with the process's torch threads
+    # (vLLM's CPU thread binding, VLLM_CPU_OMP_THREADS_BIND, applies to engine subprocesses
+    # only: with and without it the plain engine ran at the same rate here).
     with tempfile.TemporaryDirectory(prefix="distrl-bench-vllm-") as scratch, local_ray() as ray:
         folder = model_folder(config, tokenizer, scratch)
         raw_build_s, raw = raw_vllm_generate(folder, config, tokenizer, prompts)
@@ -310,7 +306,7 @@ def bench_rollout_vllm(options: BenchOptions) -> dict[str, Any]:
         start = time.perf_counter()
         worker = make_actor(
             MeasuredRolloutWorker,
-            actor_options(cores, gpus, runtime_env=env),
+            actor_options(cores, gpus),
             model=config.model,
             tokenizer=config.tokenizer,
             rollout=rollout,
@@ -335,7 +331,7 @@ def bench_rollout_vllm(options: BenchOptions) -> dict[str, Any]:
             seconds, batch = clock(generate)
             rates.append(batch.num_tokens / seconds)
             inside.append(batch.num_tokens / batch.seconds)
-        hf_threads = torch.get_num_threads()  # as vLLM's binding in this process left them
+        hf_threads = torch.get_num_threads()  # after the engine build in this process
         worker_peak = get(worker.peak_rss_mb.remote())
         worker_engine = get(worker.engine_name.remote())
         ray.kill(worker, no_restart=True)
@@ -354,7 +350,6 @@ def bench_rollout_vllm(options: BenchOptions) -> dict[str, Any]:
         "prompt_width": max(len(p) for p in prompts),
         "repeats": repeats,
         "tokens_counted": "generated",
-        "vllm_cpu_omp_threads_bind": bind,
         "note": (
             "vLLM tokens = generated tokens, each row's up to and including its EOS (both vLLM "
             "sides stop at EOS and sample with per-row seeds, so their counts differ a little "
@@ -362,11 +357,10 @@ def bench_rollout_vllm(options: BenchOptions) -> dict[str, Any]:
             "in the driver on the same model folder with VLLMEngine's engine arguments; "
             "distrl_vllm_worker = the driver's wall time of ray.get on one RolloutWorker actor "
             f"(rollout.engine vllm, {cores} CPUs) generating the same batch; raw_hf = plain HF "
-            "model.generate in the driver (torch threads as vLLM's binding leaves them), its "
+            "model.generate in the driver (torch_threads: as the engine build left them), its "
             "tokens_per_s counting positions (B x width after the prompt, every position "
-            "computed) and generated_tokens_per_s the tokens up to each row's EOS; on CPUs both "
-            "vLLM sides bind their threads to vllm_cpu_omp_threads_bind (every core unless "
-            "VLLM_CPU_OMP_THREADS_BIND is set); vllm_over_hf = raw_vllm "
+            "computed) and generated_tokens_per_s the tokens up to each row's EOS; "
+            "vllm_over_hf = raw_vllm "
             "over raw_hf generated_tokens_per_s; build_s = engine build, outside every rate; "
             f"medians of {repeats} repetitions, hf, raw vLLM and the worker interleaved, after "
             "one warm-up each"
