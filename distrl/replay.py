@@ -281,10 +281,14 @@ def _to_arrow(v: np.ndarray) -> pa.Array:
     if v.ndim == 1:
         return pa.array(v)
     width = int(np.prod(v.shape[1:]))
+    if width == 0:  # e.g. no candidate actions (dqn.action_top_k 0): Arrow has no size-0 lists
+        return pa.array([[]] * len(v), type=pa.list_(pa.from_numpy_dtype(v.dtype)))
     return pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), width)
 
 
 def _from_arrow(col: pa.ChunkedArray, dtype: str, shape: list[int]) -> np.ndarray:
+    if 0 in shape:
+        return np.zeros((len(col), *shape), dtype=np.dtype(dtype))
     arr = col.combine_chunks()
     if shape:
         arr = arr.flatten()

@@ -146,6 +146,7 @@ def token_batch(rng, n, width=8):
         "done": rng.random(n) < 0.3,
         "discount": np.full(n, 0.99, np.float32),
         "extra": rng.random((n, 2, 3)).astype(np.float16),
+        "candidates": np.zeros((n, 0), np.int32),  # dqn.action_top_k 0: every token allowed
     }
 
 
