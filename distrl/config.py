@@ -467,11 +467,16 @@ class RunConfig:
             )
         if self.replay.beta_end < self.replay.beta_start:
             raise ConfigError("replay.beta_end must be >= replay.beta_start")
+        d = self.dqn
         if r.engine == "vllm" and self.algo == "dqn":
-            raise ConfigError(
-                "rollout.engine vllm serves the policy-gradient algorithms; algo dqn acts with "
-                "its Q-network's exploration (dqn.exploration) and needs rollout.engine hf"
-            )
+            vllm_acts = d.q_network == "lm_head" and d.exploration == "boltzmann"
+            if not (vllm_acts and d.action_top_k == 0):
+                raise ConfigError(
+                    "rollout.engine vllm acts for algo dqn by sampling softmax(Q / T) over every "
+                    "token: it needs dqn.q_network lm_head, dqn.exploration boltzmann and "
+                    f"dqn.action_top_k 0 (now {d.q_network}, {d.exploration}, "
+                    f"{d.action_top_k}); epsilon, UCB and top-k actions need rollout.engine hf"
+                )
         if r.engine == "vllm" and self.learner.lora.rank:
             raise ConfigError(
                 "rollout.engine vllm takes full weights; with learner.lora.rank > 0 use "

@@ -153,6 +153,24 @@ class QRolloutWorker(WorkerRole):
             torch.set_num_threads(torch_threads)
         self.config, self.dqn, self.width = rollout, dqn_config, width
         self.tokenizer = build_tokenizer(model, tokenizer)
+        self.generator = torch.Generator().manual_seed(seed * 1000 + worker_index)
+        self.version = 0
+        self.engine = None
+        if rollout.engine == "vllm":  # the Q-network runs in vLLM (distrl.vllm_qnet)
+            from distrl.vllm_engine import VLLMEngine
+
+            self.engine = VLLMEngine(
+                model=model,
+                rollout=rollout,
+                tokenizer=self.tokenizer,
+                max_prompt_tokens=width - rollout.max_new_tokens,
+                seed=seed * 1000 + worker_index,
+                build_hf=lambda: build_model(model, self.tokenizer, seed=seed),
+                q_network=True,
+                temperature=dqn_config.boltzmann_temperature,
+            )
+            self.device = self.engine.device
+            return
         reference = build_model(model, self.tokenizer, seed=seed)
         qnet = build_qnet(dqn_config, reference, self.tokenizer.vocab_size, seed)
         add_q_lora(qnet, lora, seed)  # the learner's adapters (learner.lora), B = 0 at first
@@ -164,8 +182,7 @@ class QRolloutWorker(WorkerRole):
             eos_id=self.tokenizer.eos_token_id,
         )
         self.counts = UCBCounts(dqn_config.ucb_context)
-        self.generator = torch.Generator().manual_seed(seed * 1000 + worker_index)
-        self.version = 0
+        self.device = next(qnet.parameters()).device
 
     @staticmethod
     def arguments(config: RunConfig, worker_index: int = 0) -> dict[str, Any]:
@@ -180,7 +197,16 @@ class QRolloutWorker(WorkerRole):
 
     def trainable(self) -> torch.nn.Module:
         """The Q-network (published weights load into it; the reference LM stays frozen)."""
+        if self.engine is not None:
+            raise NotImplementedError("the vllm engine holds the Q-network; see apply_weights")
         return self.policy.qnet
+
+    def apply_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load published Q-network tensors, or put them into the running vLLM engine."""
+        if self.engine is not None:
+            self.engine.load_weights(tensors)
+        else:
+            super().apply_weights(tensors)
 
     def generate(
         self,
@@ -199,6 +225,22 @@ class QRolloutWorker(WorkerRole):
         """
         start = time.perf_counter()
         ids, mask = left_pad(prompts, self.tokenizer.pad_token_id)
+        if self.engine is not None:  # Boltzmann over every token, Q-values from the engine
+            response, rmask, q_taken, q_max = self.engine.generate(prompts, greedy=greedy)
+            return QTrajectories(
+                prompt_ids=ids,
+                prompt_mask=mask,
+                response_ids=response,
+                response_mask=rmask,
+                logprobs=np.zeros_like(rmask),
+                texts=response_texts(self.tokenizer, response, rmask),
+                example_ids=np.asarray(example_ids, dtype=np.int64),
+                version=self.version,
+                seconds=time.perf_counter() - start,
+                q_taken=q_taken,
+                q_max=q_max,
+                candidates=np.zeros((*response.shape, 0), dtype=np.int32),
+            )
         d = self.dqn
         out = self.policy.decode(
             ids,

@@ -233,10 +233,6 @@ class RolloutWorker(WorkerRole):
         else:
             set_weights(self.model, tensors)
 
-    def weight_device(self) -> torch.device:
-        """Where received weights are wanted: the policy's (or the engine's) device."""
-        return self.device
-
     def generation_config(self, greedy: bool = False) -> GenerationConfig:
         """Sampling settings from the rollout config (top_k 0 and top_p 1 mean off)."""
         c = self.config
@@ -266,7 +262,7 @@ class RolloutWorker(WorkerRole):
         self.calls += 1
         ids, mask = left_pad(prompts, self.tokenizer.pad_token_id)
         if self.engine is not None:
-            response, rmask, logprobs = self.engine.generate(prompts, greedy=greedy)
+            response, rmask, logprobs, _ = self.engine.generate(prompts, greedy=greedy)
             return Trajectories(
                 prompt_ids=ids,
                 prompt_mask=mask,

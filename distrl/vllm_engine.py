@@ -137,9 +137,15 @@ class VLLMEngine:
         max_prompt_tokens: int,
         seed: int,
         build_hf: Any,
+        q_network: bool = False,
+        temperature: float | None = None,
     ) -> None:
         """Build the engine for ``model`` (a folder, the packaged model, or a tiny model that
         ``build_hf()`` builds and is saved to a temporary folder for vLLM to read).
+
+        With ``q_network`` the engine runs DQN's LM-head Q-network on that model
+        (``distrl.vllm_qnet``): its logits are Q-values, sampled at ``temperature`` (Boltzmann
+        exploration), and ``generate`` returns each step's Q(s, a) and max Q(s, .).
 
         Raises:
             ConfigError: vLLM is not installed. ModelError: the model does not fit vLLM here.
@@ -168,6 +174,11 @@ class VLLMEngine:
         memory: dict[str, Any] = {"gpu_memory_utilization": rollout.vllm_gpu_memory_utilization}
         if self.device.type == "cpu":
             memory = {"kv_cache_memory_bytes": kv_cache_bytes(hf_config, rows * max_len, dtype)}
+        self.q_network = q_network
+        self.temperature = rollout.temperature if temperature is None else temperature
+        mode: dict[str, Any] = {"logprobs_mode": "processed_logprobs"}  # log-softmax(logits / T)
+        if q_network:
+            mode = q_network_mode(hf_config, model.name)
         self.llm = LLM(
             model=str(folder),
             skip_tokenizer_init=True,  # prompts come as ids; distrl's tokenizer decodes
@@ -175,9 +186,9 @@ class VLLMEngine:
             max_model_len=max_len,
             max_num_seqs=max(rows, 1),
             seed=seed,
-            logprobs_mode="processed_logprobs",  # log-softmax(logits / temperature)
             enable_prefix_caching=True,
             enforce_eager=self.device.type == "cpu",  # CUDA graphs on GPUs
+            **mode,
             **memory,
         )
         self.calls = 0
@@ -198,11 +209,11 @@ class VLLMEngine:
         return [
             SamplingParams(
                 n=1,
-                temperature=0.0 if greedy else c.temperature,
+                temperature=0.0 if greedy else self.temperature,
                 top_p=1.0 if greedy else c.top_p,
                 top_k=0 if greedy else c.top_k,
                 max_tokens=c.max_new_tokens,
-                logprobs=0,  # the sampled token's
+                logprobs=1 if self.q_network else 0,  # the sampled token's (and the top one)
                 seed=base + 104729 * i,
                 stop_token_ids=None
                 if self.tokenizer.eos_token_id is None
@@ -215,13 +226,15 @@ class VLLMEngine:
     @torch.no_grad()
     def generate(
         self, prompts: list[list[int]], *, greedy: bool = False
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """One continuation per prompt.
 
         Returns:
             response ids (B, T) int64 right-padded with the pad id, their mask (B, T) float32
-            (1 up to and including a final EOS), and the sampled tokens' logprobs (B, T)
-            float32 (0 on padding), T the longest response.
+            (1 up to and including a final EOS), the sampled tokens' logprobs (B, T) float32,
+            and (B, T) float32 the largest value vLLM returned at each step (with
+            ``q_network``: the sampled token's Q-value and max Q(s, .) instead of a logprob
+            and nothing); 0 on padding, T the longest response.
         """
         params = self.sampling_params(len(prompts), greedy)
         self.calls += 1
@@ -232,16 +245,17 @@ class VLLMEngine:
         pad = self.tokenizer.pad_token_id
         ids = np.full((len(prompts), width), pad, dtype=np.int64)
         mask = np.zeros((len(prompts), width), dtype=np.float32)
-        logprobs = np.zeros((len(prompts), width), dtype=np.float32)
+        taken = np.zeros((len(prompts), width), dtype=np.float32)
+        best = np.zeros((len(prompts), width), dtype=np.float32)
         for row, c in enumerate(completions):
             n = len(c.token_ids)
             ids[row, :n] = c.token_ids
             mask[row, :n] = 1.0
             if c.logprobs is not None:
-                logprobs[row, :n] = [
-                    step[tok].logprob for tok, step in zip(c.token_ids, c.logprobs)
-                ]
-        return ids, mask, logprobs
+                steps = list(zip(c.token_ids, c.logprobs))
+                taken[row, :n] = [step[tok].logprob for tok, step in steps]
+                best[row, :n] = [max(v.logprob for v in step.values()) for _, step in steps]
+        return ids, mask, taken, best
 
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         """Put published weights (Hugging Face names) into the running engine, in place, and
@@ -251,6 +265,35 @@ class VLLMEngine:
         )
         self.llm.collective_rpc(refresh_tied_head)
         self.llm.reset_prefix_cache()
+
+
+def q_network_mode(hf_config: Any, name: str) -> dict[str, Any]:
+    """The engine arguments that run DQN's LM-head Q-network (``distrl.vllm_qnet``) on
+    ``name``'s backbone: raw logits are the Q-values.
+
+    Raises:
+        ModelError: ``name`` is not a Llama-family model (the one backbone it is built for).
+    """
+    if getattr(hf_config, "model_type", None) != "llama":
+        raise ModelError(
+            f"model {name}: rollout.engine vllm with algo dqn runs Llama-family models only "
+            f"(this one is {getattr(hf_config, 'model_type', '?')}); use rollout.engine hf"
+        )
+    from vllm import ModelRegistry
+
+    from distrl.vllm_qnet import ARCHITECTURE, TIED
+
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCHITECTURE, "distrl.vllm_qnet:LlamaQNetwork")
+    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    return {
+        "logprobs_mode": "raw_logits",  # the Q-values themselves
+        "hf_overrides": {
+            "architectures": [ARCHITECTURE],
+            "tie_word_embeddings": False,  # the Q head is a copy: TD updates it on its own
+            TIED: tied,
+        },
+    }
 
 
 def refresh_tied_head(worker: Any) -> bool:

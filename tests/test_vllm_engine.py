@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from distrl.config import load_config
 from distrl.errors import ConfigError, ModelError
 from distrl.models import TINY_MODELS
-from distrl.policy import build_tokenizer
+from distrl.policy import build_tokenizer, left_pad
 from distrl.vllm_engine import check_head_dim, check_vllm, head_dim, kv_cache_bytes
 
 vllm_mark = pytest.mark.skipif(
@@ -68,9 +68,11 @@ def test_the_kv_cache_is_sized_from_the_model_and_batch():
     assert kv_cache_bytes(config, 10, torch.float32) == 64 << 20  # the floor
 
 
-def test_vllm_is_for_full_weight_policy_gradient_runs():
-    with pytest.raises(ConfigError, match="algo dqn acts with its Q-network"):
+def test_vllm_is_for_full_weight_runs_and_boltzmann_dqn():
+    with pytest.raises(ConfigError, match="dqn.exploration boltzmann and dqn.action_top_k 0"):
         load_config("tiny", {"algo": "dqn", "rollout.engine": "vllm"})
+    dqn = {"algo": "dqn", "dqn.exploration": "boltzmann", "dqn.action_top_k": 0}
+    assert load_config("tiny", {**dqn, "rollout.engine": "vllm"}).rollout.engine == "vllm"
     with pytest.raises(ConfigError, match="learner.lora.rank > 0 use rollout.engine hf"):
         load_config("tiny", {"rollout.engine": "vllm", "learner.lora.rank": 4})
 
@@ -221,3 +223,87 @@ def test_a_tied_output_layer_follows_new_embeddings(tmp_path):
     gap = np.abs((learner.logprobs(batch) - batch.logprobs) * batch.response_mask).max()
     assert gap < TOLERANCE, gap
     worker.engine.close()
+
+
+def q_values(qnet, prompts, response, mask) -> tuple[np.ndarray, np.ndarray]:
+    """(B, T) Q(s_t, a_t) and max Q(s_t, .) by the learner's Q-network, one forward a step."""
+    taken, best = np.zeros(response.shape, np.float32), np.zeros(response.shape, np.float32)
+    for t in range(response.shape[1]):
+        ids, m = left_pad([list(p) + list(r[:t]) for p, r in zip(prompts, response)], 0)
+        with torch.no_grad():
+            q = qnet(torch.from_numpy(ids), torch.from_numpy(m)).float()
+        taken[:, t] = q.gather(-1, torch.from_numpy(response[:, t])[:, None])[:, 0].numpy()
+        best[:, t] = q.max(-1).values.numpy()
+    return taken * mask, best * mask
+
+
+@vllm_mark
+@pytest.mark.slow  # builds a vLLM engine
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_dqn_acts_through_vllm_with_the_learners_q_values(tmp_path, tied):
+    from distrl.qlearner import QLearner
+    from distrl.qrollout import QRolloutWorker
+
+    base = load_config("tiny")
+    tokenizer = build_tokenizer(base.model, base.tokenizer)
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(tokenizer, tied=tied)).save_pretrained(tmp_path / "m")
+    config = load_config(
+        "tiny",
+        {
+            "model.name": str(tmp_path / "m"),
+            "algo": "dqn",
+            "rollout.engine": "vllm",
+            "dqn.exploration": "boltzmann",
+            "dqn.action_top_k": 0,
+        },
+    )
+    worker = QRolloutWorker(**QRolloutWorker.arguments(config))
+    learner = QLearner(**QLearner.arguments(config))
+    prompts = [[10, 20, 30], [40, 50]]
+    for version in (0, 1):  # the Q-network as built, then after every tensor changed
+        if version:
+            with torch.no_grad():
+                for p in learner.qnet.parameters():
+                    p.add_(0.1 * torch.randn_like(p))
+            learner.version = version
+            assert worker.set_weights(learner.weights()) == version
+        batch = worker.generate(prompts, [0, 1])
+        taken, best = q_values(learner.qnet, prompts, batch.response_ids, batch.response_mask)
+        assert np.abs(batch.q_taken - taken).max() < TOLERANCE
+        assert np.abs(batch.q_max - best).max() < TOLERANCE
+        assert batch.candidates.shape == (*batch.response_ids.shape, 0)  # every token allowed
+        assert (batch.q_taken < batch.q_max - 1e-3).any()  # it explores: not always the argmax
+    greedy = worker.generate(prompts, [0, 1], greedy=True)
+    assert np.array_equal(greedy.q_taken, greedy.q_max)
+    worker.engine.close()
+
+
+@vllm_mark
+@pytest.mark.slow  # a whole DQN run on Ray with two vLLM engines
+def test_a_dqn_run_acts_through_vllm_engines_end_to_end(ray_session, folder, tmp_path):
+    from distrl.driver import train
+    from distrl.metrics import read_metrics
+
+    config = vllm_config(
+        folder,
+        algo="dqn",
+        iterations=3,
+        **{
+            "rollout.samples_per_prompt": 1,
+            "rollout.weight_sync": "broadcast",
+            "dqn.exploration": "boltzmann",
+            "dqn.action_top_k": 0,
+            "dqn.learning_starts": 8,
+            "dqn.batch_size": 8,
+            "output.dir": str(tmp_path / "dqn"),
+            "output.progress": False,
+            "output.plots": False,
+            "data.max_prompt_tokens": 32,
+        },
+    )
+    records = read_metrics(train(config) / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert records[0]["replay/size"] >= 16  # both engines' transitions reached the replay
+    assert records[-1]["replay/size"] > records[0]["replay/size"]
+    assert np.isfinite(records[-1]["learner/td_loss"]) and records[-1]["learner/updates"] > 0
