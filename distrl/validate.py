@@ -194,8 +194,10 @@ def _check_flags(
 def _sampling_config(
     config: RunConfig, temperature: float | None, max_new_tokens: int | None
 ) -> RunConfig:
-    """The run's config with validation's decoding: a DQN policy samples from softmax(Q / T)."""
-    rollout = config.rollout
+    """The run's config with validation's decoding: a DQN policy samples from softmax(Q / T),
+    and generation runs in this process with Hugging Face ``generate`` (``rollout.engine hf``:
+    a few prompts, and the reference metrics read the policy itself) whatever the run used."""
+    rollout = dataclasses.replace(config.rollout, engine="hf")
     if max_new_tokens is not None:
         rollout = dataclasses.replace(rollout, max_new_tokens=max_new_tokens)
     dqn = dataclasses.replace(config.dqn, exploration="boltzmann")

@@ -172,3 +172,11 @@ def test_a_dqn_checkpoint_samples_from_q_at_the_temperature_and_length_asked(dqn
     assert report["validate/temperature"] == 0.7 and "validate/pass@4" in report
     assert 8 < report["validate/response_length"] <= 12
     assert "validate/ref_perplexity" not in report  # Q-values are not a distribution
+
+
+def test_a_run_that_generated_with_vllm_validates_in_process_with_generate():
+    """Validation decodes a few prompts itself and reads the policy for the reference metrics:
+    a run's rollout.engine vllm does not carry over (vLLM need not be installed)."""
+    config = load_config("tiny", {"rollout.engine": "vllm"})
+    report = validate(config, examples=2, max_new_tokens=4)
+    assert report["validate/examples"] == 2 and "validate/ref_perplexity" in report
