@@ -160,8 +160,8 @@ def run_config(folder: str, tmp_path, algo: str, **overrides):
     return vllm_config(
         folder,
         algo=algo,
-        iterations=2,
         **{
+            "iterations": 2,
             "output.dir": str(tmp_path / algo),
             "output.progress": False,
             "output.plots": False,
@@ -333,3 +333,18 @@ def test_the_vllm_engine_runs_in_bfloat16_and_tracks_updates(folder):
         gap = np.abs((learner.logprobs(batch) - batch.logprobs) * batch.response_mask)
         assert gap.max() < 0.02 and gap.sum() / batch.response_mask.sum() < 0.005, gap.max()
     worker.engine.close()
+
+
+@vllm_mark
+@pytest.mark.slow  # a run on Ray whose vLLM worker is SIGKILLed
+def test_a_killed_vllm_worker_comes_back_with_a_new_engine_and_the_learners_weights(
+    ray_session, folder, tmp_path
+):
+    from test_reliability import run_with_kill
+
+    config = run_config(folder, tmp_path, "ppo", iterations=4, **{"output.eval_every": 0})
+    records = run_with_kill(config, tmp_path / "run", lambda t: t.workers[:1])
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert records[-1]["faults/stale_batches"] >= 1  # its batch from initial weights was redone
+    # Every batch trained on came from an engine holding the learner's weights.
+    assert max(r["learner/logprob_mismatch_max"] for r in records) < TOLERANCE
