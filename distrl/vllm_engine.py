@@ -210,8 +210,9 @@ class VLLMEngine:
             SamplingParams(
                 n=1,
                 temperature=0.0 if greedy else self.temperature,
-                top_p=1.0 if greedy else c.top_p,
-                top_k=0 if greedy else c.top_k,
+                # DQN's Boltzmann exploration is over every token: no top-p/top-k truncation.
+                top_p=1.0 if greedy or self.q_network else c.top_p,
+                top_k=0 if greedy or self.q_network else c.top_k,
                 max_tokens=c.max_new_tokens,
                 logprobs=1 if self.q_network else 0,  # the sampled token's (and the top one)
                 seed=base + 104729 * i,
