@@ -13,7 +13,9 @@ def ray_session():
             address="local",
             num_cpus=2,
             include_dashboard=False,
-            object_store_memory=200 * 1024**2,
+            # Room for the packaged model's fp32 weights (about 540 MB) twice over, so a publish
+            # never spills to disk (spilling fails once the disk is 95% full).
+            object_store_memory=2 * 1024**3,
         )
     yield ray
     ray.shutdown()
