@@ -6,9 +6,7 @@ a hung rollout worker or reward actor is replaced, a lost learner or replay buff
 from the newest checkpoint with the steps since redone, and SIGINT/SIGTERM stop the run with
 the last complete step saved. Every survived fault is counted under ``faults/``.
 
-Weights reach the rollout workers through Ray's object store, or (``rollout.weight_sync:
-broadcast``) by a torch.distributed broadcast from the learner to a group of all workers
-(``distrl.weight_sync``), formed at the start and again whenever its members change.
+Weights reach the rollout workers through ``distrl.publish``.
 """
 
 from __future__ import annotations
@@ -38,14 +36,10 @@ from distrl.errors import DistrlError
 from distrl.faults import FAULT_KEYS, Hung, Interrupt, Lost, Stopped, StopSignals
 from distrl.metrics import MetricsLogger, format_progress
 from distrl.prompts import Prompts, reward_batch
+from distrl.publish import Publisher
 from distrl.rewards import ScoreResult
 from distrl.roles import NonFiniteError
 from distrl.rollout import Trajectories
-from distrl.weight_sync import WeightSyncError
-
-# Beyond faults.generate_timeout_s, how long the driver waits for a weight group's members:
-# one blocked by a missing member gives up at the timeout and needs a moment to say so.
-SYNC_GRACE_S = 10.0
 
 Report = Callable[[int, dict[str, float], "Path | None"], None]
 
@@ -63,9 +57,7 @@ class Trainer:
         self.workers = [self.make_worker(i) for i in range(config.rollout.num_workers)]
         self.version = 0
         self.in_flight: dict[int, ray.ObjectRef] = {}
-        self.broadcasts = config.rollout.weight_sync == "broadcast"
-        self.group_pids: list[int] | None = None  # workers' processes when the group formed
-        self.groups_formed = 0
+        self.publisher = Publisher(self)
         f = config.faults
         self.pool = actors.RewardPool(
             config.reward,
@@ -171,7 +163,7 @@ class Trainer:
         """Kill worker ``i`` and wait for a new one (initial weights, in no weight group)."""
         ray.kill(self.workers[i], no_restart=True)
         self.workers[i] = self.make_worker(i)
-        self.group_pids = None
+        self.publisher.reset()
         self.wait_started([self.workers[i]], f"rollout worker {i}")
 
     def wait_started(self, handles: list[ray.actor.ActorHandle], what: str) -> None:
@@ -187,15 +179,10 @@ class Trainer:
     def refresh(self, i: int, *, resubmit: bool = True) -> int:
         """Send worker ``i`` the learner's current weights and start a new batch on it;
         returns the version it holds. By broadcast every worker takes them again."""
-        if self.broadcasts:
-            version, renewed = self.broadcast()
-            for j in renewed:  # their batches in flight died with them
-                if j != i:
-                    self.in_flight[j] = self.submit(self.workers[j])
-        else:
-            weights_ref = self.learner.weights.remote()
-            timeout = self.config.faults.generate_timeout_s
-            version = actors.get(self.workers[i].set_weights.remote(weights_ref), timeout=timeout)
+        version, renewed = self.publisher.to_worker(i)
+        for j in renewed:  # their batches in flight died with them
+            if j != i:
+                self.in_flight[j] = self.submit(self.workers[j])
         if resubmit:
             self.in_flight[i] = self.submit(self.workers[i])
         return version
@@ -203,160 +190,14 @@ class Trainer:
     # ---- stages ------------------------------------------------------------------------
 
     def publish(self) -> int:
-        """Send the learner's weights to every worker; returns the version they hold.
-
-        Through the object store, the learner puts them there once and every worker loads that
-        object; by broadcast, see ``broadcast``. A worker that does not take them within
-        ``faults.generate_timeout_s`` is replaced.
-        """
-        f = self.config.faults
-        if self.broadcasts:
-            version, renewed = self.broadcast()
-            if self.config.rollout.max_policy_lag > 0:  # their batches in flight are gone
-                for i in renewed:
-                    self.in_flight[i] = self.submit(self.workers[i])
-            return version
-        weights_ref = self.learner.weights.remote()
-        if not ray.wait([weights_ref], timeout=f.train_timeout_s)[0]:
-            why = f"did not answer within faults.train_timeout_s={f.train_timeout_s:g} s"
-            raise Lost("learner", why)
-        refs = [w.set_weights.remote(weights_ref) for w in self.workers]
-        done, _ = ray.wait(refs, num_returns=len(refs), timeout=f.generate_timeout_s)
-        try:
-            versions = actors.get([r for r in refs if r in done])
-        except RayActorError:  # the weights' owner died: the learner
-            raise Lost(self.dead_role() or "learner", "died") from None
-        for i, ref in enumerate(refs):
-            if ref not in done:  # hung: its in-flight batch (if any) is redone elsewhere
-                self.faults["faults/rollout_timeouts"] += 1
-                lag = self.config.rollout.max_policy_lag
-                versions.append(self.replace_worker(i, resubmit=lag > 0))
-        return max(versions)
-
-    # ---- weights by broadcast ---------------------------------------------------------
-
-    def broadcast(self) -> tuple[int, list[int]]:
-        """Publish through the weight group: the learner broadcasts, every worker receives.
-
-        The group is formed first when it has none or its members changed. A worker that does
-        not answer within ``faults.generate_timeout_s`` is replaced and the group formed
-        again, at most ``faults.call_retries`` times; then the run stops with ``Hung``.
-
-        Returns:
-            The version the workers hold, and the workers replaced on the way (their batches
-            in flight are gone).
-        """
-        f = self.config.faults
-        renewed: list[int] = []
-        why = ""
-        for _ in range(f.call_retries + 1):
-            hung, pids = self.settle_workers()
-            if not hung and self.group_pids is None:
-                hung, why = self.form_group(pids)
-            if not hung and self.group_pids is not None:
-                receive_refs = [w.receive_weights.remote() for w in self.workers]
-                version, hung, why = self.group_call(
-                    self.learner.broadcast_weights.remote(), receive_refs, "broadcast"
-                )
-                if version is not None:
-                    return version, renewed
-            for i in hung:
-                self.faults["faults/rollout_timeouts"] += 1
-                self.renew_worker(i)
-                renewed.append(i)
-        raise Hung(
-            f"the weight broadcast (rollout.weight_sync) failed on {f.call_retries + 1} tries; "
-            f"last: {why}"
-        )
-
-    def settle_workers(self) -> tuple[list[int], list[int]]:
-        """Wait until every worker is done with its calls (a batch in flight), at most
-        ``faults.generate_timeout_s``, so that all take part in the group's next step at once.
-
-        Returns:
-            The workers that were not done (hung), and each worker's process id (-1: hung).
-            A worker in another process than when the group formed (Ray restarted it) is out
-            of the group: it must form again.
-        """
-        pid_refs = actors.pid_refs(self.workers)
-        timeout = self.config.faults.generate_timeout_s
-        done, _ = ray.wait(pid_refs, num_returns=len(pid_refs), timeout=timeout)
-        pids = []
-        for ref in pid_refs:
-            try:
-                pids.append(actors.get(ref) if ref in done else -1)
-            except RayActorError:
-                pids.append(-1)
-        if pids != self.group_pids:
-            self.group_pids = None
-        return [i for i, pid in enumerate(pids) if pid == -1], pids
-
-    def form_group(self, pids: list[int]) -> tuple[list[int], str]:
-        """Form a new weight group: the learner serves its store on its node at a new port,
-        the learner and every worker join at once. Every forming after a trainer's first is
-        counted (``faults/weight_group_rebuilds``).
-
-        Returns:
-            The workers that did not answer, and why forming failed ("" if it did not).
-        """
-        timeout = self.config.faults.generate_timeout_s
-        host = self.wait_stateful("learner", actors.node_ip_ref(self.learner))
-        address = self.wait_stateful("learner", self.learner.weight_group_address.remote(host))
-        world = len(self.workers) + 1
-        join_refs = [
-            w.join_weight_group.remote(address, i + 1, world, timeout_s=timeout)
-            for i, w in enumerate(self.workers)
-        ]
-        learner_ref = self.learner.join_weight_group.remote(world, timeout_s=timeout)
-        backend, hung, why = self.group_call(learner_ref, join_refs, "forming")
-        if backend is None:
-            return hung, why
-        if self.groups_formed:
-            self.faults["faults/weight_group_rebuilds"] += 1
-        self.groups_formed += 1
-        self.group_pids = pids
-        return [], ""
-
-    def group_call(
-        self, learner_ref: ray.ObjectRef, worker_refs: list[ray.ObjectRef], what: str
-    ) -> tuple[Any, list[int], str]:
-        """Wait for one step of the weight group (``what``) on the learner and every worker;
-        a member blocked by a missing one gives up within ``faults.generate_timeout_s``.
-
-        Returns:
-            The learner's result (None if the step failed anywhere: the group is then spent),
-            the workers that did not answer, and why it failed.
-
-        Raises:
-            Lost: the learner died or did not answer.
-        """
-        timeout = self.config.faults.generate_timeout_s
-        refs = [learner_ref, *worker_refs]
-        done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout + SYNC_GRACE_S)
-        if learner_ref not in done:
-            why = f"did not finish the weight group's {what} within faults.generate_timeout_s"
-            raise Lost("learner", f"{why}={timeout:g} s")
-        whys, result = [], None
-        try:
-            result = actors.get(learner_ref)
-        except RayActorError:
-            raise Lost(self.dead_role() or "learner", "died") from None
-        except WeightSyncError as err:
-            whys.append(f"the learner: {err}")
-        hung = [i for i, ref in enumerate(worker_refs) if ref not in done]
-        whys += [f"rollout worker {i} did not answer within {timeout:g} s" for i in hung]
-        for i, ref in enumerate(worker_refs):
-            if ref in done:
-                try:
-                    actors.get(ref)
-                except (WeightSyncError, RayActorError) as err:
-                    whys.append(f"rollout worker {i}: {err}")
-        if whys:
-            self.group_pids = None
-            return None, hung, "; ".join(whys)
-        return result, [], ""
-
-    # ---- stages, continued -------------------------------------------------------------
+        """Send the learner's weights to every worker (``distrl.publish``); returns the
+        version they hold. A worker replaced on the way starts a new batch if batches run
+        ahead (``max_policy_lag`` > 0)."""
+        version, renewed = self.publisher.publish()
+        if self.config.rollout.max_policy_lag > 0:
+            for i in renewed:
+                self.in_flight[i] = self.submit(self.workers[i])
+        return version
 
     def submit(self, worker: ray.actor.ActorHandle) -> ray.ObjectRef:
         """Start a rollout on ``worker`` with the next prompts, each ``samples_per_prompt``
@@ -371,7 +212,7 @@ class Trainer:
     def start(self) -> None:
         """Publish the first weights and start a rollout on every worker."""
         self.wait_started([*self.stateful().values(), *self.workers], "the run's actors")
-        self.group_pids = None  # a new or restored learner serves a new weight group
+        self.publisher.reset()  # a new or restored learner serves a new weight group
         self.version = self.publish()
         self.in_flight = {i: self.submit(w) for i, w in enumerate(self.workers)}
 
