@@ -13,6 +13,7 @@ from typing import Any
 
 from distrl import config as cfg
 from distrl.errors import ConfigError, DistrlError
+from distrl.schema import to_dict
 
 
 def chosen_config(argv: list[str]) -> tuple[str, cfg.RunConfig | None]:
@@ -54,7 +55,7 @@ def add_config_arguments(
         else "the values shown are the built-in defaults, which a config file may change"
     )
     group = parser.add_argument_group("config fields", f"override the --config file; {where}")
-    defaults = cfg.to_dict(config if config is not None else cfg.RunConfig())
+    defaults = to_dict(config if config is not None else cfg.RunConfig())
     for path, tp, f in cfg.iter_fields():
         default: Any = defaults
         for part in path.split("."):

@@ -21,9 +21,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from distrl.config import RunConfig, to_dict
+from distrl.config import RunConfig
 from distrl.errors import ConfigError, DistrlError
 from distrl.metrics import Record, Sink
+from distrl.schema import to_dict
 
 MLFLOW_DIR = "mlruns"
 MLFLOW_RUN_ID_FILE = "mlflow_run_id"

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from distrl.checkpoint import latest_checkpoint
-from distrl.config import RunConfig, load_config, to_dict
+from distrl.config import RunConfig, load_config
 from distrl.errors import ConfigError, DistrlError
+from distrl.schema import to_dict
 
 LOCK_FILE = ".distrl.lock"
 CONFIG_FILE = "config.yaml"

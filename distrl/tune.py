@@ -46,10 +46,11 @@ import yaml
 
 from distrl import cli
 from distrl.checkpoint import latest_checkpoint
-from distrl.config import RunConfig, build, dump_yaml, load_config, to_dict
+from distrl.config import RunConfig, dump_yaml, load_config
 from distrl.errors import ConfigError, DataError, DistrlError
 from distrl.metrics import METRICS_FILE, read_metrics
 from distrl.plots import plot_history, plot_sweep
+from distrl.schema import build, to_dict
 from distrl.tune_space import (
     SWEEP_FILE,
     Param,

@@ -18,9 +18,10 @@ from typing import Any
 
 import yaml
 
-from distrl.config import NAMED_CONFIGS, RunConfig, build, to_dict
+from distrl.config import NAMED_CONFIGS, RunConfig
 from distrl.errors import ConfigError
 from distrl.faults import FAULT_KEYS
+from distrl.schema import build, to_dict
 
 SPACE_KEYS = ("base", "overrides", "metric", "mode", "params")
 PARAM_KEYS = ("low", "high", "log", "type")

@@ -11,9 +11,9 @@ from distrl.config import (
     dump_yaml,
     iter_fields,
     load_config,
-    to_dict,
 )
 from distrl.errors import ConfigError
+from distrl.schema import to_dict
 
 
 def parse(argv):
