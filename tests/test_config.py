@@ -167,13 +167,17 @@ def test_to_dict_is_yaml_ready():
 
 
 def test_a_config_file_starts_from_its_base(tmp_path):
-    (tmp_path / "mine.yaml").write_text("base: tiny\niterations: 7\nlearner: {lr: 0.002}\n")
+    mine = "base: tiny\niterations: 7\nlearner: {lr: 0.002}\nrollout: {batch_size: 2}\n"
+    (tmp_path / "mine.yaml").write_text(mine)
     config = load_config(str(tmp_path / "mine.yaml"))
     tiny = load_config("tiny")
     assert config.iterations == 7 and config.learner.lr == 0.002
-    # Everything else is the base's, nested sections merged field by field.
+    # Everything else is the base's, nested sections merged field by field: tiny's rollout
+    # fields that differ from the defaults stay beside the one this file sets.
+    assert config.rollout.batch_size == 2 and config.rollout.num_workers == 2
+    assert config.rollout.max_new_tokens == tiny.rollout.max_new_tokens == 8
     assert config.learner.max_grad_norm == tiny.learner.max_grad_norm
-    assert config.model == tiny.model and config.rollout == tiny.rollout
+    assert config.model == tiny.model
     # A base named by a relative path is found beside the file naming it, and chains.
     (tmp_path / "more.yaml").write_text("base: mine.yaml\nseed: 3\n")
     chained = load_config(str(tmp_path / "more.yaml"))

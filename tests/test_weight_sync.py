@@ -254,7 +254,8 @@ def test_a_broadcast_run_leaves_every_worker_with_the_learners_weights(ray_sessi
             nbytes = assert_workers_hold_the_learners_weights(trainer)
             assert metrics["time/publish_s"] > 0 and metrics["publish/bytes"] == nbytes
         assert versions == [1, 2]  # one version per iteration, as through the object store
-        assert trainer.publisher.groups_formed == 1 and trainer.faults["faults/weight_group_rebuilds"] == 0
+        assert trainer.publisher.groups_formed == 1
+        assert trainer.faults["faults/weight_group_rebuilds"] == 0
     finally:
         trainer.shutdown()
 
