@@ -27,19 +27,16 @@ from distrl.algos import pg, ppo
 from distrl.checkpoint import load_torch_state, save_torch_state
 from distrl.config import LearnerConfig, ModelConfig, PPOConfig, RunConfig, TokenizerConfig
 from distrl.errors import DistrlError
-from distrl.models import (
+from distrl.lora import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
-    PolicyWithValue,
-    VersionedWeights,
     adapters_disabled,
     add_lora,
     load_adapter,
-    publish_weights,
     save_adapter,
     save_merged,
-    set_weights,
 )
+from distrl.models import PolicyWithValue, VersionedWeights, publish_weights, set_weights
 from distrl.policy import (
     build_model,
     build_tokenizer,

@@ -22,12 +22,11 @@ from distrl.algos import dqn
 from distrl.checkpoint import load_torch_state, save_torch_state
 from distrl.config import LoraConfig, RunConfig, dump_yaml, load_config
 from distrl.errors import ConfigError, ModelError
+from distrl.lora import add_lora, merged_weights
 from distrl.models import (
     VersionedWeights,
-    add_lora,
     get_weights,
     has_lora,
-    merged_weights,
     publish_weights,
     published_names,
     set_weights,

@@ -17,7 +17,8 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from distrl.config import LoraConfig, ModelConfig, RolloutConfig, RunConfig, TokenizerConfig
-from distrl.models import add_lora, set_weights
+from distrl.lora import add_lora
+from distrl.models import set_weights
 from distrl.policy import build_model, build_tokenizer, distinct_prompts, left_pad, prefill_shared
 from distrl.roles import WorkerRole
 from distrl.tokenizers import Tokenizer

@@ -19,11 +19,9 @@ from distrl.data import load_examples
 from distrl.driver import train
 from distrl.errors import ConfigError, DistrlError, ModelError
 from distrl.learner import Learner
+from distrl.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, add_lora
 from distrl.metrics import read_metrics
 from distrl.models import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    add_lora,
     get_weights,
     is_adapter_name,
     load_policy,

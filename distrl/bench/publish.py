@@ -28,9 +28,9 @@ from distrl.bench.common import (
     rounded,
 )
 from distrl.config import LoraConfig, ModelConfig, TokenizerConfig
+from distrl.lora import add_lora
 from distrl.models import (
     VersionedWeights,
-    add_lora,
     has_lora,
     publish_weights,
     published_names,
