@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 import ray
+from ray.exceptions import ObjectStoreFullError, OutOfDiskError
 
 from distrl import actors
 from distrl.checkpoint import verify_checkpoint
@@ -220,6 +221,13 @@ def _train(
         trainer.run(logger, progress=config.output.progress, report=report)
     except Hung as err:
         raise Hung(f"{err}; {resume_hint(run_dir)}") from None
+    except (OutOfDiskError, ObjectStoreFullError) as err:
+        name = "OutOfDiskError" if isinstance(err, OutOfDiskError) else "ObjectStoreFullError"
+        raise DistrlError(
+            f"Ray's object store is full and cannot spill to disk ({name}); "
+            f"free disk space where Ray spills (its temp folder, /tmp/ray by default) or give "
+            f"the run more store (resources.object_store_memory); {resume_hint(run_dir)}"
+        ) from None
     finally:
         if config.output.plots:
             logger.plot()

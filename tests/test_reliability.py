@@ -375,6 +375,27 @@ def test_a_reward_function_that_never_returns_stops_the_run_with_one_line(tmp_pa
     assert "no checkpoint was written yet" in last
 
 
+@pytest.mark.slow  # a run of the packaged model in its own process, with its own Ray
+def test_an_object_store_that_cannot_spill_stops_the_run_with_one_line(tmp_path):
+    # The packaged model's weights (about 540 MB) do not fit an 80 MB store, and a spill
+    # threshold of 0 makes the disk count as full, as on a machine whose disk is 95% used.
+    env = {**QUIET_RAY, "RAY_local_fs_capacity_threshold": "0"}
+    args = ["--model.name", "default", "--tokenizer.name", "auto", "--output.plots", "false"]
+    args += ["--resources.object_store_memory", str(80 * 1024**2)]
+    run = start_run(tmp_path / "run", *args, env=env)
+    try:
+        _, err = run.communicate(timeout=600)
+    finally:
+        end(run)
+    assert run.returncode == 2, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(
+        "error: Ray's object store is full and cannot spill to disk (OutOfDiskError); "
+    ), last
+    assert "resources.object_store_memory" in last and "no checkpoint was written yet" in last
+    assert "Traceback" not in err, err[-3000:]
+
+
 @pytest.mark.slow  # runs in their own processes
 @pytest.mark.parametrize(
     "algo, sig",
