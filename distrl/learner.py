@@ -36,7 +36,7 @@ from distrl.lora import (
     save_adapter,
     save_merged,
 )
-from distrl.models import PolicyWithValue, VersionedWeights, publish_weights, set_weights
+from distrl.models import PolicyWithValue
 from distrl.policy import (
     build_model,
     build_tokenizer,
@@ -46,6 +46,7 @@ from distrl.policy import (
 )
 from distrl.roles import LearnerRole, OptimizerStep
 from distrl.rollout import Trajectories
+from distrl.weights import VersionedWeights, publish_weights, set_weights
 
 STATE_FILE = "distrl_state.pt"
 

@@ -2,7 +2,7 @@
 the merged weights a run exports.
 
 ``add_lora`` puts the adapters into the Hugging Face model in place (no ``PeftModel`` wrapper),
-so distrl's forward passes and the weight functions of ``distrl.models`` work on it unchanged;
+so distrl's forward passes and the weight functions of ``distrl.weights`` work on it unchanged;
 those then move only the trained tensors. Step checkpoints hold the adapter in PEFT's own format;
 ``best/`` and ``final/`` hold the merged model, which loads without PEFT.
 """
@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 
 from distrl.config import LoraConfig
 from distrl.errors import ModelError
-from distrl.models import is_adapter_name, tied_aliases
+from distrl.weights import is_adapter_name, tied_aliases
 
 ADAPTER_NAME = "default"  # PEFT's name for a model's one adapter
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"

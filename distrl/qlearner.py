@@ -23,7 +23,12 @@ from distrl.checkpoint import load_torch_state, save_torch_state
 from distrl.config import LoraConfig, RunConfig, dump_yaml, load_config
 from distrl.errors import ConfigError, ModelError
 from distrl.lora import add_lora, merged_weights
-from distrl.models import (
+from distrl.policy import build_model, build_tokenizer
+from distrl.qnets import LMHeadQNetwork, QNetwork, build_qnet
+from distrl.qpolicy import QPolicy
+from distrl.roles import LearnerRole, OptimizerStep
+from distrl.tokenizers import Tokenizer
+from distrl.weights import (
     VersionedWeights,
     get_weights,
     has_lora,
@@ -31,11 +36,6 @@ from distrl.models import (
     published_names,
     set_weights,
 )
-from distrl.policy import build_model, build_tokenizer
-from distrl.qnets import LMHeadQNetwork, QNetwork, build_qnet
-from distrl.qpolicy import QPolicy
-from distrl.roles import LearnerRole, OptimizerStep
-from distrl.tokenizers import Tokenizer
 
 STATE_FILE = "distrl_state.pt"
 QNET_FILE = "q_network.safetensors"

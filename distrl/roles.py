@@ -27,9 +27,9 @@ from distrl.checkpoint import (
 )
 from distrl.config import LearnerConfig
 from distrl.errors import DistrlError
-from distrl.models import VersionedWeights, published_names, set_weights
 from distrl.tokenizers import Tokenizer
 from distrl.weight_sync import WeightGroup, WeightSyncError, default_host, host_store
+from distrl.weights import VersionedWeights, published_names, set_weights
 
 
 class NonFiniteError(DistrlError, RuntimeError):

@@ -18,10 +18,10 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from distrl.config import LoraConfig, ModelConfig, RolloutConfig, RunConfig, TokenizerConfig
 from distrl.lora import add_lora
-from distrl.models import set_weights
 from distrl.policy import build_model, build_tokenizer, distinct_prompts, left_pad, prefill_shared
 from distrl.roles import WorkerRole
 from distrl.tokenizers import Tokenizer
+from distrl.weights import set_weights
 
 PROMPT_FIELDS = ("prompt_ids", "prompt_mask")  # left-padded
 ARRAY_FIELDS = (

@@ -118,7 +118,6 @@ def validate(
     """
     from safetensors.torch import load_file
 
-    from distrl.models import VersionedWeights
     from distrl.policy import reference_metrics
     from distrl.prompts import prepare, reward_batch
     from distrl.qlearner import QNET_FILE, is_dqn_checkpoint
@@ -126,6 +125,7 @@ def validate(
     from distrl.rewards import RewardBatch, RewardScorer
     from distrl.rewards.components import Diversity
     from distrl.rollout import RolloutWorker, Trajectories
+    from distrl.weights import VersionedWeights
 
     greedy = _check_flags(examples, samples, temperature, max_new_tokens)
     dqn = checkpoint is not None and is_dqn_checkpoint(Path(checkpoint))

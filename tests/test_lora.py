@@ -21,21 +21,14 @@ from distrl.errors import ConfigError, DistrlError, ModelError
 from distrl.learner import Learner
 from distrl.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, add_lora
 from distrl.metrics import read_metrics
-from distrl.models import (
-    get_weights,
-    is_adapter_name,
-    load_policy,
-    model_source_dir,
-    publish_weights,
-    set_weights,
-    tiny_model,
-)
+from distrl.models import load_policy, model_source_dir, tiny_model
 from distrl.policy import build_model, build_tokenizer, encode_prompts
 from distrl.qlearner import QNET_FILE, RUN_FILE, QLearner, load_q_policy
 from distrl.qrollout import QRolloutWorker, make_transitions
 from distrl.replay import from_config
 from distrl.rollout import RolloutWorker
 from distrl.run import parser as run_parser
+from distrl.weights import get_weights, is_adapter_name, publish_weights, set_weights
 
 LORA = {"learner.lora.rank": 8, "learner.lr": 1e-2}
 

@@ -11,18 +11,15 @@ from distrl.models import (
     PolicyWithValue,
     QHead,
     ValueHead,
-    VersionedWeights,
     count_parameters,
-    get_weights,
     load_policy,
     model_source_dir,
-    publish_weights,
     save_pretrained_atomic,
     select_device,
     select_dtype,
-    set_weights,
     tiny_model,
 )
+from distrl.weights import VersionedWeights, get_weights, publish_weights, set_weights
 
 VOCAB = 101
 SPECIAL = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}

@@ -3,7 +3,7 @@ import torch
 
 from distrl.config import DQNConfig, load_config
 from distrl.errors import ConfigError, ModelError
-from distrl.models import get_weights, tiny_model
+from distrl.models import tiny_model
 from distrl.qnets import (
     LMHeadQNetwork,
     PerformerQNetwork,
@@ -13,6 +13,7 @@ from distrl.qnets import (
     position_ids,
     sparsity,
 )
+from distrl.weights import get_weights
 
 VOCAB = 61
 KINDS = ["tiny-llama", "tiny-gpt2"]

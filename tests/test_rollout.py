@@ -4,10 +4,10 @@ import torch
 
 from distrl.config import load_config
 from distrl.data import load_examples
-from distrl.models import VersionedWeights, get_weights
 from distrl.policy import encode_prompts
 from distrl.qnets import TensorMemory
 from distrl.rollout import RolloutWorker, Trajectories, response_mask
+from distrl.weights import VersionedWeights, get_weights
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,11 @@ from distrl import actors
 from distrl.config import load_config
 from distrl.loop import Trainer
 from distrl.metrics import MetricsLogger, read_metrics
-from distrl.models import published_names, tiny_model
+from distrl.models import tiny_model
 from distrl.prompts import prepare
 from distrl.roles import LearnerRole, WorkerRole
 from distrl.weight_sync import WeightGroup, WeightSyncError, host_store, plan_buckets
+from distrl.weights import published_names
 
 TIMEOUT_S = 3.0
 

@@ -29,14 +29,9 @@ from distrl.bench.common import (
 )
 from distrl.config import LoraConfig, ModelConfig, TokenizerConfig
 from distrl.lora import add_lora
-from distrl.models import (
-    VersionedWeights,
-    has_lora,
-    publish_weights,
-    published_names,
-)
 from distrl.policy import build_model, build_tokenizer
 from distrl.rollout import RolloutWorker
+from distrl.weights import VersionedWeights, has_lora, publish_weights, published_names
 
 WORKERS = 2
 DTYPES = ("float32", "bfloat16")
