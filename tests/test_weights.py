@@ -4,32 +4,11 @@ stored once, zero-copy views, bfloat16 through Ray's object store, and CUDA to C
 import numpy as np
 import pytest
 import torch
+from test_models import KINDS, VOCAB, batch, logits_of, tiny  # the same tiny policies
 
 from distrl.errors import ModelError
 from distrl.models import count_parameters, load_policy, select_dtype, tiny_model
 from distrl.weights import VersionedWeights, get_weights, publish_weights, set_weights
-
-VOCAB = 101
-KINDS = ["tiny-llama", "tiny-gpt2"]
-
-
-def tiny(kind: str, seed: int = 0, **kwargs) -> torch.nn.Module:
-    special = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
-    return load_policy(
-        kind, vocab_size=VOCAB, special_ids=special, device="cpu", seed=seed, **kwargs
-    )
-
-
-def batch() -> tuple[torch.Tensor, torch.Tensor]:
-    ids = torch.randint(3, VOCAB, (3, 7), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones(3, 7, dtype=torch.long)
-    mask[0, :2] = 0  # one left-padded row
-    return ids, mask
-
-
-def logits_of(model, ids, mask=None) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask).logits
 
 
 @pytest.mark.parametrize("kind", KINDS)
