@@ -330,6 +330,18 @@ def start_run(run_dir: Path, *args: str, env=None) -> subprocess.Popen:
     )
 
 
+def stopped_run(run_dir: Path, *args: str, env: dict[str, str]) -> tuple[str, str]:
+    """Run the tiny config with ``args`` to its end, which must be status 2 (an error);
+    returns stderr's last line and the whole of it."""
+    run = start_run(run_dir, *args, env=env)
+    try:
+        _, err = run.communicate(timeout=600)
+    finally:
+        end(run)
+    assert run.returncode == 2, err[-3000:]
+    return err.strip().splitlines()[-1], err
+
+
 def end(proc: subprocess.Popen) -> None:
     """Kill a run that a failed assertion left behind, with its own Ray."""
     if proc.poll() is None:
@@ -362,13 +374,7 @@ def test_a_reward_function_that_never_returns_stops_the_run_with_one_line(tmp_pa
     env = {**QUIET_RAY, "PYTHONPATH": str(tmp_path)}
     args = ["--reward.components", "[{name: 'hangmod:hang'}]", "--output.plots", "false"]
     args += ["--faults.score_timeout_s", "3", "--faults.call_retries", "1"]
-    run = start_run(tmp_path / "run", *args, env=env)
-    try:
-        _, err = run.communicate(timeout=300)
-    finally:
-        end(run)
-    assert run.returncode == 2, err[-3000:]
-    last = err.strip().splitlines()[-1]
+    last, _ = stopped_run(tmp_path / "run", *args, env=env)
     assert last.startswith(
         "error: reward actor 0: score did not return within faults.score_timeout_s=3 s on 2 tries"
     ), last
@@ -382,13 +388,7 @@ def test_an_object_store_that_cannot_spill_stops_the_run_with_one_line(tmp_path)
     env = {**QUIET_RAY, "RAY_local_fs_capacity_threshold": "0"}
     args = ["--model.name", "default", "--tokenizer.name", "auto", "--output.plots", "false"]
     args += ["--resources.object_store_memory", str(80 * 1024**2)]
-    run = start_run(tmp_path / "run", *args, env=env)
-    try:
-        _, err = run.communicate(timeout=600)
-    finally:
-        end(run)
-    assert run.returncode == 2, err[-3000:]
-    last = err.strip().splitlines()[-1]
+    last, err = stopped_run(tmp_path / "run", *args, env=env)
     assert last.startswith(
         "error: Ray's object store is full and cannot spill to disk (OutOfDiskError); "
     ), last
