@@ -41,10 +41,11 @@ def tiny(tmp_path, **overrides):
 
 
 def run_with_kill(
-    config, run_dir: Path, pick_victims, *, after_step: int = 1, sig=signal.SIGKILL
+    config, run_dir: Path, pick_victims, *, after_step: int = 1, sig=signal.SIGKILL, inspect=None
 ) -> list[dict]:
     """Run ``config`` in this process; once step ``after_step`` is logged, send ``sig`` to the
-    processes of the actors ``pick_victims(trainer)`` returns (by PID, mid-iteration)."""
+    processes of the actors ``pick_victims(trainer)`` returns (by PID, mid-iteration).
+    ``inspect(trainer)``, if given, checks the finished trainer before its actors end."""
     trainer = Trainer(config, run_dir, *prepare(config))
     run_dir.mkdir()
     logger = MetricsLogger(run_dir, tensorboard=False, plots=False)
@@ -63,6 +64,8 @@ def run_with_kill(
     killer.start()
     try:
         trainer.run(logger, progress=False)
+        if inspect is not None:
+            inspect(trainer)
     finally:
         killer.join()
         logger.close()

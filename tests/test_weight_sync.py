@@ -1,8 +1,6 @@
 """Weights by torch.distributed broadcast: a gloo group of a learner and receivers (threads of
 this test, no Ray), then tiny runs on Ray with ``rollout.weight_sync: broadcast``."""
 
-import contextlib
-import os
 import signal
 import threading
 import time
@@ -11,12 +9,12 @@ from typing import Any
 
 import pytest
 import torch
+from test_reliability import run_with_kill  # the same fault injection
 from torch import nn
 
 from distrl import actors
 from distrl.config import load_config
 from distrl.loop import Trainer
-from distrl.metrics import MetricsLogger, read_metrics
 from distrl.models import tiny_model
 from distrl.prompts import prepare
 from distrl.roles import LearnerRole, WorkerRole
@@ -261,59 +259,25 @@ def test_a_broadcast_run_leaves_every_worker_with_the_learners_weights(ray_sessi
         trainer.shutdown()
 
 
-def run_with_fault(config, run_dir, victim: int, sig: int) -> tuple[list[dict], Trainer]:
-    """Run ``config``; once step 1 is logged, send ``sig`` to rollout worker ``victim``'s
-    process (mid-rollout). Returns the metrics and the finished trainer (shut down by the
-    caller)."""
-    trainer = Trainer(config, run_dir, *prepare(config))
-    run_dir.mkdir()
-    logger = MetricsLogger(run_dir, tensorboard=False, plots=False)
-    pid = actors.pids([trainer.workers[victim]])[0]
-    sent = []
-
-    def hit() -> None:
-        deadline = time.time() + 300
-        while time.time() < deadline and not read_metrics(run_dir / "metrics.jsonl"):
-            time.sleep(0.02)
-        os.kill(pid, sig)
-        sent.append(pid)
-
-    killer = threading.Thread(target=hit)
-    killer.start()
-    try:
-        trainer.run(logger, progress=False)
-    finally:
-        killer.join()
-        logger.close()
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    assert sent
-    return read_metrics(run_dir / "metrics.jsonl"), trainer
-
-
 @pytest.mark.slow  # a tiny run on Ray
 def test_a_sigkilled_worker_rejoins_a_rebuilt_group_and_the_run_finishes(ray_session, tmp_path):
     config = tiny(tmp_path, iterations=4)
-    records, trainer = run_with_fault(config, tmp_path / "run", 0, signal.SIGKILL)
-    try:
-        assert [r["step"] for r in records] == [1, 2, 3, 4]
-        assert records[0]["faults/weight_group_rebuilds"] == 0
-        assert records[-1]["faults/weight_group_rebuilds"] >= 1
-        # The restart was seen before the broadcast: no publish waited out a member.
-        assert max(r["time/publish_s"] for r in records) < config.faults.generate_timeout_s
-        assert_workers_hold_the_learners_weights(trainer)
-    finally:
-        trainer.shutdown()
+    check = assert_workers_hold_the_learners_weights
+    records = run_with_kill(config, tmp_path / "run", lambda t: t.workers[:1], inspect=check)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert records[0]["faults/weight_group_rebuilds"] == 0
+    assert records[-1]["faults/weight_group_rebuilds"] >= 1
+    # The restart was seen before the broadcast: no publish waited out a member.
+    assert max(r["time/publish_s"] for r in records) < config.faults.generate_timeout_s
 
 
 @pytest.mark.slow  # waits out a timeout
 def test_a_sigstopped_worker_is_replaced_and_the_group_rebuilt(ray_session, tmp_path):
     config = tiny(tmp_path, iterations=3, **{"faults.generate_timeout_s": 8})
-    records, trainer = run_with_fault(config, tmp_path / "run", 1, signal.SIGSTOP)
-    try:
-        assert [r["step"] for r in records] == [1, 2, 3]
-        assert records[-1]["faults/rollout_timeouts"] >= 1
-        assert records[-1]["faults/weight_group_rebuilds"] >= 1
-        assert_workers_hold_the_learners_weights(trainer)
-    finally:
-        trainer.shutdown()
+    check = assert_workers_hold_the_learners_weights
+    records = run_with_kill(
+        config, tmp_path / "run", lambda t: t.workers[1:], sig=signal.SIGSTOP, inspect=check
+    )
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert records[-1]["faults/rollout_timeouts"] >= 1
+    assert records[-1]["faults/weight_group_rebuilds"] >= 1
