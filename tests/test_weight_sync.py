@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import torch
 from test_reliability import run_with_kill  # the same fault injection
+from test_reliability import tiny as quiet_tiny
 from torch import nn
 
 from distrl import actors
-from distrl.config import load_config
 from distrl.loop import Trainer
 from distrl.models import tiny_model
 from distrl.prompts import prepare
@@ -194,16 +194,9 @@ def test_a_worker_outside_any_group_and_a_learner_without_one_say_so():
 
 
 def tiny(tmp_path, **overrides):
-    base = {
-        "output.dir": str(tmp_path / "run"),
-        "output.progress": False,
-        "output.plots": False,
-        "output.tensorboard": False,
-        "output.eval_every": 0,
-        "rollout.weight_sync": "broadcast",
-        "faults.generate_timeout_s": 30,
-    }
-    return load_config("tiny", {**base, **overrides})
+    """test_reliability's quiet tiny run, publishing by broadcast."""
+    broadcast = {"rollout.weight_sync": "broadcast", "faults.generate_timeout_s": 30}
+    return quiet_tiny(tmp_path, **{**broadcast, **overrides})
 
 
 def weights_held(trainer: Trainer) -> tuple[dict[str, torch.Tensor], list[tuple[int, dict]]]:
