@@ -5,8 +5,8 @@ and supplies the hooks the loop calls, in its order: ``generate_options`` (what 
 from the algorithm), ``wants_more`` (whether a batch needs another round of rollouts),
 ``learn`` (scored rounds -> updates -> metrics), and its share of a checkpoint (``state``,
 ``save``, ``restore``). The loop owns everything else: actors, waits and faults, publication,
-logging, evaluation and checkpoints. ``ALGORITHMS`` picks one by ``config.algo``; the maths each
-uses are pure functions in ``distrl.algos``.
+logging, evaluation and checkpoints. ``plugin`` picks one by the family of ``config.algo`` in
+``distrl.algos.registry``; the maths each uses are pure functions in ``distrl.algos``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import ray
 import torch
 
 from distrl import actors
-from distrl.algos import dqn, pg
+from distrl.algos import dqn, pg, registry
 from distrl.errors import DistrlError
 from distrl.learner import Learner
 from distrl.qlearner import QLearner
@@ -93,9 +93,9 @@ class Algorithm:
 
 
 class PolicyGradient(Algorithm):
-    """PPO (value head, GAE) and the critic-free algorithms (GRPO, Dr. GRPO, RLOO, REINFORCE++):
-    on-policy batches go straight to the learner; DAPO's dynamic sampling and overlong shaping
-    are options of all of them."""
+    """Every policy-gradient algorithm of the registry (PPO with its value head, the critic-free
+    ones): on-policy batches go straight to the learner; DAPO's dynamic sampling and overlong
+    shaping are options of all of them."""
 
     learner_class = Learner
     worker_class = RolloutWorker
@@ -315,11 +315,10 @@ def no_signal_warning(rewards_seen: set[float], top_k: int, step: int) -> str | 
     )
 
 
-ALGORITHMS: dict[str, type[Algorithm]] = {
-    "ppo": PolicyGradient,
-    "grpo": PolicyGradient,
-    "dr_grpo": PolicyGradient,
-    "rloo": PolicyGradient,
-    "reinforce_pp": PolicyGradient,
-    "dqn": DQN,
-}
+PLUGINS: dict[str, type[Algorithm]] = {"policy_gradient": PolicyGradient, "q_learning": DQN}
+"""The plug-in of each family of ``distrl.algos.registry`` (an algorithm's ``family``)."""
+
+
+def plugin(algo: str) -> type[Algorithm]:
+    """The plug-in class that runs algorithm ``algo``."""
+    return PLUGINS[registry.get(algo).family]

@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
+from distrl.algos import registry
+from distrl.algos.pg import LOSS_AGG_MODES
 from distrl.errors import ConfigError
 from distrl.schema import build, join_path, read_with_base, to_dict, unknown_key
 
@@ -87,8 +89,11 @@ class DataConfig:
 class RolloutConfig:
     num_workers: int = _f(2, "rollout worker actors", ge=1)
     batch_size: int = _f(8, "prompts each worker generates for per rollout", ge=1)
-    samples_per_prompt: int = _f(
-        1, "completions sampled per prompt (the group of GRPO, RLOO and dynamic sampling)", ge=1
+    samples_per_prompt: int | None = _f(
+        None,
+        "completions sampled per prompt (the group of GRPO, RLOO and dynamic sampling); "
+        "empty = the algorithm's own (4 for the group algorithms, else 1)",
+        ge=1,
     )
     max_new_tokens: int = _f(32, "longest continuation, in policy tokens", ge=1)
     temperature: float = _f(1.0, "sampling temperature", gt=0.0)
@@ -175,16 +180,6 @@ class LearnerConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
-PG_ALGOS = ("ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp")
-GROUP_ALGOS = ("grpo", "dr_grpo", "rloo")
-LOSS_AGGREGATIONS = (
-    "token_mean",
-    "seq_mean_token_sum",
-    "seq_mean_token_mean",
-    "seq_mean_token_sum_norm",
-)
-
-
 @dataclass(frozen=True)
 class PPOConfig:
     """Policy-gradient settings, for PPO and the critic-free algorithms alike."""
@@ -221,19 +216,24 @@ class PPOConfig:
         0.0, "cross-entropy coefficient on reference responses, when the data has them", ge=0.0
     )
     clip_low: float | None = _f(
-        None, "lower surrogate clip range (ratio >= 1 - clip_low); empty = clip", gt=0.0, lt=1.0
+        None,
+        "lower surrogate clip range (ratio >= 1 - clip_low); empty = the algorithm's own "
+        "(gspo: 3e-4), else clip",
+        gt=0.0,
+        lt=1.0,
     )
     clip_high: float | None = _f(
         None,
-        "upper surrogate clip range (ratio <= 1 + clip_high, DAPO: 0.28); empty = clip",
+        "upper surrogate clip range (ratio <= 1 + clip_high, DAPO: 0.28); empty = the "
+        "algorithm's own (gspo: 4e-4), else clip",
         gt=0.0,
     )
-    loss_agg: Literal[LOSS_AGGREGATIONS] | None = _f(  # type: ignore[valid-type]
+    loss_agg: Literal[LOSS_AGG_MODES] | None = _f(  # type: ignore[valid-type]
         None,
         "how token losses make the loss: the mean over all tokens (token_mean, DAPO's), a "
         "per-sequence sum or mean then the mean over sequences (seq_mean_token_mean is the "
         "original GRPO's), or Dr. GRPO's sum over a constant length (seq_mean_token_sum_norm); "
-        "empty = the algorithm's own: seq_mean_token_sum_norm for dr_grpo, else token_mean",
+        "empty = the algorithm's own (see the README's algorithm table)",
     )
     kl_loss_coef: float = _f(
         0.0,
@@ -420,10 +420,8 @@ class OutputConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    algo: Literal[(*PG_ALGOS, "dqn")] = _f(  # type: ignore[valid-type]
-        "ppo",
-        "learning algorithm: ppo (value head, GAE), grpo, dr_grpo, rloo, reinforce_pp "
-        "(critic-free), dqn (token-level Q-learning)",
+    algo: Literal[tuple(registry.ALGOS)] = _f(  # type: ignore[valid-type]
+        registry.DEFAULT, registry.help_text()
     )
     seed: int = _f(0, "random seed", ge=0)
     iterations: int = _f(100, "training iterations (rollout, score, learn, publish)", ge=1)
@@ -441,23 +439,30 @@ class RunConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def __post_init__(self) -> None:
+        spec = registry.get(self.algo)
+        if self.rollout.samples_per_prompt is None:  # the algorithm's own group size
+            group = spec.group_size
+            if self.ppo.dynamic_sampling and group < 2:
+                group = registry.GROUP
+            rollout = dataclasses.replace(self.rollout, samples_per_prompt=group)
+            object.__setattr__(self, "rollout", rollout)
         r, p = self.rollout, self.ppo
         completions = r.batch_size * r.num_workers * r.samples_per_prompt
-        if self.algo != "dqn" and p.minibatch_size > completions:
+        if spec.family == "policy_gradient" and p.minibatch_size > completions:
             raise ConfigError(
                 f"ppo.minibatch_size ({p.minibatch_size}) is larger than a rollout batch "
                 f"(rollout.batch_size x rollout.num_workers x rollout.samples_per_prompt = "
                 f"{completions})"
             )
-        needs_groups = self.algo in GROUP_ALGOS or p.dynamic_sampling
+        needs_groups = spec.needs_groups or p.dynamic_sampling
         if needs_groups and r.samples_per_prompt < 2:
             what = "ppo.dynamic_sampling" if p.dynamic_sampling else f"algo {self.algo}"
             raise ConfigError(
                 f"{what} compares the completions of one prompt: set "
                 f"rollout.samples_per_prompt to 2 or more (now {r.samples_per_prompt})"
             )
-        if self.algo == "dqn" and r.samples_per_prompt != 1:
-            raise ConfigError("rollout.samples_per_prompt must be 1 with algo dqn")
+        if spec.family == "q_learning" and r.samples_per_prompt != 1:
+            raise ConfigError(f"rollout.samples_per_prompt must be 1 with algo {self.algo}")
         if p.overlong_buffer >= r.max_new_tokens:
             raise ConfigError(
                 f"ppo.overlong_buffer ({p.overlong_buffer}) must be below "
@@ -466,7 +471,7 @@ class RunConfig:
         if self.replay.beta_end < self.replay.beta_start:
             raise ConfigError("replay.beta_end must be >= replay.beta_start")
         d = self.dqn
-        if r.engine == "vllm" and self.algo == "dqn":
+        if r.engine == "vllm" and spec.family == "q_learning":
             vllm_acts = d.q_network == "lm_head" and d.exploration == "boltzmann"
             if not (vllm_acts and d.action_top_k == 0):
                 raise ConfigError(
@@ -480,7 +485,11 @@ class RunConfig:
                 "rollout.engine vllm takes full weights; with learner.lora.rank > 0 use "
                 "rollout.engine hf (the workers then load only the adapters)"
             )
-        if self.algo == "dqn" and self.learner.lora.rank and self.dqn.q_network != "lm_head":
+        if (
+            spec.family == "q_learning"
+            and self.learner.lora.rank
+            and self.dqn.q_network != "lm_head"
+        ):
             raise ConfigError(
                 f"learner.lora adapts the policy LM; dqn.q_network {self.dqn.q_network} is a "
                 "network of its own: use dqn.q_network lm_head or learner.lora.rank 0"

@@ -1,11 +1,12 @@
 """Policy-gradient learner: PPO with a value head, or a critic-free algorithm (GRPO, Dr. GRPO,
-RLOO, REINFORCE++), with a frozen reference model, optimizer and KL control.
+RLOO, REINFORCE++, GSPO, CISPO), with a frozen reference model, optimizer and KL control.
 
 A plain class; ``distrl.actors`` makes it the one learner actor. ``train`` turns a scored batch
-of trajectories into minibatch updates and bumps the policy version. The algorithm only decides
-the advantages (GAE from the value head, or ``distrl.algos.pg.ADVANTAGE_ESTIMATORS``) and where
-the KL to the reference goes (the reward, or a loss term); the update is the same clipped
-surrogate for all, with DAPO's asymmetric clipping and loss aggregation as options.
+of trajectories into minibatch updates and bumps the policy version. The algorithm's registry
+entry (``distrl.algos.registry``) decides the advantages (GAE from the value head, or its
+estimator), where the KL to the reference goes (the reward, or a loss term), its policy loss and
+its defaults; ``plan_passes`` decides once, from the entry and the config, which forward passes
+an update runs.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from distrl.algos import pg, ppo
+from distrl.algos import pg, ppo, registry
 from distrl.checkpoint import load_torch_state, save_torch_state
 from distrl.config import LearnerConfig, ModelConfig, PPOConfig, RunConfig, TokenizerConfig
 from distrl.errors import DistrlError
@@ -49,6 +50,70 @@ from distrl.rollout import Trajectories
 from distrl.weights import VersionedWeights, publish_weights, set_weights
 
 STATE_FILE = "distrl_state.pt"
+
+
+@dataclass(frozen=True)
+class Passes:
+    """The forward passes one update runs besides its minibatch steps.
+
+    Attributes:
+        reference: run the reference model (a KL penalty in the reward, or a KL loss term).
+        recompute: the learner recomputes the old log-probabilities before updating, and they
+            replace the workers' (an algorithm with the KL in the reward that runs the
+            reference: while the policy is the reference the KL is then exactly 0, not
+            round-off that whitening would blow up; or truncated importance sampling, which
+            needs both); it also measures their mismatch.
+        old_pass: a no-grad forward of the policy before updating (for ``recompute``, or for
+            the critic's old values when the update takes several optimizer steps).
+        values_in_update: the first minibatch's own forward gives the critic's old values (one
+            optimizer step over the whole batch, so no separate pass is needed).
+        probe: the first minibatch is a forward of the old weights over every row, so it
+            measures the rollout/learner mismatch for free.
+        kl_in_reward: the reward carries the per-token KL penalty.
+    """
+
+    reference: bool
+    recompute: bool
+    old_pass: bool
+    values_in_update: bool
+    probe: bool
+    kl_in_reward: bool
+
+
+def plan_passes(
+    algo: registry.Algo,
+    ppo_config: PPOConfig,
+    *,
+    batch_size: int,
+    kl_coef: float,
+    deterministic: bool,
+) -> Passes:
+    """Which passes an update of ``batch_size`` rows runs (see ``Passes``).
+
+    Args:
+        algo: the algorithm's registry entry.
+        ppo_config: the run's policy-gradient settings.
+        batch_size: rows in the batch.
+        kl_coef: the KL controller's current coefficient (0 and fixed: no reference pass).
+        deterministic: a training-mode forward gives an eval-mode one's logprobs (no dropout).
+    """
+    c = ppo_config
+    whole_batch = c.minibatch_size >= batch_size
+    single_step = algo.critic and c.epochs == 1 and whole_batch
+    # Without a KL penalty (fixed coefficient 0) the reference model is not run, as GRPO
+    # does with beta 0.
+    penalty = algo.kl_in_reward and (kl_coef > 0 or c.kl_target is not None)
+    reference = penalty or c.kl_loss_coef > 0
+    recompute = (algo.kl_in_reward and reference) or c.rollout_is == "truncated"
+    old_pass = recompute or (algo.critic and not single_step)
+    return Passes(
+        reference=reference,
+        recompute=recompute,
+        old_pass=old_pass,
+        values_in_update=algo.critic and not old_pass,
+        probe=not recompute and whole_batch and deterministic,
+        kl_in_reward=algo.kl_in_reward,
+    )
 
 
 @dataclass
@@ -98,7 +163,7 @@ class Learner(LearnerRole):
         ppo_config: PPOConfig,
         temperature: float,
         seed: int,
-        algo: str = "ppo",
+        algo: str = registry.DEFAULT,
         max_new_tokens: int | None = None,
         torch_threads: int | None = None,
     ) -> None:
@@ -106,11 +171,13 @@ class Learner(LearnerRole):
             torch.set_num_threads(torch_threads)
         torch.manual_seed(seed)
         self.config, self.ppo, self.temperature = learner, ppo_config, temperature
-        self.algo, self.critic = algo, algo == "ppo"  # only PPO learns a value function
+        self.algo = registry.get(algo)
+        self.critic = self.algo.critic
         self.max_new_tokens = max_new_tokens  # the constant length seq_mean_token_sum_norm uses
-        self.loss_agg = ppo_config.loss_agg or (
-            "seq_mean_token_sum_norm" if algo == "dr_grpo" else "token_mean"
-        )
+        self.loss_agg = ppo_config.loss_agg or self.algo.loss_agg
+        low, high = self.algo.clip or (ppo_config.clip, ppo_config.clip)
+        self.clip_low = low if ppo_config.clip_low is None else ppo_config.clip_low
+        self.clip_high = high if ppo_config.clip_high is None else ppo_config.clip_high
         self.tokenizer_spec = tokenizer.name
         self.tokenizer = build_tokenizer(model, tokenizer)
         policy = build_model(model, self.tokenizer, seed=seed)
@@ -231,31 +298,22 @@ class Learner(LearnerRole):
         start = batch.prompt_ids.shape[1]
         old_logprobs = torch.tensor(batch.logprobs, device=self.device)
         n = ids.shape[0]
-        # One optimizer step over the whole batch: the update's own forward gives the values
-        # the advantages need, so the separate value pass is skipped.
-        single = self.critic and c.epochs == 1 and c.minibatch_size >= n
-        kl_in_reward = self.algo in ("ppo", "reinforce_pp")
-        # Without a KL penalty (fixed coefficient 0) the reference model is not run, as GRPO
-        # does with beta 0.
-        measure_kl = kl_in_reward and (self.kl.value > 0 or c.kl_target is not None)
-        measure_kl = measure_kl or c.kl_loss_coef > 0
-        # With the KL in the reward, old logprobs are recomputed by the learner's forward, as
-        # the reference's are: while the policy is the reference the KL is then exactly 0. The
-        # workers' own numbers differ by round-off, which whitening and Adam's normalised step
-        # would turn into a real update on a batch without reward. Elsewhere the workers'
-        # recorded logprobs are the old ones. The pass also gives the critic its old values.
-        # Truncated importance sampling needs the learner's old logprobs beside the workers'.
-        rollout_is = c.rollout_is == "truncated"
-        recompute = (kl_in_reward and measure_kl) or rollout_is
+        passes = plan_passes(
+            self.algo,
+            c,
+            batch_size=n,
+            kl_coef=self.kl.value,
+            deterministic=self._deterministic_forward(),
+        )
         values, mismatch, is_weights = None, {}, None  # mismatch: metrics, without learner/
         with torch.no_grad():
             self.net.eval()
-            if recompute or (self.critic and not single):
+            if passes.old_pass:
                 logits, values = self._forward(self.net.model, ids, mask, start, self.critic)
-                if recompute:
+                if passes.recompute:
                     recomputed = ppo.logprobs_from_logits(logits, tokens) * rmask
                     mismatch = self._mismatch(recomputed, old_logprobs, rmask)
-                    if rollout_is:
+                    if c.rollout_is == "truncated":
                         is_weights, is_stats = pg.truncated_is_weights(
                             learner_logprobs=recomputed,
                             rollout_logprobs=old_logprobs,
@@ -267,7 +325,7 @@ class Learner(LearnerRole):
                     old_logprobs = recomputed
                 del logits
             ref_logprobs = old_logprobs
-            if measure_kl:
+            if passes.reference:
                 with self.reference_model() as reference:
                     ref_logits, _ = self._forward(reference, ids, mask, start)
                 ref_logprobs = ppo.logprobs_from_logits(ref_logits, tokens)
@@ -277,7 +335,7 @@ class Learner(LearnerRole):
                 logprobs=old_logprobs,
                 ref_logprobs=ref_logprobs,
                 mask=rmask,
-                kl_coef=self.kl.value if kl_in_reward else 0.0,
+                kl_coef=self.kl.value if passes.kl_in_reward else 0.0,
             )
         data = PPOBatch(
             ids, mask, tokens, rmask, old_logprobs, rewards, references, is_weights=is_weights
@@ -286,15 +344,13 @@ class Learner(LearnerRole):
             data = dataclasses.replace(data, ref_logprobs=ref_logprobs)
         if not self.critic:
             data = self._critic_free_advantages(data, scores, groups)
-        elif values is not None:
+        elif not passes.values_in_update:
             data = self._with_advantages(data, values)
         self.net.train()
         stats: dict[str, list[float]] = {}
         skipped = 0
         stop = False
-        # Without a recomputing pass, a first minibatch that covers the whole batch is a forward
-        # of the learner's old weights over every row: the mismatch comes free from it.
-        probe = not recompute and c.minibatch_size >= n and self._deterministic_forward()
+        probe = passes.probe
         for _ in range(c.epochs):
             for idx in torch.randperm(n).split(c.minibatch_size):
                 out = self._minibatch(data.rows(idx), start, probe=probe)
@@ -317,7 +373,7 @@ class Learner(LearnerRole):
         self.version += 1
         seconds = time.perf_counter() - start_time
         metrics = {f"learner/{k}": float(np.mean(v)) for k, v in stats.items()}
-        if measure_kl:
+        if passes.reference:
             metrics["learner/kl"] = seq_kl
         metrics.update({f"learner/{k}": v for k, v in mismatch.items()})
         metrics.update(
@@ -368,23 +424,20 @@ class Learner(LearnerRole):
     def _critic_free_advantages(
         self, data: PPOBatch, scores: np.ndarray, groups: np.ndarray | None
     ) -> PPOBatch:
-        """``data`` with the advantages of a critic-free algorithm (no value function)."""
+        """``data`` with the advantages of a critic-free algorithm (its registry estimator)."""
+        if self.algo.needs_groups and groups is None:
+            raise DistrlError(f"algo {self.algo.name} needs the group id of every sample")
         with torch.no_grad():
-            if self.algo == "reinforce_pp":  # KL in the reward, returns whitened over the batch
-                advantages = pg.reinforce_pp_advantages(
-                    token_rewards=data.rewards,
-                    mask=data.rmask,
-                    gamma=self.ppo.gamma,
-                    min_std=self.ppo.whiten_min_std,
-                )
-            else:
-                if groups is None:
-                    raise DistrlError(f"algo {self.algo} needs the group id of every sample")
-                advantages = pg.ADVANTAGE_ESTIMATORS[self.algo](
-                    scores=torch.tensor(np.array(scores), dtype=torch.float32, device=self.device),
-                    groups=torch.as_tensor(np.array(groups), device=self.device),
-                    mask=data.rmask,
-                )
+            advantages = self.algo.estimator(
+                scores=torch.tensor(np.array(scores), dtype=torch.float32, device=self.device),
+                groups=None
+                if groups is None
+                else torch.as_tensor(np.array(groups), device=self.device),
+                token_rewards=data.rewards,
+                mask=data.rmask,
+                gamma=self.ppo.gamma,
+                min_std=self.ppo.whiten_min_std,
+            )
         return dataclasses.replace(data, advantages=advantages)
 
     def _minibatch(self, mb: PPOBatch, start: int, probe: bool = False) -> dict[str, float] | None:
@@ -397,13 +450,13 @@ class Learner(LearnerRole):
             mb = self._with_advantages(mb, values)
         logprobs = ppo.logprobs_from_logits(logits, mb.tokens)
         gap = self._mismatch(logprobs, mb.old_logprobs, m) if probe else {}
-        pg_loss, pg_stats = pg.policy_loss(
+        pg_loss, pg_stats = self.algo.policy_loss(
             logprobs=logprobs,
             old_logprobs=mb.old_logprobs,
             advantages=mb.advantages,
             mask=m,
-            clip_low=c.clip if c.clip_low is None else c.clip_low,
-            clip_high=c.clip if c.clip_high is None else c.clip_high,
+            clip_low=self.clip_low,
+            clip_high=self.clip_high,
             loss_agg=self.loss_agg,
             max_length=self.max_new_tokens,
             weights=mb.is_weights,

@@ -24,7 +24,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from distrl import actors
-from distrl.algorithms import ALGORITHMS, Round
+from distrl.algorithms import Round, plugin
 from distrl.checkpoint import (
     OPTIMIZER_FILE,
     latest_checkpoint,
@@ -46,11 +46,11 @@ Report = Callable[[int, dict[str, float], "Path | None"], None]
 
 class Trainer:
     """Owns the actors of one run and steps the training loop; ``self.algo`` (chosen by
-    ``config.algo`` from ``ALGORITHMS``) supplies the roles and the learning step."""
+    ``config.algo`` by ``distrl.algorithms.plugin``) supplies the roles and the learning step."""
 
     def __init__(self, config: RunConfig, run_dir: Path, train: Prompts, val: Prompts) -> None:
         self.config, self.run_dir, self.train_prompts, self.val = config, run_dir, train, val
-        algorithm = ALGORITHMS[config.algo]
+        algorithm = plugin(config.algo)
         self.learner_class, self.worker_class = algorithm.learner_class, algorithm.worker_class
         self.progress_keys = algorithm.progress_keys
         self.learner = self.make_learner()

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from distrl.algos import registry
 from distrl.config import NAMED_CONFIGS, RunConfig
 from distrl.errors import ConfigError
 from distrl.faults import FAULT_KEYS
@@ -347,7 +348,7 @@ def trial_bundles(config: RunConfig, trial_cpus: float) -> list[dict[str, float]
         (bundle(res.rollout_cpus, res.rollout_gpus, "rollout"), config.rollout.num_workers),
         (bundle(res.reward_cpus, res.reward_gpus, "reward"), config.reward.num_actors),
     ]
-    if config.algo == "dqn":
+    if registry.get(config.algo).uses_replay:
         roles.append((bundle(res.replay_cpus, 0.0, "replay"), 1))
     first = {"CPU": float(trial_cpus)} if trial_cpus else {}
     return [first, *(dict(b) for b, n in roles if b for _ in range(n))]

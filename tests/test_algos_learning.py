@@ -68,8 +68,10 @@ def learn(algo: str, seed: int, **overrides) -> list[float]:
         ("reinforce_pp", {"ppo.kl_coef": 0.0}),
         ("grpo", {"ppo.loss_agg": "seq_mean_token_mean"}),  # the original GRPO loss
         ("ppo", {"ppo.kl_coef": 0.0}),
+        ("gspo", {}),
+        ("cispo", {}),
     ],
-    ids=["grpo", "dr_grpo", "rloo", "reinforce_pp", "grpo_seq_mean", "ppo"],
+    ids=["grpo", "dr_grpo", "rloo", "reinforce_pp", "grpo_seq_mean", "ppo", "gspo", "cispo"],
 )
 def test_the_algorithm_learns_the_low_token_task(algo, overrides):
     # PPO's value head starts random and its advantages are noisier on a task this short.

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from distrl.algos.pg import (
-    ADVANTAGE_ESTIMATORS,
     aggregate_loss,
+    cispo_loss,
     equal_reward_groups,
     group_advantages,
+    gspo_loss,
     kl_penalty,
     overlong_penalty,
     policy_loss,
@@ -105,15 +106,6 @@ def test_reinforce_pp_advantages_whiten_over_the_whole_batch():
         token_rewards=t([-2.0, 3.0, 7.0], [2.0, 1.0, 7.0]), mask=t([1, 1, 0], [1, 1, 0])
     )
     assert torch.allclose(adv, t([-1, 1, 0], [1, -1, 0]), atol=1e-4)
-
-
-def test_registry_names_share_one_signature():
-    assert set(ADVANTAGE_ESTIMATORS) == {"grpo", "dr_grpo", "rloo"}
-    # dr_grpo is group_advantages without the std: see test_group_advantages_dr_grpo_drops_std.
-    adv = ADVANTAGE_ESTIMATORS["dr_grpo"](scores=SCORES, groups=GROUPS, mask=MASK)
-    assert torch.allclose(adv[:, 0], t(-2, -0.5, -1, 0.5, 3))
-    for fn in ADVANTAGE_ESTIMATORS.values():
-        assert fn(scores=SCORES, groups=GROUPS, mask=MASK).shape == (5, 2)
 
 
 def test_kl_penalty_estimators():
@@ -338,3 +330,98 @@ def test_policy_loss_weights_scale_each_token_before_aggregation():
             # d/d logprob of -A w r / 3 at r = 1: -A w / 3; the weights carry no gradient.
             loss.backward()
             assert torch.allclose(logprobs.grad, t([-2 / 3, -2 / 3], [1 / 6, 0.0]))
+
+
+# GSPO: row 0 has log-ratios 0.2, 0.1, 0.1 (mean 0.4 / 3), row 1 has 0.5, 0.5 and a padded token
+# holding junk. Sequence ratios s0 = e^(0.4/3) = 1.142631 (inside [0.8, 1.2]) and s1 = e^0.5 =
+# 1.648721 (above 1.2). Token-level PPO would see e^0.2 = 1.2214 (clipped) on row 0's first token.
+GSPO_NEW = t([-1.0, -2.0, -0.5], [-1.0, -1.0, -9.0])
+GSPO_OLD = t([-1.2, -2.1, -0.6], [-1.5, -1.5, 0.0])
+GSPO_MASK = t([1, 1, 1], [1, 1, 0])
+S0, S1 = math.exp(0.4 / 3), math.exp(0.5)
+
+
+@pytest.mark.parametrize(
+    ("a1", "loss", "grad1", "clipfrac"),
+    [
+        # A1 = +1: row 1 is clipped at 1.2 (no gradient); seq_mean_token_mean averages the rows'
+        # token means: (-s0 - 1.2) / 2. Row 0's gradient per token: -A s0 / 3 tokens / 2 rows.
+        (1.0, (-S0 - 1.2) / 2, 0.0, 2 / 5),
+        # A1 = -1: max(s1, 1.2) = s1 is the unclipped branch, gradient s1 / 2 tokens / 2 rows.
+        (-1.0, (-S0 + S1) / 2, S1 / 4, 0.0),
+    ],
+)
+def test_gspo_clips_one_ratio_per_sequence(a1, loss, grad1, clipfrac):
+    new = GSPO_NEW.clone().requires_grad_(True)
+    adv = t([1.0, 1.0, 1.0], [a1, a1, a1]) * GSPO_MASK
+    out, stats = gspo_loss(
+        logprobs=new,
+        old_logprobs=GSPO_OLD,
+        advantages=adv,
+        mask=GSPO_MASK,
+        clip_low=0.2,
+        clip_high=0.2,
+        loss_agg="seq_mean_token_mean",
+    )
+    out.backward()
+    assert out.item() == pytest.approx(loss, abs=1e-5)
+    assert stats["clipfrac"].item() == pytest.approx(clipfrac)
+    assert stats["ratio"].item() == pytest.approx((3 * S0 + 2 * S1) / 5, abs=1e-5)
+    expected = t([-S0 / 6] * 3, [grad1, grad1, 0.0])
+    assert torch.allclose(new.grad, expected, atol=1e-5)
+
+
+def test_gspo_equals_token_level_ppo_on_policy():
+    # On the policy that sampled (every ratio 1) both are -A on every token.
+    adv = t([1.0, -2.0, 0.5], [3.0, 1.0, 0.0])
+    kwargs = {"advantages": adv, "mask": GSPO_MASK, "clip_low": 3e-4, "clip_high": 4e-4}
+    kwargs["loss_agg"] = "seq_mean_token_mean"
+    a, b = GSPO_NEW.clone().requires_grad_(True), GSPO_NEW.clone().requires_grad_(True)
+    gspo, _ = gspo_loss(
+        logprobs=a, old_logprobs=GSPO_NEW.masked_fill(GSPO_MASK == 0, 5.0), **kwargs
+    )
+    ppo_, _ = policy_loss(logprobs=b, old_logprobs=GSPO_NEW, **kwargs)
+    (gspo + ppo_).backward()
+    assert gspo.item() == pytest.approx(ppo_.item(), abs=1e-6)
+    assert torch.allclose(a.grad, b.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("adv", "new", "loss", "grad", "clipfrac"),
+    [
+        # r = [1, e^0.5 = 1.6487] -> weights [1, 1.2]; -w A logp = [2.0, 1.2], token mean 1.6.
+        # Token 2 keeps its gradient -w A / 2 = -1.2 where PPO's clip would give it none.
+        (2.0, [-1.0, -0.5, -3.0], 1.6, [-1.0, -1.2, 0.0], 0.5),
+        # r = [1, e^-0.5 = 0.6065] -> weights [1, 0.8]; A = -2: -w A logp = [-2.0, -2.4],
+        # token mean -2.2, gradient -w A / 2 = [1.0, 0.8].
+        (-2.0, [-1.0, -1.5, -3.0], -2.2, [1.0, 0.8, 0.0], 0.5),
+    ],
+)
+def test_cispo_clips_the_weight_and_keeps_every_gradient(adv, new, loss, grad, clipfrac):
+    logprobs = t(new).requires_grad_(True)
+    out, stats = cispo_loss(
+        logprobs=logprobs,
+        old_logprobs=t([-1.0, -1.0, 0.0]),
+        advantages=t([adv, adv, adv]),
+        mask=t([1, 1, 0]),
+        clip_low=0.2,
+        clip_high=0.2,
+        loss_agg="token_mean",
+    )
+    out.backward()
+    assert out.item() == pytest.approx(loss, abs=1e-5)
+    assert stats["clipfrac"].item() == pytest.approx(clipfrac)
+    assert torch.allclose(logprobs.grad, t(grad), atol=1e-5)
+    # PPO's clipped surrogate on the same tokens: the clipped token gets no gradient.
+    ppo_logprobs = t(new).requires_grad_(True)
+    ppo_loss, _ = policy_loss(
+        logprobs=ppo_logprobs,
+        old_logprobs=t([-1.0, -1.0, 0.0]),
+        advantages=t([adv, adv, adv]),
+        mask=t([1, 1, 0]),
+        clip_low=0.2,
+        clip_high=0.2,
+        loss_agg="token_mean",
+    )
+    ppo_loss.backward()
+    assert ppo_logprobs.grad[0, 1].item() == 0.0

@@ -81,7 +81,7 @@ def test_empty_value_means_none():
         (
             ["--algo", "sac"],
             "algo: 'sac' is not one of 'ppo' | 'grpo' | 'dr_grpo' | 'rloo' | 'reinforce_pp' "
-            "| 'dqn'",
+            "| 'gspo' | 'cispo' | 'dqn'",
         ),
         (["--output.tensorboard", "maybe"], "output.tensorboard: expected true or false"),
         (

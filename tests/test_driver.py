@@ -157,8 +157,8 @@ def test_no_held_out_prompts_is_said_not_hidden():
     assert val_prompts.ids == train_prompts.ids[: config.output.eval_examples]
 
 
-@pytest.mark.slow  # four runs
-@pytest.mark.parametrize("algo", ["grpo", "dr_grpo", "rloo", "reinforce_pp"])
+@pytest.mark.slow  # six runs
+@pytest.mark.parametrize("algo", ["grpo", "dr_grpo", "rloo", "reinforce_pp", "gspo", "cispo"])
 def test_critic_free_algorithms_run_end_to_end_with_groups(ray_session, tmp_path, algo):
     config = tiny(
         tmp_path,

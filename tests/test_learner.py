@@ -7,10 +7,11 @@ from transformers import AutoModelForCausalLM
 
 from distrl.algos import ppo
 from distrl.algos.pg import group_advantages
+from distrl.algos.registry import ALGOS
 from distrl.checkpoint import OPTIMIZER_FILE
 from distrl.config import load_config
 from distrl.data import load_examples
-from distrl.learner import Learner
+from distrl.learner import Learner, Passes, plan_passes
 from distrl.policy import encode_prompts, response_hidden
 from distrl.rollout import RolloutWorker
 
@@ -365,3 +366,45 @@ def test_no_mismatch_metric_without_a_forward_of_the_old_weights_over_the_batch(
     _, learner, batch, scores, groups = group_update(prompts, **{"ppo.minibatch_size": 4})
     metrics = learner.train(batch, scores, groups=groups)
     assert "learner/logprob_mismatch" not in metrics
+
+
+# (algo, ppo overrides, batch rows, KL coefficient, deterministic forward) -> passes:
+# reference, recompute, old_pass, values_in_update, probe, kl_in_reward.
+PLANS = [
+    # PPO as configured by default: the reference for the KL in the reward, old logprobs and
+    # values from one pass before its several minibatches.
+    ("ppo", {}, 16, 0.05, True, (1, 1, 1, 0, 0, 1)),
+    # PPO without a KL and one step over the whole batch: the step's own forward does it all.
+    ("ppo", {"epochs": 1, "minibatch_size": 16}, 16, 0.0, True, (0, 0, 0, 1, 1, 1)),
+    # ... with two epochs the values come from a pass before the update.
+    ("ppo", {"epochs": 2, "minibatch_size": 16}, 16, 0.0, True, (0, 0, 1, 0, 1, 1)),
+    # an adaptive KL runs the reference even at coefficient 0.
+    ("ppo", {"kl_target": 6.0}, 16, 0.0, True, (1, 1, 1, 0, 0, 1)),
+    # GRPO without a KL: nothing but the minibatches, the first of which probes the mismatch.
+    ("grpo", {"minibatch_size": 16}, 16, 0.05, True, (0, 0, 0, 0, 1, 0)),
+    ("grpo", {"minibatch_size": 8}, 16, 0.05, True, (0, 0, 0, 0, 0, 0)),
+    # its KL is a loss term: the reference runs, the workers' logprobs stay the old ones.
+    ("grpo", {"kl_loss_coef": 0.01, "minibatch_size": 16}, 16, 0.05, True, (1, 0, 0, 0, 1, 0)),
+    # truncated importance sampling needs the learner's own old logprobs beside the workers'.
+    ("grpo", {"rollout_is": "truncated", "minibatch_size": 16}, 16, 0.0, True, (0, 1, 1, 0, 0, 0)),
+    # adapter dropout: a training forward is not the old policy's, so nothing is probed.
+    ("gspo", {"minibatch_size": 16}, 16, 0.0, False, (0, 0, 0, 0, 0, 0)),
+    ("cispo", {"kl_loss_coef": 0.01, "minibatch_size": 16}, 16, 0.0, True, (1, 0, 0, 0, 1, 0)),
+    # REINFORCE++ keeps its KL in the reward: with the reference running, old logprobs are
+    # recomputed so the KL of an unchanged policy is exactly 0.
+    ("reinforce_pp", {}, 16, 0.05, True, (1, 1, 1, 0, 0, 1)),
+    ("reinforce_pp", {"kl_loss_coef": 0.01}, 16, 0.0, True, (1, 1, 1, 0, 0, 1)),
+    ("reinforce_pp", {"minibatch_size": 16}, 16, 0.0, True, (0, 0, 0, 0, 1, 1)),
+]
+
+
+@pytest.mark.parametrize(
+    ("algo", "overrides", "rows", "kl_coef", "deterministic", "expected"), PLANS
+)
+def test_the_update_plans_its_passes_once(algo, overrides, rows, kl_coef, deterministic, expected):
+    config = load_config("tiny", {"algo": algo})
+    ppo_config = dataclasses.replace(config.ppo, **overrides)
+    passes = plan_passes(
+        ALGOS[algo], ppo_config, batch_size=rows, kl_coef=kl_coef, deterministic=deterministic
+    )
+    assert passes == Passes(*map(bool, expected))

@@ -1,29 +1,32 @@
-"""Critic-free policy gradients for language models (GRPO, Dr. GRPO, RLOO, REINFORCE++, DAPO).
+"""Policy-gradient maths for language models (GRPO, Dr. GRPO, RLOO, REINFORCE++, GSPO, CISPO, DAPO).
 
 Shapes: ``B`` sequences, ``T`` response tokens. ``scores`` (B,) is one reward per sequence;
 ``groups`` (B,) int64 names the prompt each sequence answers (ids need not be contiguous or
 sorted); ``mask`` (B, T) is 1.0 on real response tokens and 0.0 on padding. Each function is
 keyword-only and tested against hand-computed examples in ``tests/test_algos_pg.py``.
 
-A loss is built from three choices: an advantage estimator (``ADVANTAGE_ESTIMATORS`` or
-``reinforce_pp_advantages``), the clip range (``clip_low``/``clip_high``) and how per-token losses
-become a scalar (``aggregate_loss``). GRPO = ``grpo`` + ``seq_mean_token_mean``; Dr. GRPO =
-``dr_grpo`` + ``seq_mean_token_sum_norm``; DAPO = ``grpo`` + ``token_mean`` + ``clip_high >
-clip_low`` + ``equal_reward_groups`` filtering + ``overlong_penalty``. ``truncated_is_weights``
-corrects for rollouts sampled by an engine whose log-probabilities differ from the learner's.
+A loss is built from four choices: an advantage estimator (``group_advantages``,
+``rloo_advantages``, ``reinforce_pp_advantages``, or PPO's GAE), a policy loss (the clipped
+surrogate ``policy_loss``, GSPO's ``gspo_loss``, CISPO's ``cispo_loss``), the clip range
+(``clip_low``/``clip_high``) and how per-token losses become a scalar (``aggregate_loss``). Which
+algorithm takes which is declared once, in ``distrl.algos.registry``. DAPO = GRPO +
+``token_mean`` + ``clip_high > clip_low`` + ``equal_reward_groups`` filtering +
+``overlong_penalty``. ``truncated_is_weights`` corrects for rollouts sampled by an engine whose
+log-probabilities differ from the learner's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import partial
-
 import torch
 
 from distrl.algos.ppo import masked_mean, whiten
-from distrl.config import LOSS_AGGREGATIONS
 
-LOSS_AGG_MODES = LOSS_AGGREGATIONS  # the config's choices
+LOSS_AGG_MODES = (
+    "token_mean",
+    "seq_mean_token_sum",
+    "seq_mean_token_mean",
+    "seq_mean_token_sum_norm",
+)
 KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
 
 
@@ -138,20 +141,6 @@ def reinforce_pp_advantages(
     return whiten(returns, mask, min_std=min_std)
 
 
-AdvantageFn = Callable[..., torch.Tensor]
-
-ADVANTAGE_ESTIMATORS: dict[str, AdvantageFn] = {
-    "grpo": group_advantages,
-    "dr_grpo": partial(group_advantages, std_normalize=False),
-    "rloo": rloo_advantages,
-}
-"""Outcome-level estimators, each called as ``fn(scores=, groups=, mask=) -> (B, T)``.
-
-REINFORCE++ is not here: it takes per-token KL-shaped rewards and whitens over the batch instead
-of comparing within groups, so callers use ``reinforce_pp_advantages(token_rewards=, mask=)``.
-"""
-
-
 def kl_penalty(
     *, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str
 ) -> torch.Tensor:
@@ -259,6 +248,107 @@ def policy_loss(
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).float(), mask),
+            "approx_kl": masked_mean((ratio - 1.0) - log_ratio, mask),
+            "ratio": masked_mean(ratio, mask),
+        }
+    return loss, stats
+
+
+def gspo_loss(
+    *,
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float,
+    clip_high: float,
+    loss_agg: str,
+    max_length: int | None = None,
+    weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GSPO: the clipped surrogate with one importance ratio per sequence.
+
+    The ratio of sequence ``i`` is ``s_i = exp(mean_t (logprobs - old_logprobs))`` over its
+    response tokens: its likelihood ratio normalised by its length, so one ratio serves a short
+    and a long response alike. Every token of the sequence takes the value ``s_i`` with the
+    gradient of ``s_i * logprob_t`` (GSPO-token: ``sg[s_i] * pi_t / sg[pi_t]``), and the surrogate
+    ``-min(s A, clip(s, 1 - clip_low, 1 + clip_high) A)`` is taken per token; with a group
+    algorithm's outcome advantage (the same on every token) this is the paper's sequence-level
+    GSPO. Its clip ranges are small (the paper's 3e-4 and 4e-4): ``s_i`` is a geometric mean.
+
+    Args:
+        logprobs, old_logprobs, advantages, mask, clip_low, clip_high, loss_agg, max_length,
+            weights: as ``policy_loss``.
+
+    Returns:
+        the loss and token-mean stats: ``clipfrac`` (share of tokens whose sequence's clip
+        bit), ``approx_kl`` (k3 of KL(old || new) per token, as ``policy_loss``) and ``ratio``
+        (the mean sequence ratio over tokens).
+    """
+    real = mask > 0
+    # Padding may hold anything: it is set to 0 before any arithmetic, never multiplied.
+    logprobs = torch.where(real, logprobs, 0.0)
+    token_log_ratio = torch.where(real, logprobs - old_logprobs, 0.0).clamp(-20.0, 20.0)
+    seq_log_ratio = token_log_ratio.sum(-1) / mask.sum(-1).clamp(min=1.0)
+    # The detached sequence ratio is added last: logprobs - sg(logprobs) is exactly 0.
+    log_ratio = (logprobs - logprobs.detach() + seq_log_ratio.detach().unsqueeze(-1)).clamp(
+        max=10.0
+    )
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    per_token = torch.maximum(unclipped, clipped)
+    if weights is not None:
+        per_token = per_token * weights
+    loss = aggregate_loss(loss=per_token, mask=mask, mode=loss_agg, max_length=max_length)
+    with torch.no_grad():
+        token_ratio = token_log_ratio.exp()
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
+            "approx_kl": masked_mean((token_ratio - 1.0) - token_log_ratio, mask),
+            "ratio": masked_mean(ratio, mask),
+        }
+    return loss, stats
+
+
+def cispo_loss(
+    *,
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float,
+    clip_high: float,
+    loss_agg: str,
+    max_length: int | None = None,
+    weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """CISPO: REINFORCE with the importance weight clipped and detached, per token.
+
+    ``-sg(clip(r, 1 - clip_low, 1 + clip_high)) * A * logprob`` with ``r = exp(logprobs -
+    old_logprobs)``. PPO's clip zeroes the gradient of a token whose ratio left the range, so
+    rare tokens that matter (a "wait" or a "however") stop learning after one step; CISPO bounds
+    the weight instead and every token keeps its gradient ``-w A grad(logprob)``.
+
+    Args:
+        logprobs, old_logprobs, advantages, mask, clip_low, clip_high, loss_agg, max_length,
+            weights: as ``policy_loss``.
+
+    Returns:
+        the loss and token-mean stats: ``clipfrac`` (share of tokens whose weight the clip
+        bound), ``approx_kl`` (k3 of KL(old || new), as ``policy_loss``) and ``ratio``.
+    """
+    real = mask > 0
+    log_ratio = torch.where(real, logprobs - old_logprobs, 0.0).clamp(-20.0, 20.0)
+    ratio = log_ratio.exp()
+    weight = ratio.clamp(1.0 - clip_low, 1.0 + clip_high).detach()
+    per_token = -weight * advantages * torch.where(real, logprobs, 0.0)
+    if weights is not None:
+        per_token = per_token * weights
+    loss = aggregate_loss(loss=per_token, mask=mask, mode=loss_agg, max_length=max_length)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((weight != ratio).float(), mask),
             "approx_kl": masked_mean((ratio - 1.0) - log_ratio, mask),
             "ratio": masked_mean(ratio, mask),
         }
