@@ -1,4 +1,4 @@
-"""Algorithms as plug-ins of the one training loop (``distrl.loop.Trainer``).
+"""Algorithms as plug-ins of the one training loop.
 
 An algorithm names its roles (the learner and rollout-worker classes, any other stateful actor)
 and supplies the hooks the loop calls, in its order: ``generate_options`` (what a rollout needs
@@ -14,7 +14,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import ray
@@ -22,6 +22,8 @@ import torch
 
 from distrl import actors
 from distrl.algos import dqn, pg, registry
+from distrl.config import RunConfig
+from distrl.crew import Crew
 from distrl.errors import DistrlError
 from distrl.learner import Learner
 from distrl.qlearner import QLearner
@@ -29,9 +31,6 @@ from distrl.qrollout import QRolloutWorker, make_transitions
 from distrl.replay import replay_spec
 from distrl.rewards import ScoreResult
 from distrl.rollout import RolloutWorker, Trajectories
-
-if TYPE_CHECKING:
-    from distrl.loop import Trainer
 
 REPLAY_FILE = "replay.parquet"
 NO_SIGNAL_ITERATIONS = 5  # DQN warns when no reward differed over this many iterations
@@ -48,15 +47,33 @@ class Round:
     groups: np.ndarray
 
 
+def group_rows(parts: list[Trajectories], n: int) -> np.ndarray:
+    """Group id of each row of the joined ``parts``: every ``n`` rows of a part, in order, are
+    the samples of one prompt (as the loop submits them)."""
+    sizes = [len(p.example_ids) // n for p in parts]
+    starts = np.cumsum([0, *sizes[:-1]])
+    return np.concatenate([s + np.arange(k * n) // n for s, k in zip(starts, sizes)])
+
+
 class Algorithm:
-    """The hooks every algorithm supplies (see the module docstring); defaults do nothing."""
+    """The hooks every algorithm supplies (see the module docstring); defaults do nothing.
+
+    Args:
+        config: the run's config.
+        crew: the run's actors and the loop's waits.
+        run_dir: the run directory.
+        references: the reference response (token ids, empty where none) of each training
+            example, by example id.
+    """
 
     learner_class: type
     worker_class: type
     progress_keys: list[str]
 
-    def __init__(self, trainer: Trainer) -> None:
-        self.trainer, self.config = trainer, trainer.config
+    def __init__(
+        self, config: RunConfig, crew: Crew, *, run_dir: Path, references: list[list[int]]
+    ) -> None:
+        self.config, self.crew, self.run_dir, self.references = config, crew, run_dir, references
 
     def actors(self) -> dict[str, ray.actor.ActorHandle]:
         """Stateful actors besides the learner, by role (restored from checkpoints if lost)."""
@@ -74,8 +91,8 @@ class Algorithm:
         """Whether the batch needs another round of rollouts."""
         return False
 
-    def learn(self, rounds: list[Round]) -> dict[str, float]:
-        """Update the learner from scored rounds; returns metrics."""
+    def learn(self, rounds: list[Round], *, step: int) -> dict[str, float]:
+        """Update the learner from scored rounds of iteration ``step`` (from 1); metrics."""
         raise NotImplementedError
 
     def state(self) -> dict[str, Any]:
@@ -115,37 +132,49 @@ class PolicyGradient(Algorithm):
 
     def keep(self, rounds: list[Round]) -> np.ndarray:
         """(B,) rows to learn from: not dropped by the reward pool and, with dynamic sampling,
-        in a group whose completions did not all score the same (no signal: zero advantage)."""
+        in a group whose kept completions did not all score the same (no signal: zero
+        advantage; a group left with one completion has none to compare with)."""
         scores = ScoreResult.concat([r.scores for r in rounds])
         keep = ~scores.dropped
         if self.config.ppo.dynamic_sampling:
+            rows = np.flatnonzero(keep)
             groups = np.concatenate([r.groups for r in rounds])
-            keep &= ~pg.equal_reward_groups(
-                scores=torch.from_numpy(scores.total.astype(np.float64)),
-                groups=torch.from_numpy(groups),
+            ties = pg.equal_reward_groups(
+                scores=torch.from_numpy(scores.total[rows].astype(np.float64)),
+                groups=torch.from_numpy(groups[rows]),
             ).numpy()
+            keep[rows[ties]] = False
         return keep
 
-    def learn(self, rounds: list[Round]) -> dict[str, float]:
-        """One update on the kept rows, cut to a batch of whole groups."""
-        p, n = self.config.ppo, self.config.rollout.samples_per_prompt
-        keep = self.keep(rounds)
-        scores = ScoreResult.concat([r.scores for r in rounds])
-        groups = np.concatenate([r.groups for r in rounds])
-        rows = np.flatnonzero(keep)
-        if p.dynamic_sampling:
+    def rows(self, rounds: list[Round]) -> np.ndarray:
+        """The rows of the joined rounds to learn from: the kept ones and, with dynamic
+        sampling, the oldest whole groups that fill one batch (one round's rows at zero
+        advantage when no group had signal)."""
+        n = self.config.rollout.samples_per_prompt
+        rows = np.flatnonzero(self.keep(rounds))
+        if self.config.ppo.dynamic_sampling:
             if len(rows) == 0:  # no group had signal: learn from one round at zero advantage
-                rows = np.flatnonzero(~scores.dropped)[-self.target() :]
+                dropped = np.concatenate([r.scores.dropped for r in rounds])
+                rows = np.flatnonzero(~dropped)[-self.target() :]
+            groups = np.concatenate([r.groups for r in rounds])
             first = np.unique(groups[rows])[: self.target() // n]  # whole groups, oldest first
             rows = rows[np.isin(groups[rows], first)]
+        return rows
+
+    def learn(self, rounds: list[Round], *, step: int) -> dict[str, float]:
+        """One update on ``rows``."""
+        p = self.config.ppo
+        keep, rows = self.keep(rounds), self.rows(rounds)
+        scores = ScoreResult.concat([r.scores for r in rounds])
+        groups = np.concatenate([r.groups for r in rounds])
         batch = Trajectories.concat([r.batch for r in rounds]).select(rows)
         penalty = self.overlong(batch)
-        prompts = self.trainer.train_prompts
-        refs = [prompts.references[i] for i in batch.example_ids]
-        learner = self.trainer.learner
-        metrics = self.trainer.wait_stateful(
+        refs = [self.references[i] for i in batch.example_ids]
+        metrics = self.crew.wait(
             "learner",
-            learner.train.remote(batch, scores.total[rows] + penalty, refs, groups=groups[rows]),
+            self.crew.learner().train.remote(
+                batch, scores.total[rows] + penalty, refs, groups=groups[rows]
+            ),
         )
         metrics["sampling/rounds"] = float(len(rounds))
         if p.dynamic_sampling:
@@ -180,8 +209,10 @@ class DQN(Algorithm):
     worker_class = QRolloutWorker
     progress_keys = ["reward/total", "learner/td_loss", "eval/reward", "replay/size"]
 
-    def __init__(self, trainer: Trainer) -> None:
-        super().__init__(trainer)
+    def __init__(
+        self, config: RunConfig, crew: Crew, *, run_dir: Path, references: list[list[int]]
+    ) -> None:
+        super().__init__(config, crew, run_dir=run_dir, references=references)
         self.replay = self.make_replay()
         self.updates = 0  # learner update calls made (the epsilon schedule's clock)
         self.width = self.config.data.max_prompt_tokens + self.config.rollout.max_new_tokens
@@ -220,10 +251,10 @@ class DQN(Algorithm):
         """The scheduled epsilon for the next rollouts."""
         return {"epsilon": self.epsilon()}
 
-    def learn(self, rounds: list[Round]) -> dict[str, float]:
+    def learn(self, rounds: list[Round], *, step: int) -> dict[str, float]:
         """Transitions into replay -> TD updates with priority feedback; returns metrics."""
         (round_,) = rounds
-        d, wait = self.config.dqn, self.trainer.wait_stateful
+        d, wait = self.config.dqn, self.crew.wait
         epsilon = self.epsilon()
         rewards = np.where(round_.scores.dropped, np.nan, round_.scores.total)
         columns, priorities = make_transitions(
@@ -235,11 +266,11 @@ class DQN(Algorithm):
             shaping=d.reward_shaping,
         )
         wait("replay", self.replay.add.remote(columns, priorities))
-        self.warn_if_no_signal(rewards)
+        self.warn_if_no_signal(rewards, step)
         size = wait("replay", self.replay.stats.remote())["replay/size"]
         learner_metrics: list[dict[str, float]] = []
         if size >= max(d.learning_starts, 1):
-            learner, outs, applied = self.trainer.learner, [], []
+            learner, outs, applied = self.crew.learner(), [], []
             for _ in range(d.updates_per_iteration):
                 sample = self.replay.sample.remote(d.batch_size)
                 ids, td, metrics = learner.update.options(num_returns=3).remote(sample)
@@ -261,14 +292,13 @@ class DQN(Algorithm):
         if d.exploration == "ucb":
             out["explore/ucb_bonus"] = float(np.mean([p.ucb_bonus for p in round_.parts]))
         every = self.config.replay.snapshot_every
-        if every and (self.trainer.step + 1) % every == 0:
-            path = str(self.trainer.run_dir / REPLAY_FILE)
+        if every and step % every == 0:
+            path = str(self.run_dir / REPLAY_FILE)
             wait("replay", self.replay.save_parquet.remote(path))
         return out
 
-    def warn_if_no_signal(self, rewards: np.ndarray) -> None:
+    def warn_if_no_signal(self, rewards: np.ndarray, step: int) -> None:
         """Warn once if the first iterations' rewards carry no signal (``no_signal_warning``)."""
-        step = self.trainer.step + 1
         if step <= NO_SIGNAL_ITERATIONS:
             self.rewards_seen.update(float(r) for r in rewards[np.isfinite(rewards)])
             message = no_signal_warning(self.rewards_seen, self.config.dqn.action_top_k, step)
@@ -286,7 +316,7 @@ class DQN(Algorithm):
     def save(self, folder: Path) -> None:
         """The replay buffer, as a Parquet snapshot inside the checkpoint."""
         path = str(folder / REPLAY_FILE)
-        self.trainer.wait_stateful("replay", self.replay.save_parquet.remote(path))
+        self.crew.wait("replay", self.replay.save_parquet.remote(path))
 
     def restore(self, folder: Path | None) -> None:
         """Refill the replay buffer from the checkpoint's snapshot (every DQN checkpoint has
@@ -298,7 +328,7 @@ class DQN(Algorithm):
         path = folder / REPLAY_FILE
         if not path.is_file():
             raise DistrlError(f"checkpoint {folder} has no {REPLAY_FILE}: not a DQN checkpoint")
-        self.trainer.wait_stateful("replay", self.replay.load_parquet.remote(str(path)))
+        self.crew.wait("replay", self.replay.load_parquet.remote(str(path)))
 
 
 def no_signal_warning(rewards_seen: set[float], top_k: int, step: int) -> str | None:

@@ -24,7 +24,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from distrl import actors
-from distrl.algorithms import Round, plugin
+from distrl.algorithms import Round, group_rows, plugin
 from distrl.checkpoint import (
     OPTIMIZER_FILE,
     latest_checkpoint,
@@ -32,6 +32,7 @@ from distrl.checkpoint import (
     write_checkpoint,
 )
 from distrl.config import RunConfig
+from distrl.crew import Crew
 from distrl.errors import DistrlError
 from distrl.faults import FAULT_KEYS, Hung, Interrupt, Lost, Stopped, StopSignals
 from distrl.metrics import MetricsLogger, format_progress
@@ -57,7 +58,17 @@ class Trainer:
         self.workers = [self.make_worker(i) for i in range(config.rollout.num_workers)]
         self.version = 0
         self.in_flight: dict[int, ray.ObjectRef] = {}
-        self.publisher = Publisher(self)
+        self.crew = Crew(
+            learner=lambda: self.learner,
+            workers=lambda: self.workers,
+            wait=self.wait_stateful,
+            renew_worker=self.renew_worker,
+            dead_role=self.dead_role,
+            count_fault=self.count_fault,
+        )
+        self.publisher = Publisher(
+            self.crew, config.faults, broadcasts=config.rollout.weight_sync == "broadcast"
+        )
         f = config.faults
         self.pool = actors.RewardPool(
             config.reward,
@@ -76,7 +87,8 @@ class Trainer:
         self.last_rounds: list[Round] = []  # the latest iteration's, for its samples
         self.last_checkpoint = time.monotonic()
         self.signals = StopSignals()
-        self.algo = algorithm(self)  # its own actors (DQN: the replay buffer) and state
+        # its own actors (DQN: the replay buffer) and state
+        self.algo = algorithm(config, self.crew, run_dir=run_dir, references=train.references)
         self.initial_state = self.state()  # what a recovery with no checkpoint restores
 
     def make_learner(self) -> ray.actor.ActorHandle:
@@ -119,6 +131,10 @@ class Trainer:
             raise Lost(role, f"did not answer within faults.{setting}={timeout:g} s") from None
         except RayActorError:
             raise Lost(self.dead_role() or role, "died") from None
+
+    def count_fault(self, key: str) -> None:
+        """Add one to the run's fault counter ``key`` (``faults/...``)."""
+        self.faults[key] += 1
 
     def dead_role(self) -> str | None:
         """The first stateful actor that no longer answers (an argument from a dead replay
@@ -256,7 +272,7 @@ class Trainer:
                 groups = offset + group_rows(parts, self.config.rollout.samples_per_prompt)
                 rounds.append(Round(parts, batch, scores, groups))
         t2 = time.perf_counter()
-        metrics = self.algo.learn(rounds)
+        metrics = self.algo.learn(rounds, step=self.step + 1)
         t3 = time.perf_counter()
         self.version = self.publish()
         times.update({"time/train_s": t3 - t2, "time/publish_s": time.perf_counter() - t3})
@@ -537,14 +553,6 @@ class Trainer:
         self.reward_restarts = int(self.faults["faults/reward_actor_restarts"])
         self.reward_timeouts = int(self.faults["faults/reward_timeouts"])
         self.algo.load_state(state)
-
-
-def group_rows(parts: list[Trajectories], n: int) -> np.ndarray:
-    """Group id of each row of the joined ``parts``: every ``n`` rows of a part, in order, are
-    the samples of one prompt (``Trainer.submit``)."""
-    sizes = [len(p.example_ids) // n for p in parts]
-    starts = np.cumsum([0, *sizes[:-1]])
-    return np.concatenate([s + np.arange(k * n) // n for s, k in zip(starts, sizes)])
 
 
 def _copy(src: Path, dst: Path) -> None:

@@ -12,17 +12,16 @@ batch in flight is gone); a learner that does not answer is ``Lost``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ray
 from ray.exceptions import RayActorError
 
 from distrl import actors
+from distrl.config import FaultsConfig
+from distrl.crew import Crew
 from distrl.faults import Hung, Lost
 from distrl.weight_sync import WeightSyncError
-
-if TYPE_CHECKING:
-    from distrl.loop import Trainer
 
 # Beyond faults.generate_timeout_s, how long the driver waits for a weight group's members:
 # one blocked by a missing member gives up at the timeout and needs a moment to say so.
@@ -30,11 +29,18 @@ SYNC_GRACE_S = 10.0
 
 
 class Publisher:
-    """Publishes the weights of ``trainer``'s learner to its rollout workers."""
+    """Publishes the weights of ``crew``'s learner to its rollout workers.
 
-    def __init__(self, trainer: Trainer) -> None:
-        self.trainer = trainer
-        self.broadcasts = trainer.config.rollout.weight_sync == "broadcast"
+    Args:
+        crew: the run's actors and waits.
+        faults: the run's timeouts and retries.
+        broadcasts: publish through a weight group (``rollout.weight_sync: broadcast``)
+            instead of the object store.
+    """
+
+    def __init__(self, crew: Crew, faults: FaultsConfig, *, broadcasts: bool) -> None:
+        self.crew, self.f = crew, faults
+        self.broadcasts = broadcasts
         self.group_pids: list[int] | None = None  # workers' processes when the group formed
         self.groups_formed = 0
 
@@ -52,22 +58,21 @@ class Publisher:
         """
         if self.broadcasts:
             return self.broadcast()
-        t = self.trainer
-        f = t.config.faults
-        weights_ref = t.learner.weights.remote()
+        crew, f = self.crew, self.f
+        weights_ref = crew.learner().weights.remote()
         if not ray.wait([weights_ref], timeout=f.train_timeout_s)[0]:
             why = f"did not answer within faults.train_timeout_s={f.train_timeout_s:g} s"
             raise Lost("learner", why)
-        refs = [w.set_weights.remote(weights_ref) for w in t.workers]
+        refs = [w.set_weights.remote(weights_ref) for w in crew.workers()]
         done, _ = ray.wait(refs, num_returns=len(refs), timeout=f.generate_timeout_s)
         try:
             versions = actors.get([r for r in refs if r in done])
         except RayActorError:  # the weights' owner died: the learner
-            raise Lost(t.dead_role() or "learner", "died") from None
+            raise Lost(crew.dead_role() or "learner", "died") from None
         renewed = [i for i, ref in enumerate(refs) if ref not in done]
         for i in renewed:  # hung
-            t.faults["faults/rollout_timeouts"] += 1
-            t.renew_worker(i)
+            crew.count_fault("faults/rollout_timeouts")
+            crew.renew_worker(i)
             versions.append(self.send(i))
         return max(versions), renewed
 
@@ -78,10 +83,9 @@ class Publisher:
 
     def send(self, i: int) -> int:
         """Worker ``i`` loads the learner's weights through the object store; its version."""
-        t = self.trainer
-        weights_ref = t.learner.weights.remote()
-        timeout = t.config.faults.generate_timeout_s
-        return actors.get(t.workers[i].set_weights.remote(weights_ref), timeout=timeout)
+        weights_ref = self.crew.learner().weights.remote()
+        worker = self.crew.workers()[i]
+        return actors.get(worker.set_weights.remote(weights_ref), timeout=self.f.generate_timeout_s)
 
     # ---- by broadcast -----------------------------------------------------------------
 
@@ -92,8 +96,7 @@ class Publisher:
         not answer is replaced and the group formed again, at most ``faults.call_retries``
         times; then the run stops with ``Hung``.
         """
-        t = self.trainer
-        f = t.config.faults
+        crew, f = self.crew, self.f
         renewed: list[int] = []
         why = ""
         for _ in range(f.call_retries + 1):
@@ -101,15 +104,15 @@ class Publisher:
             if not hung and self.group_pids is None:
                 hung, why = self.form_group(pids)
             if not hung and self.group_pids is not None:
-                receive_refs = [w.receive_weights.remote() for w in t.workers]
+                receive_refs = [w.receive_weights.remote() for w in crew.workers()]
                 version, hung, why = self.group_call(
-                    t.learner.broadcast_weights.remote(), receive_refs, "broadcast"
+                    crew.learner().broadcast_weights.remote(), receive_refs, "broadcast"
                 )
                 if version is not None:
                     return version, renewed
             for i in hung:
-                t.faults["faults/rollout_timeouts"] += 1
-                t.renew_worker(i)
+                crew.count_fault("faults/rollout_timeouts")
+                crew.renew_worker(i)
                 renewed.append(i)
         raise Hung(
             f"the weight broadcast (rollout.weight_sync) failed on {f.call_retries + 1} tries; "
@@ -125,8 +128,8 @@ class Publisher:
             A worker in another process than when the group formed (Ray restarted it) is out
             of the group: it must form again.
         """
-        pid_refs = actors.pid_refs(self.trainer.workers)
-        timeout = self.trainer.config.faults.generate_timeout_s
+        pid_refs = actors.pid_refs(self.crew.workers())
+        timeout = self.f.generate_timeout_s
         done, _ = ray.wait(pid_refs, num_returns=len(pid_refs), timeout=timeout)
         pids = []
         for ref in pid_refs:
@@ -145,21 +148,21 @@ class Publisher:
         Returns:
             The workers that did not answer, and why forming failed ("" if it did not).
         """
-        t = self.trainer
-        timeout = t.config.faults.generate_timeout_s
-        host = t.wait_stateful("learner", actors.node_ip_ref(t.learner))
-        address = t.wait_stateful("learner", t.learner.weight_group_address.remote(host))
-        world = len(t.workers) + 1
+        crew, timeout = self.crew, self.f.generate_timeout_s
+        learner, workers = crew.learner(), crew.workers()
+        host = crew.wait("learner", actors.node_ip_ref(learner))
+        address = crew.wait("learner", learner.weight_group_address.remote(host))
+        world = len(workers) + 1
         join_refs = [
             w.join_weight_group.remote(address, i + 1, world, timeout_s=timeout)
-            for i, w in enumerate(t.workers)
+            for i, w in enumerate(workers)
         ]
-        learner_ref = t.learner.join_weight_group.remote(world, timeout_s=timeout)
+        learner_ref = learner.join_weight_group.remote(world, timeout_s=timeout)
         backend, hung, why = self.group_call(learner_ref, join_refs, "forming")
         if backend is None:
             return hung, why
         if self.groups_formed:
-            t.faults["faults/weight_group_rebuilds"] += 1
+            crew.count_fault("faults/weight_group_rebuilds")
         self.groups_formed += 1
         self.group_pids = pids
         return [], ""
@@ -177,7 +180,7 @@ class Publisher:
         Raises:
             Lost: the learner died or did not answer.
         """
-        timeout = self.trainer.config.faults.generate_timeout_s
+        timeout = self.f.generate_timeout_s
         refs = [learner_ref, *worker_refs]
         done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout + SYNC_GRACE_S)
         if learner_ref not in done:
@@ -187,7 +190,7 @@ class Publisher:
         try:
             result = actors.get(learner_ref)
         except RayActorError:
-            raise Lost(self.trainer.dead_role() or "learner", "died") from None
+            raise Lost(self.crew.dead_role() or "learner", "died") from None
         except WeightSyncError as err:
             whys.append(f"the learner: {err}")
         hung = [i for i, ref in enumerate(worker_refs) if ref not in done]

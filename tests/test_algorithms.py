@@ -113,3 +113,80 @@ def test_dqn_says_when_no_reward_fired_and_actions_are_restricted():
     assert no_signal_warning({0.0}, 0, n) is None  # the whole vocabulary: nothing excluded
     assert no_signal_warning({0.0}, 16, n - 1) is None  # said once, after n iterations
     assert no_signal_warning({0.0}, 16, n + 1) is None
+
+
+# ---- the policy-gradient plug-in's bookkeeping, without Ray ----------------------------------
+
+
+def no_actors():
+    """A crew whose every call fails: these tests must not reach an actor."""
+    from distrl.crew import Crew
+
+    def fail(*_):
+        raise AssertionError("a bookkeeping test called an actor")
+
+    return Crew(fail, fail, fail, fail, fail, fail)
+
+
+def rounds_of(scores: list[list[float]], dropped=None, n: int = 2) -> list:
+    """Rounds of the given scores, ``n`` rows per group, numbered as the loop numbers them."""
+    from distrl.algorithms import Round
+    from distrl.rewards import ScoreResult
+
+    out, offset = [], 0
+    for i, row in enumerate(scores):
+        drop = np.zeros(len(row), bool) if dropped is None else np.array(dropped[i])
+        total = np.where(drop, np.nan, np.array(row, dtype=np.float64))  # as the pool reports
+        groups = offset + np.arange(len(row)) // n
+        offset = int(groups.max()) + 1
+        out.append(Round([], None, ScoreResult(total, {}, drop), groups))
+    return out
+
+
+def policy_gradient(tmp_path, **overrides):
+    from distrl.algorithms import PolicyGradient
+
+    base = {"algo": "grpo", "rollout.samples_per_prompt": 2, "rollout.batch_size": 1}
+    config = load_config("tiny", {**base, "ppo.minibatch_size": 2, **overrides})
+    return PolicyGradient(config, no_actors(), run_dir=tmp_path, references=[])
+
+
+def test_group_rows_number_every_prompts_samples_in_order():
+    from distrl.algorithms import group_rows
+    from distrl.rollout import Trajectories
+
+    def part(rows):
+        z = np.zeros((rows, 1))
+        return Trajectories(z, z, z, z, z, np.array([""] * rows), np.arange(rows), 0, 0.0)
+
+    groups = group_rows([part(4), part(6)], 2)
+    assert groups.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+
+
+def test_dynamic_sampling_keeps_the_oldest_whole_groups_with_signal(tmp_path):
+    # 2 workers x 1 prompt x 2 samples: a batch is 2 groups (4 rows). Round 1's group 0 tied
+    # (no signal), group 1 did not: one more round. Round 2 has two groups with signal; the
+    # batch takes groups 1 and 2, the oldest that fill it.
+    algo = policy_gradient(tmp_path, **{"ppo.dynamic_sampling": True})
+    rounds = rounds_of([[1.0, 1.0, 0.0, 1.0]])
+    assert algo.target() == 4 and algo.wants_more(rounds)
+    rounds = rounds_of([[1.0, 1.0, 0.0, 1.0], [0.0, 1.0, 1.0, 0.0]])
+    assert not algo.wants_more(rounds)
+    assert algo.keep(rounds).tolist() == [False, False, True, True, True, True, True, True]
+    assert algo.rows(rounds).tolist() == [2, 3, 4, 5]
+
+
+def test_dynamic_sampling_stops_at_its_round_limit_and_learns_from_the_last_round(tmp_path):
+    algo = policy_gradient(tmp_path, **{"ppo.dynamic_sampling": True, "ppo.max_sampling_rounds": 2})
+    ties = rounds_of([[1.0] * 4, [0.5] * 4])
+    assert not algo.wants_more(ties)  # two rounds, the limit
+    assert algo.rows(ties).tolist() == [4, 5, 6, 7]  # the last round, at zero advantage
+
+
+def test_dropped_samples_never_reach_the_learner(tmp_path):
+    dropped = [[False, True, False, False]]
+    plain = policy_gradient(tmp_path)
+    assert plain.rows(rounds_of([[1.0, 0.0, 0.0, 1.0]], dropped)).tolist() == [0, 2, 3]
+    dynamic = policy_gradient(tmp_path, **{"ppo.dynamic_sampling": True})
+    # Group 0 lost a sample; the one left has no other to compare with: no signal.
+    assert dynamic.rows(rounds_of([[1.0, 0.0, 0.0, 1.0]], dropped)).tolist() == [2, 3]
