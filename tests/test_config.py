@@ -192,3 +192,63 @@ def test_a_base_that_goes_round_in_a_circle_is_named(tmp_path):
     (tmp_path / "c.yaml").write_text("base: [tiny]\n")
     with pytest.raises(ConfigError, match="base must be a packaged config name or a file"):
         load_config(str(tmp_path / "c.yaml"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        ({"ppo.minibatch_size": 1000}, "ppo.minibatch_size (1000) is larger than a rollout batch"),
+        (
+            {"algo": "grpo", "rollout.samples_per_prompt": 1},
+            "algo grpo compares the completions of one prompt: set rollout.samples_per_prompt "
+            "to 2 or more (now 1)",
+        ),
+        (
+            {"ppo.dynamic_sampling": True, "rollout.samples_per_prompt": 1},
+            "ppo.dynamic_sampling compares the completions of one prompt",
+        ),
+        (
+            {"algo": "dqn", "rollout.samples_per_prompt": 2},
+            "rollout.samples_per_prompt must be 1 with algo dqn",
+        ),
+        (
+            {"ppo.overlong_buffer": 8},
+            "ppo.overlong_buffer (8) must be below rollout.max_new_tokens",
+        ),
+        (
+            {"replay.beta_start": 0.8, "replay.beta_end": 0.5},
+            "replay.beta_end must be >= replay.beta_start",
+        ),
+        (
+            {"algo": "dqn", "rollout.engine": "vllm"},
+            "it needs dqn.q_network lm_head, dqn.exploration boltzmann and dqn.action_top_k 0 "
+            "(now lm_head, epsilon, 32)",
+        ),
+        (
+            {"rollout.engine": "vllm", "learner.lora.rank": 4},
+            "rollout.engine vllm takes full weights",
+        ),
+        (
+            {"algo": "dqn", "learner.lora.rank": 4, "dqn.q_network": "performer"},
+            "dqn.q_network performer is a network of its own",
+        ),
+        (
+            {"dqn.q_network": "lm_head", "dqn.prune_sparsity": 0.5},
+            "apply to dqn.q_network=mlp only, not 'lm_head'",
+        ),
+    ],
+)
+def test_every_cross_field_rule_refuses_with_its_reason(overrides, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config("tiny", overrides)
+    assert fragment in str(info.value)
+
+
+def test_the_cross_field_rules_accept_their_valid_neighbours():
+    load_config("tiny", {"algo": "grpo"})  # the group size comes from the algorithm
+    load_config("tiny", {"ppo.dynamic_sampling": True})  # ... and for dynamic sampling
+    load_config("tiny", {"ppo.overlong_buffer": 7})
+    load_config("tiny", {"replay.beta_start": 0.5, "replay.beta_end": 0.5})
+    vllm_dqn = {"dqn.exploration": "boltzmann", "dqn.action_top_k": 0}
+    load_config("tiny", {"algo": "dqn", "rollout.engine": "vllm", **vllm_dqn})
+    load_config("tiny", {"algo": "dqn", "learner.lora.rank": 4})
