@@ -270,10 +270,9 @@ class PPOConfig:
 
 @dataclass(frozen=True)
 class DQNConfig:
-    q_network: Literal["lm_head", "performer", "mlp"] = _f(
+    q_network: Literal[tuple(registry.QNETS)] = _f(  # type: ignore[valid-type]
         "lm_head",
-        "Q-network: a Q head on the policy LM, a Performer over tokens, or an MLP over "
-        "a state embedding",
+        "Q-network: " + "; ".join(f"{q.name}: {q.summary}" for q in registry.QNETS.values()),
     )
     gamma: float = _f(0.99, "discount per token", ge=0.0, le=1.0)
     n_step: int = _f(1, "n-step TD targets", ge=1)
@@ -321,10 +320,12 @@ class DQNConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.q_network != "mlp" and (self.prune_sparsity or self.autoencoder_dim):
+        q = registry.QNETS[self.q_network]
+        if not q.state_encoder and (self.prune_sparsity or self.autoencoder_dim):
+            encoders = " or ".join(n for n, q in registry.QNETS.items() if q.state_encoder)
             raise ConfigError(
-                f"dqn.prune_sparsity and dqn.autoencoder_dim apply to dqn.q_network=mlp only, "
-                f"not {self.q_network!r}"
+                f"dqn.prune_sparsity and dqn.autoencoder_dim apply to dqn.q_network={encoders} "
+                f"only, not {self.q_network!r}"
             )
 
 
@@ -472,11 +473,12 @@ class RunConfig:
             raise ConfigError("replay.beta_end must be >= replay.beta_start")
         d = self.dqn
         if r.engine == "vllm" and spec.family == "q_learning":
-            vllm_acts = d.q_network == "lm_head" and d.exploration == "boltzmann"
+            vllm_acts = registry.QNETS[d.q_network].policy_lm and d.exploration == "boltzmann"
             if not (vllm_acts and d.action_top_k == 0):
                 raise ConfigError(
-                    "rollout.engine vllm acts for algo dqn by sampling softmax(Q / T) over every "
-                    "token: it needs dqn.q_network lm_head, dqn.exploration boltzmann and "
+                    f"rollout.engine vllm acts for algo {self.algo} by sampling softmax(Q / T) "
+                    "over every token: it needs dqn.q_network lm_head, dqn.exploration "
+                    "boltzmann and "
                     f"dqn.action_top_k 0 (now {d.q_network}, {d.exploration}, "
                     f"{d.action_top_k}); epsilon, UCB and top-k actions need rollout.engine hf"
                 )
@@ -488,7 +490,7 @@ class RunConfig:
         if (
             spec.family == "q_learning"
             and self.learner.lora.rank
-            and self.dqn.q_network != "lm_head"
+            and not registry.QNETS[self.dqn.q_network].policy_lm
         ):
             raise ConfigError(
                 f"learner.lora adapts the policy LM; dqn.q_network {self.dqn.q_network} is a "

@@ -207,6 +207,36 @@ register(
 )
 
 
+@dataclass(frozen=True)
+class QNet:
+    """One Q-network DQN can learn (``dqn.q_network``).
+
+    Attributes:
+        name: the ``dqn.q_network`` value.
+        summary: what it is, in a few words (the help text).
+        policy_lm: it is the policy LM with a Q head, so LoRA adapts it and a vLLM engine can
+            run it (its logits are the Q-values).
+        state_encoder: it reads a frozen state encoder that ``dqn.prune_sparsity`` and
+            ``dqn.autoencoder_dim`` can prune and compress.
+    """
+
+    name: str
+    summary: str
+    policy_lm: bool = False
+    state_encoder: bool = False
+
+
+QNETS: dict[str, QNet] = {
+    q.name: q
+    for q in (
+        QNet("lm_head", "a Q head on the policy LM", policy_lm=True),
+        QNet("performer", "a Performer (FAVOR+ linear attention) over tokens"),
+        QNet("mlp", "an MLP over a state embedding of the policy's backbone", state_encoder=True),
+    )
+}
+"""Every Q-network by name; ``distrl.qnets.build_qnet`` builds each."""
+
+
 def help_text() -> str:
     """The ``--algo`` help: every algorithm with its advantage."""
     return "learning algorithm: " + "; ".join(f"{a.name}: {a.advantage}" for a in ALGOS.values())
