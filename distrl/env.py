@@ -1,5 +1,10 @@
 """Text generation as a gymnasium environment, for RLlib's own algorithms or any gym agent.
 
+An optional example, apart from distrl's own training (nothing else in distrl imports it): it
+needs gymnasium, and RLlib to run RLlib's algorithms on it, which the optional ``bench`` extra
+installs (``pip install -e ".[bench]"``); without them importing this module stops with a
+message saying so.
+
 The MDP distrl's DQN learns on: the state is the prompt plus the tokens generated so far, an
 action appends one token (``Discrete(vocab)``), and the episode ends at EOS or after
 ``rollout.max_new_tokens`` tokens with the run's composite reward of the whole response (0 on
@@ -18,13 +23,23 @@ from __future__ import annotations
 
 from typing import Any
 
-import gymnasium as gym
 import numpy as np
 
 from distrl.config import load_config
 from distrl.policy import build_tokenizer
 from distrl.prompts import prepare
 from distrl.rewards import RewardBatch, RewardScorer
+
+try:
+    import gymnasium as gym
+except ModuleNotFoundError as err:
+    if err.name is None or err.name.split(".")[0] != "gymnasium":
+        raise
+    raise ModuleNotFoundError(
+        "distrl.env (the Gymnasium example) needs gymnasium, which the optional bench extra "
+        'installs with RLlib: pip install -e ".[bench]"',
+        name="gymnasium",
+    ) from None
 
 
 class TextGenerationEnv(gym.Env):

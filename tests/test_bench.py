@@ -110,6 +110,27 @@ def test_replay_figures(report):
     for row in replay["figures"].values():
         for key in ("distrl", "distrl_ray_actor", "rllib", "ratio", "ratio_ray_actor"):
             assert positive(row[key]), key
+    assert "note" not in replay  # RLlib is installed (the test extra): it compared
+
+
+def test_replay_without_rllib_reports_distrls_figures_and_a_note(ray_session, monkeypatch, capsys):
+    """Without RLlib (the optional bench extra) the replay section still measures distrl, in
+    process and through Ray, and says what to install instead of failing."""
+    from distrl.bench.common import BenchOptions
+    from distrl.bench.replay import bench_replay
+
+    for name in [m for m in sys.modules if m == "ray.rllib" or m.startswith("ray.rllib.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # every "import ray.rllib..." now fails
+    monkeypatch.setitem(sys.modules, "ray.rllib", None)
+
+    replay = bench_replay(BenchOptions(model="tiny", quick=True, device="cpu"))
+    json.dumps(replay)  # JSON-ready
+    assert 'pip install -e ".[bench]"' in replay["note"] and "\n" not in replay["note"]
+    assert replay["note"] in capsys.readouterr().out
+    assert positive(replay["actor_peak_rss_mb"])
+    for row in replay["figures"].values():
+        assert positive(row["distrl"]) and positive(row["distrl_ray_actor"])
+        assert row["rllib"] is None and row["ratio"] is None and row["ratio_ray_actor"] is None
 
 
 def test_attention_figures(report):
@@ -166,28 +187,14 @@ vllm_mark = pytest.mark.skipif(
 
 @vllm_mark
 @pytest.mark.slow  # builds two vLLM engines
-def test_rollout_vllm_rows(tmp_path, ray_session):
-    """``--engine vllm`` on a tiny Llama folder (vLLM's CPU attention needs a head width of 32
-    or more, so not tiny-llama): the vLLM worker, raw vLLM and raw HF rows and their ratios."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+def test_rollout_vllm_rows(ray_session):
+    """``--engine vllm`` on the tiny model: the vLLM worker, raw vLLM and raw HF rows and their
+    ratios."""
     from distrl.bench.common import BenchOptions
     from distrl.bench.rollout import bench_rollout
-    from distrl.config import load_config
-    from distrl.models import TINY_MODELS
-    from distrl.policy import build_tokenizer
 
-    base = load_config("tiny")
-    tokenizer = build_tokenizer(base.model, base.tokenizer)
-    sizes = dict(TINY_MODELS["tiny-llama"][1], num_attention_heads=2, num_key_value_heads=1)
-    ids = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=tokenizer.vocab_size, **ids, **sizes)
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
-    yaml = tmp_path / "tiny-32.yaml"
-    yaml.write_text(f"base: tiny\nmodel:\n  name: {tmp_path / 'model'}\n", encoding="utf-8")
     options = BenchOptions(
-        model=str(yaml), quick=True, batch=2, new_tokens=4, device="cpu", engine="vllm"
+        model="tiny", quick=True, batch=2, new_tokens=4, device="cpu", engine="vllm"
     )
 
     rollout = bench_rollout(options)

@@ -27,7 +27,8 @@ Both sides of a comparison run on the same device, and the JSON says which: on a
   plain way (a state dict of torch tensors through the object store, ``load_state_dict``);
   and the same with rank-8 LoRA adapters, where only the adapters move.
 - ``replay``: add / sample / update-priorities throughput of distrl's prioritized replay,
-  in-process and as a Ray actor, against RLlib's ``PrioritizedReplayBuffer`` in-process.
+  in-process and as a Ray actor, against RLlib's ``PrioritizedReplayBuffer`` in-process
+  (optional ``bench`` extra; without it distrl's figures alone, with a note).
 - ``attention``: time and memory of FAVOR+ (the ``performer`` Q-network's attention) and of
   softmax attention as the sequence grows: linear against quadratic.
 - ``pipeline``: end-to-end seconds per step and completions/s of distrl's PPO loop against

@@ -4,6 +4,9 @@
 Transitions are those of ``limits.md``: int32[64] ``obs`` and ``next_obs``, an int action, a
 float reward and a bool done, in a full buffer of 100,000 with alpha 0.6; adds come in batches
 of 256, samples and priority updates in batches of 512 (beta 0.4).
+
+RLlib is optional (the ``bench`` extra): without it the section reports distrl's figures
+alone, its RLlib figures and ratios None and a ``note`` saying what to install.
 """
 
 from __future__ import annotations
@@ -95,28 +98,43 @@ def bench_replay(options: BenchOptions) -> dict[str, Any]:
     on the CPU, both; no model is involved)."""
     seconds = 0.5 if options.quick else 2.0
     ours = benchmark(CAPACITY, BATCH, seconds, ADD_BATCH, OBS_LEN)
-    rllib = rllib_figures(CAPACITY, seconds)
+    note = None
+    try:
+        rllib: dict[str, float | None] = dict(rllib_figures(CAPACITY, seconds))
+    except ImportError as err:
+        rllib = dict.fromkeys(OPERATIONS)
+        note = f'RLlib comparison skipped ({err}): pip install -e ".[bench]"'
     with local_ray():
         remote = actor_figures(CAPACITY, seconds)
+
+    def vs_rllib(value: float, op: str) -> float | None:
+        reference = rllib[op]
+        return None if reference is None else ratio(value, reference)
+
     rows = {
         op: {
             "distrl": ours[op],
             "distrl_ray_actor": remote[op],
             "rllib": rllib[op],
-            "ratio": ratio(ours[op], rllib[op]),
-            "ratio_ray_actor": ratio(remote[op], rllib[op]),
+            "ratio": vs_rllib(ours[op], op),
+            "ratio_ray_actor": vs_rllib(remote[op], op),
         }
         for op in OPERATIONS
     }
+
+    def num(value: float | None, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
     print(f"\nreplay, capacity {CAPACITY}, alpha 0.6, add batches {ADD_BATCH}, sample {BATCH}")
     print(f"{'':<24}{'distrl':>12}{'via Ray':>12}{'RLlib':>12}{'ratio':>8}{'Ray ratio':>10}")
     for op, row in rows.items():
         print(
             f"{op:<24}{row['distrl']:>12.0f}{row['distrl_ray_actor']:>12.0f}"
-            f"{row['rllib']:>12.0f}{row['ratio']:>8.1f}{row['ratio_ray_actor']:>10.1f}"
+            f"{num(row['rllib'], '.0f'):>12}{num(row['ratio'], '.1f'):>8}"
+            f"{num(row['ratio_ray_actor'], '.1f'):>10}"
         )
     print(f"replay actor peak memory: {remote['peak_rss_mb']:.0f} MiB")
-    return {
+    out = {
         "device": "cpu",
         "capacity": CAPACITY,
         "add_batch": ADD_BATCH,
@@ -124,6 +142,10 @@ def bench_replay(options: BenchOptions) -> dict[str, Any]:
         "figures": rows,
         "actor_peak_rss_mb": remote["peak_rss_mb"],
     }
+    if note:
+        print(note)
+        out["note"] = note
+    return out
 
 
 def rate(fn: Callable[[], object], seconds: float) -> float:
