@@ -39,6 +39,8 @@ DEFAULT_MODEL = "default"
 DEFAULT_MODEL_DIRNAME = "SmolLM2-135M-Instruct"
 
 # Small enough to build in milliseconds, big enough to exercise attention, MLP and tying.
+# tiny-llama's 4 heads are 32 wide (head_dim set, as hidden_size / heads would give 16): the
+# narrowest vLLM's CPU attention runs, so the tiny config also runs with rollout.engine vllm.
 # GPT-2 dropout is off: RL fine-tuning (TRL, OpenRLHF) disables it so logprobs are repeatable.
 TINY_MODELS: dict[str, tuple[type[PretrainedConfig], dict]] = {
     "tiny-llama": (
@@ -49,6 +51,7 @@ TINY_MODELS: dict[str, tuple[type[PretrainedConfig], dict]] = {
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
+            head_dim=32,
             max_position_embeddings=512,
         ),
     ),

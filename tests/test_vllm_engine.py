@@ -1,7 +1,11 @@
 """The vllm rollout engine (``rollout.engine: vllm``) against the learner, on a tiny Llama saved
-as a Hugging Face folder (vLLM's CPU attention needs a head width of 32 or more)."""
+as a Hugging Face folder (vLLM's CPU attention needs a head width of 32 or more, as tiny-llama's
+heads are), and the packaged tiny config with the vllm engine through the command line."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -23,7 +27,13 @@ TOLERANCE = 1e-4
 
 
 def tiny_llama_config(tokenizer, heads: int = 2, tied: bool = False) -> LlamaConfig:
-    sizes = dict(TINY_MODELS["tiny-llama"][1], num_attention_heads=heads, num_key_value_heads=1)
+    """tiny-llama's sizes with ``heads`` heads of hidden_size / heads (2: 32 wide) and 1 KV head."""
+    sizes = dict(
+        TINY_MODELS["tiny-llama"][1],
+        num_attention_heads=heads,
+        num_key_value_heads=1,
+        head_dim=None,
+    )
     return LlamaConfig(
         vocab_size=tokenizer.vocab_size,
         bos_token_id=tokenizer.bos_token_id,
@@ -84,10 +94,23 @@ def test_a_head_width_vllm_cannot_run_on_cpu_is_named():
     with pytest.raises(ModelError, match="head width 16 is not supported"):
         check_head_dim(tiny_llama_config(tokenizer, heads=4), torch.device("cpu"), "tiny-llama")
     check_head_dim(tiny_llama_config(tokenizer, heads=2), torch.device("cpu"), "ok")
-    # The run's check, before Ray starts: the packaged tiny models have head width 16.
-    with pytest.raises(ModelError, match="model tiny-llama: head width 16"):
-        check_vllm("vllm", load_config("tiny").model)
-    check_vllm("hf", load_config("tiny").model)  # the default engine is not checked
+    # The run's check, before Ray starts: tiny-gpt2's heads are 16 wide, tiny-llama's 32.
+    gpt2 = load_config("tiny", {"model.name": "tiny-gpt2"}).model
+    with pytest.raises(ModelError, match="model tiny-gpt2: head width 16"):
+        check_vllm("vllm", gpt2)
+    check_vllm("hf", gpt2)  # the default engine is not checked
+    check_vllm("vllm", load_config("tiny").model)
+
+
+def test_tiny_llamas_heads_are_as_wide_as_vllms_cpu_attention_needs():
+    """The tiny config's model runs with rollout.engine vllm on a CPU: heads 32 wide."""
+    from distrl.models import tiny_model
+
+    assert load_config("tiny").model.name == "tiny-llama"
+    config_cls, sizes = TINY_MODELS["tiny-llama"]
+    assert head_dim(config_cls(**sizes)) == 32
+    model = tiny_model("tiny-llama", vocab_size=100)
+    assert all(layer.self_attn.head_dim == 32 for layer in model.model.layers)
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +177,31 @@ def test_vllm_rows_end_at_eos_and_greedy_rows_repeat(worker_and_learner):
     assert batch.response_ids.shape == (2, 1) and (batch.response_ids == eos).all()
     assert batch.response_mask.tolist() == [[1.0], [1.0]]
     assert list(batch.texts) == [worker.tokenizer.decode([eos])] * 2
+
+
+@vllm_mark
+@pytest.mark.slow  # starts a Ray of its own and two vLLM engines (about 3 minutes on 2 cores)
+def test_the_tiny_config_runs_with_vllm_engines_from_the_command_line(tmp_path):
+    """``python -m distrl.run --config tiny --rollout.engine vllm``, the packaged tiny-llama
+    under vLLM's CPU attention, for the config's own number of iterations."""
+    from distrl.metrics import read_metrics
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "distrl.run", "--config", "tiny", "--rollout.engine", "vllm"]
+    result = subprocess.run(
+        [*cmd, "--output-dir", str(out), "--output.progress", "false"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = load_config(str(out / "config.yaml"))
+    assert config.model.name == "tiny-llama" and config.rollout.engine == "vllm"
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, load_config("tiny").iterations + 1))
+    for r in records:
+        assert r["rollout/response_length"] > 0 and np.isfinite(r["reward/total"])
+    assert (out / "final" / "config.json").is_file()
 
 
 def run_config(folder: str, tmp_path, algo: str, **overrides):
