@@ -129,3 +129,15 @@ def test_gspo_and_cispo_are_one_loss_each_on_grpos_advantage():
     assert gspo.estimator is grpo.estimator and cispo.estimator is grpo.estimator
     assert gspo.policy_loss is pg.gspo_loss and cispo.policy_loss is pg.cispo_loss
     assert gspo.loss_agg == "seq_mean_token_mean" and gspo.clip == (3e-4, 4e-4)
+
+
+def test_the_readme_table_is_the_registrys():
+    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    start = "<!-- algorithms: generated from the registry, do not edit by hand -->\n"
+    end = "\n<!-- /algorithms -->"
+    assert start in readme and end in readme
+    table = readme.split(start, 1)[1].split(end, 1)[0].strip()
+    assert table == registry.markdown_table(), (
+        "README's algorithm table differs from distrl.algos.registry.markdown_table(); "
+        "paste its output between the markers"
+    )
