@@ -218,14 +218,14 @@ class PPOConfig:
     clip_low: float | None = _f(
         None,
         "lower surrogate clip range (ratio >= 1 - clip_low); empty = the algorithm's own "
-        "(gspo: 3e-4), else clip",
+        "(the README's algorithm table), else clip",
         gt=0.0,
         lt=1.0,
     )
     clip_high: float | None = _f(
         None,
         "upper surrogate clip range (ratio <= 1 + clip_high, DAPO: 0.28); empty = the "
-        "algorithm's own (gspo: 4e-4), else clip",
+        "algorithm's own (the README's algorithm table), else clip",
         gt=0.0,
     )
     loss_agg: Literal[LOSS_AGG_MODES] | None = _f(  # type: ignore[valid-type]

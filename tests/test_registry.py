@@ -141,3 +141,33 @@ def test_the_readme_table_is_the_registrys():
         "README's algorithm table differs from distrl.algos.registry.markdown_table(); "
         "paste its output between the markers"
     )
+
+
+def imported_modules(source: str) -> set[str]:
+    """The ``distrl`` modules ``source`` imports, at any depth (``TYPE_CHECKING`` blocks too)."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+    return {m for m in found if m == "distrl" or m.startswith("distrl.")}
+
+
+def test_only_the_driver_imports_the_loop():
+    """The plug-ins and the publisher see the loop through a Crew; nothing imports it back."""
+    importers = sorted(
+        str(path.relative_to(PACKAGE.parent))
+        for path in PACKAGE.rglob("*.py")
+        if path.name != "loop.py"
+        and "distrl.loop" in imported_modules(path.read_text(encoding="utf-8"))
+    )
+    assert importers == ["distrl/driver.py"]
+
+
+def test_the_import_check_sees_a_type_checking_import():
+    code = (
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from distrl.loop import Trainer\n"
+    )
+    assert "distrl.loop" in imported_modules(code)
