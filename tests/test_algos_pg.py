@@ -398,30 +398,22 @@ def test_gspo_equals_token_level_ppo_on_policy():
     ],
 )
 def test_cispo_clips_the_weight_and_keeps_every_gradient(adv, new, loss, grad, clipfrac):
+    shared = {
+        "old_logprobs": t([-1.0, -1.0, 0.0]),
+        "advantages": t([adv, adv, adv]),
+        "mask": t([1, 1, 0]),
+        "clip_low": 0.2,
+        "clip_high": 0.2,
+        "loss_agg": "token_mean",
+    }
     logprobs = t(new).requires_grad_(True)
-    out, stats = cispo_loss(
-        logprobs=logprobs,
-        old_logprobs=t([-1.0, -1.0, 0.0]),
-        advantages=t([adv, adv, adv]),
-        mask=t([1, 1, 0]),
-        clip_low=0.2,
-        clip_high=0.2,
-        loss_agg="token_mean",
-    )
+    out, stats = cispo_loss(logprobs=logprobs, **shared)
     out.backward()
     assert out.item() == pytest.approx(loss, abs=1e-5)
     assert stats["clipfrac"].item() == pytest.approx(clipfrac)
     assert torch.allclose(logprobs.grad, t(grad), atol=1e-5)
     # PPO's clipped surrogate on the same tokens: the clipped token gets no gradient.
     ppo_logprobs = t(new).requires_grad_(True)
-    ppo_loss, _ = policy_loss(
-        logprobs=ppo_logprobs,
-        old_logprobs=t([-1.0, -1.0, 0.0]),
-        advantages=t([adv, adv, adv]),
-        mask=t([1, 1, 0]),
-        clip_low=0.2,
-        clip_high=0.2,
-        loss_agg="token_mean",
-    )
+    ppo_loss, _ = policy_loss(logprobs=ppo_logprobs, **shared)
     ppo_loss.backward()
     assert ppo_logprobs.grad[0, 1].item() == 0.0
