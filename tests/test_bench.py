@@ -12,6 +12,10 @@ import sys
 import pytest
 import torch
 
+# Every test here runs the bench (a subprocess of every section, or the replay section in
+# process): minutes on 2 cores, so the whole module is slow.
+pytestmark = pytest.mark.slow
+
 
 def positive(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
@@ -185,8 +189,7 @@ vllm_mark = pytest.mark.skipif(
 )
 
 
-@vllm_mark
-@pytest.mark.slow  # builds two vLLM engines
+@vllm_mark  # builds two vLLM engines
 def test_rollout_vllm_rows(ray_session):
     """``--engine vllm`` on the tiny model: the vLLM worker, raw vLLM and raw HF rows and their
     ratios."""

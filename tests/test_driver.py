@@ -102,31 +102,38 @@ def test_resume_continues_at_the_next_step(ray_session, tmp_path):
     assert state["version"] == 4 and state["extra"]["step"] == 4
 
 
-def test_cli_rejects_bad_config_before_ray_starts(tmp_path):
-    for argv, fragment in [
+def test_cli_rejects_bad_config_before_ray_starts(tmp_path, monkeypatch, capsys):
+    from distrl import cli, driver, run
+
+    cases = [
         (["--learner.lrr", "1"], "did you mean --learner.lr?"),
         (["--learner.lr", "-1"], "learner.lr: -1.0 is out of range"),
         (["--data.train", str(tmp_path / "missing.jsonl")], "missing.jsonl"),
-    ]:
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "distrl.run",
-                "--config",
-                "tiny",
-                *argv,
-                "--output-dir",
-                str(tmp_path / "out"),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert result.returncode == 2, result.stderr
-        assert fragment in result.stderr
-        assert "Started a local Ray" not in result.stderr
-        assert not (tmp_path / "out").exists()
+    ]
+    out = ["--output-dir", str(tmp_path / "out")]
+    # The first as a user meets it: its own process, status 2, one line, no Ray.
+    argv, fragment = cases[0]
+    result = subprocess.run(
+        [sys.executable, "-m", "distrl.run", "--config", "tiny", *argv, *out],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert fragment in result.stderr and "Started a local Ray" not in result.stderr
+    # The others through the same entry point in this process; Ray must not start.
+    def no_ray(*args, **kwargs):
+        raise AssertionError("the run went on to start Ray")
+
+    monkeypatch.setattr(driver, "_train", no_ray)
+    for argv, fragment in cases[1:]:
+        monkeypatch.setattr(sys, "argv", ["distrl.run", "--config", "tiny", *argv, *out])
+        with pytest.raises(SystemExit) as stopped:
+            cli.run_main(run.main)
+        assert stopped.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and fragment in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_help_lists_fields():

@@ -1,6 +1,7 @@
 """DQN learner: prefixes, TD steps, target syncs, checkpoints, and a learning test."""
 
 import numpy as np
+import pytest
 import torch
 
 from distrl.algos import dqn
@@ -159,6 +160,7 @@ def train_synthetic(seed, iterations=30, updates=4):
     return untrained, greedy, targets, learner.steps
 
 
+@pytest.mark.slow  # a learning test: three seeds of up to 120 TD updates
 def test_dqn_learns_to_emit_the_rewarded_token_first():
     """Reward 1 for emitting the prompt's target token first, 0 otherwise. The untrained greedy
     policy never does (it takes the top candidate, the target is the third); after at most 120
