@@ -31,14 +31,13 @@ from transformers import (
 )
 from transformers.generation.streamers import BaseStreamer
 
-from distrl import cli
-from distrl.config import ModelConfig, RewardConfig, TokenizerConfig, load_config
-from distrl.data import Example, load_examples
+from distrl.config import ModelConfig, RewardConfig, TokenizerConfig, cli, load_config
+from distrl.data.examples import Example, load_examples
+from distrl.dqn.learner import is_dqn_checkpoint, load_q_policy
+from distrl.dqn.policy import QPolicy
 from distrl.errors import ConfigError, DataError, DistrlError, ModelError
-from distrl.policy import build_model, build_tokenizer, left_pad
-from distrl.qlearner import is_dqn_checkpoint, load_q_policy
-from distrl.qpolicy import QPolicy
-from distrl.tokenizers import TIKTOKEN_ENCODINGS, HFTokenizer, Tokenizer, load_tokenizer
+from distrl.models.policy import build_model, build_tokenizer, left_pad
+from distrl.models.tokenizers import TIKTOKEN_ENCODINGS, HFTokenizer, Tokenizer, load_tokenizer
 
 Model = PreTrainedModel | QPolicy  # a language model, or Q-guided decoding (DQN checkpoints)
 PLAIN_STOP = "\nUser:"  # without a chat template, the next "User:" line ends a reply

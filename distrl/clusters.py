@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from distrl import cli
+from distrl.config import cli
 from distrl.errors import ConfigError
 
 KUBERAY_KINDS = ("RayJob", "RayCluster")

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from distrl.config import load_config
-from distrl.policy import build_tokenizer
-from distrl.prompts import prepare
+from distrl.data.prompts import prepare
+from distrl.models.policy import build_tokenizer
 from distrl.rewards import RewardBatch, RewardScorer
 
 try:

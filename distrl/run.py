@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from distrl import cli
+from distrl.config import cli
 from distrl.errors import ConfigError
 
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--resume: {saved} does not exist; there is no run to resume")
         argv = [*argv, "--config", str(saved)]
     _, config = cli.parse_config(p, argv, aliases={"output_dir": "output.dir"})
-    from distrl.driver import train  # heavy imports (ray, torch) only after validation
+    from distrl.loop.driver import train  # heavy imports (ray, torch) only after validation
 
     train(config, resume=args.resume)
     return 0

@@ -11,7 +11,7 @@ range per dotted config field (list items by index, ``reward.components[0].weigh
       learner.lr: {low: 1.0e-6, high: 1.0e-3, log: true}
       ppo.epochs: {low: 1, high: 4, type: int}
 
-Each trial is one ``distrl.driver.train`` run with its own placement group (a bundle for the
+Each trial is one ``distrl.loop.driver.train`` run with its own placement group (a bundle for the
 trial itself plus one per learner, rollout worker and reward actor). ``BayesOptSearch`` only
 searches continuous boxes, so fields are searched in a transformed space and mapped back inside
 the trial; values are clamped to [low, high] against rounding at the edges:
@@ -44,14 +44,9 @@ from typing import Any
 
 import yaml
 
-from distrl import cli
-from distrl.checkpoint import latest_checkpoint
-from distrl.config import RunConfig, dump_yaml, load_config
-from distrl.errors import ConfigError, DataError, DistrlError
-from distrl.metrics import METRICS_FILE, read_metrics
-from distrl.plots import plot_history, plot_sweep
-from distrl.schema import build, to_dict
-from distrl.tune_space import (
+from distrl.config import RunConfig, cli, dump_yaml, load_config
+from distrl.config.schema import build, to_dict
+from distrl.config.space import (
     SWEEP_FILE,
     Param,
     Space,
@@ -62,6 +57,10 @@ from distrl.tune_space import (
     with_values,
     write_summary,
 )
+from distrl.errors import ConfigError, DataError, DistrlError
+from distrl.outputs.metrics import METRICS_FILE, read_metrics
+from distrl.outputs.plots import plot_history, plot_sweep
+from distrl.runtime.checkpoint import latest_checkpoint
 
 BEST_FILE = "best_config.yaml"
 
@@ -71,14 +70,14 @@ BEST_FILE = "best_config.yaml"
 def run_trial(
     search: dict[str, float], *, space: Space, config: RunConfig, exp_dir: str, cwd: str
 ) -> None:
-    """One Tune trial: ``distrl.driver.train`` with the trial's values, in the trial's folder.
+    """One Tune trial: ``distrl.loop.driver.train`` with the trial's values, in the trial's folder.
 
     The distrl run directory is ``<exp_dir>/<trial>/distrl``, on the sweep's storage, so a
     restored trial resumes from its own newest checkpoint (or Tune's copy of it).
     """
     from ray import tune
 
-    from distrl.driver import train
+    from distrl.loop.driver import train
 
     if os.path.isdir(cwd):  # Tune moved us to a scratch folder; relative config paths need this
         os.chdir(cwd)
@@ -120,7 +119,12 @@ def _adopt_tune_checkpoint(checkpoint: Any, root: Path) -> None:
         return
     import shutil
 
-    from distrl.checkpoint import MARKER, latest_checkpoint, verify_checkpoint, write_checkpoint
+    from distrl.runtime.checkpoint import (
+        MARKER,
+        latest_checkpoint,
+        verify_checkpoint,
+        write_checkpoint,
+    )
 
     with checkpoint.as_directory() as folder:
         meta = verify_checkpoint(Path(folder))
@@ -142,7 +146,7 @@ def trial_dirname(trial_id: str) -> str:
 
 
 def plot_trial(trial_dir: Path) -> list[Path]:
-    """Draw a trial's plots (``<trial>/distrl/plots/``) from its ``metrics.jsonl``, as
+    """Draw a trial's plots (``<trial>/distrl/outputs/plots/``) from its ``metrics.jsonl``, as
     ``distrl.run`` does at the end of a run; returns the PNG files written."""
     run_dir = Path(trial_dir) / "distrl"
     if not (run_dir / METRICS_FILE).is_file():
@@ -203,7 +207,7 @@ def run_sweep(
 ) -> Any:
     """Run (or, with ``resume``, continue) the sweep in ``exp_dir``; returns Tune's ResultGrid.
 
-    Ray must be initialised (``distrl.driver.init_ray``).
+    Ray must be initialised (``distrl.loop.driver.init_ray``).
     """
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
@@ -380,7 +384,7 @@ def start_ray(config: RunConfig, bundles: list[dict[str, float]]) -> None:
     """Start or attach to Ray; an embedded local Ray must fit one trial (a cluster may scale)."""
     import ray
 
-    from distrl.driver import init_ray
+    from distrl.loop.driver import init_ray
 
     local = not ray.is_initialized() and not (
         config.resources.address or os.environ.get("RAY_ADDRESS")

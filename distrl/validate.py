@@ -28,8 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distrl import cli
-from distrl.config import RunConfig, load_config
+from distrl.config import RunConfig, cli, load_config
 from distrl.errors import ConfigError
 
 
@@ -45,7 +44,7 @@ def run_config_for(checkpoint: str, config: str | None) -> RunConfig:
         if not found:
             raise ConfigError(f"no config.yaml beside {checkpoint}; pass --config")
         config = str(found[0])
-    from distrl.qlearner import RUN_FILE, is_dqn_checkpoint
+    from distrl.dqn.learner import RUN_FILE, is_dqn_checkpoint
 
     base = load_config(config)
     if is_dqn_checkpoint(Path(checkpoint)):  # the Q-network is rebuilt from the run's config
@@ -118,14 +117,14 @@ def validate(
     """
     from safetensors.torch import load_file
 
-    from distrl.policy import reference_metrics
-    from distrl.prompts import prepare, reward_batch
-    from distrl.qlearner import QNET_FILE, is_dqn_checkpoint
-    from distrl.qrollout import QRolloutWorker
+    from distrl.data.prompts import prepare, reward_batch
+    from distrl.dqn.learner import QNET_FILE, is_dqn_checkpoint
+    from distrl.dqn.rollout import QRolloutWorker
+    from distrl.models.policy import reference_metrics
+    from distrl.pg.rollout import RolloutWorker, Trajectories
     from distrl.rewards import RewardBatch, RewardScorer
     from distrl.rewards.components import Diversity
-    from distrl.rollout import RolloutWorker, Trajectories
-    from distrl.weights import VersionedWeights
+    from distrl.weights.tensors import VersionedWeights
 
     greedy = _check_flags(examples, samples, temperature, max_new_tokens)
     dqn = checkpoint is not None and is_dqn_checkpoint(Path(checkpoint))

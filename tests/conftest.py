@@ -6,7 +6,7 @@ def ray_session():
     """One local Ray for the whole test session (ray.init takes seconds; local_mode is gone)."""
     import ray
 
-    from distrl.driver import loopback_only
+    from distrl.loop.driver import loopback_only
 
     with loopback_only():  # as distrl.run's embedded Ray: nothing listens beyond this machine
         ray.init(

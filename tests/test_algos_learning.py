@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from distrl.config import load_config
-from distrl.learner import Learner
-from distrl.rollout import RolloutWorker
+from distrl.pg.learner import Learner
+from distrl.pg.rollout import RolloutWorker
 
 PROMPTS = [[464, 3290, 373], [40, 588, 257, 3797], [1212, 318], [818, 262, 3726, 286]]
 UPDATES = 25

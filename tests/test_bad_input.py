@@ -5,17 +5,17 @@ from pathlib import Path
 
 import pytest
 
-from distrl import driver
 from distrl.chat import read_history
 from distrl.clusters import check_cluster_file
 from distrl.config import ModelConfig, TokenizerConfig, load_config
-from distrl.data import load_examples
-from distrl.driver import train
+from distrl.config.space import read_space
+from distrl.data.examples import load_examples
 from distrl.errors import ConfigError, DataError, DistrlError, ModelError, RewardError
-from distrl.models import load_policy, tiny_model
-from distrl.policy import build_model, build_tokenizer
+from distrl.loop import driver
+from distrl.loop.driver import train
+from distrl.models.loading import load_policy, tiny_model
+from distrl.models.policy import build_model, build_tokenizer
 from distrl.rewards import RewardBatch, RewardScorer, check_reward_config
-from distrl.tune_space import read_space
 
 USER_MODULE = """
 def boom(completions):

@@ -14,14 +14,14 @@ import torch
 from safetensors.torch import load_file
 
 from distrl.config import load_config
-from distrl.data import load_examples
-from distrl.driver import train
-from distrl.learner import Learner
-from distrl.metrics import read_metrics
-from distrl.policy import encode_prompts
-from distrl.qlearner import QNET_FILE, QLearner
-from distrl.qrollout import QRolloutWorker, make_transitions
-from distrl.rollout import RolloutWorker
+from distrl.data.examples import load_examples
+from distrl.dqn.learner import QNET_FILE, QLearner
+from distrl.dqn.rollout import QRolloutWorker, make_transitions
+from distrl.loop.driver import train
+from distrl.models.policy import encode_prompts
+from distrl.outputs.metrics import read_metrics
+from distrl.pg.learner import Learner
+from distrl.pg.rollout import RolloutWorker
 
 # Q-network kinds as DQN runs build them, the mlp one also pruned and with an autoencoder.
 Q_NETWORKS = {

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import distrl
-from distrl import cli
 from distrl.chat import (
     COMMANDS,
     PLAIN_STOP,
@@ -25,12 +24,12 @@ from distrl.chat import (
     main,
     read_history,
 )
-from distrl.config import ModelConfig, TokenizerConfig, load_config
+from distrl.config import ModelConfig, TokenizerConfig, cli, load_config
+from distrl.dqn.learner import QLearner
+from distrl.dqn.policy import QPolicy
 from distrl.errors import ConfigError, DataError, ModelError
-from distrl.policy import build_model, build_tokenizer
-from distrl.qlearner import QLearner
-from distrl.qpolicy import QPolicy
-from distrl.tokenizers import load_tokenizer
+from distrl.models.policy import build_model, build_tokenizer
+from distrl.models.tokenizers import load_tokenizer
 
 FAST = ["--max-new-tokens", "4", "--seed", "0"]
 

@@ -38,11 +38,11 @@ from ray.autoscaler._private.util import prepare_config
 from distrl.clusters import check_cluster_file
 from distrl.config import RunConfig, load_config
 from distrl.errors import ConfigError
-from distrl.metrics import read_metrics
+from distrl.outputs.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTERS = ROOT / "clusters"
-CONFIGS = ROOT / "distrl" / "configs"
+CONFIGS = ROOT / "distrl" / "config" / "presets"
 RUNTIME_ENV = CLUSTERS / "runtime-env.yaml"  # the job's, not a cluster's
 CLUSTER_FILES = sorted(p for p in CLUSTERS.glob("*.yaml") if p != RUNTIME_ENV)
 KUBERAY = CLUSTERS / "kuberay-rayjob.yaml"
@@ -55,7 +55,8 @@ CLIENT_ENV = {
 }
 SUBMIT = "ray job submit --address http://127.0.0.1:8265 --working-dir . --runtime-env"
 
-# Packaged cluster configs (distrl/configs/cluster_*.yaml) -> the cluster files sized for them.
+# Packaged cluster configs (distrl/config/presets/cluster_*.yaml) -> the cluster files sized for
+# them.
 CLUSTER_RUNS = {
     "cluster_gpu": ["aws-gpu.yaml", "gcp-gpu.yaml", "onprem-local.yaml", "kuberay-rayjob.yaml"],
 }
@@ -328,7 +329,7 @@ def test_runtime_env_uploads_what_gitignore_leaves_and_logs_nothing(tmp_path):
         assert documented == by_gitignore, root
         assert any("Ignoring upload to cluster for these files" in m for m in logged)
         assert not any("Ignoring upload" in m for m in quiet), quiet
-    assert "distrl/driver.py" in packed_files(ROOT, False, env["excludes"], tmp_path)[0]
+    assert "distrl/loop/driver.py" in packed_files(ROOT, False, env["excludes"], tmp_path)[0]
     assert documented == {".gitignore", "README.md", "pkg/module.py"}
 
 

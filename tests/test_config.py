@@ -4,16 +4,16 @@ import dataclasses
 import pytest
 import yaml
 
-from distrl import cli
 from distrl.config import (
     NAMED_CONFIGS,
     RunConfig,
+    cli,
     dump_yaml,
     iter_fields,
     load_config,
 )
+from distrl.config.schema import to_dict
 from distrl.errors import ConfigError
-from distrl.schema import to_dict
 
 
 def parse(argv):

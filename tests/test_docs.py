@@ -288,11 +288,11 @@ class Parse:
 
 PARSE_ONLY = {
     "python -m distrl.run --config tiny --output.mlflow true --output.wandb true": Parse(
-        "tests/test_loggers.py::test_training_run_and_its_resume_log_to_one_mlflow_run_and_one_"
+        "tests/test_outputs_loggers.py::test_training_run_and_its_resume_log_to_one_mlflow_run_and_one_"
         "wandb_id trains the tiny config with both loggers on (and resumes it)"
     ),
     "python -m distrl.run --config tiny --rollout.engine vllm": Parse(
-        "tests/test_vllm_engine.py::test_the_tiny_config_runs_with_vllm_engines_from_the_"
+        "tests/test_engines_vllm.py::test_the_tiny_config_runs_with_vllm_engines_from_the_"
         "command_line runs this command in a subprocess"
     ),
     "python -m distrl.run --config tiny --learner.lr 3e-4 --rollout.num_workers 3 "
@@ -301,11 +301,11 @@ PARSE_ONLY = {
         "here the components are built from the flag's YAML and the prompts encoded"
     ),
     "python -m distrl.run --config tiny --learner.lora.rank 8": Parse(
-        "tests/test_lora.py::test_the_command_line_trains_with_lora runs this command in a "
+        "tests/test_models_lora.py::test_the_command_line_trains_with_lora runs this command in a "
         "subprocess (with --iterations 2)"
     ),
     "python -m distrl.run --config arithmetic": Parse(
-        f"{REAL_MODEL}, minutes per iteration; tests/test_tasks.py::"
+        f"{REAL_MODEL}, minutes per iteration; tests/test_data_tasks.py::"
         "test_the_packaged_model_learns_arithmetic trains this config",
         slow=True,  # the packaged model's config and tokenizer: converted on first use
     ),
@@ -315,13 +315,13 @@ PARSE_ONLY = {
         slow=True,
     ),
     "python -m distrl.run --rollout.engine vllm": Parse(
-        f"{REAL_MODEL} with a vLLM engine per worker; tests/test_vllm_engine.py runs vLLM "
+        f"{REAL_MODEL} with a vLLM engine per worker; tests/test_engines_vllm.py runs vLLM "
         "rollouts end to end",
         slow=True,
     ),
     "python -m distrl.run --algo dqn --rollout.engine vllm --dqn.exploration boltzmann "
     "--dqn.action_top_k 0": Parse(
-        f"{REAL_MODEL}, DQN through vLLM engines; tests/test_vllm_engine.py runs a DQN run "
+        f"{REAL_MODEL}, DQN through vLLM engines; tests/test_engines_vllm.py runs a DQN run "
         "through vLLM end to end",
         slow=True,
     ),
@@ -445,10 +445,11 @@ def parse_run(argv: list[str], *, data: bool = True):
     """What distrl.run's ``main`` does before Ray starts, less the output directory: the parser,
     the config, and ``train``'s checks (with ``data``: rewards, model, tokenizer and prompts,
     read and encoded); returns the config."""
-    from distrl import cli, run
-    from distrl.loggers import check_loggers
-    from distrl.prompts import prepare
-    from distrl.vllm_engine import check_vllm
+    from distrl import run
+    from distrl.config import cli
+    from distrl.data.prompts import prepare
+    from distrl.engines.vllm_engine import check_vllm
+    from distrl.outputs.loggers import check_loggers
 
     _, config = cli.parse_config(run.parser(argv), argv, aliases={"output_dir": "output.dir"})
     if data:

@@ -155,19 +155,51 @@ def imported_modules(source: str) -> set[str]:
     return {m for m in found if m == "distrl" or m.startswith("distrl.")}
 
 
-def test_only_the_driver_imports_the_loop():
-    """The plug-ins and the publisher see the loop through a Crew; nothing imports it back."""
-    importers = sorted(
+# distrl.assets also installs the offline assets, but models and data read their paths from it.
+APPLICATIONS = {"run", "chat", "validate", "tune", "bench", "clusters", "env"}
+# The folders below the loop: roles, engines, weights, models, data, rewards, maths, config.
+LOWER = {"runtime", "pg", "dqn", "engines", "weights", "models", "data", "rewards", "outputs"}
+LOWER |= {"config", "algos"}
+
+
+def _importers(target: str, under: set[str]) -> list[str]:
+    """Files of the folders ``under`` that import ``target`` or anything below it."""
+    return sorted(
         str(path.relative_to(PACKAGE.parent))
-        for path in PACKAGE.rglob("*.py")
-        if path.name != "loop.py"
-        and "distrl.loop" in imported_modules(path.read_text(encoding="utf-8"))
+        for name in under
+        for path in (PACKAGE / name).rglob("*.py")
+        if any(
+            m == target or m.startswith(target + ".")
+            for m in imported_modules(path.read_text(encoding="utf-8"))
+        )
     )
-    assert importers == ["distrl/driver.py"]
+
+
+def test_no_lower_folder_imports_the_loop_or_an_application():
+    """Roles, engines, weights, models, data, rewards, outputs, config and maths never import
+    the loop or the applications above them (a plug-in sees the loop through a Crew)."""
+    assert {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"} >= LOWER
+    for upper in ("distrl.loop", *(f"distrl.{app}" for app in APPLICATIONS)):
+        assert _importers(upper, LOWER) == [], upper
+
+
+def test_only_the_driver_imports_the_trainer():
+    """Inside the loop, the plug-ins and run folders know nothing of the trainer; outside it,
+    only the applications that run training import the driver."""
+    assert _importers("distrl.loop.trainer", {"loop"}) == ["distrl/loop/driver.py"]
+    outside = {p.name for p in PACKAGE.iterdir() if p.is_dir()} - {"loop", "__pycache__"}
+    top = sorted(
+        p.name
+        for p in PACKAGE.glob("*.py")
+        if any(m.startswith("distrl.loop") for m in imported_modules(p.read_text()))
+    )
+    assert _importers("distrl.loop", outside) == ["distrl/bench/pipeline.py"]
+    assert top == ["run.py", "tune.py"]
 
 
 def test_the_import_check_sees_a_type_checking_import():
     code = (
-        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from distrl.loop import Trainer\n"
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n    from distrl.loop.trainer import Trainer\n"
     )
-    assert "distrl.loop" in imported_modules(code)
+    assert "distrl.loop.trainer" in imported_modules(code)

@@ -17,14 +17,14 @@ import numpy as np
 import pytest
 import torch
 
-from distrl import actors
-from distrl.checkpoint import latest_checkpoint, verify_checkpoint
 from distrl.config import load_config
-from distrl.driver import train
-from distrl.loop import Trainer
-from distrl.metrics import MetricsLogger, read_metrics
-from distrl.prompts import prepare
-from distrl.roles import NonFiniteError
+from distrl.data.prompts import prepare
+from distrl.loop.driver import train
+from distrl.loop.trainer import Trainer
+from distrl.outputs.metrics import MetricsLogger, read_metrics
+from distrl.runtime import actors
+from distrl.runtime.checkpoint import latest_checkpoint, verify_checkpoint
+from distrl.runtime.roles import NonFiniteError
 
 # ---- faults with real processes ----------------------------------------------------------
 

@@ -8,6 +8,7 @@ import pytest
 
 from distrl.config import RewardComponent, RewardConfig
 from distrl.errors import ConfigError, RewardError
+from distrl.models.tokenizers import tiktoken_encoding
 from distrl.rewards import (
     RewardBatch,
     RewardScorer,
@@ -16,7 +17,6 @@ from distrl.rewards import (
     compute_reward,
 )
 from distrl.rewards.encoders import ReferenceLM, sentence_embedder
-from distrl.tokenizers import tiktoken_encoding
 
 TINY_LM = {"model": "tiny-llama", "tokenizer": "tiktoken:gpt2"}
 
@@ -186,7 +186,7 @@ def test_compute_reward_is_seed_000s_combination():
 
 
 def test_batch_lists_must_match_and_from_examples():
-    from distrl.data import Example, Message
+    from distrl.data.examples import Example, Message
 
     with pytest.raises(RewardError, match="prompts has 1 entries for 2 responses"):
         RewardBatch(["a", "b"], prompts=["p"])

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from distrl import tune, tune_space
+from distrl import tune
 from distrl.config import load_config
+from distrl.config import space as tune_space
 from distrl.errors import ConfigError, DistrlError
-from distrl.metrics import MetricsLogger
+from distrl.outputs.metrics import MetricsLogger
 
 SPACES = Path(__file__).resolve().parents[1] / "tune_spaces"
 
@@ -277,7 +278,7 @@ def test_plot_trial_draws_a_trials_plots_from_its_metrics(tmp_path):
 
 @pytest.mark.slow  # about 2 minutes on 2 shared cores
 def test_bayesopt_sweep_of_tiny_runs_summarises_and_its_best_config_trains(ray_session, tmp_path):
-    from distrl.driver import train
+    from distrl.loop.driver import train
 
     # 2 trials x (trial + learner + rollout worker + reward actor) x 0.25 CPU = the session's 2
     # CPUs: the sweep only finishes if every actor lands in its trial's placement group.

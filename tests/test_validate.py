@@ -10,7 +10,7 @@ import pytest
 
 from distrl.config import ModelConfig, TokenizerConfig, dump_yaml, load_config
 from distrl.errors import ConfigError
-from distrl.policy import build_model, build_tokenizer
+from distrl.models.policy import build_model, build_tokenizer
 from distrl.validate import main, pass_at_k, pass_ks, validate
 
 
@@ -154,7 +154,7 @@ def test_cli_rejects_bad_sampling_flags_before_loading_anything(flags, message):
 @pytest.fixture
 def dqn_checkpoint(tmp_path):
     """A DQN checkpoint folder (Performer Q-network, 8 new tokens) as a run's learner saves it."""
-    from distrl.qlearner import QLearner
+    from distrl.dqn.learner import QLearner
 
     config = load_config("tiny", {"algo": "dqn", "dqn.q_network": "performer"})
     QLearner(**QLearner.arguments(config)).save(str(tmp_path))

@@ -234,7 +234,7 @@ QNETS: dict[str, QNet] = {
         QNet("mlp", "an MLP over a state embedding of the policy's backbone", state_encoder=True),
     )
 }
-"""Every Q-network by name; ``distrl.qnets.build_qnet`` builds each."""
+"""Every Q-network by name; ``distrl.dqn.qnets.build_qnet`` builds each."""
 
 
 def help_text() -> str:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from distrl.bench.common import BenchOptions
-from distrl.qnets.favor import FavorAttention, TensorMemory, softmax_attention
+from distrl.dqn.qnets.favor import FavorAttention, TensorMemory, softmax_attention
 
 
 def bench_attention(options: BenchOptions) -> dict[str, Any]:

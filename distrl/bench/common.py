@@ -16,10 +16,10 @@ from typing import Any
 import torch
 
 from distrl.config import RunConfig, load_config
-from distrl.data import load_examples
-from distrl.models import select_device
-from distrl.policy import encode_prompts
-from distrl.tokenizers import Tokenizer
+from distrl.data.examples import load_examples
+from distrl.models.loading import select_device
+from distrl.models.policy import encode_prompts
+from distrl.models.tokenizers import Tokenizer
 
 BATCH_SIZE = 8  # sequences per generate call and per learner batch (one PPO minibatch)
 MAX_NEW_TOKENS = 32

@@ -29,8 +29,8 @@ from distrl.bench.common import (
     rounded,
     synchronize,
 )
-from distrl.learner import Learner
-from distrl.rollout import RolloutWorker
+from distrl.pg.learner import Learner
+from distrl.pg.rollout import RolloutWorker
 
 
 class MeasuredLearner(Learner):
@@ -75,7 +75,7 @@ def raw_train_step(
 def bench_learner(options: BenchOptions) -> dict[str, Any]:
     """The learner section: ``Learner.train`` (whole, and one epoch of updates) against a
     plain training step, on a batch from a real rollout, both on the same device."""
-    from distrl.actors import actor_options, get, make_actor
+    from distrl.runtime.actors import actor_options, get, make_actor
 
     config = bench_config(options)
     cores, repeats = os.cpu_count() or 1, 3 if options.quick else 5

@@ -27,9 +27,9 @@ from typing import Any
 
 from distrl.bench.common import BenchOptions, gpu_share, local_ray, ratio, rounded
 from distrl.config import load_config
-from distrl.data import load_examples
-from distrl.metrics import read_metrics
-from distrl.models import select_device, select_dtype
+from distrl.data.examples import load_examples
+from distrl.models.loading import select_device, select_dtype
+from distrl.outputs.metrics import read_metrics
 
 REWARD = "distrl.bench.pipeline:distinct_words"
 COMPLETIONS, GENERATIONS, MAX_NEW_TOKENS, TEMPERATURE, LR = 8, 4, 32, 0.7, 1e-6
@@ -60,8 +60,8 @@ def device_and_dtype(options: BenchOptions) -> dict[str, str]:
 
 
 def distrl_pipeline(options: BenchOptions, steps: int, overlap: bool) -> dict[str, Any]:
-    """Seconds per iteration of ``distrl.driver.train`` (algo grpo) on the benchmark's work."""
-    from distrl.driver import train
+    """Seconds per iteration of ``distrl.loop.driver.train`` (algo grpo) on the benchmark's work."""
+    from distrl.loop.driver import train
 
     threads = 1 if overlap else 2
     gpus = gpu_share(options, 2)
@@ -128,8 +128,8 @@ def trl_grpo(options: BenchOptions, steps: int, checkpointing: bool = True) -> d
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from distrl.policy import build_model, build_tokenizer
-    from distrl.tokenizers import HFTokenizer
+    from distrl.models.policy import build_model, build_tokenizer
+    from distrl.models.tokenizers import HFTokenizer
 
     config = load_config(
         options.model, {"model.device": options.device, "model.dtype": options.dtype}

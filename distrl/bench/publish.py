@@ -28,10 +28,10 @@ from distrl.bench.common import (
     rounded,
 )
 from distrl.config import LoraConfig, ModelConfig, TokenizerConfig
-from distrl.lora import add_lora
-from distrl.policy import build_model, build_tokenizer
-from distrl.rollout import RolloutWorker
-from distrl.weights import VersionedWeights, has_lora, publish_weights, published_names
+from distrl.models.lora import add_lora
+from distrl.models.policy import build_model, build_tokenizer
+from distrl.pg.rollout import RolloutWorker
+from distrl.weights.tensors import VersionedWeights, has_lora, publish_weights, published_names
 
 WORKERS = 2
 DTYPES = ("float32", "bfloat16")
@@ -88,7 +88,7 @@ def publish_round(
 ) -> dict[str, Any]:
     """Seconds per publication into ``WORKERS`` workers, both ways, for one dtype (with LoRA
     adapters of ``lora_rank``, 0: full weights)."""
-    from distrl.actors import actor_options, get, make_actor
+    from distrl.runtime.actors import actor_options, get, make_actor
 
     config = bench_config(dataclasses.replace(options, dtype=dtype), lora_rank)
     args = {

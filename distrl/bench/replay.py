@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from distrl import actors
 from distrl.bench.common import BenchOptions, actor_peak_rss_mb, local_ray, ratio
-from distrl.replay import PrioritizedReplay, UniformReplay
+from distrl.dqn.replay import PrioritizedReplay, UniformReplay
+from distrl.runtime import actors
 
 CAPACITY, ADD_BATCH, BATCH, OBS_LEN = 100_000, 256, 512, 64
 OPERATIONS = ("add_transitions_per_s", "sample_per_s", "update_per_s", "sample_update_per_s")

@@ -13,7 +13,7 @@ from distrl.bench.common import (
     timed,
 )
 from distrl.config import RewardComponent, RewardConfig, load_config
-from distrl.data import load_examples
+from distrl.data.examples import load_examples
 from distrl.rewards import COMPONENTS, RewardBatch, RewardScorer
 
 
@@ -68,7 +68,7 @@ def pool_throughput(
     reward: RewardConfig, resources: Any, batch: RewardBatch, actors: int, repeats: int
 ) -> dict[str, float]:
     """Samples/s of a ``RewardPool`` of ``actors`` scorers over ``batch``."""
-    from distrl.actors import RewardPool
+    from distrl.runtime.actors import RewardPool
 
     start = time.perf_counter()
     pool = RewardPool(reward, resources, num_actors=actors)

@@ -33,10 +33,10 @@ from distrl.bench.common import (
     synchronize,
 )
 from distrl.config import RolloutConfig, RunConfig
-from distrl.models import model_source_dir, select_device, select_dtype
-from distrl.policy import build_model, build_tokenizer, left_pad
-from distrl.rollout import RolloutWorker, Trajectories, response_mask
-from distrl.tokenizers import Tokenizer
+from distrl.models.loading import model_source_dir, select_device, select_dtype
+from distrl.models.policy import build_model, build_tokenizer, left_pad
+from distrl.models.tokenizers import Tokenizer
+from distrl.pg.rollout import RolloutWorker, Trajectories, response_mask
 
 
 class MeasuredRolloutWorker(RolloutWorker):
@@ -100,7 +100,7 @@ def bench_rollout(options: BenchOptions) -> dict[str, Any]:
     "vllm", ``bench_rollout_vllm``'s rows instead."""
     if options.engine == "vllm":
         return bench_rollout_vllm(options)
-    from distrl.actors import actor_options, get, make_actor
+    from distrl.runtime.actors import actor_options, get, make_actor
 
     config, cores, repeats, tokenizer, prompts, example_ids = setup(options)
     # Loaded as every distrl role loads it (same weights, dtype, device); the timed call is HF's.
@@ -228,7 +228,7 @@ def raw_vllm_generate(
     from transformers import AutoConfig
     from vllm import LLM, SamplingParams
 
-    from distrl.vllm_engine import kv_cache_bytes, quiet_vllm
+    from distrl.engines.vllm_engine import kv_cache_bytes, quiet_vllm
 
     quiet_vllm()
 
@@ -285,8 +285,8 @@ def bench_rollout_vllm(options: BenchOptions) -> dict[str, Any]:
     """The rollout section with ``--engine vllm``: one ``RolloutWorker`` actor whose engine is
     vLLM against a plain vLLM ``LLM.generate`` in this process, and both against a plain
     Hugging Face ``model.generate``, on the same device, prompts and sampling settings."""
-    from distrl.actors import actor_options, get, make_actor
-    from distrl.vllm_engine import check_vllm
+    from distrl.engines.vllm_engine import check_vllm
+    from distrl.runtime.actors import actor_options, get, make_actor
 
     check_vllm("vllm")
     config, cores, repeats, tokenizer, prompts, example_ids = setup(options)

@@ -5,7 +5,7 @@
     result = scorer.score(RewardBatch(responses, prompts=prompts, targets=targets))
     result.total, result.components["diversity"], result.dropped
 
-Plain classes without Ray; ``distrl.actors.RewardPool`` runs ``RewardScorer`` as actors.
+Plain classes without Ray; ``distrl.runtime.actors.RewardPool`` runs ``RewardScorer`` as actors.
 """
 
 from distrl.rewards.base import Component, RewardBatch, SampleError

@@ -53,7 +53,7 @@ class RewardBatch:
 
     @classmethod
     def from_examples(cls, examples: Sequence[Any], responses: Sequence[str]) -> RewardBatch:
-        """A batch of ``responses`` to ``distrl.data.Example`` prompts, with their labels."""
+        """A batch of ``responses`` to ``Example`` prompts, with their labels."""
         return cls(
             responses=list(responses),
             prompts=[e.prompt_text for e in examples],

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from distrl.errors import ConfigError
-from distrl.models import TINY_MODELS
+from distrl.models.loading import TINY_MODELS
 from distrl.rewards import encoders
 from distrl.rewards.base import Component, RewardBatch, SampleError
 

@@ -16,8 +16,8 @@ import torch
 
 from distrl.assets import minilm_dir, spacy_md_dir
 from distrl.errors import ModelError
-from distrl.models import load_policy, model_source_dir, select_device
-from distrl.tokenizers import Tokenizer, load_tokenizer
+from distrl.models.loading import load_policy, model_source_dir, select_device
+from distrl.models.tokenizers import Tokenizer, load_tokenizer
 
 
 class ReferenceLM:

@@ -1,0 +1,1 @@
+"""Data: reading examples, preparing prompts, and the packaged tasks."""

@@ -1,0 +1,309 @@
+"""DQN learner: online and target Q-networks, Double-DQN n-step TD updates on replay samples.
+
+A plain class; ``distrl.runtime.actors`` makes it the one learner actor of a ``--algo dqn`` run.
+Each ``update`` takes one sample from the replay buffer (transitions, ids, importance weights) and
+returns the ids with new TD errors for ``update_priorities``, plus ``learner/*`` metrics.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from distrl.algos import dqn
+from distrl.config import LoraConfig, RunConfig, dump_yaml, load_config
+from distrl.dqn.policy import QPolicy
+from distrl.dqn.qnets import LMHeadQNetwork, QNetwork, build_qnet
+from distrl.errors import ConfigError, ModelError
+from distrl.models.lora import add_lora, merged_weights
+from distrl.models.policy import build_model, build_tokenizer
+from distrl.models.tokenizers import Tokenizer
+from distrl.runtime.checkpoint import load_torch_state, save_torch_state
+from distrl.runtime.roles import LearnerRole, OptimizerStep
+from distrl.weights.tensors import (
+    VersionedWeights,
+    get_weights,
+    has_lora,
+    publish_weights,
+    published_names,
+    set_weights,
+)
+
+STATE_FILE = "distrl_state.pt"
+QNET_FILE = "q_network.safetensors"
+RUN_FILE = "distrl_run.yaml"  # the run's config: what rebuilds the Q-network and its reference
+
+
+def add_q_lora(qnet: QNetwork, lora: LoraConfig | None, seed: int) -> QNetwork:
+    """With ``learner.lora.rank > 0``, LoRA adapters on the backbone of an ``lm_head``
+    Q-network (its Q head and state value stay fully trained); returns ``qnet``.
+
+    Raises:
+        ConfigError: LoRA asked of a Q-network without a language-model backbone.
+    """
+    if lora is None or not lora.rank:
+        return qnet
+    if not isinstance(qnet, LMHeadQNetwork):
+        raise ConfigError(
+            "learner.lora.rank > 0 adapts the language model of dqn.q_network=lm_head; "
+            f"{type(qnet).__name__} has none to adapt (set learner.lora.rank 0)"
+        )
+    add_lora(qnet.backbone, lora, seed=seed)
+    return qnet
+
+
+def build_q_parts(config: RunConfig) -> tuple[Tokenizer, QNetwork, Any]:
+    """The tokenizer, a fresh Q-network (with LoRA adapters when configured) and the frozen
+    reference LM of a DQN run."""
+    tokenizer = build_tokenizer(config.model, config.tokenizer)
+    reference = build_model(config.model, tokenizer, seed=config.seed)
+    qnet = build_qnet(config.dqn, reference, tokenizer.vocab_size, config.seed)
+    add_q_lora(qnet, config.learner.lora, config.seed)
+    return tokenizer, qnet, reference.eval().requires_grad_(False)
+
+
+def prefixes(tokens: torch.Tensor, lengths: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, ...]:
+    """Left-padded prefixes ``tokens[b, :lengths[b]]``: ids (B, L) and mask (B, L), L = max."""
+    width = int(lengths.max())
+    col = torch.arange(width, device=tokens.device)
+    src = col[None, :] - (width - lengths[:, None])  # index into each row; < 0 is padding
+    mask = (src >= 0).long()
+    ids = tokens[:, :width].gather(1, src.clamp(min=0)).masked_fill(mask == 0, pad_id)
+    return ids, mask
+
+
+def is_dqn_checkpoint(folder: Path) -> bool:
+    """Whether ``folder`` holds a DQN learner checkpoint."""
+    return (folder / QNET_FILE).is_file() and (folder / RUN_FILE).is_file()
+
+
+def load_q_policy(folder: str | Path) -> tuple[QPolicy, Tokenizer]:
+    """Q-guided decoding from a DQN checkpoint folder: its ``QPolicy`` and tokenizer."""
+    folder = Path(folder)
+    if not is_dqn_checkpoint(folder):
+        raise ModelError(f"{folder} is not a DQN checkpoint (no {QNET_FILE} and {RUN_FILE})")
+    config = load_config(str(folder / RUN_FILE))
+    tokenizer, qnet, reference = build_q_parts(config)
+    set_weights(qnet, load_file(folder / QNET_FILE))
+    policy = QPolicy(
+        qnet.eval(),
+        reference,
+        top_k=config.dqn.action_top_k,
+        pad_id=tokenizer.pad_token_id,
+        eos_id=tokenizer.eos_token_id,
+    )
+    return policy, tokenizer
+
+
+class QLearner(LearnerRole):
+    """Trains the online Q-network; a target copy follows by hard copies or Polyak averaging.
+
+    With LoRA (``learner.lora.rank > 0``) the target is a copy of the trained tensors only
+    (adapters, Q head, state value), run on the online network's frozen base through
+    ``torch.func.functional_call``: the learner holds one copy of the base model.
+    """
+
+    def __init__(self, *, config: RunConfig, torch_threads: int | None = None) -> None:
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        torch.manual_seed(config.seed)
+        self.run_config, self.dqn = config, config.dqn
+        self.tokenizer, self.qnet, _ = build_q_parts(config)
+        self.target: QNetwork | None = None
+        self.target_state: dict[str, torch.Tensor] | None = None  # the LoRA target
+        if has_lora(self.qnet):
+            state = self.qnet.state_dict()
+            self.target_state = {n: state[n].detach().clone() for n in published_names(self.qnet)}
+        else:
+            self.target = copy.deepcopy(self.qnet).requires_grad_(False).eval()
+        self.opt = OptimizerStep(self.qnet.parameters(), config.learner)
+        self.device = next(self.qnet.parameters()).device
+        self.version = 0  # bumped by each publish after new updates
+        self.published_steps = 0
+        self.skipped = 0
+
+    @staticmethod
+    def arguments(config: RunConfig) -> dict[str, Any]:
+        """The keyword arguments that build a ``QLearner`` for run ``config``."""
+        return {"config": config, "torch_threads": config.resources.torch_threads}
+
+    def published_module(self) -> torch.nn.Module:
+        """The network whose weights the rollout workers get: the online Q-network."""
+        return self.qnet
+
+    def publish_version(self) -> int:
+        """The version a publish stamps: one more than the last published when updates
+        happened since (so versions count publishes, as in PPO)."""
+        if self.steps != self.published_steps:
+            self.version, self.published_steps = self.version + 1, self.steps
+        return self.version
+
+    def weights(self) -> VersionedWeights:
+        """The online Q-network's weights, stamped with ``publish_version()``."""
+        weights = publish_weights(self.published_module(), self.publish_version())
+        self.published_bytes = weights.nbytes
+        return weights
+
+    def update(
+        self, sample: tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+        """One TD step on ``(transitions, ids, IS weights)`` from ``replay.sample``.
+
+        Returns:
+            ids (N,), |TD errors| (N,) for ``replay.update_priorities`` (zeros of an update
+            skipped as non-finite leave priorities as they were), and ``learner/*`` metrics.
+        """
+        start = time.perf_counter()
+        batch, ids, weights = sample
+        d, pad = self.dqn, self.tokenizer.pad_token_id
+
+        def t(name: str) -> torch.Tensor:
+            return torch.tensor(np.asarray(batch[name]), device=self.device)
+
+        tokens = t("tokens").long()
+        state_len, next_len = t("state_len").long(), t("next_len").long()
+        n_ids, n_mask = prefixes(tokens, next_len, pad)  # each state is a prefix of its next
+        discount = t("discount").float()
+        next_target = self.target_q(n_ids, n_mask)  # before train(): no adapter dropout
+        self.qnet.train()
+        q_state, next_online = self.qnet.state_and_next(n_ids, n_mask, next_len - state_len)
+        q = q_state.gather(-1, t("action").long()[:, None])[:, 0]
+        with torch.no_grad():
+            cand = t("next_candidates").long()
+            next_mask = None
+            if cand.shape[-1]:
+                next_mask = torch.zeros_like(next_target, dtype=torch.bool)
+                next_mask.scatter_(-1, cand, True)
+            targets = dqn.td_targets(
+                rewards=t("reward").float(),
+                discounts=discount,
+                next_q_online=next_online,
+                next_q_target=next_target,
+                next_action_mask=next_mask,
+                double=d.double_q,
+            )
+        loss, td = dqn.td_loss(
+            q=q,
+            targets=targets,
+            weights=torch.tensor(np.asarray(weights, dtype=np.float32), device=self.device),
+            kind=d.loss,
+            delta=d.huber_delta,
+        )
+        aux = self.qnet.aux_loss()
+        grad_norm = self.opt.step(loss + aux)
+        self.qnet.eval()
+        if grad_norm is None:
+            self.skipped += 1
+            return ids, np.zeros(len(ids), dtype=np.float32), {"learner/skipped_updates": 1.0}
+        if d.tau < 1.0:
+            self.update_target(d.tau)
+        elif self.steps % d.target_update_interval == 0:
+            self.update_target(1.0)
+        metrics = {
+            "learner/td_loss": loss.item(),
+            "learner/aux_loss": aux.item(),
+            "learner/q_mean": q.mean().item(),
+            "learner/target_q_mean": targets.mean().item(),
+            "learner/td_abs_mean": td.abs().mean().item(),
+            "learner/grad_norm": grad_norm,
+            "learner/is_weight_mean": float(np.mean(weights)),
+            "learner/sample_age": float(np.mean(self.version - batch["version"])),
+            "learner/skipped_updates": 0.0,
+            "learner/steps": float(self.steps),
+            "learner/tokens_per_s": float(n_mask.sum()) / max(time.perf_counter() - start, 1e-9),
+        }
+        return ids, td.abs().cpu().numpy(), metrics
+
+    @torch.no_grad()
+    def target_q(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Q-values (B, V) of the target network for states ``input_ids`` (B, L)."""
+        if self.target is not None:
+            return self.target(input_ids, attention_mask)
+        self.qnet.eval()
+        return torch.func.functional_call(
+            self.qnet, self.target_state, (input_ids, attention_mask), strict=False
+        )
+
+    @torch.no_grad()
+    def update_target(self, tau: float) -> None:
+        """``target <- (1 - tau) target + tau online``; tau=1 copies exactly."""
+        if self.target is not None:
+            dqn.polyak_update(target=self.target, online=self.qnet, tau=tau)
+            return
+        online = self.qnet.state_dict()
+        for name, tensor in self.target_state.items():
+            if tau == 1.0:
+                tensor.copy_(online[name])
+            else:
+                tensor.lerp_(online[name], tau)
+
+    def reference_metrics(
+        self, prompts: list[list[int]], references: list[list[int]]
+    ) -> dict[str, float]:
+        """None: Q-values are not a distribution over tokens, so there is no perplexity."""
+        return {}
+
+    # ---- checkpoints ---------------------------------------------------------------------
+
+    def save(self, folder: str, extra: dict | None = None) -> None:
+        """Write the Q-network (safetensors; with LoRA its trained tensors: adapters and
+        heads), the run config and the learner state."""
+        path = Path(folder)
+        save_file(get_weights(self.qnet), path / QNET_FILE)
+        dump_yaml(self.run_config, path / RUN_FILE)
+        self.write_tokenizer_spec(path, self.run_config.tokenizer.name)
+        target = self.target.state_dict() if self.target is not None else self.target_state
+        state = {
+            "target": target,
+            "published_steps": self.published_steps,
+            "skipped": self.skipped,
+        }
+        save_torch_state(path / STATE_FILE, {**state, **self.role_state(extra, path)})
+
+    def load(self, folder: str) -> dict:
+        """Restore both networks, the optimizer, counters and RNG; return the extra dict."""
+        path = Path(folder)
+        saved = yaml.safe_load((path / RUN_FILE).read_text())
+        if saved.get("dqn", {}).get("q_network") != self.dqn.q_network:
+            raise ModelError(f"{path} holds a different dqn.q_network than this run's")
+        rank = saved.get("learner", {}).get("lora", {}).get("rank", 0)
+        if rank != self.run_config.learner.lora.rank:
+            raise ModelError(
+                f"{path} holds a Q-network of learner.lora.rank {rank}, this run's is "
+                f"{self.run_config.learner.lora.rank}"
+            )
+        set_weights(self.qnet, load_file(path / QNET_FILE))
+        state = load_torch_state(path / STATE_FILE)
+        if self.target is not None:
+            self.target.load_state_dict(state["target"])
+        else:
+            if state["target"].keys() != self.target_state.keys():
+                raise ModelError(f"{path / STATE_FILE}: its target network does not fit")
+            for name, tensor in state["target"].items():
+                self.target_state[name].copy_(tensor)
+        self.skipped = int(state["skipped"])
+        self.published_steps = int(state["published_steps"])
+        return self.load_role_state(state, path)
+
+    def export_merged(self, folder: str) -> None:
+        """Make ``folder``, a copy of this learner's newest step checkpoint (``best/``,
+        ``final/``), hold the whole Q-network: with LoRA, its adapters merged into the backbone
+        and a run config of ``learner.lora.rank`` 0, which ``load_q_policy`` (chat, validate)
+        loads as any DQN checkpoint. With full fine-tuning the copy already does."""
+        if not has_lora(self.qnet):
+            return
+        path = Path(folder)
+        save_file(merged_weights(self.qnet), path / QNET_FILE)
+        lora = dataclasses.replace(self.run_config.learner.lora, rank=0)
+        learner = dataclasses.replace(self.run_config.learner, lora=lora)
+        dump_yaml(dataclasses.replace(self.run_config, learner=learner), path / RUN_FILE)

@@ -1,0 +1,1 @@
+"""Generation engines beyond Hugging Face's generate: vLLM, for policies and for Q-networks."""

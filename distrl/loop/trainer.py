@@ -1,0 +1,562 @@
+"""The training loop: rollout -> score -> learn -> publish -> log -> checkpoint, each stage timed.
+
+``Trainer`` owns one run's actors and steps the loop for every algorithm; what differs between
+algorithms is a plug-in (``distrl.loop.plugins``): its roles and a few hooks. Faults are met here:
+a hung rollout worker or reward actor is replaced, a lost learner or replay buffer is restored
+from the newest checkpoint with the steps since redone, and SIGINT/SIGTERM stop the run with
+the last complete step saved. Every survived fault is counted under ``faults/``.
+
+Weights reach the rollout workers through ``distrl.weights.publish``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from distrl.config import RunConfig
+from distrl.data.prompts import Prompts, reward_batch
+from distrl.errors import DistrlError
+from distrl.loop.plugins import Round, group_rows, plugin
+from distrl.outputs.metrics import MetricsLogger, format_progress
+from distrl.pg.rollout import Trajectories
+from distrl.rewards import ScoreResult
+from distrl.runtime import actors
+from distrl.runtime.checkpoint import (
+    OPTIMIZER_FILE,
+    latest_checkpoint,
+    prune_checkpoints,
+    write_checkpoint,
+)
+from distrl.runtime.crew import Crew
+from distrl.runtime.faults import FAULT_KEYS, Hung, Interrupt, Lost, Stopped, StopSignals
+from distrl.runtime.roles import NonFiniteError
+from distrl.weights.publish import Publisher
+
+Report = Callable[[int, dict[str, float], "Path | None"], None]
+
+
+class Trainer:
+    """Owns the actors of one run and steps the training loop; ``self.algo`` (chosen by
+    ``config.algo`` by ``distrl.loop.plugins.plugin``) supplies the roles and the learning step."""
+
+    def __init__(self, config: RunConfig, run_dir: Path, train: Prompts, val: Prompts) -> None:
+        self.config, self.run_dir, self.train_prompts, self.val = config, run_dir, train, val
+        algorithm = plugin(config.algo)
+        self.learner_class, self.worker_class = algorithm.learner_class, algorithm.worker_class
+        self.progress_keys = algorithm.progress_keys
+        self.learner = self.make_learner()
+        self.workers = [self.make_worker(i) for i in range(config.rollout.num_workers)]
+        self.version = 0
+        self.in_flight: dict[int, ray.ObjectRef] = {}
+        self.crew = Crew(
+            learner=lambda: self.learner,
+            workers=lambda: self.workers,
+            wait=self.wait_stateful,
+            renew_worker=self.renew_worker,
+            dead_role=self.dead_role,
+            count_fault=self.count_fault,
+        )
+        self.publisher = Publisher(
+            self.crew, config.faults, broadcasts=config.rollout.weight_sync == "broadcast"
+        )
+        f = config.faults
+        self.pool = actors.RewardPool(
+            config.reward,
+            config.resources,
+            seed=config.seed,
+            timeout=f.score_timeout_s,
+            retries=f.call_retries,
+            start_timeout=f.start_timeout_s,
+        )
+        self.step = 0
+        self.reward_restarts = 0  # counted before a resume
+        self.best = -float("inf")
+        self.faults = dict.fromkeys(FAULT_KEYS, 0)
+        self.reward_timeouts = 0  # counted before a resume
+        self.logger: MetricsLogger | None = None
+        self.last_rounds: list[Round] = []  # the latest iteration's, for its samples
+        self.last_checkpoint = time.monotonic()
+        self.signals = StopSignals()
+        # its own actors (DQN: the replay buffer) and state
+        self.algo = algorithm(config, self.crew, run_dir=run_dir, references=train.references)
+        self.initial_state = self.state()  # what a recovery with no checkpoint restores
+
+    def make_learner(self) -> ray.actor.ActorHandle:
+        """A new learner actor, never restarted by Ray (``recover`` restores it instead)."""
+        res = self.config.resources
+        options = actors.actor_options(
+            res.learner_cpus, res.learner_gpus, res.custom.get("learner"), **actors.STATEFUL
+        )
+        return actors.make_actor(
+            self.learner_class, options, **self.learner_class.arguments(self.config)
+        )
+
+    def make_worker(self, index: int) -> ray.actor.ActorHandle:
+        """Rollout worker ``index`` (Ray restarts it if it dies; its batch is then redone)."""
+        res = self.config.resources
+        options = actors.actor_options(
+            res.rollout_cpus, res.rollout_gpus, res.custom.get("rollout")
+        )
+        return actors.make_actor(
+            self.worker_class, options, **self.worker_class.arguments(self.config, index)
+        )
+
+    # ---- waiting on actors -------------------------------------------------------------
+
+    def stateful(self) -> dict[str, ray.actor.ActorHandle]:
+        """The actors whose loss means restoring a checkpoint, by role."""
+        return {"learner": self.learner, **self.algo.actors()}
+
+    def wait_stateful(self, role: str, refs: Any) -> Any:
+        """``actors.get`` on calls of the learner or replay actor; ``Lost`` if one is lost.
+
+        The timeout is ``faults.train_timeout_s`` (learner) or ``faults.replay_timeout_s``.
+        """
+        f = self.config.faults
+        timeout = f.replay_timeout_s if role == "replay" else f.train_timeout_s
+        try:
+            return actors.get(refs, timeout=timeout)
+        except GetTimeoutError:
+            setting = "replay_timeout_s" if role == "replay" else "train_timeout_s"
+            raise Lost(role, f"did not answer within faults.{setting}={timeout:g} s") from None
+        except RayActorError:
+            raise Lost(self.dead_role() or role, "died") from None
+
+    def count_fault(self, key: str) -> None:
+        """Add one to the run's fault counter ``key`` (``faults/...``)."""
+        self.faults[key] += 1
+
+    def dead_role(self) -> str | None:
+        """The first stateful actor that no longer answers (an argument from a dead replay
+        actor fails the learner's call too, so the failing call does not say who died)."""
+        return next((r for r, a in self.stateful().items() if not self.alive(a)), None)
+
+    def alive(self, actor: ray.actor.ActorHandle) -> bool:
+        """Whether ``actor`` answers a trivial call within 30 s."""
+        try:
+            actors.pids([actor], timeout=30)
+        except (RayActorError, GetTimeoutError):
+            return False
+        return True
+
+    def wait_rollout(self, i: int, *, refresh: bool = False) -> Trajectories:
+        """Worker ``i``'s in-flight batch (after sending it the current weights and a new batch
+        when ``refresh``). A worker past ``faults.generate_timeout_s`` is replaced and its batch
+        redone, at most ``faults.call_retries`` times; then the run stops with ``Hung``."""
+        f = self.config.faults
+        for attempt in range(f.call_retries + 1):
+            try:
+                if attempt:
+                    self.replace_worker(i)
+                elif refresh:
+                    self.refresh(i)
+                return actors.get(self.in_flight[i], timeout=f.generate_timeout_s)
+            except GetTimeoutError:
+                self.faults["faults/rollout_timeouts"] += 1
+        raise Hung(
+            f"rollout worker {i}: generate did not return within faults.generate_timeout_s="
+            f"{f.generate_timeout_s:g} s on {f.call_retries + 1} tries; raise the setting or "
+            f"fix the cause"
+        )
+
+    def replace_worker(self, i: int, *, resubmit: bool = True) -> int:
+        """Kill worker ``i`` (Ray SIGKILLs a hung process) and start a new one with the current
+        weights and, if ``resubmit``, a new batch in place of the one the old worker held."""
+        self.renew_worker(i)
+        return self.refresh(i, resubmit=resubmit)
+
+    def renew_worker(self, i: int) -> None:
+        """Kill worker ``i`` and wait for a new one (initial weights, in no weight group)."""
+        ray.kill(self.workers[i], no_restart=True)
+        self.workers[i] = self.make_worker(i)
+        self.publisher.reset()
+        self.wait_started([self.workers[i]], f"rollout worker {i}")
+
+    def wait_started(self, handles: list[ray.actor.ActorHandle], what: str) -> None:
+        """Wait for new actors to be constructed, at most ``faults.start_timeout_s``."""
+        timeout = self.config.faults.start_timeout_s
+        try:
+            actors.get([h.__ray_ready__.remote() for h in handles], timeout=timeout)
+        except GetTimeoutError:
+            raise Hung(
+                f"{what} did not start within faults.start_timeout_s={timeout:g} s"
+            ) from None
+
+    def refresh(self, i: int, *, resubmit: bool = True) -> int:
+        """Send worker ``i`` the learner's current weights and start a new batch on it;
+        returns the version it holds. By broadcast every worker takes them again."""
+        version, renewed = self.publisher.to_worker(i)
+        for j in renewed:  # their batches in flight died with them
+            if j != i:
+                self.in_flight[j] = self.submit(self.workers[j])
+        if resubmit:
+            self.in_flight[i] = self.submit(self.workers[i])
+        return version
+
+    # ---- stages ------------------------------------------------------------------------
+
+    def publish(self) -> int:
+        """Send the learner's weights to every worker (``distrl.weights.publish``); returns the
+        version they hold. A worker replaced on the way starts a new batch if batches run
+        ahead (``max_policy_lag`` > 0)."""
+        version, renewed = self.publisher.publish()
+        if self.config.rollout.max_policy_lag > 0:
+            for i in renewed:
+                self.in_flight[i] = self.submit(self.workers[i])
+        return version
+
+    def submit(self, worker: ray.actor.ActorHandle) -> ray.ObjectRef:
+        """Start a rollout on ``worker`` with the next prompts, each ``samples_per_prompt``
+        times in a row (the rows of one prompt are its group)."""
+        r = self.config.rollout
+        idx = [
+            i for i in self.train_prompts.next(r.batch_size) for _ in range(r.samples_per_prompt)
+        ]
+        prompts = [self.train_prompts.ids[i] for i in idx]
+        return worker.generate.remote(prompts, idx, **self.algo.generate_options())
+
+    def start(self) -> None:
+        """Publish the first weights and start a rollout on every worker."""
+        self.wait_started([*self.stateful().values(), *self.workers], "the run's actors")
+        self.publisher.reset()  # a new or restored learner serves a new weight group
+        self.version = self.publish()
+        self.in_flight = {i: self.submit(w) for i, w in enumerate(self.workers)}
+
+    def collect(self) -> list[Trajectories]:
+        """Each worker's finished batch, resubmitting ahead when ``max_policy_lag`` allows."""
+        cfg = self.config
+        parts = []
+        for i in range(len(self.workers)):
+            batch = self.wait_rollout(i)
+            while self.version - batch.version > cfg.rollout.max_policy_lag:
+                # A restarted worker comes back with its initial weights: resend, redo.
+                self.faults["faults/stale_batches"] += 1
+                batch = self.wait_rollout(i, refresh=True)
+            parts.append(batch)
+            if cfg.rollout.max_policy_lag > 0:  # generate the next batch while we learn
+                self.in_flight[i] = self.submit(self.workers[i])
+        return parts
+
+    def score(self, parts: list[Trajectories]) -> tuple[Trajectories, ScoreResult]:
+        """Score the joined batch; counts the samples the reward pool dropped."""
+        batch = Trajectories.concat(parts)
+        scores = self.pool.score(reward_batch(self.train_prompts, batch))
+        self.faults["faults/dropped_samples"] += scores.num_dropped
+        self.faults["faults/reward_actor_restarts"] = self.reward_restarts + self.pool.restarts
+        self.faults["faults/reward_timeouts"] = self.reward_timeouts + self.pool.timeouts
+        return batch, scores
+
+    def iterate(self) -> dict[str, float]:
+        """One iteration: rollout -> score -> learn -> publish; returns its metrics."""
+        times = {"time/rollout_wait_s": 0.0, "time/score_s": 0.0}
+        rounds: list[Round] = []
+        with self.signals.abandonable():  # nothing the learner holds changes until learn
+            while not rounds or self.algo.wants_more(rounds):
+                t0 = time.perf_counter()
+                parts = self.collect()
+                t1 = time.perf_counter()
+                batch, scores = self.score(parts)
+                times["time/rollout_wait_s"] += t1 - t0
+                times["time/score_s"] += time.perf_counter() - t1
+                offset = int(rounds[-1].groups.max()) + 1 if rounds else 0
+                groups = offset + group_rows(parts, self.config.rollout.samples_per_prompt)
+                rounds.append(Round(parts, batch, scores, groups))
+        t2 = time.perf_counter()
+        metrics = self.algo.learn(rounds, step=self.step + 1)
+        t3 = time.perf_counter()
+        self.version = self.publish()
+        times.update({"time/train_s": t3 - t2, "time/publish_s": time.perf_counter() - t3})
+        if self.config.rollout.max_policy_lag == 0:
+            self.in_flight = {i: self.submit(w) for i, w in enumerate(self.workers)}
+        metrics.update(self.wait_stateful("learner", self.learner.publish_metrics.remote()))
+        metrics.update(self.rollout_metrics(rounds, self.version))
+        metrics.update(ScoreResult.concat([r.scores for r in rounds]).metrics())
+        self.last_rounds = rounds
+        return {**metrics, **times}
+
+    def samples(self, rounds: list[Round]) -> list[dict[str, Any]]:
+        """The first ``output.samples_logged`` completions of an iteration, as rows of
+        ``samples.jsonl``: prompt, response, the policy version that generated it, the total
+        reward and each component (None where a sample was dropped or a component failed)."""
+        rows: list[dict[str, Any]] = []
+        for r in rounds:
+            for i in range(len(r.batch.texts)):
+                if len(rows) == self.config.output.samples_logged:
+                    return rows
+                example = self.train_prompts.examples[int(r.batch.example_ids[i])]
+                rewards = {"reward/total": r.scores.total[i]}
+                rewards.update({f"reward/{k}": v[i] for k, v in r.scores.components.items()})
+                rows.append(
+                    {
+                        "prompt": example.prompt_text,
+                        "response": str(r.batch.texts[i]),
+                        "version": int(r.batch.row_versions[i]),
+                        **{k: float(v) for k, v in rewards.items()},
+                    }
+                )
+        return rows
+
+    def run(self, logger: MetricsLogger, progress: bool, report: Report | None = None) -> None:
+        """Train from ``self.step`` to ``config.iterations``; ``report`` sees every iteration.
+
+        Raises:
+            Stopped: SIGINT or SIGTERM arrived (after the last complete step is checkpointed).
+            Hung, DistrlError: a fault that is not survived, in one line.
+        """
+        from tqdm import tqdm
+
+        cfg = self.config
+        self.logger = logger
+        bar = tqdm(
+            total=cfg.iterations,
+            initial=self.step,
+            disable=not progress,
+            desc=f"distrl {cfg.algo}",
+            unit="it",
+            dynamic_ncols=True,
+        )
+        with self.signals:
+            try:
+                self._loop(bar, progress, report)
+            except Interrupt:
+                pass  # a signal cut a rollout or reward wait short: nothing learned was lost
+            finally:
+                bar.close()
+            if self.signals.signum is not None:
+                self.stop_on_signal()
+        # Let the last rollouts finish before their actors are killed (bounded like any wait).
+        refs = list(self.in_flight.values())
+        ray.wait(refs, num_returns=len(refs), timeout=self.config.faults.generate_timeout_s)
+
+    def _loop(self, bar: Any, progress: bool, report: Report | None) -> None:
+        cfg = self.config
+        self.guarded(self.start)
+        while self.step < cfg.iterations and self.signals.signum is None:
+            t0 = time.perf_counter()
+            try:
+                metrics = self.iterate()
+            except NonFiniteError as err:
+                # The skipped updates left the weights as they were: save them and say where.
+                done = self.run_dir / "checkpoints" / f"step_{self.step}"
+                saved = (done if done.is_dir() else self.checkpoint({})) if self.step else None
+                where = f"; the last good state (step {self.step}) is in {saved}" if saved else ""
+                raise NonFiniteError(f"{err}{where}; fix the cause and --resume") from None
+            except Lost as lost:
+                self.recover(lost)
+                continue
+            self.step += 1
+            metrics.update({"time/iteration_s": time.perf_counter() - t0, **self.faults})
+            if cfg.output.eval_every and self.step % cfg.output.eval_every == 0:
+                metrics.update(self.guarded(self.evaluate, default={}))
+            self.logger.log(self.step, metrics)
+            every = cfg.output.samples_every
+            if every and (self.step % every == 0 or self.step == 1):
+                self.logger.log_samples(self.step, self.samples(self.last_rounds))
+            saved = None
+            minutes = (time.monotonic() - self.last_checkpoint) / 60
+            due = cfg.output.checkpoint_minutes and minutes >= cfg.output.checkpoint_minutes
+            if self.step % cfg.output.checkpoint_every == 0 or self.step == cfg.iterations or due:
+                saved = self.guarded(lambda m=metrics: self.checkpoint(m))
+                if saved is None:  # lost while saving: recovered to an earlier step
+                    continue
+            if report is not None:
+                report(self.step, metrics, saved)
+            bar.set_postfix_str(format_progress(metrics, self.progress_keys))
+            if not progress:  # job logs (ray job logs) still get one line per iteration
+                print(f"step {self.step}/{cfg.iterations} {bar.postfix}", flush=True)
+            bar.update(self.step - bar.n)  # a recovery may have gone back some steps
+
+    def guarded(self, call: Callable[[], Any], default: Any = None) -> Any:
+        """``call()``; if it loses a stateful actor, recover and return ``default``."""
+        try:
+            return call()
+        except Lost as lost:
+            self.recover(lost)
+            return default
+
+    # ---- faults ------------------------------------------------------------------------
+
+    def recover(self, lost: Lost) -> None:
+        """Restore the learner (and replay) from the newest checkpoint after ``lost``; the
+        steps since are redone. Past ``faults.max_restores`` the run stops instead."""
+        key = f"faults/{lost.role}_restarts"
+        self.faults[key] += 1
+        path = latest_checkpoint(self.run_dir / "checkpoints")
+        restores = sum(self.faults[f"faults/{r}_restarts"] for r in ("learner", "replay"))
+        if restores > self.config.faults.max_restores:
+            where = f"{path}" if path else "none yet"
+            raise DistrlError(
+                f"{lost} at step {self.step + 1}, loss {restores} of a run that survives "
+                f"faults.max_restores={self.config.faults.max_restores}; newest checkpoint: "
+                f"{where}; fix the cause and resume with --resume --output-dir {self.run_dir}"
+            )
+        lost_step, faults = self.step + 1, dict(self.faults)
+        for role, actor in self.stateful().items():
+            if role == lost.role or not self.alive(actor):
+                ray.kill(actor, no_restart=True)  # a hung one too
+                self.replace_stateful(role)
+        if path is not None:
+            self.restore(path)
+        else:  # nothing saved yet: start again from the constructors' state
+            self.load_state(self.initial_state)
+            self.algo.restore(None)
+        self.faults = faults
+        self.reward_restarts = faults["faults/reward_actor_restarts"] - self.pool.restarts
+        self.reward_timeouts = faults["faults/reward_timeouts"] - self.pool.timeouts
+        assert self.logger is not None
+        self.logger.truncate_after(self.step)
+        print(
+            f"distrl: {lost} during step {lost_step}; restored "
+            f"{path if path else 'the initial state'} (step {self.step}); redoing steps "
+            f"{self.step + 1}..{lost_step} ({key} = {self.faults[key]})",
+            file=sys.stderr,
+            flush=True,
+        )
+        self.guarded(self.start)
+
+    def replace_stateful(self, role: str) -> None:
+        """Start a new actor for ``role`` (its state comes from a checkpoint next)."""
+        if role == "learner":
+            self.learner = self.make_learner()
+        else:
+            self.algo.replace(role)
+
+    def stop_on_signal(self) -> None:
+        """Checkpoint the last complete step (unless saved already) and raise ``Stopped``."""
+        signum = self.signals.signum or signal.SIGINT
+        saved = self.run_dir / "checkpoints" / f"step_{self.step}"
+        if self.step and not saved.is_dir():
+            history = self.logger.history if self.logger else []
+            metrics = {k: v for k, v in (history[-1] if history else {}).items() if k != "step"}
+            saved = self.checkpoint(metrics)
+        where = f"step {self.step} is saved in {saved}" if self.step else "no step was complete"
+        raise Stopped(
+            f"stopped by {signal.Signals(signum).name}: {where}; continue with: python -m "
+            f"distrl.run --resume --output-dir {self.run_dir}",
+            signum,
+        )
+
+    def rollout_metrics(self, rounds: list[Round], version: int) -> dict[str, float]:
+        """Rollout throughput, response length and policy lag of an iteration's rounds (the
+        workers of a round generate side by side, rounds one after another)."""
+        parts = [p for r in rounds for p in r.parts]
+        gen_s = sum(max(p.seconds for p in r.parts) for r in rounds)
+        lengths = np.concatenate([p.response_mask.sum(1) for p in parts])
+        return {
+            "rollout/tokens_per_s": sum(p.num_tokens for p in parts) / max(gen_s, 1e-9),
+            "rollout/response_length": float(lengths.mean()),
+            "rollout/policy_lag": float(version - 1 - min(p.version for p in parts)),
+            "time/generate_s": gen_s,
+        }
+
+    def evaluate(self) -> dict[str, float]:
+        """Greedy generations on held-out prompts: mean reward; reference accuracy/perplexity."""
+        n = min(self.config.output.eval_examples, len(self.val.ids))
+        idx = list(range(n))
+        prompts = [self.val.ids[i] for i in idx]
+        f = self.config.faults
+        for attempt in range(f.call_retries + 1):
+            if attempt:  # worker 0 hung: replace it, with a new training batch in flight
+                self.replace_worker(0)
+            ref = self.workers[0].generate.remote(prompts, idx, greedy=True)
+            try:
+                batch = actors.get(ref, timeout=f.generate_timeout_s)
+                break
+            except GetTimeoutError:
+                self.faults["faults/rollout_timeouts"] += 1
+        else:
+            raise Hung(
+                f"rollout worker 0: the evaluation's generate did not return within "
+                f"faults.generate_timeout_s={f.generate_timeout_s:g} s on {f.call_retries + 1} "
+                f"tries; raise the setting or fix the cause"
+            )
+        scores = self.pool.score(reward_batch(self.val, batch))
+        out = {k.replace("reward/", "eval/reward_"): v for k, v in scores.metrics().items()}
+        out["eval/reward"] = out.pop("eval/reward_total")
+        refs = [self.val.references[i] for i in idx]
+        out.update(
+            self.wait_stateful("learner", self.learner.reference_metrics.remote(prompts, refs))
+        )
+        return out
+
+    def shutdown(self) -> None:
+        """Stop this run's actors (a shared Ray session, as in tests, stays up)."""
+        for actor in [*self.stateful().values(), *self.workers]:
+            ray.kill(actor, no_restart=True)
+        self.pool.shutdown()
+
+    # ---- checkpoints -------------------------------------------------------------------
+
+    def checkpoint(self, metrics: dict[str, float]) -> Path:
+        """Write ``step_<N>`` (and ``best``/``final``) atomically, then prune old ones."""
+        root = self.run_dir / "checkpoints"
+        extra = self.state()
+        meta = {
+            "step": self.step,
+            "metrics": {
+                k: v for k, v in metrics.items() if isinstance(v, float) and np.isfinite(v)
+            },
+        }
+
+        def write(tmp: Path) -> None:
+            self.wait_stateful("learner", self.learner.save.remote(str(tmp), extra))
+            self.algo.save(tmp)
+
+        path = write_checkpoint(root, f"step_{self.step}", write, meta=meta)
+
+        def export(tmp: Path) -> None:  # a plain Hugging Face folder (LoRA: merged)
+            _copy(path, tmp)
+            self.wait_stateful("learner", self.learner.export_merged.remote(str(tmp)))
+
+        reward = metrics.get("eval/reward")
+        if reward is not None and reward > self.best:
+            self.best = reward
+            write_checkpoint(root, "best", export, meta=meta)
+        if self.step == self.config.iterations:
+            write_checkpoint(self.run_dir, "final", export, meta=meta)
+        prune_checkpoints(
+            root, self.config.output.keep_checkpoints, newest_only=frozenset({OPTIMIZER_FILE})
+        )
+        self.last_checkpoint = time.monotonic()
+        return path
+
+    def restore(self, path: Path) -> None:
+        """Continue from checkpoint folder ``path``."""
+        self.load_state(self.wait_stateful("learner", self.learner.load.remote(str(path))))
+        self.algo.restore(path)
+
+    def state(self) -> dict[str, Any]:
+        """The driver's share of a checkpoint: step, prompt position, best reward, faults."""
+        return {
+            "step": self.step,
+            "prompts": self.train_prompts.state(),
+            "best": self.best,
+            "faults": dict(self.faults),
+            **self.algo.state(),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Continue from ``state()``."""
+        self.step, self.best = int(state["step"]), float(state["best"])
+        self.train_prompts.load(state["prompts"])
+        self.faults.update(state.get("faults", {}))
+        self.reward_restarts = int(self.faults["faults/reward_actor_restarts"])
+        self.reward_timeouts = int(self.faults["faults/reward_timeouts"])
+        self.algo.load_state(state)
+
+
+def _copy(src: Path, dst: Path) -> None:
+    """``best``/``final``: a step checkpoint without its manifest and optimizer state."""
+    for item in src.iterdir():
+        if item.name not in ("distrl_checkpoint.json", OPTIMIZER_FILE):
+            shutil.copy2(item, dst / item.name)

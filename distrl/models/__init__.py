@@ -1,0 +1,1 @@
+"""Models, tokenizers and LoRA: loading, tiny test models, heads, prompt encoding and caches."""

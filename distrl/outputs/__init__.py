@@ -1,0 +1,1 @@
+"""What a run writes as it goes: metrics.jsonl, TensorBoard and other loggers, plots."""

@@ -1,0 +1,583 @@
+"""Policy-gradient learner: PPO with a value head, or a critic-free algorithm (GRPO, Dr. GRPO,
+RLOO, REINFORCE++, GSPO, CISPO), with a frozen reference model, optimizer and KL control.
+
+A plain class; ``distrl.runtime.actors`` makes it the one learner actor. ``train`` turns a scored
+batch of trajectories into minibatch updates and bumps the policy version. The algorithm's registry
+entry (``distrl.algos.registry``) decides the advantages (GAE from the value head, or its
+estimator), where the KL to the reference goes (the reward, or a loss term), its policy loss and
+its defaults; ``plan_passes`` decides once, from the entry and the config, which forward passes
+an update runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from distrl.algos import pg, ppo, registry
+from distrl.config import LearnerConfig, ModelConfig, PPOConfig, RunConfig, TokenizerConfig
+from distrl.errors import DistrlError
+from distrl.models.loading import PolicyWithValue
+from distrl.models.lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    adapters_disabled,
+    add_lora,
+    load_adapter,
+    save_adapter,
+    save_merged,
+)
+from distrl.models.policy import (
+    build_model,
+    build_tokenizer,
+    reference_metrics,
+    response_hidden,
+    with_responses,
+)
+from distrl.pg.rollout import Trajectories
+from distrl.runtime.checkpoint import load_torch_state, save_torch_state
+from distrl.runtime.roles import LearnerRole, OptimizerStep
+from distrl.weights.tensors import VersionedWeights, publish_weights, set_weights
+
+STATE_FILE = "distrl_state.pt"
+
+
+@dataclass(frozen=True)
+class Passes:
+    """The forward passes one update runs besides its minibatch steps.
+
+    Attributes:
+        reference: run the reference model (a KL penalty in the reward, or a KL loss term).
+        recompute: the learner recomputes the old log-probabilities before updating, and they
+            replace the workers' (an algorithm with the KL in the reward that runs the
+            reference: while the policy is the reference the KL is then exactly 0, not
+            round-off that whitening would blow up; or truncated importance sampling, which
+            needs both); it also measures their mismatch.
+        old_pass: a no-grad forward of the policy before updating (for ``recompute``, or for
+            the critic's old values when the update takes several optimizer steps).
+        values_in_update: the first minibatch's own forward gives the critic's old values (one
+            optimizer step over the whole batch, so no separate pass is needed).
+        probe: the first minibatch is a forward of the old weights over every row, so it
+            measures the rollout/learner mismatch for free.
+        kl_in_reward: the reward carries the per-token KL penalty.
+    """
+
+    reference: bool
+    recompute: bool
+    old_pass: bool
+    values_in_update: bool
+    probe: bool
+    kl_in_reward: bool
+
+
+def plan_passes(
+    algo: registry.Algo,
+    ppo_config: PPOConfig,
+    *,
+    batch_size: int,
+    kl_coef: float,
+    deterministic: bool,
+) -> Passes:
+    """Which passes an update of ``batch_size`` rows runs (see ``Passes``).
+
+    Args:
+        algo: the algorithm's registry entry.
+        ppo_config: the run's policy-gradient settings.
+        batch_size: rows in the batch.
+        kl_coef: the KL controller's current coefficient (0 and fixed: no reference pass).
+        deterministic: a training-mode forward gives an eval-mode one's logprobs (no dropout).
+    """
+    c = ppo_config
+    whole_batch = c.minibatch_size >= batch_size
+    single_step = algo.critic and c.epochs == 1 and whole_batch
+    # Without a KL penalty (fixed coefficient 0) the reference model is not run, as GRPO
+    # does with beta 0.
+    penalty = algo.kl_in_reward and (kl_coef > 0 or c.kl_target is not None)
+    reference = penalty or c.kl_loss_coef > 0
+    recompute = (algo.kl_in_reward and reference) or c.rollout_is == "truncated"
+    old_pass = recompute or (algo.critic and not single_step)
+    return Passes(
+        reference=reference,
+        recompute=recompute,
+        old_pass=old_pass,
+        values_in_update=algo.critic and not old_pass,
+        probe=not recompute and whole_batch and deterministic,
+        kl_in_reward=algo.kl_in_reward,
+    )
+
+
+@dataclass
+class PPOBatch:
+    """Tensors of one PPO update, all (B, T) over response tokens except ``ids``/``mask``
+    (B, P+T), with the per-row reference responses for the optional cross-entropy term."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    tokens: torch.Tensor
+    rmask: torch.Tensor
+    old_logprobs: torch.Tensor
+    rewards: torch.Tensor
+    references: list[list[int]] | None
+    ref_logprobs: torch.Tensor | None = None  # for a KL loss term
+    is_weights: torch.Tensor | None = None  # truncated importance weights (ppo.rollout_is)
+    # None when one update covers the whole batch: its own forward supplies the old values.
+    old_values: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    def rows(self, idx: torch.Tensor) -> PPOBatch:
+        """The minibatch of rows ``idx``."""
+        refs = None if self.references is None else [self.references[i] for i in idx.tolist()]
+        tensors = {
+            f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[idx]
+            for f in fields(self)
+            if f.name != "references"
+        }
+        return PPOBatch(**tensors, references=refs)
+
+
+class Learner(LearnerRole):
+    """Runs PPO updates on scored trajectories and publishes versioned weights.
+
+    With ``learner.lora.rank > 0`` the policy's transformer carries LoRA adapters: only they
+    (and the value head) are trained, only they are published, and the reference model is the
+    policy with its adapters off, so the learner holds one copy of the base model.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: ModelConfig,
+        tokenizer: TokenizerConfig,
+        learner: LearnerConfig,
+        ppo_config: PPOConfig,
+        temperature: float,
+        seed: int,
+        algo: str = registry.DEFAULT,
+        max_new_tokens: int | None = None,
+        torch_threads: int | None = None,
+    ) -> None:
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        torch.manual_seed(seed)
+        self.config, self.ppo, self.temperature = learner, ppo_config, temperature
+        self.algo = registry.get(algo)
+        self.critic = self.algo.critic
+        self.max_new_tokens = max_new_tokens  # the constant length seq_mean_token_sum_norm uses
+        self.loss_agg = ppo_config.loss_agg or self.algo.loss_agg
+        low, high = self.algo.clip or (ppo_config.clip, ppo_config.clip)
+        self.clip_low = low if ppo_config.clip_low is None else ppo_config.clip_low
+        self.clip_high = high if ppo_config.clip_high is None else ppo_config.clip_high
+        self.tokenizer_spec = tokenizer.name
+        self.tokenizer = build_tokenizer(model, tokenizer)
+        policy = build_model(model, self.tokenizer, seed=seed)
+        if model.gradient_checkpointing:
+            policy.gradient_checkpointing_enable()
+        self.lora = learner.lora.rank > 0
+        self.reference: torch.nn.Module | None = None  # None: the policy with adapters off
+        if model.reference:
+            self.reference = build_model(model, self.tokenizer, seed=seed, name=model.reference)
+        elif not self.lora:
+            self.reference = copy.deepcopy(policy)
+        if self.reference is not None:
+            self.reference.eval().requires_grad_(False)
+        if self.lora:
+            add_lora(policy, learner.lora, seed=seed)
+        self.net = PolicyWithValue(policy)
+        self.device = next(policy.parameters()).device
+        trained = self.net.parameters() if self.critic else policy.parameters()
+        self.opt = OptimizerStep(trained, learner)
+        self.optimizer = self.opt.optimizer
+        self.kl = ppo.KLController(ppo_config.kl_coef, ppo_config.kl_target, ppo_config.kl_horizon)
+        self.version = 0
+
+    @staticmethod
+    def arguments(config: RunConfig) -> dict[str, Any]:
+        """The keyword arguments that build a ``Learner`` for run ``config``."""
+        return {
+            "model": config.model,
+            "tokenizer": config.tokenizer,
+            "learner": config.learner,
+            "ppo_config": config.ppo,
+            "temperature": config.rollout.temperature,
+            "seed": config.seed,
+            "algo": config.algo,
+            "max_new_tokens": config.rollout.max_new_tokens,
+            "torch_threads": config.resources.torch_threads,
+        }
+
+    # ---- weights -------------------------------------------------------------------------
+
+    def published_module(self) -> torch.nn.Module:
+        """The network whose weights the rollout workers get: the policy."""
+        return self.net.model
+
+    def weights(self) -> VersionedWeights:
+        """The policy's current weights, stamped with its version."""
+        weights = publish_weights(self.published_module(), self.version)
+        self.published_bytes = weights.nbytes
+        return weights
+
+    # ---- forward passes ------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def reference_model(self) -> Iterator[torch.nn.Module]:
+        """The frozen reference model for the KL: its own copy, or (LoRA) the policy with its
+        adapters off for the duration of the block."""
+        if self.reference is not None:
+            yield self.reference
+        else:
+            with adapters_disabled(self.net.model) as base:
+                yield base
+
+    def _forward(
+        self,
+        model: torch.nn.Module,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        start: int,
+        with_values: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits / temperature (B, T, V) predicting ``ids[:, start:]``, and values (B, T)."""
+        hidden = response_hidden(model, ids, mask, start)
+        logits = model.get_output_embeddings()(hidden).float() / self.temperature
+        return logits, (self.net.value_head(hidden) if with_values else None)
+
+    def _tensors(self, batch: Trajectories) -> tuple[torch.Tensor, ...]:
+        ids = np.concatenate([batch.prompt_ids, batch.response_ids], axis=1)
+        resp_mask = batch.response_mask.astype(np.int64)
+        mask = np.concatenate([batch.prompt_mask, resp_mask], axis=1)
+
+        def t(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.array(a)).to(
+                self.device
+            )  # a copy: Ray's arrays are read-only
+
+        return t(ids), t(mask), t(batch.response_ids), t(batch.response_mask).float()
+
+    @torch.no_grad()
+    def logprobs(self, batch: Trajectories) -> np.ndarray:
+        """Log-probabilities (B, T) of the batch's response tokens under the current policy."""
+        ids, mask, tokens, rmask = self._tensors(batch)
+        logits, _ = self._forward(self.net.model, ids, mask, batch.prompt_ids.shape[1])
+        return (ppo.logprobs_from_logits(logits, tokens) * rmask).cpu().numpy()
+
+    # ---- the PPO update ------------------------------------------------------------------
+
+    def train(
+        self,
+        batch: Trajectories,
+        scores: np.ndarray,
+        references: list[list[int]] | None = None,
+        *,
+        groups: np.ndarray | None = None,
+    ) -> dict[str, float]:
+        """One policy-gradient update on a scored batch; returns ``learner/*`` metrics.
+
+        Args:
+            batch: trajectories from the rollout workers.
+            scores: (B,) total reward per sequence from the reward pool.
+            references: token ids of reference responses per sequence, for the optional
+                cross-entropy term (``ppo.ce_coef``); empty lists where there is none.
+            groups: (B,) int group id per sequence (the samples of one prompt share one); the
+                group algorithms need it, PPO and REINFORCE++ ignore it.
+        """
+        start_time = time.perf_counter()
+        c = self.ppo
+        ids, mask, tokens, rmask = self._tensors(batch)
+        start = batch.prompt_ids.shape[1]
+        old_logprobs = torch.tensor(batch.logprobs, device=self.device)
+        n = ids.shape[0]
+        passes = plan_passes(
+            self.algo,
+            c,
+            batch_size=n,
+            kl_coef=self.kl.value,
+            deterministic=self._deterministic_forward(),
+        )
+        values, mismatch, is_weights = None, {}, None  # mismatch: metrics, without learner/
+        with torch.no_grad():
+            self.net.eval()
+            if passes.old_pass:
+                logits, values = self._forward(self.net.model, ids, mask, start, self.critic)
+                if passes.recompute:
+                    recomputed = ppo.logprobs_from_logits(logits, tokens) * rmask
+                    mismatch = self._mismatch(recomputed, old_logprobs, rmask)
+                    if c.rollout_is == "truncated":
+                        is_weights, is_stats = pg.truncated_is_weights(
+                            learner_logprobs=recomputed,
+                            rollout_logprobs=old_logprobs,
+                            mask=rmask,
+                            cap=c.rollout_is_cap,
+                        )
+                        mismatch["rollout_is_weight"] = float(is_stats["weight"])
+                        mismatch["rollout_is_truncated"] = float(is_stats["truncated"])
+                    old_logprobs = recomputed
+                del logits
+            ref_logprobs = old_logprobs
+            if passes.reference:
+                with self.reference_model() as reference:
+                    ref_logits, _ = self._forward(reference, ids, mask, start)
+                ref_logprobs = ppo.logprobs_from_logits(ref_logits, tokens)
+                del ref_logits
+            rewards, kl = ppo.kl_shaped_rewards(
+                scores=torch.tensor(np.array(scores), dtype=torch.float32, device=self.device),
+                logprobs=old_logprobs,
+                ref_logprobs=ref_logprobs,
+                mask=rmask,
+                kl_coef=self.kl.value if passes.kl_in_reward else 0.0,
+            )
+        data = PPOBatch(
+            ids, mask, tokens, rmask, old_logprobs, rewards, references, is_weights=is_weights
+        )
+        if c.kl_loss_coef > 0:
+            data = dataclasses.replace(data, ref_logprobs=ref_logprobs)
+        if not self.critic:
+            data = self._critic_free_advantages(data, scores, groups)
+        elif not passes.values_in_update:
+            data = self._with_advantages(data, values)
+        self.net.train()
+        stats: dict[str, list[float]] = {}
+        skipped = 0
+        stop = False
+        probe = passes.probe
+        for _ in range(c.epochs):
+            for idx in torch.randperm(n).split(c.minibatch_size):
+                out = self._minibatch(data.rows(idx), start, probe=probe)
+                probe = False
+                if out is None:
+                    skipped += 1
+                    continue
+                for k in [k for k in out if k.startswith("logprob_mismatch")]:
+                    mismatch[k] = out.pop(k)
+                for k, v in out.items():
+                    stats.setdefault(k, []).append(v)
+                if c.target_kl is not None and out["approx_kl"] > c.target_kl:
+                    stop = True
+                    break
+            if stop:
+                break
+        self.net.eval()
+        seq_kl = float(kl.sum(-1).mean())
+        self.kl.update(kl=seq_kl, n_samples=n)
+        self.version += 1
+        seconds = time.perf_counter() - start_time
+        metrics = {f"learner/{k}": float(np.mean(v)) for k, v in stats.items()}
+        if passes.reference:
+            metrics["learner/kl"] = seq_kl
+        metrics.update({f"learner/{k}": v for k, v in mismatch.items()})
+        metrics.update(
+            {
+                "learner/kl_coef": self.kl.value,
+                "learner/skipped_updates": float(skipped),
+                "learner/early_stopped": float(stop),
+                "learner/version": float(self.version),
+                "learner/tokens_per_s": c.epochs * float(mask.sum()) / max(seconds, 1e-9),
+                "time/learn_s": seconds,
+            }
+        )
+        return metrics
+
+    @staticmethod
+    def _mismatch(
+        learner_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor
+    ) -> dict[str, float]:
+        """Mean and largest |rollout - learner| log-probability over response tokens."""
+        gap = (learner_logprobs.detach().float() - rollout_logprobs.float()).abs()
+        gap = torch.where(mask > 0, gap, 0.0)  # padding may hold anything
+        return {
+            "logprob_mismatch": float(ppo.masked_mean(gap, mask)),
+            "logprob_mismatch_max": float(gap.max()),
+        }
+
+    def _deterministic_forward(self) -> bool:
+        """Whether a training-mode forward gives the logprobs an eval-mode one does (no
+        adapter dropout; the models' own dropout is off)."""
+        return not (self.lora and self.config.lora.dropout > 0)
+
+    def _with_advantages(self, data: PPOBatch, values: torch.Tensor) -> PPOBatch:
+        """``data`` with old values, GAE advantages (whitened if configured) and returns."""
+        c = self.ppo
+        with torch.no_grad():
+            values = values.detach() * data.rmask
+            advantages, returns = ppo.gae(
+                rewards=data.rewards,
+                values=values,
+                mask=data.rmask,
+                gamma=c.gamma,
+                lam=c.gae_lambda,
+            )
+            if c.whiten_advantages:
+                advantages = ppo.whiten(advantages, data.rmask, min_std=c.whiten_min_std)
+        return dataclasses.replace(data, old_values=values, advantages=advantages, returns=returns)
+
+    def _critic_free_advantages(
+        self, data: PPOBatch, scores: np.ndarray, groups: np.ndarray | None
+    ) -> PPOBatch:
+        """``data`` with the advantages of a critic-free algorithm (its registry estimator)."""
+        if self.algo.needs_groups and groups is None:
+            raise DistrlError(f"algo {self.algo.name} needs the group id of every sample")
+        with torch.no_grad():
+            advantages = self.algo.estimator(
+                scores=torch.tensor(np.array(scores), dtype=torch.float32, device=self.device),
+                groups=None
+                if groups is None
+                else torch.as_tensor(np.array(groups), device=self.device),
+                token_rewards=data.rewards,
+                mask=data.rmask,
+                gamma=self.ppo.gamma,
+                min_std=self.ppo.whiten_min_std,
+            )
+        return dataclasses.replace(data, advantages=advantages)
+
+    def _minibatch(self, mb: PPOBatch, start: int, probe: bool = False) -> dict[str, float] | None:
+        """One optimizer step on a minibatch; None when it was skipped as non-finite. With
+        ``probe`` (a forward of the old weights) it also gives the gap to ``mb.old_logprobs``."""
+        c = self.ppo
+        m = mb.rmask
+        logits, values = self._forward(self.net.model, mb.ids, mb.mask, start, self.critic)
+        if mb.advantages is None:
+            mb = self._with_advantages(mb, values)
+        logprobs = ppo.logprobs_from_logits(logits, mb.tokens)
+        gap = self._mismatch(logprobs, mb.old_logprobs, m) if probe else {}
+        pg_loss, pg_stats = self.algo.policy_loss(
+            logprobs=logprobs,
+            old_logprobs=mb.old_logprobs,
+            advantages=mb.advantages,
+            mask=m,
+            clip_low=self.clip_low,
+            clip_high=self.clip_high,
+            loss_agg=self.loss_agg,
+            max_length=self.max_new_tokens,
+            weights=mb.is_weights,
+        )
+        v_loss, v_clipfrac = torch.zeros((), device=self.device), torch.zeros(())
+        if self.critic:
+            v_loss, v_clipfrac = ppo.value_loss(
+                values=values,
+                old_values=mb.old_values,
+                returns=mb.returns,
+                mask=m,
+                clip=c.value_clip,
+            )
+        kl_loss = None
+        if mb.ref_logprobs is not None:
+            kl = pg.kl_penalty(
+                logprobs=logprobs, ref_logprobs=mb.ref_logprobs, estimator=c.kl_estimator
+            )
+            kl_loss = pg.aggregate_loss(
+                loss=kl, mask=m, mode=self.loss_agg, max_length=self.max_new_tokens
+            )
+        # Without an entropy bonus, entropy is only logged: keep it out of the backward pass.
+        with torch.set_grad_enabled(c.ent_coef > 0):
+            entropy = ppo.masked_mean(ppo.entropy_from_logits(logits), m)
+        loss = pg_loss + c.vf_coef * v_loss - c.ent_coef * entropy
+        if kl_loss is not None:
+            loss = loss + c.kl_loss_coef * kl_loss
+        ce = None
+        if c.ce_coef > 0 and mb.references is not None:
+            ce = self._reference_nll(mb.references, mb.ids, mb.mask, start)
+            if ce is not None:
+                loss = loss + c.ce_coef * ce
+        grad_norm = self.opt.step(loss)
+        if grad_norm is None:
+            return None
+        out = {
+            "policy_loss": pg_loss.item(),
+            "entropy": entropy.item(),
+            "clipfrac": pg_stats["clipfrac"].item(),
+            "approx_kl": pg_stats["approx_kl"].item(),
+            "grad_norm": grad_norm,
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
+        if self.critic:
+            out.update({"value_loss": v_loss.item(), "value_clipfrac": v_clipfrac.item()})
+        if kl_loss is not None:
+            out["kl_loss"] = kl_loss.item()
+        if ce is not None:
+            out["ce_loss"] = ce.item()
+        out.update(gap)
+        return out
+
+    def _reference_nll(
+        self, references: list[list[int]], ids: torch.Tensor, mask: torch.Tensor, start: int
+    ) -> torch.Tensor | None:
+        """Mean NLL of reference responses after their prompts (rows without one are ignored)."""
+        rows = [i for i, r in enumerate(references) if r]
+        if not rows:
+            return None
+        full_ids, full_mask, r_ids, r_mask = (
+            t.to(self.device)
+            for t in with_responses(
+                ids[rows, :start].cpu().numpy(),
+                mask[rows, :start].cpu().numpy(),
+                [references[i] for i in rows],
+                self.tokenizer.pad_token_id,
+            )
+        )
+        hidden = response_hidden(self.net.model, full_ids, full_mask, start)
+        logits = self.net.model.get_output_embeddings()(hidden)
+        nll = -ppo.logprobs_from_logits(logits, r_ids)
+        return ppo.masked_mean(nll, r_mask)
+
+    def reference_metrics(
+        self, prompts: list[list[int]], references: list[list[int]]
+    ) -> dict[str, float]:
+        """Token accuracy and perplexity of reference responses under the policy."""
+        return reference_metrics(self.net.model, prompts, references, self.tokenizer.pad_token_id)
+
+    # ---- checkpoints ---------------------------------------------------------------------
+
+    def save(self, folder: str, extra: dict | None = None) -> None:
+        """Write the policy as a Hugging Face folder (with LoRA: its adapter in PEFT's format)
+        plus ``distrl_state.pt`` into ``folder``."""
+        path = Path(folder)
+        if self.lora:
+            save_adapter(self.net.model, path)
+        else:
+            self.net.model.save_pretrained(path)
+        self.write_tokenizer_spec(path, self.tokenizer_spec)  # and the tokenizer's HF files
+        state = {"value_head": self.net.value_head.state_dict(), "kl": self.kl.state_dict()}
+        save_torch_state(path / STATE_FILE, {**state, **self.role_state(extra, path)})
+
+    def load(self, folder: str) -> dict:
+        """Restore policy, value head, optimizer, KL controller and RNG; return the extra dict."""
+
+        path = Path(folder)
+        if self.lora:
+            load_adapter(self.net.model, path)
+        elif (path / ADAPTER_WEIGHTS).is_file():
+            raise DistrlError(
+                f"{path} holds a LoRA adapter: resume it with the run's learner.lora settings"
+            )
+        else:
+            weights = {}
+            for file in sorted(path.glob("*.safetensors")):
+                weights.update(load_file(file))
+            set_weights(self.net.model, weights)
+        state = load_torch_state(path / STATE_FILE)
+        self.net.value_head.load_state_dict(state["value_head"])
+        self.kl.load_state_dict(state["kl"])
+        return self.load_role_state(state, path)
+
+    def export_merged(self, folder: str) -> None:
+        """Make ``folder``, a copy of this learner's newest step checkpoint (``best/``,
+        ``final/``), a plain Hugging Face folder: with LoRA, the policy with its adapter merged
+        replaces the adapter files, so ``from_pretrained``, chat and validate load it without
+        PEFT. With full fine-tuning the copy already is one and nothing is written."""
+        if not self.lora:
+            return
+        path = Path(folder)
+        for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+            (path / name).unlink(missing_ok=True)
+        save_merged(self.net.model, path)

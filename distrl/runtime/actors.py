@@ -1,0 +1,234 @@
+"""The one module that imports Ray: it turns distrl's plain role classes into actors and pools.
+
+Roles (``RewardScorer``, rollout workers, the learner, the replay buffer) know nothing of Ray.
+Here they become actors with resources from ``ResourcesConfig``. Roles a constructor rebuilds
+exactly (rollout workers, reward actors) are restarted when they die (``max_restarts=-1``),
+with the interrupted call retried (``max_task_retries=-1``); the learner and the replay buffer
+hold state a constructor cannot rebuild, so they are not restarted here: the driver restores
+them from a checkpoint (``STATEFUL``). Only the driver and its pools call ``ray.get``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import ray
+from ray.exceptions import GetTimeoutError, RayTaskError
+
+from distrl.config import ResourcesConfig, RewardConfig
+from distrl.errors import DistrlError
+from distrl.rewards import (
+    RewardBatch,
+    RewardScorer,
+    ScoreResult,
+    check_reward_config,
+    component_keys,
+)
+from distrl.runtime.faults import Hung
+
+
+def actor_options(
+    cpus: float,
+    gpus: float = 0.0,
+    custom: dict[str, float] | None = None,
+    *,
+    max_restarts: int = -1,
+    max_task_retries: int = -1,
+    runtime_env: dict[str, Any] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Options for ``ray.remote(cls).options(...)``: resources and restart policy.
+
+    Args:
+        cpus: CPUs the actor holds (fractions allowed).
+        gpus: GPUs (or a share of one) the actor holds.
+        custom: custom resources, e.g. ``{"inference_node": 0.01}``.
+        max_restarts: restarts after the actor dies; -1 = always.
+        max_task_retries: retries of a call interrupted by a death; -1 = always.
+        runtime_env: Ray runtime environment of the actor (env vars, ``py_modules``...).
+        **extra: any other ``.options`` keyword (``name``, ``scheduling_strategy``...).
+    """
+    options: dict[str, Any] = {
+        "num_cpus": cpus,
+        "num_gpus": gpus,
+        "max_restarts": max_restarts,
+        "max_task_retries": max_task_retries,
+        **extra,
+    }
+    if custom:
+        options["resources"] = dict(custom)
+    if runtime_env:
+        options["runtime_env"] = runtime_env
+    return options
+
+
+# Options of actors that must never come back silently reset (see the module docstring).
+STATEFUL = {"max_restarts": 0, "max_task_retries": 0}
+
+
+def make_actor(cls: type, options: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+    """Start ``cls(*args, **kwargs)`` as an actor with ``options`` (see ``actor_options``)."""
+    return ray.remote(cls).options(**options).remote(*args, **kwargs)
+
+
+def _pid(_actor: Any) -> int:
+    return os.getpid()
+
+
+def pids(handles: list[Any], timeout: float | None = None) -> list[int]:
+    """The process id of each actor (a restarted actor has a new one); waits for busy actors."""
+    return get(pid_refs(handles), timeout=timeout)
+
+
+def pid_refs(handles: list[Any]) -> list[ray.ObjectRef]:
+    """Refs to each actor's process id, answered once the actor's earlier calls are done."""
+    return [h.__ray_call__.remote(_pid) for h in handles]
+
+
+def _node_ip(_actor: Any) -> str:
+    return ray.util.get_node_ip_address()
+
+
+def node_ip_ref(handle: Any) -> ray.ObjectRef:
+    """A ref to the address of the node ``handle``'s actor runs on (loopback for a Ray that
+    listens on loopback only): where it can serve others."""
+    return handle.__ray_call__.remote(_node_ip)
+
+
+def get(refs: Any, timeout: float | None = None) -> Any:
+    """``ray.get`` that re-raises distrl's own errors from inside an actor as themselves.
+
+    Ray wraps an actor's exception in ``RayTaskError``; a ``RewardError`` (or any
+    ``DistrlError``) then reaches the driver as that error with its own message.
+
+    Raises:
+        ray.exceptions.GetTimeoutError: ``timeout`` seconds passed first.
+    """
+    try:
+        return ray.get(refs, timeout=timeout)
+    except RayTaskError as err:
+        if isinstance(err.cause, DistrlError):
+            raise err.cause from None
+        raise
+
+
+class RewardPool:
+    """``RewardScorer`` actors that score batches in chunks, concurrently, keeping order.
+
+    Args:
+        reward_config: components, ``num_actors`` and ``batch_size`` (samples per call).
+        resources_config: ``reward_cpus``, ``reward_gpus``, ``custom["reward"]``,
+            ``torch_threads`` of each actor.
+        seed: seed of any random reference model.
+        num_actors: overrides ``reward_config.num_actors``.
+        runtime_env: Ray runtime environment of the actors (e.g. where user functions live).
+    """
+
+    def __init__(
+        self,
+        reward_config: RewardConfig,
+        resources_config: ResourcesConfig | None = None,
+        seed: int = 0,
+        *,
+        num_actors: int | None = None,
+        runtime_env: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        retries: int = 0,
+        start_timeout: float | None = None,
+    ) -> None:
+        check_reward_config(reward_config)  # fail in the driver, not in N actors
+        resources = resources_config or ResourcesConfig()
+        self.config, self.seed, self.timeout, self.retries = reward_config, seed, timeout, retries
+        self.start_timeout = start_timeout
+        self.torch_threads = resources.torch_threads
+        self.options = actor_options(
+            resources.reward_cpus,
+            resources.reward_gpus,
+            resources.custom.get("reward"),
+            runtime_env=runtime_env,
+        )
+        self.actors = [self._new() for _ in range(num_actors or reward_config.num_actors)]
+        # Wait for the model loads here, so the first score() is not charged for them and a
+        # scorer that cannot start fails now.
+        self._wait_ready(self.actors)
+        self.pids = pids(self.actors)
+        self.restarts = 0  # actors found restarted (Ray restarts a dead one, retrying its call)
+        self.timeouts = 0  # actors replaced because a score call passed ``timeout``
+
+    def _wait_ready(self, handles: list[Any]) -> None:
+        try:
+            get([actor.ready.remote() for actor in handles], timeout=self.start_timeout)
+        except GetTimeoutError:
+            raise Hung(
+                f"reward actors did not start within faults.start_timeout_s="
+                f"{self.start_timeout:g} s"
+            ) from None
+
+    def _new(self) -> Any:
+        return make_actor(
+            RewardScorer, self.options, self.config, self.seed, torch_threads=self.torch_threads
+        )
+
+    def _replace(self, k: int) -> None:
+        """Kill actor ``k`` (a hung process too: Ray ends it with SIGKILL) and start anew."""
+        ray.kill(self.actors[k], no_restart=True)
+        self.actors[k] = self._new()
+        self.pids[k] = -1  # a replacement, not a restart
+        self.timeouts += 1
+
+    def score(self, batch: RewardBatch) -> ScoreResult:
+        """Score ``batch``: chunks of ``batch_size`` go round-robin to the actors at once.
+
+        A chunk not scored within ``timeout`` has its actor replaced and is sent again, at most
+        ``retries`` times.
+
+        Raises:
+            RewardError: as ``RewardScorer.score``, naming the sample's index in ``batch``.
+            Hung: a chunk timed out on every try.
+        """
+        if len(batch) == 0:
+            keys = component_keys(self.config)
+            return ScoreResult(np.zeros(0), {k: np.zeros(0) for k in keys}, np.zeros(0, bool))
+        size = self.config.batch_size
+        starts = list(range(0, len(batch), size))
+
+        def send(k: int) -> ray.ObjectRef:
+            start = starts[k]
+            chunk = batch.select(range(start, min(start + size, len(batch))))
+            return self.actors[k % len(self.actors)].score.remote(chunk, start)
+
+        pending = {k: send(k) for k in range(len(starts))}
+        results: dict[int, ScoreResult] = {}
+        for attempt in range(self.retries + 1):
+            refs = list(pending.values())
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=self.timeout)
+            for k, ref in list(pending.items()):
+                if ref in done:
+                    results[k] = get(ref)
+                    del pending[k]
+            if not pending:
+                break
+            hung = sorted({k % len(self.actors) for k in pending})
+            for a in hung:
+                self._replace(a)
+            if attempt == self.retries:
+                raise Hung(
+                    f"reward actor {hung[0]}: score did not return within "
+                    f"faults.score_timeout_s={self.timeout:g} s on {self.retries + 1} tries (a "
+                    f"reward function that never returns?); raise the setting or fix the cause"
+                )
+            self._wait_ready([self.actors[a] for a in hung])
+            pending = {k: send(k) for k in pending}
+        result = ScoreResult.concat([results[k] for k in range(len(starts))])
+        now = pids(self.actors, timeout=self.timeout)  # idle now: a round trip, not a wait
+        self.restarts += sum(b != -1 and a != b for a, b in zip(now, self.pids))
+        self.pids = now
+        return result
+
+    def shutdown(self) -> None:
+        """Kill the actors (without restarting them)."""
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []

@@ -1,0 +1,271 @@
+"""What every role shares, written once: the learner's optimizer step (AdamW, warm-up, clipping,
+the non-finite guard), its version and checkpoint state, and how weights go from the learner to
+the workers: through Ray's object store (``weights`` / ``set_weights``) or a torch.distributed
+broadcast (``broadcast_weights`` / ``receive_weights``, ``distrl.weights.sync``). Both end in
+``WorkerRole.apply_weights``.
+
+``Learner`` and ``QLearner`` build on ``LearnerRole``; ``RolloutWorker`` and ``QRolloutWorker`` on
+``WorkerRole``. Plain classes: ``distrl.runtime.actors`` makes them actors.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from distrl.config import LearnerConfig
+from distrl.errors import DistrlError
+from distrl.models.tokenizers import Tokenizer
+from distrl.runtime.checkpoint import (
+    OPTIMIZER_FILE,
+    load_torch_state,
+    rng_state,
+    save_torch_state,
+    set_rng_state,
+)
+from distrl.weights.sync import WeightGroup, WeightSyncError, default_host, host_store
+from distrl.weights.tensors import VersionedWeights, published_names, set_weights
+
+
+class NonFiniteError(DistrlError, RuntimeError):
+    """Too many updates in a row had a non-finite loss or gradient."""
+
+
+class OptimizerStep:
+    """AdamW with linear warm-up, gradient-norm clipping and the non-finite guard.
+
+    A step whose loss or gradient norm is not finite is skipped (gradients dropped); after
+    ``learner.max_nonfinite_updates`` such steps in a row it raises ``NonFiniteError``.
+    """
+
+    def __init__(self, params: Any, config: LearnerConfig) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        self.config = config
+        # The fused kernel (one pass over all parameters) where torch has one: CPU and CUDA.
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in self.params)
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=config.lr, weight_decay=config.weight_decay, fused=fused or None
+        )
+        self.steps = 0  # optimizer steps taken
+        self.nonfinite_in_a_row = 0
+
+    def step(self, loss: torch.Tensor) -> float | None:
+        """Backward, clip and step; returns the gradient norm, or None when skipped."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_in_a_row += 1
+            if self.nonfinite_in_a_row >= self.config.max_nonfinite_updates:
+                raise NonFiniteError(
+                    f"{self.nonfinite_in_a_row} updates in a row had a non-finite loss or "
+                    f"gradient (learner.max_nonfinite_updates); last loss {loss.item()}"
+                )
+            return None
+        self.nonfinite_in_a_row = 0
+        warm = self.config.warmup_steps
+        for group in self.optimizer.param_groups:
+            group["lr"] = (
+                self.config.lr * min(1.0, (self.steps + 1) / warm) if warm else self.config.lr
+            )
+        self.optimizer.step()
+        self.steps += 1
+        return grad_norm.item()
+
+
+class LearnerRole:
+    """What every learner shares: the optimizer step, the version it publishes, the size of
+    its last publication, and the common part of its checkpoint state."""
+
+    opt: OptimizerStep
+    tokenizer: Tokenizer
+    version: int
+    published_bytes: int = 0
+    weight_store: tuple[Any, str, int] | None = None  # the store this learner serves
+    weight_group: WeightGroup | None = None
+
+    def published_module(self) -> nn.Module:
+        """The network whose weights the rollout workers get."""
+        raise NotImplementedError
+
+    def publish_version(self) -> int:
+        """The version the next publication carries: ``version`` (a learner that counts
+        publications rather than updates bumps it here)."""
+        return self.version
+
+    # ---- weights by broadcast (distrl.weights.sync) -----------------------------------------
+
+    def weight_group_address(self, host: str | None = None) -> tuple[str, int]:
+        """Serve a new weight group's store on ``host`` (default: this machine's address) at
+        a free port; returns ``(host, port)`` for the workers' ``join_weight_group``. Any
+        earlier group is left."""
+        self.leave_weight_group()
+        host = host or default_host()
+        store, port = host_store(host, timeout_s=60.0)
+        self.weight_store = (store, host, port)
+        return host, port
+
+    def join_weight_group(self, world_size: int, *, timeout_s: float) -> str:
+        """Form the group on the store ``weight_group_address`` serves, as rank 0 of
+        ``world_size`` members, waiting at most ``timeout_s`` for the others; returns the
+        backend the members share ("nccl" or "gloo").
+
+        Raises:
+            WeightSyncError: no store is served, or a member did not join in time.
+        """
+        if self.weight_store is None:
+            raise WeightSyncError("the learner serves no weight group (weight_group_address)")
+        device = next(self.published_module().parameters()).device
+        store = self.weight_store[0]
+        self.weight_group = WeightGroup(store, 0, world_size, device=device, timeout_s=timeout_s)
+        return self.weight_group.backend
+
+    def broadcast_weights(self) -> int:
+        """Broadcast ``published_module()``'s published tensors (``published_names``) to the
+        weight group; returns their version. ``published_bytes`` records the bytes sent.
+
+        Raises:
+            WeightSyncError: no group, or a worker was not ready or failed (the group is spent).
+        """
+        if self.weight_group is None:
+            raise WeightSyncError("the learner is in no weight group (join_weight_group)")
+        module = self.published_module()
+        state = module.state_dict()
+        tensors = {name: state[name] for name in published_names(module)}
+        version = self.publish_version()
+        self.published_bytes = self.weight_group.send(tensors, version)
+        return version
+
+    def leave_weight_group(self) -> None:
+        """Leave the weight group and stop serving its store."""
+        if self.weight_group is not None:
+            self.weight_group.close()
+        self.weight_group, self.weight_store = None, None
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps taken."""
+        return self.opt.steps
+
+    @staticmethod
+    def sees(path: str) -> bool:
+        """Whether ``path`` exists where the learner runs (checkpoints must reach the driver)."""
+        return Path(path).exists()
+
+    def publish_metrics(self) -> dict[str, float]:
+        """``publish/bytes``: the size of the weights the last publication sent (``weights``
+        or ``broadcast_weights``)."""
+        return {"publish/bytes": float(self.published_bytes)}
+
+    def role_state(self, extra: dict | None, folder: Path) -> dict[str, Any]:
+        """Version, step count, RNG and the driver's ``extra`` for a checkpoint; the optimizer
+        state goes to its own file in ``folder`` (``OPTIMIZER_FILE``), which only the newest
+        step checkpoint keeps (``distrl.runtime.checkpoint.drop_files``)."""
+        save_torch_state(folder / OPTIMIZER_FILE, self.opt.optimizer.state_dict())
+        return {
+            "version": self.version,
+            "steps": self.steps,
+            "rng": rng_state(),
+            "extra": extra or {},
+        }
+
+    def load_role_state(self, state: dict[str, Any], folder: Path) -> dict:
+        """Restore what ``role_state`` saved; returns the driver's ``extra``.
+
+        A checkpoint without optimizer state (an older step, or ``best``/``final``) resumes with
+        fresh AdamW moments, with a warning: only the newest step checkpoint resumes exactly.
+        """
+        if "optimizer" in state:  # written before the optimizer had a file of its own
+            self.opt.optimizer.load_state_dict(state["optimizer"])
+        elif (folder / OPTIMIZER_FILE).is_file():
+            self.opt.optimizer.load_state_dict(load_torch_state(folder / OPTIMIZER_FILE))
+        else:
+            warnings.warn(
+                f"{folder} holds no optimizer state (only the newest step checkpoint keeps it): "
+                "AdamW starts from fresh moments",
+                stacklevel=2,
+            )
+        self.version, self.opt.steps = int(state["version"]), int(state["steps"])
+        set_rng_state(state["rng"])
+        return state["extra"]
+
+    def write_tokenizer_spec(self, folder: Path, spec: str) -> None:
+        """Name the tokenizer a checkpoint was trained with (chat and validate rebuild it), and
+        save it as Hugging Face tokenizer files so transformers loads the folder too (a tiktoken
+        encoding is converted: ``Tokenizer.save_pretrained``)."""
+        (folder / "distrl_tokenizer.json").write_text(json.dumps({"spec": spec}))
+        self.tokenizer.save_pretrained(folder)
+
+
+class WorkerRole:
+    """What every rollout worker shares: the version it holds and how published weights reach
+    it (object store: ``set_weights``; broadcast: ``receive_weights``), both ending in
+    ``apply_weights``, which an engine with its own weight loading overrides."""
+
+    version: int = 0
+    weight_group: WeightGroup | None = None
+
+    def trainable(self) -> nn.Module:
+        """The network the learner trains and publishes (the policy, or the Q-network)."""
+        raise NotImplementedError
+
+    def apply_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load published tensors, by the learner's names (Hugging Face names for a policy),
+        into the network that generates: by default ``trainable()``."""
+        set_weights(self.trainable(), tensors)
+
+    def weight_device(self) -> torch.device:
+        """Where received weights are wanted (NCCL carries them if every member's is a GPU):
+        the role's ``device`` where it keeps one (an engine's), else ``trainable()``'s."""
+        device = getattr(self, "device", None)
+        if device is not None:
+            return torch.device(device)
+        return next(self.trainable().parameters()).device
+
+    def set_weights(self, weights: VersionedWeights) -> int:
+        """Load published weights; returns the version now held."""
+        if weights.version != self.version:
+            self.apply_weights(weights.tensors())
+            self.version = weights.version
+        return self.version
+
+    def join_weight_group(
+        self, address: tuple[str, int], rank: int, world_size: int, *, timeout_s: float
+    ) -> str:
+        """Join the learner's weight group at ``address`` as ``rank`` (1.. ``world_size`` -
+        1), leaving any earlier one; returns the backend the members share.
+
+        Raises:
+            WeightSyncError: the group did not form within ``timeout_s``.
+        """
+        self.leave_weight_group()
+        host, port = address
+        self.weight_group = WeightGroup.join(
+            host, port, rank, world_size, device=self.weight_device(), timeout_s=timeout_s
+        )
+        return self.weight_group.backend
+
+    def receive_weights(self) -> int:
+        """Take the learner's next broadcast and load it; returns the version now held.
+
+        Raises:
+            WeightSyncError: no group (a restarted worker), or the broadcast failed.
+        """
+        if self.weight_group is None:
+            raise WeightSyncError("this rollout worker is in no weight group (restarted?)")
+        version, tensors = self.weight_group.receive()
+        self.apply_weights(tensors)
+        self.version = version
+        return version
+
+    def leave_weight_group(self) -> None:
+        """Leave the weight group, if any."""
+        if self.weight_group is not None:
+            self.weight_group.close()
+        self.weight_group = None

@@ -1,0 +1,1 @@
+"""Weights between roles: versioned tensors, broadcast groups, and publishing them to workers."""

@@ -1,0 +1,150 @@
+"""A role's weights as they are published and loaded: by name, tied aliases once, LoRA adapters
+kept apart, versioned.
+
+The learner publishes ``publish_weights`` (``VersionedWeights``: numpy views Ray copies into the
+object store once); a worker loads them with ``set_weights``; ``get_weights`` gives detached CPU
+copies for checkpoints. ``published_names`` says which tensors move: all of a model's state,
+each tied tensor once, or with LoRA adapters in it (``distrl.models.lora``, ``learner.lora.rank >
+0``) only what is trained: the adapters and any layer outside the adapted model (a Q head), never
+its frozen base.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from distrl.errors import ModelError
+
+
+@dataclass(frozen=True)
+class VersionedWeights:
+    """Weights published by the learner, stamped with the policy version that made them.
+
+    ``state`` maps names to numpy arrays (Ray copies them into the object store once and
+    readers map them without a copy) or torch tensors. numpy has no bfloat16, so a bfloat16
+    tensor travels as its raw 16-bit pattern, an int16 array, with its name in ``bfloat16``;
+    ``tensors()`` reinterprets it, again without a copy.
+    """
+
+    version: int
+    state: dict[str, torch.Tensor | np.ndarray]
+    bfloat16: frozenset[str] = frozenset()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the published tensors: what one publish puts in the object store."""
+        return sum(int(value.nbytes) for value in self.state.values())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """``state`` as torch tensors sharing its memory, bfloat16 ones reinterpreted."""
+        out = {}
+        with warnings.catch_warnings():  # arrays from Ray's object store are read-only: we read
+            warnings.simplefilter("ignore", UserWarning)
+            for name, value in self.state.items():
+                tensor = torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+                out[name] = tensor.view(torch.bfloat16) if name in self.bfloat16 else tensor
+        return out
+
+
+def tied_aliases(model: nn.Module) -> set[str]:
+    """Names of parameters that are a second name for one already listed (tied weights)."""
+    every = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    return every - {name for name, _ in model.named_parameters()}
+
+
+# Telling LoRA's tensors apart lives here, not in distrl.models.lora: the weight functions below
+# need it, and distrl.models.lora imports this module.
+def _adapted_prefixes(model: nn.Module) -> list[str]:
+    """Names of the submodules of ``model`` (``""``: itself) that ``lora.add_lora`` adapted."""
+    return [prefix for prefix, m in model.named_modules() if hasattr(m, "peft_config")]
+
+
+def _under(name: str, prefix: str) -> bool:
+    return not prefix or name.startswith(prefix + ".")
+
+
+def has_lora(model: nn.Module) -> bool:
+    """Whether ``model`` (or a part of it) holds LoRA adapters."""
+    return bool(_adapted_prefixes(model))
+
+
+def is_adapter_name(name: str) -> bool:
+    """Whether state name ``name`` is a LoRA adapter tensor (``q_proj.lora_A.default.weight``)."""
+    return any(part.startswith("lora_") for part in name.split("."))
+
+
+def published_names(model: nn.Module) -> list[str]:
+    """Names of ``model``'s state that weights move between learner and workers: all of it
+    (each tied tensor once), or with LoRA adapters only what is trained: the adapter tensors
+    and whatever lies outside the adapted model (e.g. a Q head beside its backbone)."""
+    aliases = tied_aliases(model)
+    names = [name for name in model.state_dict() if name not in aliases]
+    adapted = _adapted_prefixes(model)
+    if not adapted:
+        return names
+    return [n for n in names if is_adapter_name(n) or not any(_under(n, p) for p in adapted)]
+
+
+def get_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Detached CPU copies of ``model``'s state, each tied tensor stored once (with LoRA: only
+    the trained tensors, ``published_names``)."""
+    state = model.state_dict()
+    return {name: state[name].detach().to("cpu", copy=True) for name in published_names(model)}
+
+
+def publish_weights(model: nn.Module, version: int) -> VersionedWeights:
+    """``model``'s state as ``VersionedWeights`` of zero-copy numpy views (each tied tensor
+    once; with LoRA adapters only the trained tensors, ``published_names``), to hand straight
+    to Ray, which copies them into the object store once.
+
+    Only for immediate serialisation: the views change with the model. bfloat16 tensors are
+    viewed as int16 (their raw bits), not converted. Tensors on a GPU are first copied to host
+    memory as they are (no dtype change); that copy is the only one.
+    """
+    full = model.state_dict()
+    state: dict[str, np.ndarray | torch.Tensor] = {}
+    bfloat16 = set()
+    for name in published_names(model):
+        tensor = full[name].detach().cpu()
+        if tensor.dtype == torch.bfloat16:
+            tensor = tensor.view(torch.int16)
+            bfloat16.add(name)
+        try:
+            state[name] = tensor.numpy()
+        except TypeError:  # a dtype numpy lacks (float8...): sent as a torch tensor, copied
+            state[name] = tensor.clone()
+    return VersionedWeights(version, state, frozenset(bfloat16))
+
+
+def set_weights(model: nn.Module, state: dict[str, torch.Tensor | np.ndarray]) -> None:
+    """Copy ``state`` (from ``get_weights`` or ``VersionedWeights.tensors()``) into ``model`` in
+    place, keeping tied weights tied.
+
+    Raises:
+        ModelError: ``state`` has names ``model`` lacks, or lacks some it needs.
+    """
+    with warnings.catch_warnings():  # arrays from Ray's object store are read-only; we only read
+        warnings.simplefilter("ignore", UserWarning)
+        state = {
+            k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in state.items()
+        }
+    if has_lora(model):  # exactly the trained tensors: never a write into the frozen base
+        names = set(published_names(model))
+        missing, unexpected = names - state.keys(), state.keys() - names
+        if not (missing or unexpected):
+            model.load_state_dict(state, strict=False)
+    else:
+        # Copying into the first name of a tied pair updates the shared tensor: ties survive.
+        result = model.load_state_dict(state, strict=False)
+        missing = set(result.missing_keys) - tied_aliases(model)
+        unexpected = set(result.unexpected_keys)
+    if missing or unexpected:
+        raise ModelError(
+            f"weights do not fit {type(model).__name__}: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )

@@ -1,0 +1,251 @@
+"""The training loop end to end on a real local Ray, with the tiny config."""
+
+import contextlib
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from distrl.config import load_config
+from distrl.data.prompts import prepare
+from distrl.loop.driver import train
+from distrl.models.loading import load_policy
+from distrl.outputs.metrics import read_metrics
+from distrl.runtime.checkpoint import OPTIMIZER_FILE, verify_checkpoint
+
+
+def tiny(tmp_path, **overrides):
+    base = {
+        "output.dir": str(tmp_path / "run"),
+        "output.progress": False,
+        "output.plots": True,
+        "iterations": 4,
+    }
+    return load_config("tiny", {**base, **overrides})
+
+
+@pytest.mark.slow  # a whole run on Ray
+def test_tiny_run_trains_logs_and_checkpoints(ray_session, tmp_path):
+    config = tiny(tmp_path)
+    run_dir = train(config)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for key in (
+        "reward/total",
+        "reward/diversity",
+        "learner/policy_loss",
+        "learner/value_loss",
+        "learner/entropy",
+        "learner/kl",
+        "learner/clipfrac",
+        "learner/approx_kl",
+        "rollout/tokens_per_s",
+        "rollout/policy_lag",
+        "time/score_s",
+        "time/publish_s",
+        "publish/bytes",
+    ):
+        assert key in records[-1], key
+    assert "eval/reward" in records[1] and "eval/ref_perplexity" in records[1]
+    assert max(r["learner/version"] for r in records) == 4
+    assert (run_dir / "config.yaml").is_file()
+    assert list((run_dir / "tensorboard").iterdir())
+    assert (run_dir / "plots" / "training.png").stat().st_size > 1000
+    # The final policy is a Hugging Face folder whose weights moved away from the initial ones.
+    final = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    # The published weights are the policy's, once each (tied tensors once): float32 bytes.
+    unique = {p.data_ptr(): p for p in final.parameters()}.values()
+    assert records[-1]["publish/bytes"] == sum(p.numel() * 4 for p in unique)
+    initial = load_policy(
+        "tiny-llama",
+        vocab_size=final.config.vocab_size,
+        special_ids={"eos_token_id": final.config.eos_token_id},
+        seed=0,
+    )
+    changed = [
+        n
+        for n, p in final.named_parameters()
+        if not torch.equal(p, dict(initial.named_parameters())[n])
+    ]
+    assert len(changed) > 0
+    checkpoints = run_dir / "checkpoints"
+    assert {p.name for p in checkpoints.iterdir()} >= {"step_2", "step_4", "best"}
+    # Optimizer state only where a resume starts: the newest step checkpoint.
+    assert (checkpoints / "step_4" / OPTIMIZER_FILE).is_file()
+    for folder in (checkpoints / "step_2", checkpoints / "best", run_dir / "final"):
+        assert not (folder / OPTIMIZER_FILE).exists(), folder
+    verify_checkpoint(checkpoints / "step_2")
+    # Every iteration's first completions, with their rewards and the version that made them.
+    samples = read_metrics(run_dir / "samples.jsonl")
+    assert sorted({r["step"] for r in samples}) == [1, 2, 3, 4]
+    row = samples[-1]
+    assert row["prompt"] and isinstance(row["response"], str) and row["version"] >= 2
+    assert {"reward/total", "reward/diversity"} <= set(row)
+
+
+@pytest.mark.slow  # a whole run on Ray
+def test_resume_continues_at_the_next_step(ray_session, tmp_path):
+    # Checkpoints every few minutes too: here every step, though checkpoint_every is 5.
+    minutes = {"output.checkpoint_every": 5, "output.checkpoint_minutes": 1e-6}
+    train(tiny(tmp_path, iterations=2, **minutes))
+    assert (tmp_path / "run" / "checkpoints" / "step_1").is_dir()
+    run_dir = train(tiny(tmp_path, iterations=4), resume=True)
+    steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4]
+    state = torch.load(run_dir / "final" / "distrl_state.pt", weights_only=True)
+    assert state["version"] == 4 and state["extra"]["step"] == 4
+
+
+def test_cli_rejects_bad_config_before_ray_starts(tmp_path, monkeypatch, capsys):
+    from distrl import run
+    from distrl.config import cli
+    from distrl.loop import driver
+
+    cases = [
+        (["--learner.lrr", "1"], "did you mean --learner.lr?"),
+        (["--learner.lr", "-1"], "learner.lr: -1.0 is out of range"),
+        (["--data.train", str(tmp_path / "missing.jsonl")], "missing.jsonl"),
+    ]
+    out = ["--output-dir", str(tmp_path / "out")]
+    # The first as a user meets it: its own process, status 2, one line, no Ray.
+    argv, fragment = cases[0]
+    result = subprocess.run(
+        [sys.executable, "-m", "distrl.run", "--config", "tiny", *argv, *out],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert fragment in result.stderr and "Started a local Ray" not in result.stderr
+
+    # The others through the same entry point in this process; Ray must not start.
+    def no_ray(*args, **kwargs):
+        raise AssertionError("the run went on to start Ray")
+
+    monkeypatch.setattr(driver, "_train", no_ray)
+    for argv, fragment in cases[1:]:
+        monkeypatch.setattr(sys, "argv", ["distrl.run", "--config", "tiny", *argv, *out])
+        with pytest.raises(SystemExit) as stopped:
+            cli.run_main(run.main)
+        assert stopped.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and fragment in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_help_lists_fields():
+    result = subprocess.run(
+        [sys.executable, "-m", "distrl.run", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0
+    assert "--learner.lr" in result.stdout and "AdamW learning rate" in result.stdout
+    assert "--resume" in result.stdout
+
+
+@pytest.mark.slow  # a whole run on Ray
+def test_config_yaml_is_the_resolved_config(ray_session, tmp_path):
+    config = tiny(tmp_path, iterations=1, **{"learner.lr": "2e-3"})
+    run_dir = train(config)
+    again = load_config(str(run_dir / "config.yaml"))
+    assert again == config
+    assert (
+        json.loads((run_dir / "final" / "distrl_tokenizer.json").read_text())["spec"]
+        == "tiktoken:gpt2"
+    )
+
+
+def test_no_held_out_prompts_is_said_not_hidden():
+    config = load_config("tiny", {"data.val_fraction": 0.0})
+    with pytest.warns(UserWarning, match="eval/\\* metrics use the first training prompts"):
+        train_prompts, val_prompts = prepare(config)
+    assert val_prompts.ids == train_prompts.ids[: config.output.eval_examples]
+
+
+@pytest.mark.slow  # six runs
+@pytest.mark.parametrize("algo", ["grpo", "dr_grpo", "rloo", "reinforce_pp", "gspo", "cispo"])
+def test_critic_free_algorithms_run_end_to_end_with_groups(ray_session, tmp_path, algo):
+    config = tiny(
+        tmp_path,
+        algo=algo,
+        iterations=2,
+        **{"rollout.samples_per_prompt": 2, "ppo.kl_loss_coef": 0.01, "output.plots": False},
+    )
+    run_dir = train(config)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2]
+    last = records[-1]
+    assert "learner/value_loss" not in last  # no critic
+    assert "learner/kl_loss" in last and "learner/kl" in last
+    assert last["learner/version"] == 2 and last["sampling/rounds"] == 1
+    state = torch.load(run_dir / "final" / "distrl_state.pt", weights_only=True)
+    # 2 workers x 4 prompts x 2 samples = 16 sequences, minibatches of 4, 1 epoch: 4 steps each.
+    assert state["steps"] == 2 * 4
+    from distrl.validate import run_config_for, validate
+
+    final = str(run_dir / "final")
+    report = validate(run_config_for(final, None), examples=2, checkpoint=final)
+    assert report["validate/examples"] == 2
+
+
+@pytest.mark.slow  # a run whose every group ties: dynamic sampling collects its most rounds
+def test_dynamic_sampling_drops_groups_without_signal_and_says_so(ray_session, tmp_path):
+    # The diversity reward of 8 random tokens is 1 for every sample: no group has signal.
+    config = tiny(
+        tmp_path,
+        algo="grpo",
+        iterations=1,
+        **{
+            "rollout.samples_per_prompt": 2,
+            "ppo.dynamic_sampling": True,
+            "ppo.max_sampling_rounds": 3,
+            "ppo.overlong_buffer": 4,
+            "output.plots": False,
+        },
+    )
+    records = read_metrics(train(config) / "metrics.jsonl")
+    assert records[0]["sampling/rounds"] == 3 and records[0]["sampling/kept_fraction"] == 0.0
+    assert records[0]["reward/overlong_penalty"] < 0  # 8-token replies hit the length limit
+
+
+@pytest.mark.slow  # starts a Ray of its own
+def test_embedded_ray_prints_the_real_dashboard_url_and_no_token_notice():
+    """With 8265 taken the dashboard moves to another port: distrl prints that one (it answers),
+    and not Ray's token-authentication notice (token auth stays on, as Ray decides)."""
+    code = (
+        "import contextlib, io, re, urllib.request, ray\n"
+        "from distrl.config import load_config\n"
+        "from distrl.loop.driver import init_ray\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out):\n"
+        "    init_ray(load_config('tiny'))\n"
+        "print(out.getvalue(), end='')\n"
+        "url = re.search(r'dashboard at (\\S+)', out.getvalue())\n"
+        "if url:\n"
+        "    print('status', urllib.request.urlopen(url[1] + '/', timeout=30).status)\n"
+        "print('auth', ray._private.authentication.authentication_utils.is_token_auth_enabled())\n"
+        "ray.shutdown()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    with socket.socket() as taken:
+        with contextlib.suppress(OSError):  # another process holding 8265 does as well
+            taken.bind(("127.0.0.1", 8265))
+            taken.listen()
+        run = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+        )
+    assert run.returncode == 0, run.stderr
+    printed = re.fullmatch(
+        r"distrl: local Ray dashboard at http://127\.0\.0\.1:(\d+) "
+        r"\(token auth: `ray get-auth-token` prints the token\)\nstatus 200\nauth True\n",
+        run.stdout,
+    )
+    assert printed, run.stdout
+    assert int(printed[1]) != 8265
+    assert "Token authentication is enabled" not in run.stderr, run.stderr
+    assert "View the dashboard" not in run.stderr, run.stderr

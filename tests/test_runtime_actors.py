@@ -1,0 +1,100 @@
+"""The reward pool on a real local Ray (the session-wide ``ray_session`` fixture)."""
+
+import os
+import textwrap
+
+import numpy as np
+import pytest
+
+from distrl.config import ResourcesConfig, RewardComponent, RewardConfig
+from distrl.errors import RewardError
+from distrl.rewards import RewardBatch, RewardScorer
+from distrl.runtime.actors import RewardPool, actor_options
+
+RESOURCES = ResourcesConfig(reward_cpus=0.5, torch_threads=1)
+REWARD = RewardConfig(
+    components=(
+        RewardComponent("diversity", 1.0),
+        RewardComponent("length", 0.5, {"max_tokens": 6, "per_token": True}),
+    ),
+    num_actors=2,
+    batch_size=4,
+)
+
+
+def responses(n):
+    """Distinct texts of distinct lengths, so any reordering shows."""
+    return [" ".join(f"w{i % (k + 1)}" for i in range(k + 1)) for k in range(n)]
+
+
+@pytest.fixture(scope="module")
+def pool(ray_session):
+    pool = RewardPool(REWARD, RESOURCES, seed=0)
+    yield pool
+    pool.shutdown()
+
+
+def test_actor_options_carry_resources_and_restarts():
+    options = actor_options(0.5, 0.25, {"inference_node": 0.01})
+    assert options == {
+        "num_cpus": 0.5,
+        "num_gpus": 0.25,
+        "max_restarts": -1,
+        "max_task_retries": -1,
+        "resources": {"inference_node": 0.01},
+    }
+
+
+def test_pool_keeps_order_and_returns_components(pool):
+    batch = RewardBatch(responses(11))  # three chunks of <= 4 over two actors
+    result = pool.score(batch)
+    expected = RewardScorer(REWARD).score(batch)
+    assert len(pool.actors) == 2
+    assert result.total.tolist() == expected.total.tolist()
+    for name in ("diversity", "length"):
+        assert result.components[name].tolist() == expected.components[name].tolist()
+    assert not result.dropped.any()
+    assert set(result.timing) == {"diversity", "length"}
+    assert pool.score(RewardBatch([])).total.shape == (0,)
+
+
+def actor_pid(ray, actor):
+    return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
+
+
+def test_killed_scorer_is_restarted_and_scoring_goes_on(pool, ray_session):
+    before = actor_pid(ray_session, pool.actors[0])
+    ray_session.kill(pool.actors[0], no_restart=False)
+    result = pool.score(RewardBatch(responses(9)))
+    assert np.isfinite(result.total).all() and len(result.total) == 9
+    assert actor_pid(ray_session, pool.actors[0]) != before  # a new process took over
+
+
+def test_raising_user_component_reaches_the_driver_as_reward_error(ray_session, tmp_path):
+    (tmp_path / "pool_rewards.py").write_text(
+        textwrap.dedent(
+            """
+            def picky(completions, **kwargs):
+                if "poison" in " ".join(completions):
+                    raise ValueError("cannot score poison")
+                return [1.0] * len(completions)
+            """
+        )
+    )
+    reward = RewardConfig(
+        components=(RewardComponent("pool_rewards:picky"),), num_actors=1, batch_size=4
+    )
+    # The actors import the user's module, so its folder goes on their PYTHONPATH.
+    runtime_env = {"env_vars": {"PYTHONPATH": str(tmp_path)}}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(tmp_path))  # the driver checks the config too
+        pool = RewardPool(reward, RESOURCES, runtime_env=runtime_env)
+    texts = ["fine"] * 6 + ["some poison here"] + ["fine"]
+    try:
+        # Sample 6 is the third of the second chunk: the error names its index in the batch.
+        with pytest.raises(RewardError, match=r"'pool_rewards:picky' failed on sample 6") as err:
+            pool.score(RewardBatch(texts))
+        assert type(err.value) is RewardError  # unwrapped, not Ray's RayTaskError
+        assert "ValueError: cannot score poison" in str(err.value)
+    finally:
+        pool.shutdown()

@@ -1,0 +1,276 @@
+"""Weights by torch.distributed broadcast: a gloo group of a learner and receivers (threads of
+this test, no Ray), then tiny runs on Ray with ``rollout.weight_sync: broadcast``."""
+
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from test_reliability import run_with_kill  # the same fault injection
+from test_reliability import tiny as quiet_tiny
+from torch import nn
+
+from distrl.data.prompts import prepare
+from distrl.loop.trainer import Trainer
+from distrl.models.loading import tiny_model
+from distrl.runtime import actors
+from distrl.runtime.roles import LearnerRole, WorkerRole
+from distrl.weights.sync import WeightGroup, WeightSyncError, host_store, plan_buckets
+from distrl.weights.tensors import published_names
+
+TIMEOUT_S = 3.0
+
+
+def model(seed: int) -> nn.Module:
+    """A tied bfloat16 tiny Llama beside a float32 head: two dtypes, one tied pair."""
+    policy = tiny_model("tiny-llama", vocab_size=97, seed=seed, dtype=torch.bfloat16,
+                        tie_word_embeddings=True)  # fmt: skip
+    head = nn.Linear(64, 3)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        nn.init.normal_(head.weight)
+    return nn.ModuleDict({"policy": policy, "head": head})
+
+
+class Publisher(LearnerRole):
+    """The learner's half of the roles around a plain module."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module, self.version = module, 0
+
+    def published_module(self) -> nn.Module:
+        return self.module
+
+
+class Receiver(WorkerRole):
+    """A rollout worker's half of the roles around a plain module."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def trainable(self) -> nn.Module:
+        return self.module
+
+
+class Recorder(WorkerRole):
+    """A receiver with no network of the learner's kind (as an inference engine): it learns the
+    names from the broadcast and keeps copies of what arrives."""
+
+    def __init__(self) -> None:
+        self.received: dict[str, torch.Tensor] = {}
+
+    def weight_device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def apply_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.received = {name: t.clone() for name, t in tensors.items()}
+
+
+def in_threads(*calls: Callable[[], Any], limit_s: float = 60) -> list[Any]:
+    """Run ``calls`` at once; each one's result or exception. Fails if any is still running
+    after ``limit_s`` (a hang)."""
+    out: list[Any] = [None] * len(calls)
+
+    def run(k: int) -> None:
+        try:
+            out[k] = calls[k]()
+        except BaseException as err:  # noqa: BLE001 - handed to the test
+            out[k] = err
+
+    threads = [threading.Thread(target=run, args=(k,), daemon=True) for k in range(len(calls))]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + limit_s
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in threads), "a member hung"
+    return out
+
+
+def form(learner: Publisher, workers: list[WorkerRole]) -> None:
+    address = learner.weight_group_address("127.0.0.1")
+    world = len(workers) + 1
+    joins = [
+        lambda r=r, w=w: w.join_weight_group(address, r, world, timeout_s=TIMEOUT_S)
+        for r, w in enumerate(workers, start=1)
+    ]
+    results = in_threads(lambda: learner.join_weight_group(world, timeout_s=TIMEOUT_S), *joins)
+    assert results == ["gloo"] * world, results
+
+
+def publish(learner: Publisher, workers: list[WorkerRole]) -> list[Any]:
+    return in_threads(learner.broadcast_weights, *(w.receive_weights for w in workers))
+
+
+def same_state(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(
+        sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa
+    )
+
+
+def test_a_group_of_a_learner_and_two_receivers_delivers_each_version_exactly():
+    learner = Publisher(model(seed=0))
+    receiver, recorder = Receiver(model(seed=1)), Recorder()
+    assert not same_state(learner.module, receiver.module)
+    form(learner, [receiver, recorder])
+    learner.weight_group.bucket_bytes = 4096  # several buckets per dtype
+
+    learner.version = 3
+    assert publish(learner, [receiver, recorder]) == [3, 3, 3]
+    assert same_state(learner.module, receiver.module)
+    assert receiver.version == recorder.version == 3
+    # The tie survives: the LM head is still the embedding.
+    policy = receiver.module["policy"]
+    assert policy.lm_head.weight.data_ptr() == policy.model.embed_tokens.weight.data_ptr()
+    # The recorder knew no name in advance: it got the learner's names, dtypes and values.
+    names = published_names(learner.module)
+    assert list(recorder.received) != [] and sorted(recorder.received) == sorted(names)
+    state = learner.module.state_dict()
+    assert {recorder.received[n].dtype for n in names} == {torch.bfloat16, torch.float32}
+    assert all(torch.equal(recorder.received[n], state[n]) for n in names)
+    bytes_sent = sum(state[n].numel() * state[n].element_size() for n in names)
+    assert learner.published_bytes == bytes_sent
+
+    with torch.no_grad():  # a later version replaces the earlier one
+        for p in learner.module.parameters():
+            p.add_(0.5)
+    learner.version = 4
+    assert publish(learner, [receiver, recorder]) == [4, 4, 4]
+    assert same_state(learner.module, receiver.module)
+    assert all(torch.equal(recorder.received[n], learner.module.state_dict()[n]) for n in names)
+    learner.leave_weight_group()
+
+
+def test_buckets_keep_each_dtype_apart_and_split_at_the_size_limit():
+    tensors = {
+        "a": torch.zeros(4),  # 16 bytes
+        "b": torch.zeros(2, dtype=torch.bfloat16),
+        "c": torch.zeros(2, 2),
+        "d": torch.zeros(10),  # alone: larger than the limit
+    }
+    assert plan_buckets(tensors, bucket_bytes=32) == [
+        ("float32", [("a", (4,)), ("c", (2, 2))]),
+        ("float32", [("d", (10,))]),
+        ("bfloat16", [("b", (2,))]),
+    ]
+
+
+def test_a_member_that_never_joins_makes_the_others_raise_within_the_timeout():
+    store, port = host_store("127.0.0.1", TIMEOUT_S)
+    start = time.monotonic()
+    learner, joined = in_threads(
+        lambda: WeightGroup(store, 0, 3, timeout_s=TIMEOUT_S),
+        lambda: WeightGroup.join("127.0.0.1", port, 1, 3, timeout_s=TIMEOUT_S),
+    )
+    assert time.monotonic() - start < TIMEOUT_S + 10
+    assert isinstance(learner, WeightSyncError) and "rank(s) [2] of 3" in str(learner)
+    assert isinstance(joined, WeightSyncError) and "rank(s) [2] of 3" in str(joined)
+
+
+def test_a_member_that_stops_receiving_makes_the_broadcast_raise_and_spends_the_group():
+    learner, ready, idle = Publisher(model(seed=0)), Receiver(model(seed=1)), Recorder()
+    form(learner, [ready, idle])
+    start = time.monotonic()
+    sent, received = in_threads(learner.broadcast_weights, ready.receive_weights)  # idle: not
+    assert time.monotonic() - start < TIMEOUT_S + 10
+    assert isinstance(sent, WeightSyncError) and "rank(s) [2] of 3" in str(sent)
+    assert isinstance(received, WeightSyncError) and "the learner gave up" in str(received)
+    with pytest.raises(WeightSyncError, match="rebuild it"):
+        learner.broadcast_weights()
+
+
+def test_a_worker_outside_any_group_and_a_learner_without_one_say_so():
+    with pytest.raises(WeightSyncError, match="in no weight group"):
+        Recorder().receive_weights()
+    with pytest.raises(WeightSyncError, match="in no weight group"):
+        Publisher(model(seed=0)).broadcast_weights()
+
+
+# ---- tiny runs on Ray ----------------------------------------------------------------------
+
+
+def tiny(tmp_path, **overrides):
+    """test_reliability's quiet tiny run, publishing by broadcast."""
+    broadcast = {"rollout.weight_sync": "broadcast", "faults.generate_timeout_s": 30}
+    return quiet_tiny(tmp_path, **{**broadcast, **overrides})
+
+
+def weights_held(trainer: Trainer) -> tuple[dict[str, torch.Tensor], list[tuple[int, dict]]]:
+    """The learner's published tensors, and each worker's version and tensors of those names."""
+
+    def published(learner: LearnerRole) -> dict[str, torch.Tensor]:  # by value: runs in actors
+        module = learner.published_module()
+        state = module.state_dict()
+        return {n: state[n].detach().cpu().clone() for n in published_names(module)}
+
+    def held(worker: WorkerRole) -> tuple[int, dict[str, torch.Tensor]]:
+        module = worker.trainable()
+        state = module.state_dict()
+        return worker.version, {n: state[n].detach().cpu().clone() for n in published_names(module)}
+
+    learner_state = actors.get(trainer.learner.__ray_call__.remote(published), timeout=60)
+    return learner_state, actors.get(
+        [w.__ray_call__.remote(held) for w in trainer.workers], timeout=120
+    )
+
+
+def assert_workers_hold_the_learners_weights(trainer: Trainer) -> int:
+    """Every worker holds the learner's published tensors at the trainer's version; returns
+    their bytes."""
+    learner_state, held = weights_held(trainer)
+    for version, state in held:
+        assert version == trainer.version
+        assert state.keys() == learner_state.keys()
+        assert all(torch.equal(state[n], learner_state[n]) for n in state)
+    return sum(t.numel() * t.element_size() for t in learner_state.values())
+
+
+@pytest.mark.slow  # a tiny run on Ray
+@pytest.mark.parametrize("algo", ["ppo", "dqn"])
+def test_a_broadcast_run_leaves_every_worker_with_the_learners_weights(ray_session, tmp_path, algo):
+    dqn = {"dqn.learning_starts": 8, "dqn.batch_size": 8, "dqn.action_top_k": 8}
+    config = tiny(tmp_path, algo=algo, iterations=2, **(dqn if algo == "dqn" else {}))
+    trainer = Trainer(config, tmp_path / "run", *prepare(config))
+    try:
+        trainer.start()
+        assert trainer.publisher.groups_formed == 1
+        assert_workers_hold_the_learners_weights(trainer)
+        versions = []
+        for _ in range(config.iterations):
+            metrics = trainer.iterate()
+            versions.append(trainer.version)
+            nbytes = assert_workers_hold_the_learners_weights(trainer)
+            assert metrics["time/publish_s"] > 0 and metrics["publish/bytes"] == nbytes
+        assert versions == [1, 2]  # one version per iteration, as through the object store
+        assert trainer.publisher.groups_formed == 1
+        assert trainer.faults["faults/weight_group_rebuilds"] == 0
+    finally:
+        trainer.shutdown()
+
+
+@pytest.mark.slow  # a tiny run on Ray
+def test_a_sigkilled_worker_rejoins_a_rebuilt_group_and_the_run_finishes(ray_session, tmp_path):
+    config = tiny(tmp_path, iterations=4)
+    check = assert_workers_hold_the_learners_weights
+    records = run_with_kill(config, tmp_path / "run", lambda t: t.workers[:1], inspect=check)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert records[0]["faults/weight_group_rebuilds"] == 0
+    assert records[-1]["faults/weight_group_rebuilds"] >= 1
+    # The restart was seen before the broadcast: no publish waited out a member.
+    assert max(r["time/publish_s"] for r in records) < config.faults.generate_timeout_s
+
+
+@pytest.mark.slow  # waits out a timeout
+def test_a_sigstopped_worker_is_replaced_and_the_group_rebuilt(ray_session, tmp_path):
+    config = tiny(tmp_path, iterations=3, **{"faults.generate_timeout_s": 8})
+    check = assert_workers_hold_the_learners_weights
+    records = run_with_kill(
+        config, tmp_path / "run", lambda t: t.workers[1:], sig=signal.SIGSTOP, inspect=check
+    )
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert records[-1]["faults/rollout_timeouts"] >= 1
+    assert records[-1]["faults/weight_group_rebuilds"] >= 1
