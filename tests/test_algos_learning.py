@@ -18,7 +18,7 @@ from distrl.pg.rollout import RolloutWorker
 PROMPTS = [[464, 3290, 373], [40, 588, 257, 3797], [1212, 318], [818, 262, 3726, 286]]
 UPDATES = 25
 LOW = 25_000
-TARGET = 0.85  # mean reward of the last 5 updates, for 2 of 3 seeds
+TARGET = 0.85  # mean reward of the last 5 updates, for 2 of 3 seeds (the third runs if needed)
 
 
 def low_share(response_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -81,5 +81,7 @@ def test_the_algorithm_learns_the_low_token_task(algo, overrides):
         curve = learn(algo, seed, **overrides)
         finals.append(float(np.mean(curve[-5:])))
         assert np.mean(curve[:3]) < 0.7  # it starts near chance
-    learned = [f >= target for f in finals]
-    assert sum(learned) >= 2, f"{algo}: final rewards {finals} (target {target})"
+        learned = sum(f >= target for f in finals)
+        if learned == 2 or len(finals) - learned == 2:
+            break  # 2 of 3 is decided: a third seed cannot change the verdict
+    assert learned >= 2, f"{algo}: final rewards {finals} (target {target})"

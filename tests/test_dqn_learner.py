@@ -171,4 +171,6 @@ def test_dqn_learns_to_emit_the_rewarded_token_first():
         assert not (untrained == targets).any()
         assert steps <= 120
         solved += bool((greedy == targets).all())
+        if solved == 2 or seed + 1 - solved == 2:
+            break  # 2 of 3 is decided: a third seed cannot change the verdict
     assert solved >= 2

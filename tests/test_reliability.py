@@ -46,21 +46,32 @@ def run_with_kill(
     """Run ``config`` in this process; once step ``after_step`` is logged, send ``sig`` to the
     processes of the actors ``pick_victims(trainer)`` returns (by PID, mid-iteration).
     ``inspect(trainer)``, if given, checks the finished trainer before its actors end."""
+    return run_with_kills(config, run_dir, [(after_step, pick_victims)], sig=sig, inspect=inspect)
+
+
+def run_with_kills(
+    config, run_dir: Path, schedule, *, sig=signal.SIGKILL, inspect=None
+) -> list[dict]:
+    """``run_with_kill`` with several faults: ``schedule`` is ``(after_step, pick_victims)``
+    pairs in step order, each victim's PID taken before the run starts."""
     trainer = Trainer(config, run_dir, *prepare(config))
     run_dir.mkdir()
     logger = MetricsLogger(run_dir, tensorboard=False, plots=False)
-    victims = actors.pids(pick_victims(trainer))  # asked while idle: a busy actor answers late
+    # Asked while idle: a busy actor answers late.
+    victims = [(step, actors.pids(pick(trainer))) for step, pick in schedule]
     killed: list[int] = []
 
-    def kill_after_step():
+    def kill_after_steps():
         deadline = time.time() + 300
-        while time.time() < deadline and len(read_metrics(run_dir / "metrics.jsonl")) < after_step:
-            time.sleep(0.02)
-        for pid in victims:  # the next rollout is under way by now
-            os.kill(pid, sig)
-            killed.append(pid)
+        for step, pids in victims:
+            metrics = run_dir / "metrics.jsonl"
+            while time.time() < deadline and len(read_metrics(metrics)) < step:
+                time.sleep(0.02)
+            for pid in pids:  # the next rollout is under way by now
+                os.kill(pid, sig)
+                killed.append(pid)
 
-    killer = threading.Thread(target=kill_after_step)
+    killer = threading.Thread(target=kill_after_steps)
     killer.start()
     try:
         trainer.run(logger, progress=False)
@@ -73,7 +84,7 @@ def run_with_kill(
         for pid in killed:  # a stopped process is ended by Ray; make sure of it
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-    assert killed
+    assert len(killed) == sum(len(pids) for _, pids in victims)
     return read_metrics(run_dir / "metrics.jsonl")
 
 
@@ -81,43 +92,36 @@ def final_state(run_dir: Path) -> dict:
     return torch.load(run_dir / "final" / "distrl_state.pt", weights_only=True)
 
 
-@pytest.mark.slow  # a whole run on Ray
-def test_a_sigkilled_reward_actor_is_restarted_and_counted(ray_session, tmp_path):
-    config = tiny(tmp_path, iterations=5)
-    records = run_with_kill(config, tmp_path / "run", lambda t: t.pool.actors)
-    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
-    assert records[0]["faults/reward_actor_restarts"] == 0
-    assert records[-1]["faults/reward_actor_restarts"] >= 1
-    assert all(np.isfinite(r["reward/total"]) for r in records)
-
-
-@pytest.mark.slow  # a whole run on Ray
-def test_a_sigkilled_rollout_worker_is_restarted_and_its_stale_batch_redone(ray_session, tmp_path):
-    config = tiny(tmp_path, iterations=5)
-    records = run_with_kill(config, tmp_path / "run", lambda t: t.workers[:1])
-    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
-    # The restarted worker came back with its initial weights: its batch was redone, counted.
-    assert records[-1]["faults/stale_batches"] >= 1
-    lag = config.rollout.max_policy_lag
-    assert max(r["rollout/policy_lag"] for r in records) <= lag  # no stale batch was trained on
-
-
-@pytest.mark.slow  # a whole run with a restore
-def test_a_sigkilled_learner_is_restored_from_its_checkpoint_and_the_lost_steps_redone(
+@pytest.mark.slow  # a whole run on Ray with a restore
+def test_sigkilled_reward_actor_worker_and_learner_cost_nothing_and_are_counted(
     ray_session, tmp_path, capfd
 ):
+    """Three faults in one run, one after each of steps 1 to 3: a reward actor and a rollout
+    worker (both restarted by Ray, the worker's stale batch redone), then the learner (restored
+    from its step-2 checkpoint, step 3 redone). The run ends as an uninterrupted one would."""
     config = tiny(tmp_path, iterations=8, **{"output.checkpoint_every": 2})
     run_dir = tmp_path / "run"
-    records = run_with_kill(config, run_dir, lambda t: [t.learner], after_step=3)
+    schedule = [
+        (1, lambda t: t.pool.actors),
+        (2, lambda t: t.workers[:1]),
+        (3, lambda t: [t.learner]),
+    ]
+    records = run_with_kills(config, run_dir, schedule)
     assert [r["step"] for r in records] == list(range(1, 9))  # none lost, none twice
-    assert records[-1]["faults/learner_restarts"] == 1
+    assert all(np.isfinite(r["reward/total"]) for r in records)
+    last = records[-1]
+    assert records[0]["faults/reward_actor_restarts"] == 0
+    assert last["faults/reward_actor_restarts"] >= 1
+    # The restarted worker came back with its initial weights: its batch was redone, counted.
+    assert last["faults/stale_batches"] >= 1
+    assert last["faults/learner_restarts"] == 1
     assert "the learner actor died during step" in capfd.readouterr().err
     # Equal to an uninterrupted run: one version per step, 2 minibatch updates per step.
     state = final_state(run_dir)
     assert state["version"] == 8
     assert state["steps"] == 8 * (config.rollout.batch_size * 2 // config.ppo.minibatch_size)
-    assert max(r["rollout/policy_lag"] for r in records) <= config.rollout.max_policy_lag
-    assert min(r["rollout/policy_lag"] for r in records) >= 0  # no batch from a future version
+    lags = [r["rollout/policy_lag"] for r in records]
+    assert min(lags) >= 0 and max(lags) <= config.rollout.max_policy_lag  # none stale or future
 
 
 @pytest.mark.slow  # two DQN runs
@@ -240,23 +244,6 @@ def test_non_finite_updates_stop_the_run_with_the_last_good_state_saved(ray_sess
     assert json.loads((saved / "distrl_checkpoint.json").read_text())["meta"]["step"] >= 1
 
 
-@pytest.mark.slow  # a whole run on Ray
-def test_a_corrupted_newest_checkpoint_is_reported_and_the_previous_one_resumed(
-    ray_session, tmp_path
-):
-    train(tiny(tmp_path, iterations=2, **{"output.checkpoint_every": 1}))
-    run_dir = tmp_path / "run"
-    newest = run_dir / "checkpoints" / "step_2"
-    weights = next(newest.glob("*.safetensors"))
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a torn write
-    with pytest.warns(UserWarning, match="skipping corrupt checkpoint.*step_2"):
-        train(tiny(tmp_path, iterations=3, **{"output.checkpoint_every": 1}), resume=True)
-    records = read_metrics(run_dir / "metrics.jsonl")
-    assert [r["step"] for r in records] == [1, 2, 3]  # step 2 redone from step 1's state
-    state = torch.load(run_dir / "final" / "distrl_state.pt", weights_only=True)
-    assert state["version"] == 3
-
-
 # ---- the command line: refused resumes, a second run, a hung reward, signals ----------------
 
 
@@ -280,24 +267,9 @@ def refused(*args: str) -> str:
     return lines[-1]
 
 
-@pytest.fixture(scope="module")
-def finished_run(ray_session, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("finished") / "run"
-    train(load_config("tiny", {"output.dir": str(run_dir), "iterations": 2, **QUIET}))
-    return run_dir
-
-
-QUIET = {
-    "output.progress": False,
-    "output.plots": False,
-    "output.tensorboard": False,
-    "output.eval_every": 0,
-    "output.checkpoint_every": 1,
-}
-
-
 @pytest.mark.slow  # a whole run on Ray
 def test_a_refused_resume_changes_nothing_and_says_why(finished_run, tmp_path):
+    finished_run = finished_run.run_dir
     before = files_of(finished_run)
     line = refused("--resume", "--output-dir", str(finished_run), "--model.name", "tiny-gpt2")
     assert "--resume: model.name is 'tiny-gpt2' but the run in" in line

@@ -352,11 +352,13 @@ def test_bayesopt_sweep_of_tiny_runs_summarises_and_its_best_config_trains(ray_s
 
 
 @pytest.mark.slow  # about 1.5 minutes on 2 shared cores
-def test_an_asha_sweep_plots_every_trial_and_prints_one_best_and_one_hint(
+def test_an_asha_sweep_of_grpo_plots_every_trial_and_prints_one_best_and_one_hint(
     ray_session, tmp_path, capfd
 ):
+    """ASHA over the GRPO space: a critic-free algorithm sweeps, every trial draws its plots
+    though ASHA stops it, and the sweep prints one best trial and one TensorBoard hint."""
     argv = [
-        *("--space", str(SPACES / "ppo.yaml"), "--config", "tiny", "--scheduler", "asha"),
+        *("--space", str(SPACES / "grpo.yaml"), "--config", "tiny", "--scheduler", "asha"),
         *("--num-samples", "2", "--max-concurrent", "2", "--trial-cpus", "0.25"),
         *("--storage", str(tmp_path), "--name", "asha"),
         *("--iterations", "2", "--rollout.num_workers", "1"),
@@ -365,7 +367,7 @@ def test_an_asha_sweep_plots_every_trial_and_prints_one_best_and_one_hint(
     out = capfd.readouterr().out
     exp = tmp_path / "asha"
     rows = read_csv(exp / "summary.csv")
-    assert len(rows) == 2
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"finished"}
 
     # ASHA stops each trial at its last report (max_t), before the trial could draw its plots.
     for row in rows:
@@ -374,6 +376,9 @@ def test_an_asha_sweep_plots_every_trial_and_prints_one_best_and_one_hint(
         assert {"training.png", "reward.png", "learner.png", "eval.png", "time.png"} <= names
         assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
         assert not list((exp / row["trial"]).glob("events.out.tfevents.*"))  # no Tune logger
+        last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+        assert "learner/value_loss" not in last and "learner/kl_loss" in last  # no critic
+        assert last["learner/lr"] == pytest.approx(float(row["learner.lr"]))
 
     # One best: not Tune's "Current best trial", distrl's line, the trial of best_config.yaml.
     assert "Current best trial" not in out
@@ -383,25 +388,8 @@ def test_an_asha_sweep_plots_every_trial_and_prints_one_best_and_one_hint(
     assert best[0].endswith(str(exp / top["trial"]))
     config = load_config(str(exp / "best_config.yaml"))
     assert config.learner.lr == pytest.approx(float(top["learner.lr"]))
+    assert config.algo == "grpo" and config.rollout.samples_per_prompt == 4
     # One TensorBoard hint, to the folder holding every trial's event files.
     assert [line for line in out.splitlines() if "tensorboard" in line.lower()] == [
         f"distrl.tune: curves: tensorboard --logdir {exp}"
     ]
-
-
-@pytest.mark.slow  # a 2-trial sweep of tiny GRPO runs
-def test_the_grpo_space_sweeps_a_critic_free_algorithm(ray_session, tmp_path):
-    argv = ["--space", str(SPACES / "grpo.yaml"), "--config", "tiny", "--num-samples", "2"]
-    argv += ["--max-concurrent", "2", "--storage", str(tmp_path), "--name", "grpo"]
-    argv += ["--trial-cpus", "0.25", "--iterations", "2", "--rollout.num_workers", "1"]
-    argv += ["--output.plots", "false"]
-    assert tune.main(argv) == 0
-    rows = read_csv(tmp_path / "grpo" / "summary.csv")
-    assert [r["status"] for r in rows] == ["finished", "finished"]
-    for row in rows:
-        trial = tmp_path / "grpo" / row["trial"] / "distrl"
-        last = json.loads((trial / "metrics.jsonl").read_text().splitlines()[-1])
-        assert "learner/value_loss" not in last and "learner/kl_loss" in last  # no critic
-        assert last["learner/lr"] == pytest.approx(float(row["learner.lr"]))
-    best = load_config(str(tmp_path / "grpo" / "best_config.yaml"))
-    assert best.algo == "grpo" and best.rollout.samples_per_prompt == 4
