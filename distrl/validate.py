@@ -115,8 +115,6 @@ def validate(
         ConfigError: a bad ``examples``, ``samples``, ``temperature`` or ``max_new_tokens``
             (named as their flags).
     """
-    from safetensors.torch import load_file
-
     from distrl.data.prompts import prepare, reward_batch
     from distrl.dqn.learner import QNET_FILE, is_dqn_checkpoint
     from distrl.dqn.rollout import QRolloutWorker
@@ -124,6 +122,7 @@ def validate(
     from distrl.pg.rollout import RolloutWorker, Trajectories
     from distrl.rewards import RewardBatch, RewardScorer
     from distrl.rewards.components import Diversity
+    from distrl.runtime.checkpoint import load_weights
     from distrl.weights.tensors import VersionedWeights
 
     greedy = _check_flags(examples, samples, temperature, max_new_tokens)
@@ -132,7 +131,7 @@ def validate(
     _, val = prepare(config)  # checks that each prompt plus max_new_tokens fits the model
     if dqn:
         worker = QRolloutWorker(**QRolloutWorker.arguments(config))
-        worker.set_weights(VersionedWeights(1, load_file(Path(checkpoint) / QNET_FILE)))
+        worker.set_weights(VersionedWeights(1, load_weights(Path(checkpoint), (QNET_FILE,))))
     else:
         worker = RolloutWorker(**RolloutWorker.arguments(config))
     n = min(examples, len(val.ids))

@@ -134,6 +134,25 @@ def test_cli_errors_are_one_line_with_exit_2(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err == f"error: checkpoint {tmp_path / 'nope'}: no such folder\n"
 
 
+def test_a_checkpoint_holding_a_pickle_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    from test_models_loading import pickled_model_folder
+
+    marker = tmp_path / "code-ran"
+    folder = pickled_model_folder(tmp_path / "final", marker)
+    (folder / "distrl_tokenizer.json").write_text(json.dumps({"spec": "tiktoken:gpt2"}))
+    (tmp_path / "prompts.txt").write_text("Hello!\n")
+    argv = ["--checkpoint", str(folder), "--prompts", str(tmp_path / "prompts.txt")]
+    argv += ["--output", str(tmp_path / "out.jsonl")]
+    monkeypatch.setattr(sys, "argv", ["distrl.chat", *argv])
+    with pytest.raises(SystemExit) as exit_:
+        cli.run_main(main)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot load the model in {folder}: its weights are a pickle")
+    assert err.count("\n") == 1 and not marker.exists()
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 def test_batch_mode_writes_one_line_per_prompt_with_rewards(checkpoint, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     records = [

@@ -1,3 +1,5 @@
+import os
+import pickle
 import time
 
 import pytest
@@ -170,6 +172,42 @@ def test_load_policy_folder_without_weights(tmp_path):
     tiny("tiny-llama").config.save_pretrained(tmp_path)
     with pytest.raises(ModelError, match="no weights"):
         load_policy(str(tmp_path), device="cpu")
+
+
+class RunsCode:
+    """What an attacker pickles: unpickling it would create ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def pickled_model_folder(folder, marker):
+    """A model folder whose weights are a pickle that runs code when loaded unsafely."""
+    tiny("tiny-llama").config.save_pretrained(folder)
+    with open(folder / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"model.embed_tokens.weight": RunsCode(marker)}, f)
+    return folder
+
+
+def test_a_pickled_or_torn_model_folder_is_one_line_naming_it(tmp_path):
+    marker = tmp_path / "code-ran"
+    folder = pickled_model_folder(tmp_path / "pickled", marker)
+    with pytest.raises(ModelError) as refused:
+        load_policy(str(folder), device="cpu")
+    message = str(refused.value)
+    assert message.startswith(f"cannot load the model in {folder}: ") and "\n" not in message
+    assert "pickle that weights-only loading refuses" in message and "safetensors" in message
+    assert not marker.exists()  # nothing was unpickled
+    torn = tmp_path / "torn"
+    save_pretrained_atomic(tiny("tiny-llama"), None, torn)
+    weights = torn / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ModelError, match=f"cannot load the model in {torn}: ") as refused:
+        load_policy(str(torn), device="cpu")
+    assert "\n" not in str(refused.value)
 
 
 @pytest.mark.parametrize("kind", KINDS)

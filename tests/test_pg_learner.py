@@ -3,6 +3,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from distrl.algos import ppo
@@ -10,6 +11,7 @@ from distrl.algos.pg import group_advantages
 from distrl.algos.registry import ALGOS
 from distrl.config import load_config
 from distrl.data.examples import load_examples
+from distrl.errors import DistrlError, ModelError
 from distrl.models.policy import encode_prompts, response_hidden
 from distrl.pg.learner import Learner, Passes, plan_passes
 from distrl.pg.rollout import RolloutWorker
@@ -156,6 +158,29 @@ def test_save_and_load_round_trip(tmp_path, prompts):
         assert again.load(str(tmp_path)) == {"step": 1}
     assert not again.optimizer.state_dict()["state"]
     assert np.allclose(again.logprobs(batch), learner.logprobs(batch), atol=1e-6)
+
+
+def test_a_checkpoint_whose_weights_are_a_pickle_or_the_wrong_shape_names_its_folder(
+    tmp_path, prompts
+):
+    from test_models_loading import RunsCode
+
+    config = load_config("tiny")
+    learner, _ = make(config)
+    learner.save(str(tmp_path), {"step": 1})
+    weights = tmp_path / "model.safetensors"
+    shapes = {k: v.shape for k, v in load_file(weights).items()}
+    save_file({k: torch.zeros(2, 2) for k in shapes}, weights)  # every tensor the wrong shape
+    with pytest.raises(ModelError, match=f"cannot resume from {tmp_path}: "):
+        make(config)[0].load(str(tmp_path))
+    weights.unlink()
+    torch.save({"w": RunsCode(tmp_path / "code-ran")}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(DistrlError) as refused:
+        make(config)[0].load(str(tmp_path))
+    assert str(refused.value).startswith(
+        f"cannot load weights from {tmp_path}: no *.safetensors there (it holds ["
+    )
+    assert not (tmp_path / "code-ran").exists()
 
 
 def test_reference_metrics(prompts):

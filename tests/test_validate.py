@@ -136,6 +136,24 @@ def test_cli_writes_every_figure_to_json(checkpoint, tmp_path, capsys):
     assert "validate/pass@4" in capsys.readouterr().out
 
 
+def test_a_checkpoint_holding_a_pickle_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    from test_models_loading import pickled_model_folder
+
+    from distrl.config import cli
+
+    marker = tmp_path / "code-ran"
+    folder = pickled_model_folder(tmp_path / "final", marker)
+    (folder / "distrl_tokenizer.json").write_text(json.dumps({"spec": "tiktoken:gpt2"}))
+    argv = ["distrl.validate", "--checkpoint", str(folder), "--config", "tiny", "--examples", "2"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_:
+        cli.run_main(main)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot load the model in {folder}: its weights are a pickle")
+    assert err.count("\n") == 1 and not marker.exists()
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from distrl.algos import dqn
 from distrl.config import LoraConfig, RunConfig, dump_yaml, load_config
@@ -26,7 +26,7 @@ from distrl.errors import ConfigError, ModelError
 from distrl.models.lora import add_lora, merged_weights
 from distrl.models.policy import build_model, build_tokenizer
 from distrl.models.tokenizers import Tokenizer
-from distrl.runtime.checkpoint import load_torch_state, save_torch_state
+from distrl.runtime.checkpoint import load_torch_state, load_weights, save_torch_state
 from distrl.runtime.roles import LearnerRole, OptimizerStep
 from distrl.weights.tensors import (
     VersionedWeights,
@@ -92,7 +92,7 @@ def load_q_policy(folder: str | Path) -> tuple[QPolicy, Tokenizer]:
         raise ModelError(f"{folder} is not a DQN checkpoint (no {QNET_FILE} and {RUN_FILE})")
     config = load_config(str(folder / RUN_FILE))
     tokenizer, qnet, reference = build_q_parts(config)
-    set_weights(qnet, load_file(folder / QNET_FILE))
+    set_weights(qnet, load_weights(folder, (QNET_FILE,)))
     policy = QPolicy(
         qnet.eval(),
         reference,
@@ -282,7 +282,7 @@ class QLearner(LearnerRole):
                 f"{path} holds a Q-network of learner.lora.rank {rank}, this run's is "
                 f"{self.run_config.learner.lora.rank}"
             )
-        set_weights(self.qnet, load_file(path / QNET_FILE))
+        set_weights(self.qnet, load_weights(path, (QNET_FILE,)))
         state = load_torch_state(path / STATE_FILE)
         if self.target is not None:
             self.target.load_state_dict(state["target"])

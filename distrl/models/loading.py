@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import fcntl
 import os
+import pickle
 import re
 import shutil
 import tempfile
 import uuid
+import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -198,6 +201,21 @@ def model_source_dir(name: str) -> Path | None:
     return None
 
 
+# What a model folder that cannot be loaded raises: missing or unreadable files, a config or
+# weights that do not fit, a torn safetensors file, a pickle that weights-only loading refuses.
+LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, SafetensorError, pickle.PickleError)
+
+
+def load_error(err: BaseException) -> str:
+    """One line for a ``LOAD_ERRORS`` error (torch's refusal of a pickle is a page of advice)."""
+    if isinstance(err, pickle.PickleError):
+        return (
+            "its weights are a pickle that weights-only loading refuses (loading it could run "
+            "code); save the model as safetensors (save_pretrained) and load that"
+        )
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
 def load_policy(
     name: str,
     *,
@@ -227,19 +245,21 @@ def load_policy(
         )
     elif (folder := model_source_dir(name)) is not None:
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                folder, dtype=torch_dtype, local_files_only=True
-            )
-        except (OSError, ValueError) as err:
-            raise ModelError(f"cannot load the model in {folder}: {err}") from err
+            with warnings.catch_warnings():  # a refused pickle is reported below, in one line
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                model = AutoModelForCausalLM.from_pretrained(
+                    folder, dtype=torch_dtype, local_files_only=True
+                )
+        except LOAD_ERRORS as err:
+            raise ModelError(f"cannot load the model in {folder}: {load_error(err)}") from None
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
-        except (OSError, ValueError) as err:
+        except LOAD_ERRORS as err:
             raise ModelError(
                 f"model {name!r} is not a local folder and could not be loaded as a hub id "
-                f"(hub ids need network access or a filled Hugging Face cache): {err}"
-            ) from err
+                f"(hub ids need network access or a filled Hugging Face cache): {load_error(err)}"
+            ) from None
     return model.to(torch_device).eval()
 
 

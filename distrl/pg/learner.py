@@ -22,11 +22,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from distrl.algos import pg, ppo, registry
 from distrl.config import LearnerConfig, ModelConfig, PPOConfig, RunConfig, TokenizerConfig
-from distrl.errors import DistrlError
+from distrl.errors import DistrlError, ModelError
 from distrl.models.loading import PolicyWithValue
 from distrl.models.lora import (
     ADAPTER_CONFIG,
@@ -45,7 +44,7 @@ from distrl.models.policy import (
     with_responses,
 )
 from distrl.pg.rollout import Trajectories
-from distrl.runtime.checkpoint import load_torch_state, save_torch_state
+from distrl.runtime.checkpoint import load_torch_state, load_weights, save_torch_state
 from distrl.runtime.roles import LearnerRole, OptimizerStep
 from distrl.weights.tensors import VersionedWeights, publish_weights, set_weights
 
@@ -561,10 +560,10 @@ class Learner(LearnerRole):
                 f"{path} holds a LoRA adapter: resume it with the run's learner.lora settings"
             )
         else:
-            weights = {}
-            for file in sorted(path.glob("*.safetensors")):
-                weights.update(load_file(file))
-            set_weights(self.net.model, weights)
+            try:
+                set_weights(self.net.model, load_weights(path))
+            except ModelError as exc:
+                raise ModelError(f"cannot resume from {path}: {exc}") from None
         state = load_torch_state(path / STATE_FILE)
         self.net.value_head.load_state_dict(state["value_head"])
         self.kl.load_state_dict(state["kl"])

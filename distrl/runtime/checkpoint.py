@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from distrl.errors import DistrlError
 
@@ -195,6 +197,29 @@ def load_torch_state(path: Path) -> dict[str, Any]:
         ) from None
     except (OSError, RuntimeError) as exc:
         raise DistrlError(f"cannot load training state {path}: {exc}") from None
+
+
+def load_weights(path: Path, names: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint folder's ``*.safetensors`` files (or of the files ``names``),
+    on the CPU.
+
+    Raises:
+        DistrlError: Naming the folder: it holds no such file, or one cannot be read.
+    """
+    files = [path / n for n in names] if names else sorted(path.glob("*.safetensors"))
+    if not files or not all(f.is_file() for f in files):
+        found = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+        wanted = ", ".join(names) if names else "*.safetensors"
+        raise DistrlError(
+            f"cannot load weights from {path}: no {wanted} there (it holds {found or 'nothing'})"
+        )
+    weights: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            weights.update(load_file(file))
+        except (OSError, SafetensorError) as exc:
+            raise DistrlError(f"cannot load weights from {file}: {exc}") from None
+    return weights
 
 
 def rng_state() -> dict[str, Any]:

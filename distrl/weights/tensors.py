@@ -126,13 +126,22 @@ def set_weights(model: nn.Module, state: dict[str, torch.Tensor | np.ndarray]) -
     place, keeping tied weights tied.
 
     Raises:
-        ModelError: ``state`` has names ``model`` lacks, or lacks some it needs.
+        ModelError: ``state`` has names ``model`` lacks, lacks some it needs, or holds a tensor
+            of another shape.
     """
     with warnings.catch_warnings():  # arrays from Ray's object store are read-only; we only read
         warnings.simplefilter("ignore", UserWarning)
         state = {
             k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in state.items()
         }
+    own = model.state_dict()
+    wrong = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        k = wrong[0]
+        raise ModelError(
+            f"weights do not fit {type(model).__name__}: {len(wrong)} tensors of another shape, "
+            f"e.g. {k} is {tuple(state[k].shape)}, the model's {tuple(own[k].shape)}"
+        )
     if has_lora(model):  # exactly the trained tensors: never a write into the frozen base
         names = set(published_names(model))
         missing, unexpected = names - state.keys(), state.keys() - names
