@@ -1,6 +1,7 @@
 """Weights by torch.distributed broadcast: a gloo group of a learner and receivers (threads of
 this test, no Ray), then tiny runs on Ray with ``rollout.weight_sync: broadcast``."""
 
+import pickle
 import signal
 import threading
 import time
@@ -18,6 +19,7 @@ from distrl.loop.trainer import Trainer
 from distrl.models.loading import tiny_model
 from distrl.runtime import actors
 from distrl.runtime.roles import LearnerRole, WorkerRole
+from distrl.weights import sync
 from distrl.weights.sync import WeightGroup, WeightSyncError, host_store, plan_buckets
 from distrl.weights.tensors import published_names
 
@@ -181,6 +183,39 @@ def test_a_member_that_stops_receiving_makes_the_broadcast_raise_and_spends_the_
     assert isinstance(received, WeightSyncError) and "the learner gave up" in str(received)
     with pytest.raises(WeightSyncError, match="rebuild it"):
         learner.broadcast_weights()
+
+
+def test_the_layout_travels_as_json_and_anything_else_is_refused_unread(tmp_path):
+    from test_models_loading import RunsCode
+
+    layout = plan_buckets(model(seed=0).state_dict(), 4096)
+    assert sync.decode_layout(sync.encode_layout(layout)) == layout
+    marker = tmp_path / "code-ran"
+    forged = [
+        pickle.dumps(RunsCode(marker)),
+        b'[["float32", [["w", [2, -1]]]]]',
+        b'[["__class__", [["w", [2]]]]]',
+        b'{"a": 1}',
+    ]
+    for data in forged:
+        with pytest.raises(WeightSyncError, match="not a layout|unknown dtype"):
+            sync.decode_layout(data)
+    assert not marker.exists()
+
+
+def test_a_forged_layout_in_the_store_stops_the_receiver_without_running_it(tmp_path, monkeypatch):
+    """What reaches a receiver through the store is the bytes at ``layout/N``; here they are
+    a pickle that would run code (as anyone reaching the store could write them)."""
+    from test_models_loading import RunsCode
+
+    learner, receiver = Publisher(model(seed=0)), Receiver(model(seed=1))
+    form(learner, [receiver])
+    marker = tmp_path / "code-ran"
+    monkeypatch.setattr(sync, "encode_layout", lambda layout: pickle.dumps(RunsCode(marker)))
+    sent, received = publish(learner, [receiver])
+    assert isinstance(received, WeightSyncError) and "not a layout" in str(received)
+    assert isinstance(sent, WeightSyncError)  # the receiver left: the broadcast fails, bounded
+    assert not marker.exists()
 
 
 def test_a_worker_outside_any_group_and_a_learner_without_one_say_so():

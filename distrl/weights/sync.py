@@ -23,9 +23,9 @@ A group whose forming or broadcast failed is spent: rebuild it (a new store, a n
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import os
-import pickle
 import socket
 from typing import Any
 
@@ -108,6 +108,39 @@ def plan_buckets(tensors: dict[str, torch.Tensor], bucket_bytes: int) -> Layout:
             bucket.append((name, tuple(tensor.shape)))
             size += nbytes
         layout.append((_dtype_name(dtype), bucket))
+    return layout
+
+
+def encode_layout(layout: Layout) -> bytes:
+    """``layout`` as JSON: the store carries plain data, never a pickle."""
+    return json.dumps(layout, separators=(",", ":")).encode()
+
+
+def decode_layout(data: bytes) -> Layout:
+    """A layout read from the store, checked field by field.
+
+    Raises:
+        WeightSyncError: ``data`` is not JSON of a layout's shape (a forged or damaged key); it
+            is never unpickled or evaluated.
+    """
+    try:
+        raw = json.loads(data)
+        layout: Layout = []
+        for dtype, entries in raw:
+            _dtype(dtype)
+            bucket = [(str(name), tuple(int(d) for d in shape)) for name, shape in entries]
+            if not all(isinstance(n, str) for n, _ in entries) or any(
+                d < 0 for _, shape in bucket for d in shape
+            ):
+                raise ValueError("bad entry")
+            layout.append((dtype, bucket))
+    except WeightSyncError:
+        raise
+    except (ValueError, TypeError, UnicodeDecodeError):
+        raise WeightSyncError(
+            f"the weight layout in the group's store is not a layout ({data[:40]!r}...): "
+            "something other than the learner wrote it"
+        ) from None
     return layout
 
 
@@ -289,7 +322,7 @@ class WeightGroup:
             if self.layout_id:  # every receiver is past the publication that read it
                 self.store.delete_key(f"layout/{self.layout_id}")
             self.layout, self.layout_id = layout, self.layout_id + 1
-            self.store.set(f"layout/{self.layout_id}", pickle.dumps(layout))
+            self.store.set(f"layout/{self.layout_id}", encode_layout(layout))
         self.store.set(f"go/{n}", b"go")
         if n:  # every receiver read the previous publication's keys
             for key in [f"go/{n - 1}", *(f"ready/{n - 1}/{r}" for r in range(1, self.world_size))]:
@@ -321,7 +354,8 @@ class WeightGroup:
         self._broadcast(header)
         version, count, layout_id = header.tolist()
         if layout_id != self.layout_id:
-            self.layout, self.layout_id = pickle.loads(self._get(f"layout/{layout_id}")), layout_id
+            self.layout = decode_layout(self._get(f"layout/{layout_id}"))
+            self.layout_id = layout_id
         assert self.layout is not None
         out: dict[str, torch.Tensor] = {}
         for dtype, entries in self.layout:
