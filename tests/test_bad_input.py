@@ -15,7 +15,7 @@ from distrl.loop import driver
 from distrl.loop.driver import train
 from distrl.models.loading import load_policy, tiny_model
 from distrl.models.policy import build_model, build_tokenizer
-from distrl.rewards import RewardBatch, RewardScorer, check_reward_config
+from distrl.rewards import check_reward_config
 
 USER_MODULE = """
 def boom(completions):
@@ -29,6 +29,11 @@ def short(completions):
 
 def text(completions):
     return ["1.0"] * len(completions)
+
+def slow(completions):
+    import time
+    time.sleep(30)
+    return [0.0] * len(completions)
 """
 
 
@@ -45,8 +50,12 @@ def reward_config(name: str):
     return load_config("tiny", {"reward.components": [{"name": name}]}).reward
 
 
-def score(name: str):
-    return RewardScorer(reward_config(name)).score(RewardBatch(["a", "b"]))
+def user_reward(name: str, **overrides):
+    """A run of the tiny config rewarded by the user function ``name`` alone."""
+    return lambda tmp: run(tmp, **{"reward.components": [{"name": name}], **overrides})
+
+
+TRIAL = r" \(on a trial batch of 2 empty replies before Ray starts\)"
 
 
 def mismatched_vocab(tmp: Path):
@@ -155,18 +164,24 @@ BAD_INPUTS = {
     ),
     "reward function that raises": (
         RewardError,
-        r"reward component 'usermod:boom' failed on sample 0 \('a'\): ValueError: bad thing",
-        lambda t: score("usermod:boom"),
+        r"reward component 'usermod:boom' failed on sample 0 \(''\): ValueError: bad thing" + TRIAL,
+        user_reward("usermod:boom"),
     ),
     "reward function returns NaN": (
         RewardError,
-        r"reward component 'usermod:nan' failed on sample 0 \('a'\): returned nan",
-        lambda t: score("usermod:nan"),
+        r"reward component 'usermod:nan' failed on sample 0 \(''\): returned nan" + TRIAL,
+        user_reward("usermod:nan"),
     ),
     "reward function returns the wrong length": (
         RewardError,
-        r"reward component 'usermod:short' .*returned 1 values for 2 samples",
-        lambda t: score("usermod:short"),
+        r"reward component 'usermod:short' .*returned 1 values for 2 samples" + TRIAL,
+        user_reward("usermod:short"),
+    ),
+    "reward function that does not return": (
+        RewardError,
+        r"reward function usermod:slow did not return within faults\.score_timeout_s=0\.5 s "
+        r"on a trial batch of 2 empty replies before Ray starts",
+        user_reward("usermod:slow", **{"faults.score_timeout_s": 0.5}),
     ),
     "tune space with bad bounds": (
         ConfigError,
@@ -200,9 +215,9 @@ BAD_INPUTS = {
     ),
     "reward function returns strings": (
         RewardError,
-        r"reward component 'usermod:text' failed on sample 0 \('a'\): returned str '1\.0', "
-        r"not a number",
-        lambda t: score("usermod:text"),
+        r"reward component 'usermod:text' failed on sample 0 \(''\): returned str '1\.0', "
+        r"not a number" + TRIAL,
+        user_reward("usermod:text"),
     ),
     "an output directory under a regular file": (
         DistrlError,

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from distrl.config import load_config
 from distrl.data.prompts import prepare
+from distrl.errors import DistrlError
 from distrl.loop.driver import train
 from distrl.models.loading import load_policy
 from distrl.outputs.metrics import read_metrics
@@ -144,6 +145,39 @@ def test_cli_rejects_bad_config_before_ray_starts(tmp_path, monkeypatch, capsys)
         err = capsys.readouterr().err
         assert err.startswith("error: ") and fragment in err and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_whose_run_stopped_before_its_first_step_is_reused(tmp_path, monkeypatch, capsys):
+    """What a run leaves when its reward fails at the first scoring: the same command starts
+    afresh there. A metrics record, a checkpoint or a file distrl did not write: refused."""
+    from distrl.loop import driver
+
+    def unstarted(run_dir):
+        run_dir.mkdir(parents=True)
+        for name in ("config.yaml", "metrics.jsonl", "samples.jsonl", ".distrl.lock"):
+            (run_dir / name).write_text("algo: ppo\n" if name == "config.yaml" else "")
+        (run_dir / "tensorboard").mkdir()
+        (run_dir / "tensorboard" / "events.out.tfevents.1").write_bytes(b"\0")
+        return run_dir
+
+    seen = []
+    monkeypatch.setattr(driver, "_train", lambda c, d, *a: seen.append(sorted(d.iterdir())))
+    unstarted(tmp_path / "run")
+    driver.train(tiny(tmp_path))
+    assert seen == [[tmp_path / "run" / ".distrl.lock"]]  # held, and all the rest cleared
+    assert "stopped before its first step; starting afresh there" in capsys.readouterr().out
+    for kept, write in [
+        ("metrics.jsonl", lambda p: p.write_text('{"step": 1}\n')),
+        ("checkpoints", lambda p: (p / "step_1").mkdir()),
+        ("notes.txt", lambda p: p.write_text("mine")),
+    ]:
+        run_dir = unstarted(tmp_path / kept / "run")
+        (run_dir / "checkpoints").mkdir()
+        write(run_dir / kept)
+        before = sorted(run_dir.rglob("*"))
+        with pytest.raises(DistrlError, match="is not empty; pass --resume"):
+            driver.train(tiny(tmp_path / kept))
+        assert sorted(run_dir.rglob("*")) == before
 
 
 def test_cli_help_lists_fields():

@@ -20,6 +20,7 @@ import torch
 from distrl.config import load_config
 from distrl.data.prompts import prepare
 from distrl.loop.driver import train
+from distrl.loop.rundir import stopped_before_first_step
 from distrl.loop.trainer import Trainer
 from distrl.outputs.metrics import MetricsLogger, read_metrics
 from distrl.runtime import actors
@@ -343,8 +344,10 @@ def test_a_second_run_on_the_same_directory_is_refused_naming_the_first(tmp_path
 
 @pytest.mark.slow  # a run in its own process, waiting out two timeouts
 def test_a_reward_function_that_never_returns_stops_the_run_with_one_line(tmp_path):
+    # It passes the trial before Ray starts (empty replies) and hangs on the model's replies.
     (tmp_path / "hangmod.py").write_text(
-        "import time\n\ndef hang(completions):\n    time.sleep(3600)\n"
+        "import time\n\ndef hang(completions):\n"
+        "    if any(completions):\n        time.sleep(3600)\n    return [0.0] * len(completions)\n"
     )
     env = {**QUIET_RAY, "PYTHONPATH": str(tmp_path)}
     args = ["--reward.components", "[{name: 'hangmod:hang'}]", "--output.plots", "false"]
@@ -354,6 +357,8 @@ def test_a_reward_function_that_never_returns_stops_the_run_with_one_line(tmp_pa
         "error: reward actor 0: score did not return within faults.score_timeout_s=3 s on 2 tries"
     ), last
     assert "no checkpoint was written yet" in last
+    # Nothing of value was written: the same command may start afresh in the folder.
+    assert stopped_before_first_step(tmp_path / "run")
 
 
 @pytest.mark.slow  # a run of the packaged model in its own process, with its own Ray

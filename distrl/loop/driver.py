@@ -28,12 +28,15 @@ from distrl.loop.rundir import (
     check_output_dir,
     check_resumed_config,
     checkpoint_to_resume,
+    clear_unstarted_run,
     is_empty,
     resume_hint,
+    stopped_before_first_step,
 )
 from distrl.loop.trainer import Report, Trainer
 from distrl.outputs.loggers import build_sinks, check_loggers
 from distrl.outputs.metrics import MetricsLogger
+from distrl.rewards import RewardBatch, trial_score
 from distrl.runtime import actors
 from distrl.runtime.checkpoint import verify_checkpoint
 from distrl.runtime.faults import Hung
@@ -153,23 +156,32 @@ def train(config: RunConfig, *, resume: bool = False, report: Report | None = No
     # A resumed directory is locked first, so a run already in it is named before anything else.
     lock = RunLock(run_dir) if resume and run_dir.is_dir() else None
     try:
-        checkpoint = None
+        checkpoint, restart = None, False
         if resume:
             checkpoint = checkpoint_to_resume(run_dir)
             check_resumed_config(run_dir, config)
         elif not is_empty(run_dir):
-            raise DistrlError(
-                f"output directory {run_dir} is not empty; pass --resume to continue "
-                f"that run or choose another --output-dir"
-            )
+            restart = stopped_before_first_step(run_dir)
+            if not restart:
+                raise DistrlError(
+                    f"output directory {run_dir} is not empty; pass --resume to continue "
+                    f"that run or choose another --output-dir"
+                )
         train_prompts, val_prompts = prepare(config)
         check_loggers(config)
         check_vllm(config.rollout.engine, config.model)
+        examples = train_prompts.examples[:2]  # a trial of the user reward functions
+        batch = RewardBatch.from_examples(examples, [""] * len(examples))
+        trial_score(config.reward, batch, config.faults.score_timeout_s)
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise DistrlError(f"cannot write to output directory {run_dir}: {exc}") from None
         lock = lock or RunLock(run_dir)  # a second run on run_dir stops here, naming this PID
+        if restart:
+            clear_unstarted_run(run_dir)
+            print(f"distrl: {run_dir} held a run that stopped before its first step; "
+                  "starting afresh there", flush=True)  # fmt: skip
         return _train(config, run_dir, train_prompts, val_prompts, resume, checkpoint, report)
     finally:
         if lock is not None:

@@ -4,7 +4,9 @@ A run directory belongs to one process: ``RunLock`` holds an exclusive ``flock``
 ``.distrl.lock`` (the OS drops it when the process dies, however it dies), so a second run on
 the same directory is refused with the holder's PID instead of interleaving checkpoints. A
 ``--resume`` is refused, with nothing touched, when no checkpoint loads or when the config
-differs from the saved one in a field that changes what is learned.
+differs from the saved one in a field that changes what is learned. A directory whose run
+stopped before finishing its first step holds nothing worth keeping: the same command starts
+afresh in it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,9 @@ from distrl.runtime.checkpoint import latest_checkpoint
 
 LOCK_FILE = ".distrl.lock"
 CONFIG_FILE = "config.yaml"
+# What a run writes before its first step completes: its config, logs and their folders.
+BEFORE_FIRST_STEP = {CONFIG_FILE, LOCK_FILE, "metrics.jsonl", "samples.jsonl", "tensorboard"}
+BEFORE_FIRST_STEP |= {"plots", "checkpoints", "mlruns", "mlflow_run_id", "wandb", "wandb_run_id"}
 # What may change when a run is resumed: how long it runs, where and how it writes, where it
 # runs and how faults are handled. Everything else would make the resumed run a different one.
 RESUMABLE_CHANGES = ("iterations", "output.", "resources.", "faults.")
@@ -72,6 +78,32 @@ def check_output_dir(run_dir: Path) -> None:
 def is_empty(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds nothing but (perhaps) a lock file."""
     return not run_dir.exists() or all(p.name == LOCK_FILE for p in run_dir.iterdir())
+
+
+def stopped_before_first_step(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run that stopped before it finished a step (a reward that
+    failed at the first scoring, a crash at start-up): its config.yaml and nothing else of
+    value, no metrics record, no checkpoint, no file distrl did not write."""
+    if not (run_dir / CONFIG_FILE).is_file():
+        return False
+    if not {p.name for p in run_dir.iterdir()} <= BEFORE_FIRST_STEP:
+        return False
+    metrics, checkpoints = run_dir / "metrics.jsonl", run_dir / "checkpoints"
+    if metrics.is_file() and metrics.read_text(encoding="utf-8", errors="replace").strip():
+        return False
+    return not (checkpoints.is_dir() and any(checkpoints.iterdir()))
+
+
+def clear_unstarted_run(run_dir: Path) -> None:
+    """Remove what a run that stopped before its first step left (``stopped_before_first_step``);
+    call it holding the directory's lock."""
+    for path in run_dir.iterdir():
+        if path.name == LOCK_FILE:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def checkpoint_to_resume(run_dir: Path) -> Path:

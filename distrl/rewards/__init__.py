@@ -17,6 +17,7 @@ from distrl.rewards.composite import (
     check_reward_config,
     component_keys,
     compute_reward,
+    trial_score,
 )
 from distrl.rewards.user import UserFunction, import_function
 
@@ -33,4 +34,5 @@ __all__ = [
     "component_keys",
     "compute_reward",
     "import_function",
+    "trial_score",
 ]

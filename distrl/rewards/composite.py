@@ -7,8 +7,10 @@ driver can log them as ``reward/<component>``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -260,6 +262,45 @@ def _build(comp: RewardComponent, seed: int) -> Component:
     if ":" in comp.name:
         return UserFunction(comp.name, comp.options, seed=seed)
     return COMPONENTS[comp.name](comp.options, seed=seed)
+
+
+def trial_score(config: RewardConfig, batch: RewardBatch, timeout_s: float) -> None:
+    """Score ``batch`` once with the user functions of ``config`` (the packaged components are
+    tested with distrl), before Ray starts. A function that raises, returns something other
+    than one number per sample, returns a non-finite value (unless ``on_error: drop``), or does
+    not return within ``timeout_s`` stops the run here instead of at its first scoring.
+
+    Raises:
+        RewardError: naming the function and what it did.
+    """
+    users = tuple(c for c in config.components if ":" in c.name)
+    if not users:
+        return
+    trial = dataclasses.replace(config, components=users)
+    outcome: list[ScoreResult | BaseException] = []
+
+    def score() -> None:
+        try:
+            outcome.append(CompositeReward(trial)(batch))
+        except BaseException as err:  # handed to the caller's thread
+            outcome.append(err)
+
+    # A thread cannot be stopped: a function that never returns is left behind in a daemon
+    # thread, and the run stops with this error.
+    thread = threading.Thread(target=score, name="distrl-reward-trial", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    where = f"on a trial batch of {len(batch)} empty replies before Ray starts"
+    if not outcome:
+        names = ", ".join(c.name for c in users)
+        raise RewardError(
+            f"reward function {names} did not return within faults.score_timeout_s="
+            f"{timeout_s:g} s {where}"
+        )
+    if isinstance(outcome[0], RewardError):
+        raise RewardError(f"{outcome[0]} ({where})") from None
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
 
 
 class RewardScorer:
