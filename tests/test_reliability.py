@@ -54,13 +54,21 @@ def run_with_kills(
     config, run_dir: Path, schedule, *, sig=signal.SIGKILL, inspect=None
 ) -> list[dict]:
     """``run_with_kill`` with several faults: ``schedule`` is ``(after_step, pick_victims)``
-    pairs in step order, each victim's PID taken before the run starts."""
+    pairs in step order, each victim's PID taken before the run starts; ``after_step`` 0 sends
+    the signal before the run starts, while every actor is idle."""
     trainer = Trainer(config, run_dir, *prepare(config))
     run_dir.mkdir()
     logger = MetricsLogger(run_dir, tensorboard=False, plots=False)
     # Asked while idle: a busy actor answers late.
     victims = [(step, actors.pids(pick(trainer))) for step, pick in schedule]
+    expected = sum(len(pids) for _, pids in victims)
     killed: list[int] = []
+
+    for _, pids in [v for v in victims if v[0] == 0]:  # idle: before the run starts
+        for pid in pids:
+            os.kill(pid, sig)
+            killed.append(pid)
+    victims = [v for v in victims if v[0] > 0]
 
     def kill_after_steps():
         deadline = time.time() + 300
@@ -85,7 +93,7 @@ def run_with_kills(
         for pid in killed:  # a stopped process is ended by Ray; make sure of it
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-    assert len(killed) == sum(len(pids) for _, pids in victims)
+    assert len(killed) == expected
     return read_metrics(run_dir / "metrics.jsonl")
 
 
@@ -114,7 +122,7 @@ def test_sigkilled_reward_actor_worker_and_learner_cost_nothing_and_are_counted(
     assert records[0]["faults/reward_actor_restarts"] == 0
     assert last["faults/reward_actor_restarts"] >= 1
     # The restarted worker came back with its initial weights: its batch was redone, counted.
-    assert last["faults/stale_batches"] >= 1
+    assert last["faults/stale_batches"] >= 1 and last["faults/rollout_restarts"] == 1
     assert last["faults/learner_restarts"] == 1
     assert "the learner actor died during step" in capfd.readouterr().err
     # Equal to an uninterrupted run: one version per step, 2 minibatch updates per step.
@@ -126,7 +134,9 @@ def test_sigkilled_reward_actor_worker_and_learner_cost_nothing_and_are_counted(
 
 
 @pytest.mark.slow  # two DQN runs
-def test_a_sigkilled_replay_actor_is_restored_and_the_dqn_run_goes_on(ray_session, tmp_path):
+def test_a_sigkilled_replay_actor_and_an_idle_worker_cost_the_dqn_run_nothing(
+    ray_session, tmp_path
+):
     dqn = {
         "algo": "dqn",
         "iterations": 6,
@@ -139,9 +149,13 @@ def test_a_sigkilled_replay_actor_is_restored_and_the_dqn_run_goes_on(ray_sessio
     reference = train(tiny(tmp_path / "ref", **dqn))
     config = tiny(tmp_path, **dqn)
     run_dir = tmp_path / "run"
-    records = run_with_kill(config, run_dir, lambda t: [t.algo.replay], after_step=3)
+    # A worker killed while idle (before the run starts) is restarted by Ray with the same
+    # seed: it costs nothing, and it is counted.
+    schedule = [(0, lambda t: t.workers[:1]), (3, lambda t: [t.algo.replay])]
+    records = run_with_kills(config, run_dir, schedule)
     assert [r["step"] for r in records] == list(range(1, 7))
     assert records[-1]["faults/replay_restarts"] == 1
+    assert records[-1]["faults/rollout_restarts"] == 1
     ref_records = read_metrics(reference / "metrics.jsonl")
     assert records[-1]["learner/updates"] == ref_records[-1]["learner/updates"]
     assert final_state(run_dir)["steps"] == final_state(reference)["steps"]
@@ -154,6 +168,7 @@ def test_a_sigstopped_rollout_worker_is_replaced_after_its_timeout(ray_session, 
     records = run_with_kill(config, tmp_path / "run", lambda t: t.workers[:1], sig=signal.SIGSTOP)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert records[-1]["faults/rollout_timeouts"] >= 1
+    assert records[-1]["faults/rollout_restarts"] == 0  # replaced by the loop, not restarted
     lag = config.rollout.max_policy_lag
     assert max(r["rollout/policy_lag"] for r in records) <= lag
 

@@ -83,6 +83,7 @@ class Trainer:
         self.best = -float("inf")
         self.faults = dict.fromkeys(FAULT_KEYS, 0)
         self.reward_timeouts = 0  # counted before a resume
+        self.rollout_restarts = 0  # counted before a resume, and by workers since replaced
         self.logger: MetricsLogger | None = None
         self.last_rounds: list[Round] = []  # the latest iteration's, for its samples
         self.last_checkpoint = time.monotonic()
@@ -177,6 +178,7 @@ class Trainer:
 
     def renew_worker(self, i: int) -> None:
         """Kill worker ``i`` and wait for a new one (initial weights, in no weight group)."""
+        self.rollout_restarts += actors.restarts([self.workers[i]])[0]
         ray.kill(self.workers[i], no_restart=True)
         self.workers[i] = self.make_worker(i)
         self.publisher.reset()
@@ -245,6 +247,9 @@ class Trainer:
             parts.append(batch)
             if cfg.rollout.max_policy_lag > 0:  # generate the next batch while we learn
                 self.in_flight[i] = self.submit(self.workers[i])
+        # Ray restarts a dead worker busy or idle; a busy one's batch is also a stale batch.
+        restarts = self.rollout_restarts + sum(actors.restarts(self.workers))
+        self.faults["faults/rollout_restarts"] = restarts
         return parts
 
     def score(self, parts: list[Trajectories]) -> tuple[Trajectories, ScoreResult]:
@@ -413,6 +418,9 @@ class Trainer:
         self.faults = faults
         self.reward_restarts = faults["faults/reward_actor_restarts"] - self.pool.restarts
         self.reward_timeouts = faults["faults/reward_timeouts"] - self.pool.timeouts
+        self.rollout_restarts = faults["faults/rollout_restarts"] - sum(
+            actors.restarts(self.workers)
+        )
         assert self.logger is not None
         self.logger.truncate_after(self.step)
         print(
@@ -552,6 +560,9 @@ class Trainer:
         self.faults.update(state.get("faults", {}))
         self.reward_restarts = int(self.faults["faults/reward_actor_restarts"])
         self.reward_timeouts = int(self.faults["faults/reward_timeouts"])
+        self.rollout_restarts = int(self.faults["faults/rollout_restarts"]) - sum(
+            actors.restarts(self.workers)
+        )
         self.algo.load_state(state)
 
 

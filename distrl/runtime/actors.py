@@ -82,6 +82,18 @@ def pids(handles: list[Any], timeout: float | None = None) -> list[int]:
     return get(pid_refs(handles), timeout=timeout)
 
 
+def restarts(handles: list[Any]) -> list[int]:
+    """How often Ray has restarted each actor, busy or idle (from Ray's control store, without
+    a call to the actor; 0 for an actor it no longer knows)."""
+    from ray._private import state  # the GCS's actor table: no dashboard needed
+
+    counts = []
+    for handle in handles:
+        entry = state.actors(handle._actor_id.hex()) or {}
+        counts.append(int(entry.get("NumRestarts", 0)))
+    return counts
+
+
 def pid_refs(handles: list[Any]) -> list[ray.ObjectRef]:
     """Refs to each actor's process id, answered once the actor's earlier calls are done."""
     return [h.__ray_call__.remote(_pid) for h in handles]

@@ -31,6 +31,7 @@ FAULT_KEYS = (
     "faults/reward_actor_restarts",
     "faults/reward_timeouts",
     "faults/rollout_timeouts",
+    "faults/rollout_restarts",
     "faults/learner_restarts",
     "faults/replay_restarts",
     "faults/weight_group_rebuilds",
