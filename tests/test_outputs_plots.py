@@ -90,6 +90,8 @@ def test_ema_is_tensorboards_debiased_average():
         ("learner/clipfrac", "fraction"),
         ("rollout/response_length", "tokens"),
         ("learner/kl_coef", "value"),
+        ("learner/logprob_mismatch_max", "nats"),
+        ("faults/rollout_restarts", "count"),
     ],
 )
 def test_units_come_from_the_key(key, label):
@@ -164,6 +166,53 @@ def test_a_single_point_still_plots(tmp_path):
         "training.png",
         "other.png",
     ]
+
+
+def whole(ticks) -> bool:
+    return all(float(t).is_integer() for t in ticks)
+
+
+def test_counters_are_steps_with_whole_ticks_and_no_ema():
+    series = {
+        "learner/version": ([1, 2, 3, 4], [1.0, 2.0, 3.0, 4.0]),
+        "faults/stale_batches": ([1, 2, 3, 4], [0.0, 0.0, 1.0, 1.0]),
+        "learner/kl": ([1, 2, 3, 4], [0.1, 0.2, 0.1, 0.3]),
+    }
+    fig = plots.figure(series, "run")
+    axes = {ax.get_title(): ax for ax in panels(fig)}
+    for key in ("learner/version", "faults/stale_batches"):
+        (line,) = axes[key].get_lines()  # no EMA beside it
+        assert line.get_drawstyle() == "steps-post"
+        assert whole(axes[key].get_yticks()) and axes[key].get_ylim()[0] == 0
+    assert len(axes["learner/kl"].get_lines()) == 2  # raw and EMA
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["count (no smoothing)", "raw", f"EMA (weight {plots.SMOOTHING})"]
+
+
+def test_fault_counters_that_stayed_zero_get_no_panel_and_none_at_all_one_line():
+    records = [
+        {
+            "step": s,
+            "reward/total": 0.5,
+            "faults/stale_batches": 0,
+            "faults/learner_restarts": s - 1,
+        }
+        for s in (1, 2)
+    ]
+    faults = plots.figures(records, "run")["faults.png"]
+    assert [ax.get_title() for ax in panels(faults)] == ["faults/learner_restarts"]
+    quiet = [{**r, "faults/learner_restarts": 0} for r in records]
+    faults = plots.figures(quiet, "run")["faults.png"]
+    assert panels(faults) == []
+    assert faults.get_suptitle() == "run: faults"
+    assert [t.get_text() for t in faults.texts][-1] == "no faults: every faults/* counter stayed 0"
+
+
+def test_one_point_has_whole_iteration_ticks():
+    fig = plots.figure({"eval/reward": ([2], [0.5])}, "run")
+    (ax,) = panels(fig)
+    ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    assert 2 in ticks and whole(ticks)
 
 
 def test_nothing_finite_draws_nothing(tmp_path):

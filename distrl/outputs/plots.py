@@ -2,7 +2,9 @@
 
 One panel per metric (small multiples), so a metric near 1 is not flattened by one near 50,000:
 raw points plus an exponential moving average (``SMOOTHING``, TensorBoard's default weight),
-the key as the panel's title and a unit derived from the key on its y axis.
+the key as the panel's title and a unit derived from the key on its y axis. Counters (faults,
+versions, rounds) are drawn as steps with whole-number ticks and no smoothing; fault counters
+that stayed at zero get no panel.
 
 Figures use an Agg canvas, not pyplot: no global backend switch, safe off the main thread.
 """
@@ -38,7 +40,7 @@ UNITS = (
     (r"_s$", "seconds"),
     (r"bytes", "MiB"),
     (r"dropped|^faults/", "count"),
-    (r"(^|/)(approx_)?kl$|entropy", "nats"),
+    (r"(^|/)(approx_)?kl$|entropy|logprob_mismatch", "nats"),
     (r"^reward/|^eval/reward", "reward"),
     (r"frac|accuracy", "fraction"),
     (r"loss$", "loss"),
@@ -49,6 +51,8 @@ UNITS = (
     (r"grad_norm", "L2 norm"),
 )
 MIB = 2**20
+# Counters: whole numbers that only step (drawn as steps, without an EMA).
+COUNTERS = r"^faults/|dropped$|/version$|/rounds$|/updates$|/steps$|/restarts$"
 
 Series = dict[str, tuple[list[int], list[float]]]
 
@@ -94,6 +98,11 @@ def unit(key: str) -> str:
     return next((label for pattern, label in UNITS if re.search(pattern, key)), "value")
 
 
+def is_counter(key: str) -> bool:
+    """Whether ``key`` counts something (``faults/*``, ``learner/version``, ...)."""
+    return re.search(COUNTERS, key) is not None
+
+
 def ema(values: Sequence[float], weight: float = SMOOTHING) -> list[float]:
     """TensorBoard's smoothing: a debiased exponential moving average; NaN (a gap) stays NaN
     and is skipped by the average."""
@@ -123,24 +132,45 @@ def figure(series: Series, title: str) -> Any:
     fig.suptitle(title, x=0.01, ha="left")
     fig.supxlabel("iteration")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    handles: dict[str, Any] = {}
     for ax, (key, (steps, values)) in zip(axes, series.items()):
         label = unit(key)
         if label == "MiB":
             values = [v / MIB for v in values]
-        (raw,) = ax.plot(steps, values, "o-", color="C0", alpha=0.35, lw=0.8, ms=3)
-        (smooth,) = ax.plot(steps, ema(values), color="C0", lw=1.8)
+        if is_counter(key):
+            (line,) = ax.plot(steps, values, "o-", color="C1", lw=1.5, ms=3, drawstyle="steps-post")
+            handles.setdefault("count (no smoothing)", line)
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_ylim(bottom=min(0.0, *(v for v in values if math.isfinite(v))))
+        else:
+            (raw,) = ax.plot(steps, values, "o-", color="C0", alpha=0.35, lw=0.8, ms=3)
+            (smooth,) = ax.plot(steps, ema(values), color="C0", lw=1.8)
+            handles.setdefault("raw", raw)
+            handles.setdefault(f"EMA (weight {SMOOTHING})", smooth)
         if label == "perplexity" and all(v > 0 for v in values if math.isfinite(v)):
             ax.set_yscale("log")
             label = "perplexity (log)"
         ax.set_title(key, fontsize="medium")
         ax.set_ylabel(label)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(set(steps)) == 1:  # one point: whole-number iterations around it
+            ax.set_xlim(steps[0] - 1, steps[0] + 1)
         ax.grid(alpha=0.3)
     for ax in axes[len(series) :]:
         ax.set_visible(False)
-    fig.legend(
-        [raw, smooth], ["raw", f"EMA (weight {SMOOTHING})"], loc="outside upper right", ncols=2
-    )
+    fig.legend(list(handles.values()), list(handles), loc="outside upper right", ncols=len(handles))
+    return fig
+
+
+def no_faults_figure(title: str) -> Any:
+    """``faults.png`` of a run whose every fault counter stayed 0: one line that says so."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 1.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    fig.suptitle(f"{title}: faults", x=0.01, ha="left")
+    fig.text(0.5, 0.4, "no faults: every faults/* counter stayed 0", ha="center", va="center")
     return fig
 
 
@@ -155,7 +185,10 @@ def figures(history: Sequence[dict[str, Any]], title: str) -> dict[str, Any]:
     out = {"training.png": figure(main, f"{title}: main curves")}
     for name in dict.fromkeys(namespace(k) for k in series):
         group = {k: v for k, v in series.items() if namespace(k) == name}
-        out[re.sub(r"[^\w.-]", "_", name) + ".png"] = figure(group, f"{title}: {name}")
+        if name == "faults":  # a counter that stayed 0 says nothing; all of them: one line
+            group = {k: v for k, v in group.items() if any(x != 0 for x in v[1])}
+        filename = re.sub(r"[^\w.-]", "_", name) + ".png"
+        out[filename] = figure(group, f"{title}: {name}") if group else no_faults_figure(title)
     return out
 
 
