@@ -54,6 +54,14 @@ def test_tiny_run_trains_logs_and_checkpoints(ray_session, tmp_path):
     ):
         assert key in records[-1], key
     assert "eval/reward" in records[1] and "eval/ref_perplexity" in records[1]
+    # The iteration's time is all of it: evaluation and checkpoint included (steps 2 and 4).
+    for r in records:
+        parts = ["time/rollout_wait_s", "time/score_s", "time/train_s", "time/publish_s"]
+        if r["step"] % 2 == 0:
+            parts += ["time/eval_s", "time/checkpoint_s"]
+        else:
+            assert "time/eval_s" not in r and "time/checkpoint_s" not in r
+        assert r["time/iteration_s"] >= sum(r[k] for k in parts), r
     assert max(r["learner/version"] for r in records) == 4
     assert (run_dir / "config.yaml").is_file()
     assert list((run_dir / "tensorboard").iterdir())

@@ -305,6 +305,31 @@ def test_a_refused_resume_changes_nothing_and_says_why(finished_run, tmp_path):
     assert files_of(broken) == before  # metrics.jsonl, checkpoints and final/ as they were
 
 
+@pytest.mark.slow  # a resume on Ray of the shared finished run
+def test_a_step_checkpointed_but_not_logged_is_logged_from_its_checkpoint_on_resume(
+    finished_run, tmp_path
+):
+    """A driver that dies after step 2's checkpoint and before its line: the resume writes the
+    line from the checkpoint's manifest, and every step is logged once."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run.run_dir, run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    original = json.loads(lines[-1])
+    metrics.write_text(lines[0] + "\n")  # step 2's line never written
+    overrides = {"output.dir": str(run_dir), "iterations": 3}
+    train(load_config(str(run_dir / "config.yaml"), overrides), resume=True)
+    records = read_metrics(metrics)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    timings = ("time/checkpoint_s", "time/iteration_s")  # measured after the manifest was written
+    numbers = {
+        k: v
+        for k, v in original.items()
+        if k not in timings and isinstance(v, (int, float)) and np.isfinite(v)
+    }
+    assert records[1] == numbers and "reward/total" in numbers
+
+
 def wait_for_steps(run_dir: Path, n: int, proc: subprocess.Popen, limit: float = 300) -> None:
     deadline, metrics = time.time() + limit, run_dir / "metrics.jsonl"
     while not metrics.exists() or len(read_metrics(metrics)) < n:

@@ -229,6 +229,11 @@ def _train(
         raise
     if resume:
         logger.truncate_after(trainer.step)
+        logged = logger.history[-1]["step"] if logger.history else 0
+        if checkpoint is not None and logged < trainer.step:  # died after the checkpoint
+            meta = verify_checkpoint(checkpoint)
+            if meta.get("step") == trainer.step:
+                logger.log(trainer.step, meta.get("metrics", {}))
     try:
         trainer.run(logger, progress=config.output.progress, report=report)
     except Hung as err:

@@ -84,6 +84,7 @@ class Trainer:
         self.faults = dict.fromkeys(FAULT_KEYS, 0)
         self.reward_timeouts = 0  # counted before a resume
         self.rollout_restarts = 0  # counted before a resume, and by workers since replaced
+        self.unlogged: dict[str, float] | None = None
         self.logger: MetricsLogger | None = None
         self.last_rounds: list[Round] = []  # the latest iteration's, for its samples
         self.last_checkpoint = time.monotonic()
@@ -360,20 +361,29 @@ class Trainer:
                 self.recover(lost)
                 continue
             self.step += 1
-            metrics.update({"time/iteration_s": time.perf_counter() - t0, **self.faults})
+            metrics.update(self.faults)
+            self.unlogged = metrics  # this step's line, until it is written
             if cfg.output.eval_every and self.step % cfg.output.eval_every == 0:
+                t1 = time.perf_counter()
                 metrics.update(self.guarded(self.evaluate, default={}))
-            self.logger.log(self.step, metrics)
-            every = cfg.output.samples_every
-            if every and (self.step % every == 0 or self.step == 1):
-                self.logger.log_samples(self.step, self.samples(self.last_rounds))
+                metrics["time/eval_s"] = time.perf_counter() - t1
+            # The step's line is written once its checkpoint is: a driver that dies in between
+            # leaves the line in the checkpoint's manifest, and a resume writes it from there.
             saved = None
             minutes = (time.monotonic() - self.last_checkpoint) / 60
             due = cfg.output.checkpoint_minutes and minutes >= cfg.output.checkpoint_minutes
             if self.step % cfg.output.checkpoint_every == 0 or self.step == cfg.iterations or due:
+                t1 = time.perf_counter()
                 saved = self.guarded(lambda m=metrics: self.checkpoint(m))
                 if saved is None:  # lost while saving: recovered to an earlier step
                     continue
+                metrics["time/checkpoint_s"] = time.perf_counter() - t1
+            metrics["time/iteration_s"] = time.perf_counter() - t0
+            self.logger.log(self.step, metrics)
+            self.unlogged = None
+            every = cfg.output.samples_every
+            if every and (self.step % every == 0 or self.step == 1):
+                self.logger.log_samples(self.step, self.samples(self.last_rounds))
             if report is not None:
                 report(self.step, metrics, saved)
             bar.set_postfix_str(format_progress(metrics, self.progress_keys))
@@ -443,10 +453,13 @@ class Trainer:
         """Checkpoint the last complete step (unless saved already) and raise ``Stopped``."""
         signum = self.signals.signum or signal.SIGINT
         saved = self.run_dir / "checkpoints" / f"step_{self.step}"
+        history = self.logger.history if self.logger else []
+        logged = {k: v for k, v in (history[-1] if history else {}).items() if k != "step"}
+        metrics = self.unlogged  # the signal cut the step's evaluation or checkpoint short
         if self.step and not saved.is_dir():
-            history = self.logger.history if self.logger else []
-            metrics = {k: v for k, v in (history[-1] if history else {}).items() if k != "step"}
-            saved = self.checkpoint(metrics)
+            saved = self.checkpoint(logged if metrics is None else metrics)
+        if metrics is not None and self.logger is not None:
+            self.logger.log(self.step, metrics)
         where = f"step {self.step} is saved in {saved}" if self.step else "no step was complete"
         raise Stopped(
             f"stopped by {signal.Signals(signum).name}: {where}; continue with: python -m "
@@ -511,8 +524,10 @@ class Trainer:
         extra = self.state()
         meta = {
             "step": self.step,
-            "metrics": {
-                k: v for k, v in metrics.items() if isinstance(v, float) and np.isfinite(v)
+            "metrics": {  # the step's line of metrics.jsonl, but for its last two timings
+                k: v
+                for k, v in metrics.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
             },
         }
 
