@@ -96,6 +96,7 @@ def validate(
     temperature: float | None = None,
     max_new_tokens: int | None = None,
     success_threshold: float = 1.0,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Reward components, success rate and pass@k, reference perplexity/accuracy and diversity
     of ``config.model``, or of the Q-guided policy of a DQN ``checkpoint`` (no perplexity: Q is
@@ -110,11 +111,14 @@ def validate(
             (None: the run's ``rollout.temperature``, ``dqn.boltzmann_temperature`` for DQN).
         max_new_tokens: longest completion; None: the run's ``rollout.max_new_tokens``.
         success_threshold: a completion succeeds when its total reward is at least this.
+        progress: show what it is doing on stderr (loading, a bar over the prompts, scoring).
 
     Raises:
         ConfigError: a bad ``examples``, ``samples``, ``temperature`` or ``max_new_tokens``
             (named as their flags).
     """
+    from tqdm import tqdm
+
     from distrl.data.prompts import prepare, reward_batch
     from distrl.dqn.learner import QNET_FILE, is_dqn_checkpoint
     from distrl.dqn.rollout import QRolloutWorker
@@ -129,6 +133,12 @@ def validate(
     dqn = checkpoint is not None and is_dqn_checkpoint(Path(checkpoint))
     config = _sampling_config(config, temperature, max_new_tokens)
     _, val = prepare(config)  # checks that each prompt plus max_new_tokens fits the model
+
+    def say(text: str) -> None:
+        if progress:
+            print(f"distrl.validate: {text}", file=sys.stderr, flush=True)
+
+    say(f"loading {checkpoint or config.model.name}")
     if dqn:
         worker = QRolloutWorker(**QRolloutWorker.arguments(config))
         worker.set_weights(VersionedWeights(1, load_weights(Path(checkpoint), (QNET_FILE,))))
@@ -137,11 +147,15 @@ def validate(
     n = min(examples, len(val.ids))
     per_call = max(1, GENERATE_BATCH // samples)
     parts = []
+    bar = tqdm(total=n, desc="distrl.validate: generating", unit="prompt", disable=not progress)
     for start in range(0, n, per_call):
         ids = list(range(start, min(start + per_call, n)))
         rows = [i for i in ids for _ in range(samples)]  # a prompt's samples side by side
         parts.append(worker.generate([val.ids[i] for i in rows], rows, greedy=greedy))
+        bar.update(len(ids))
+    bar.close()
     batch = Trajectories.concat(parts)
+    say(f"scoring {len(batch.texts)} completions")
     scores = RewardScorer(config.reward, seed=config.seed).score(reward_batch(val, batch))
     out = {k.replace("reward/", "validate/reward_"): v for k, v in scores.metrics().items()}
     if isinstance(worker, RolloutWorker):
@@ -222,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="config for data and rewards (default: the run's config.yaml)",
     )
-    p.add_argument("--examples", type=int, default=32, help="held-out prompts to generate for")
+    p.add_argument(
+        "--examples", type=int, default=32, help="held-out prompts to generate for (default 32)"
+    )
     p.add_argument(
         "--samples",
         type=int,
@@ -264,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         temperature=args.temperature,
         max_new_tokens=args.max_new_tokens,
         success_threshold=args.success_threshold,
+        progress=True,
     )
     for key, value in results.items():
         print(f"{key:36s} {value:12.4f}")

@@ -133,7 +133,20 @@ def test_cli_writes_every_figure_to_json(checkpoint, tmp_path, capsys):
         assert f"validate/{key}" in report, key
     assert report["validate/temperature"] == 0.7
     assert report["validate/success_threshold"] == 0.5
-    assert "validate/pass@4" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "validate/pass@4" in out
+    # What it is doing, on stderr as it goes: loading, a bar over the prompts, scoring.
+    assert f"distrl.validate: loading {checkpoint}" in err
+    assert "distrl.validate: generating" in err and "2/2" in err
+    assert "distrl.validate: scoring 8 completions" in err
+
+
+def test_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "held-out prompts to generate for (default 32)" in help_text
+    assert "(default 1: greedy)" in help_text and "(default 1.0:" in help_text
 
 
 def test_a_checkpoint_holding_a_pickle_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
@@ -149,9 +162,11 @@ def test_a_checkpoint_holding_a_pickle_is_refused_in_one_line(tmp_path, monkeypa
     with pytest.raises(SystemExit) as exit_:
         cli.run_main(main)
     assert exit_.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"error: cannot load the model in {folder}: its weights are a pickle")
-    assert err.count("\n") == 1 and not marker.exists()
+    err = capsys.readouterr().err  # after the progress line saying what it loads
+    assert err.splitlines()[:-1] == [f"distrl.validate: loading {folder}"]
+    last = err.splitlines()[-1]
+    assert last.startswith(f"error: cannot load the model in {folder}: its weights are a pickle")
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize(
