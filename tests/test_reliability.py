@@ -5,6 +5,7 @@ either survived exactly (counted under ``faults/``) or stopped with one line."""
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -445,6 +446,10 @@ def test_a_signal_stops_the_run_within_seconds_with_a_checkpoint_and_plots(tmp_p
         f"continue with: python -m distrl.run --resume --output-dir {run_dir}"
     ), err[-3000:]
     verify_checkpoint(saved)
+    # It said what it waited for: an abandoned wait, or the stretch it let finish.
+    said = [line for line in err.splitlines() if line.startswith("distrl: ") and "received" in line]
+    assert len(said) == 1 and said[0].startswith(f"distrl: {signal.Signals(sig).name} received: ")
+    assert re.search(r"(abandoning|stopping after) step \d+'s \w+", said[0]), said[0]
     assert (run_dir / "plots" / "training.png").is_file()
     print(f"{algo} stopped {took:.1f} s after {signal.Signals(sig).name}")  # for the README
     if algo == "ppo":  # the checkpoint resumes: one more step, then done

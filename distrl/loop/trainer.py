@@ -266,7 +266,8 @@ class Trainer:
         """One iteration: rollout -> score -> learn -> publish; returns its metrics."""
         times = {"time/rollout_wait_s": 0.0, "time/score_s": 0.0}
         rounds: list[Round] = []
-        with self.signals.abandonable():  # nothing the learner holds changes until learn
+        step = self.step + 1
+        with self.signals.abandonable(f"step {step}'s rollouts"):  # nothing learned yet
             while not rounds or self.algo.wants_more(rounds):
                 t0 = time.perf_counter()
                 parts = self.collect()
@@ -278,8 +279,10 @@ class Trainer:
                 groups = offset + group_rows(parts, self.config.rollout.samples_per_prompt)
                 rounds.append(Round(parts, batch, scores, groups))
         t2 = time.perf_counter()
-        metrics = self.algo.learn(rounds, step=self.step + 1)
+        self.signals.doing = f"step {step}'s update"
+        metrics = self.algo.learn(rounds, step=step)
         t3 = time.perf_counter()
+        self.signals.doing = f"step {step}'s publish"
         self.version = self.publish()
         times.update({"time/train_s": t3 - t2, "time/publish_s": time.perf_counter() - t3})
         if self.config.rollout.max_policy_lag == 0:
@@ -365,7 +368,8 @@ class Trainer:
             self.unlogged = metrics  # this step's line, until it is written
             if cfg.output.eval_every and self.step % cfg.output.eval_every == 0:
                 t1 = time.perf_counter()
-                metrics.update(self.guarded(self.evaluate, default={}))
+                with self.signals.abandonable(f"step {self.step}'s evaluation"):
+                    metrics.update(self.guarded(self.evaluate, default={}))
                 metrics["time/eval_s"] = time.perf_counter() - t1
             # The step's line is written once its checkpoint is: a driver that dies in between
             # leaves the line in the checkpoint's manifest, and a resume writes it from there.
@@ -374,6 +378,7 @@ class Trainer:
             due = cfg.output.checkpoint_minutes and minutes >= cfg.output.checkpoint_minutes
             if self.step % cfg.output.checkpoint_every == 0 or self.step == cfg.iterations or due:
                 t1 = time.perf_counter()
+                self.signals.doing = f"step {self.step}'s checkpoint"
                 saved = self.guarded(lambda m=metrics: self.checkpoint(m))
                 if saved is None:  # lost while saving: recovered to an earlier step
                     continue

@@ -73,6 +73,7 @@ class StopSignals:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.doing = "the current step"  # what a signal waits for, as the loop says
         self._abandonable = False
         self._previous: dict[int, Any] = {}
 
@@ -92,18 +93,21 @@ class StopSignals:
             raise KeyboardInterrupt
         self.signum = signum
         name = signal.Signals(signum).name
-        when = "now" if self._abandonable else "after the current step"
-        print(f"\ndistrl: {name} received, stopping {when}", file=sys.stderr, flush=True)
+        if self._abandonable:
+            what = f"abandoning {self.doing} (nothing learned is lost) and stopping now"
+        else:
+            what = f"stopping after {self.doing} and a checkpoint; send it again to stop at once"
+        print(f"\ndistrl: {name} received: {what}", file=sys.stderr, flush=True)
         if self._abandonable:
             raise Interrupt
 
     @contextmanager
-    def abandonable(self) -> Iterator[None]:
-        """A stretch (waiting for rollouts or rewards) that a signal cuts short with
-        ``Interrupt``: nothing the learner or replay buffer holds changes in it."""
+    def abandonable(self, doing: str) -> Iterator[None]:
+        """A stretch (waiting for rollouts, rewards or an evaluation) that a signal cuts short
+        with ``Interrupt``: nothing the learner or replay buffer holds changes in it."""
         if self.signum is not None:
             raise Interrupt
-        self._abandonable = True
+        self._abandonable, self.doing = True, doing
         try:
             yield
         finally:
