@@ -252,3 +252,40 @@ def test_the_cross_field_rules_accept_their_valid_neighbours():
     vllm_dqn = {"dqn.exploration": "boltzmann", "dqn.action_top_k": 0}
     load_config("tiny", {"algo": "dqn", "rollout.engine": "vllm", **vllm_dqn})
     load_config("tiny", {"algo": "dqn", "learner.lora.rank": 4})
+
+
+def test_a_full_disk_or_a_forbidden_folder_is_one_line_in_every_entry_point(monkeypatch, capsys):
+    """``cli.run_main`` runs every application's main: a write the machine refuses is one line,
+    status 2; any other OSError is a bug and keeps its traceback."""
+    import errno
+
+    from distrl.config import cli
+
+    def writes_to_a_full_disk():
+        with open("/dev/full", "wb") as full:
+            full.write(b"\0" * 4096)
+            full.flush()
+        return 0
+
+    with pytest.raises(SystemExit) as stopped:
+        cli.run_main(writes_to_a_full_disk)
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: a write failed: No space left on device (ENOSPC); free space or fix the "
+        "permission, then run it again\n"
+    )
+
+    def forbidden():
+        raise PermissionError(errno.EACCES, "Permission denied", "/srv/runs/out.json")
+
+    with pytest.raises(SystemExit):
+        cli.run_main(forbidden)
+    assert capsys.readouterr().err.startswith(
+        "error: cannot write /srv/runs/out.json: Permission denied (EACCES); "
+    )
+
+    def a_bug():
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "x")
+
+    with pytest.raises(FileNotFoundError):
+        cli.run_main(a_bug)

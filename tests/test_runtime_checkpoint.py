@@ -9,6 +9,7 @@ import torch
 from distrl.errors import DistrlError
 from distrl.runtime.checkpoint import (
     MARKER,
+    CheckpointWriteError,
     drop_files,
     latest_checkpoint,
     load_torch_state,
@@ -101,6 +102,26 @@ def test_interrupted_write_leaves_previous_intact(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_1"]
     assert verify_checkpoint(tmp_path / "step_1") == {"step": 1}
     assert latest_checkpoint(tmp_path) == tmp_path / "step_1"
+
+
+def test_a_full_disk_is_one_line_and_leaves_every_checkpoint_as_it_was(tmp_path):
+    """The kernel's own ENOSPC (``/dev/full``), as a checkpoint writer on a full disk meets it."""
+    save(tmp_path, 1)
+
+    def onto_a_full_disk(tmp):
+        fill(tmp)
+        with open("/dev/full", "wb") as full:
+            full.write(b"\0" * 4096)
+            full.flush()
+
+    for name in ("step_2", "step_1"):
+        with pytest.raises(CheckpointWriteError) as refused:
+            write_checkpoint(tmp_path, name, onto_a_full_disk, meta={"step": 2})
+        assert str(refused.value) == (
+            f"cannot write checkpoint {tmp_path / name}: No space left on device (ENOSPC)"
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_1"]  # no temporary folder left
+    assert verify_checkpoint(tmp_path / "step_1") == {"step": 1}
 
 
 def test_bad_meta_fails_before_writing(tmp_path):

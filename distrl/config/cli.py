@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import sys
 import types
 import typing
@@ -114,6 +115,11 @@ def parse_config(
     return args, cfg.load_config(args.config, overrides)
 
 
+# A write that failed for a reason outside distrl: a full disk or quota, a read-only or
+# forbidden folder.
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def run_main(main: Callable[[], int]) -> None:
     """Run a CLI ``main``; a DistrlError is printed as one line and exits with status 2 (a run
     stopped by a signal: 128 + its number)."""
@@ -122,6 +128,16 @@ def run_main(main: Callable[[], int]) -> None:
     except DistrlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = getattr(exc, "exit_code", 2)
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRORS:
+            raise
+        what = f"cannot write {exc.filename}" if exc.filename else "a write failed"
+        print(
+            f"error: {what}: {exc.strerror} ({errno.errorcode[exc.errno]}); "
+            "free space or fix the permission, then run it again",
+            file=sys.stderr,
+        )
+        code = 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         code = 130

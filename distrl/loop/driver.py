@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 from datetime import datetime
@@ -38,7 +39,7 @@ from distrl.outputs.loggers import build_sinks, check_loggers
 from distrl.outputs.metrics import MetricsLogger
 from distrl.rewards import RewardBatch, trial_score
 from distrl.runtime import actors
-from distrl.runtime.checkpoint import verify_checkpoint
+from distrl.runtime.checkpoint import CheckpointWriteError, verify_checkpoint
 from distrl.runtime.faults import Hung
 
 
@@ -238,6 +239,11 @@ def _train(
         trainer.run(logger, progress=config.output.progress, report=report)
     except Hung as err:
         raise Hung(f"{err}; {resume_hint(run_dir)}") from None
+    except CheckpointWriteError as err:
+        raise CheckpointWriteError(
+            f"{err}; nothing saved before was changed (free space or fix the permission); "
+            f"{resume_hint(run_dir)}"
+        ) from None
     except (OutOfDiskError, ObjectStoreFullError) as err:
         name = "OutOfDiskError" if isinstance(err, OutOfDiskError) else "ObjectStoreFullError"
         raise DistrlError(
@@ -247,7 +253,10 @@ def _train(
         ) from None
     finally:
         if config.output.plots:
-            logger.plot()
+            try:
+                logger.plot()
+            except OSError as exc:  # a full disk: the run's own error says what to do
+                print(f"distrl: plots not drawn: {exc}", file=sys.stderr, flush=True)
         logger.close()
         trainer.shutdown()
     verify_checkpoint(run_dir / "final")

@@ -113,7 +113,8 @@ def get(refs: Any, timeout: float | None = None) -> Any:
     """``ray.get`` that re-raises distrl's own errors from inside an actor as themselves.
 
     Ray wraps an actor's exception in ``RayTaskError``; a ``RewardError`` (or any
-    ``DistrlError``) then reaches the driver as that error with its own message.
+    ``DistrlError``, or an ``OSError`` such as a full disk) then reaches the driver as that
+    error with its own message.
 
     Raises:
         ray.exceptions.GetTimeoutError: ``timeout`` seconds passed first.
@@ -121,7 +122,7 @@ def get(refs: Any, timeout: float | None = None) -> Any:
     try:
         return ray.get(refs, timeout=timeout)
     except RayTaskError as err:
-        if isinstance(err.cause, DistrlError):
+        if isinstance(err.cause, (DistrlError, OSError)):  # a full disk in an actor, too
             raise err.cause from None
         raise
 

@@ -7,6 +7,7 @@ crash never leaves a half-written ``step_<N>``.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -32,6 +33,11 @@ OPTIMIZER_FILE = "optimizer.pt"  # what only a resume needs, and the largest fil
 FORMAT_VERSION = 1
 
 
+class CheckpointWriteError(DistrlError):
+    """A checkpoint could not be written (a full disk, no permission); the folder it would
+    have replaced, and every other checkpoint, are as they were."""
+
+
 def write_checkpoint(
     root: Path, name: str, write: Callable[[Path], None], *, meta: dict[str, Any]
 ) -> Path:
@@ -45,12 +51,19 @@ def write_checkpoint(
 
     Returns:
         The path of the finished checkpoint.
+
+    Raises:
+        CheckpointWriteError: a write failed (``OSError``: a full disk, no permission), here or
+            in ``write`` (an actor's ``OSError`` arrives through ``actors.get`` as itself).
     """
     root = Path(root)
     marker_meta = json.dumps(meta, allow_nan=False)  # fail before the slow write, not after
-    root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{name}-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise CheckpointWriteError(f"cannot write checkpoint {root / name}: {_why(exc)}") from None
     try:
         write(tmp)
         readable = 0o666 & ~_umask()  # some writers (safetensors) leave their files 0600
@@ -64,6 +77,9 @@ def write_checkpoint(
             os.fsync(f.fileno())
         for folder in {tmp, *((tmp / rel).parent for rel in files)}:
             fsync_dir(folder)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(f"cannot write checkpoint {root / name}: {_why(exc)}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -79,6 +95,12 @@ def write_checkpoint(
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return dest
+
+
+def _why(exc: OSError) -> str:
+    """``No space left on device (ENOSPC)`` for an ``OSError``, without its traceback."""
+    name = errno.errorcode.get(exc.errno or 0)
+    return f"{exc.strerror or exc} ({name})" if name else str(exc)
 
 
 def verify_checkpoint(path: Path) -> dict[str, Any]:
