@@ -100,19 +100,18 @@ def test_raising_user_component_reaches_the_driver_as_reward_error(ray_session, 
         pool.shutdown()
 
 
-class FullDisk:
-    """A role whose save meets a full disk (the kernel's ENOSPC from /dev/full)."""
-
-    def save(self) -> None:
-        with open("/dev/full", "wb") as full:
-            full.write(b"\0" * 4096)
-            full.flush()
-
-
 def test_an_actors_full_disk_reaches_the_driver_as_the_oserror_itself(ray_session):
     import errno
 
     from distrl.runtime import actors
+
+    class FullDisk:  # defined here so Ray ships it by value to the worker
+        """A role whose save meets a full disk (the kernel's ENOSPC from /dev/full)."""
+
+        def save(self) -> None:
+            with open("/dev/full", "wb") as full:
+                full.write(b"\0" * 4096)
+                full.flush()
 
     actor = actors.make_actor(FullDisk, actor_options(0.25, 0, None))
     with pytest.raises(OSError) as caught:  # not a RayTaskError: write_checkpoint can name it
