@@ -160,9 +160,7 @@ def test_save_and_load_round_trip(tmp_path, prompts):
     assert np.allclose(again.logprobs(batch), learner.logprobs(batch), atol=1e-6)
 
 
-def test_a_checkpoint_whose_weights_are_a_pickle_or_the_wrong_shape_names_its_folder(
-    tmp_path, prompts
-):
+def test_a_checkpoint_of_a_pickle_wrong_shapes_or_nan_names_its_folder(tmp_path, prompts):
     from test_models_loading import RunsCode
 
     config = load_config("tiny")
@@ -172,6 +170,13 @@ def test_a_checkpoint_whose_weights_are_a_pickle_or_the_wrong_shape_names_its_fo
     shapes = {k: v.shape for k, v in load_file(weights).items()}
     save_file({k: torch.zeros(2, 2) for k in shapes}, weights)  # every tensor the wrong shape
     with pytest.raises(ModelError, match=f"cannot resume from {tmp_path}: "):
+        make(config)[0].load(str(tmp_path))
+    save_file({k: torch.zeros(shape) for k, shape in shapes.items()}, weights)
+    state = torch.load(tmp_path / "distrl_state.pt", weights_only=True)
+    name = next(iter(state["value_head"]))
+    state["value_head"][name][0] = float("nan")
+    torch.save(state, tmp_path / "distrl_state.pt")
+    with pytest.raises(ModelError, match=f"cannot resume from {tmp_path}: value_head.{name} holds"):
         make(config)[0].load(str(tmp_path))
     weights.unlink()
     torch.save({"w": RunsCode(tmp_path / "code-ran")}, tmp_path / "pytorch_model.bin")

@@ -20,6 +20,7 @@ import torch
 
 from distrl.config import load_config
 from distrl.data.prompts import prepare
+from distrl.errors import DistrlError
 from distrl.loop.driver import train
 from distrl.loop.rundir import stopped_before_first_step
 from distrl.loop.trainer import Trainer
@@ -329,6 +330,40 @@ def test_a_step_checkpointed_but_not_logged_is_logged_from_its_checkpoint_on_res
         if k not in timings and isinstance(v, (int, float)) and np.isfinite(v)
     }
     assert records[1] == numbers and "reward/total" in numbers
+
+
+@pytest.mark.slow  # a resume on Ray of the shared finished run
+def test_a_forged_checkpoint_whose_losses_jump_stops_the_run_before_saving_anything(
+    finished_run, tmp_path
+):
+    """A value head scaled by 1e5 in step 2's distrl_state.pt, the manifest rewritten to match:
+    the checkpoint verifies, and the next step's value loss is a million times its history."""
+    import hashlib
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run.run_dir, run_dir)
+    step_2 = run_dir / "checkpoints" / "step_2"
+    state = torch.load(step_2 / "distrl_state.pt", weights_only=True)
+    state["value_head"] = {k: v * 1e5 for k, v in state["value_head"].items()}
+    torch.save(state, step_2 / "distrl_state.pt")
+    marker = json.loads((step_2 / "distrl_checkpoint.json").read_text())
+    data = (step_2 / "distrl_state.pt").read_bytes()
+    marker["files"]["distrl_state.pt"] = {
+        "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+    (step_2 / "distrl_checkpoint.json").write_text(json.dumps(marker))
+    verify_checkpoint(step_2)  # the forgery passes the manifest
+    before = files_of(run_dir / "checkpoints")
+    overrides = {"output.dir": str(run_dir), "iterations": 4}
+    with pytest.raises(DistrlError) as stopped:
+        train(load_config(str(run_dir / "config.yaml"), overrides), resume=True)
+    message = str(stopped.value)
+    assert message.startswith("step 3: learner/") and " jumped to " in message, message
+    assert "a corrupted checkpoint or a diverging run" in message
+    assert f"--resume --output-dir {run_dir}" in message and "\n" not in message
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2]  # not logged
+    assert files_of(run_dir / "checkpoints") == before  # and not saved
 
 
 def wait_for_steps(run_dir: Path, n: int, proc: subprocess.Popen, limit: float = 300) -> None:

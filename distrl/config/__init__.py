@@ -396,6 +396,12 @@ class FaultsConfig:
         "the newest checkpoint; one more stops the run",
         ge=0,
     )
+    max_loss_jump: float = _f(
+        1000.0,
+        "stop when learner/grad_norm, value_loss or td_loss exceeds this many times its median "
+        "over the last 10 logged steps (a corrupted state or a diverging run); 0 = off",
+        ge=0.0,
+    )
 
 
 @dataclass(frozen=True)

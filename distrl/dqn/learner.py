@@ -32,6 +32,7 @@ from distrl.weights.tensors import (
     VersionedWeights,
     get_weights,
     has_lora,
+    non_finite,
     publish_weights,
     published_names,
     set_weights,
@@ -293,6 +294,14 @@ class QLearner(LearnerRole):
                 self.target_state[name].copy_(tensor)
         self.skipped = int(state["skipped"])
         self.published_steps = int(state["published_steps"])
+        target = self.target.state_dict() if self.target is not None else self.target_state
+        bad = non_finite(self.qnet) + [
+            f"the target network's {k}"
+            for k, t in target.items()
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())
+        ]
+        if bad:
+            raise ModelError(f"cannot resume from {path}: {bad[0]} holds NaN or infinite values")
         return self.load_role_state(state, path)
 
     def export_merged(self, folder: str) -> None:

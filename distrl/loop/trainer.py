@@ -27,6 +27,7 @@ from distrl.config import RunConfig
 from distrl.data.prompts import Prompts, reward_batch
 from distrl.errors import DistrlError
 from distrl.loop.plugins import Round, group_rows, plugin
+from distrl.loop.rundir import resume_hint
 from distrl.outputs.metrics import MetricsLogger, format_progress
 from distrl.pg.rollout import Trajectories
 from distrl.rewards import ScoreResult
@@ -38,7 +39,16 @@ from distrl.runtime.checkpoint import (
     write_checkpoint,
 )
 from distrl.runtime.crew import Crew
-from distrl.runtime.faults import FAULT_KEYS, Hung, Interrupt, Lost, Stopped, StopSignals
+from distrl.runtime.faults import (
+    FAULT_KEYS,
+    Hung,
+    Interrupt,
+    LossJump,
+    Lost,
+    Stopped,
+    StopSignals,
+    loss_jump,
+)
 from distrl.runtime.roles import NonFiniteError
 from distrl.weights.publish import Publisher
 
@@ -364,6 +374,13 @@ class Trainer:
                 self.recover(lost)
                 continue
             self.step += 1
+            jumped = loss_jump(self.logger.history, metrics, cfg.faults.max_loss_jump)
+            if jumped:  # this step is neither logged nor saved
+                raise LossJump(
+                    f"step {self.step}: {jumped}: a corrupted checkpoint or a diverging run; "
+                    f"{resume_hint(self.run_dir)} (after fixing the cause, or with "
+                    f"--faults.max_loss_jump 0 if the jump is expected)"
+                )
             metrics.update(self.faults)
             self.unlogged = metrics  # this step's line, until it is written
             if cfg.output.eval_every and self.step % cfg.output.eval_every == 0:

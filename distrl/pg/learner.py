@@ -46,7 +46,7 @@ from distrl.models.policy import (
 from distrl.pg.rollout import Trajectories
 from distrl.runtime.checkpoint import load_torch_state, load_weights, save_torch_state
 from distrl.runtime.roles import LearnerRole, OptimizerStep
-from distrl.weights.tensors import VersionedWeights, publish_weights, set_weights
+from distrl.weights.tensors import VersionedWeights, non_finite, publish_weights, set_weights
 
 STATE_FILE = "distrl_state.pt"
 
@@ -567,6 +567,9 @@ class Learner(LearnerRole):
         state = load_torch_state(path / STATE_FILE)
         self.net.value_head.load_state_dict(state["value_head"])
         self.kl.load_state_dict(state["kl"])
+        bad = non_finite(self.net)
+        if bad:
+            raise ModelError(f"cannot resume from {path}: {bad[0]} holds NaN or infinite values")
         return self.load_role_state(state, path)
 
     def export_merged(self, folder: str) -> None:

@@ -10,11 +10,15 @@ and stop signals.
   it again (``faults/weight_group_rebuilds``).
 - ``StopSignals``: SIGINT/SIGTERM stop the run at the next safe point (at once while it only
   waits for rollouts or rewards), after which the driver checkpoints and raises ``Stopped``.
+- ``loss_jump``: a loss or gradient norm orders of magnitude above its recent history (a
+  corrupted state, a diverging run) stops the run before that step is saved (``LossJump``).
 """
 
 from __future__ import annotations
 
+import math
 import signal
+import statistics
 import sys
 import threading
 from collections.abc import Iterator
@@ -56,6 +60,10 @@ class Stopped(DistrlError):
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
         self.exit_code = 128 + signum
+
+
+class LossJump(DistrlError):
+    """A step's loss or gradient norm jumped far above its recent history (``loss_jump``)."""
 
 
 class Interrupt(BaseException):
@@ -112,3 +120,33 @@ class StopSignals:
             yield
         finally:
             self._abandonable = False
+
+
+# What a loss jump is read from (positive scales; the policy loss changes sign), and the
+# smallest median it is measured against (a loss fitted to near 0 may rise without a fault).
+JUMP_KEYS = ("learner/grad_norm", "learner/value_loss", "learner/td_loss")
+JUMP_WINDOW, JUMP_FLOOR = 10, 1e-2
+
+
+def loss_jump(history: list[dict[str, Any]], metrics: dict[str, Any], factor: float) -> str | None:
+    """Why ``metrics`` look like a fault against the logged ``history``: a key of
+    ``JUMP_KEYS`` above ``factor`` times its median over the last ``JUMP_WINDOW`` steps (at
+    least 2 of them); None when nothing jumped or ``factor`` is 0."""
+    if not factor:
+        return None
+    for key in JUMP_KEYS:
+        now = metrics.get(key)
+        past = [abs(r[key]) for r in history[-JUMP_WINDOW:] if _finite(r.get(key))]
+        if not _finite(now) or len(past) < 2:
+            continue
+        typical = max(statistics.median(past), JUMP_FLOOR)
+        if abs(now) > factor * typical:
+            return (
+                f"{key} jumped to {now:.4g}, {abs(now) / typical:.3g} times its median "
+                f"{typical:.3g} over the last {len(past)} steps (faults.max_loss_jump={factor:g})"
+            )
+    return None
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -157,3 +157,13 @@ def set_weights(model: nn.Module, state: dict[str, torch.Tensor | np.ndarray]) -
             f"weights do not fit {type(model).__name__}: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )
+
+
+def non_finite(module: nn.Module) -> list[str]:
+    """The names of ``module``'s floating-point tensors (parameters and buffers) holding a NaN or
+    an infinity: what a loaded state must not have."""
+    return [
+        name
+        for name, tensor in module.state_dict().items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
