@@ -9,6 +9,7 @@ import pytest
 from distrl.config import ResourcesConfig, RewardComponent, RewardConfig
 from distrl.errors import RewardError
 from distrl.rewards import RewardBatch, RewardScorer
+from distrl.runtime import actors
 from distrl.runtime.actors import RewardPool, actor_options
 
 RESOURCES = ResourcesConfig(reward_cpus=0.5, torch_threads=1)
@@ -100,10 +101,44 @@ def test_raising_user_component_reaches_the_driver_as_reward_error(ray_session, 
         pool.shutdown()
 
 
+def test_a_reward_actor_that_leaks_is_replaced_between_batches_and_counted(ray_session, tmp_path):
+    """A user function that keeps 40 MiB of every call: past ``memory_mb`` its actor is
+    replaced with a warning, and scoring goes on."""
+    (tmp_path / "leaky_rewards.py").write_text(
+        textwrap.dedent(
+            """
+            KEPT = []
+
+            def leaky(completions):
+                KEPT.append(bytearray(b"\\x01") * (40 * 2**20))  # touched: resident
+                return [1.0] * len(completions)
+            """
+        )
+    )
+    reward = RewardConfig(components=(RewardComponent("leaky_rewards:leaky"),), num_actors=1)
+    runtime_env = {"env_vars": {"PYTHONPATH": str(tmp_path)}}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(tmp_path))
+        pool = RewardPool(reward, RESOURCES, runtime_env=runtime_env)
+    try:
+        (start,) = actors.rss_mb(pool.actors)
+        pool.memory_mb = start + 100  # three calls' worth
+        pid = pool.pids[0]
+        for _ in range(2):
+            assert list(pool.score(RewardBatch(["a", "b"])).total) == [1.0, 1.0]
+        assert pool.memory_replacements == 0 and pool.pids[0] == pid
+        with pytest.warns(UserWarning, match=r"reward actor 0 holds \d+ MiB, past faults\."):
+            pool.score(RewardBatch(["a", "b"]))
+        assert pool.memory_replacements == 1 and pool.pids[0] != pid
+        assert pool.timeouts == 0 and pool.restarts == 0  # a replacement, counted as such
+        assert actors.rss_mb(pool.actors)[0] < start + 40  # the new actor starts small
+        assert list(pool.score(RewardBatch(["a", "b"])).total) == [1.0, 1.0]
+    finally:
+        pool.shutdown()
+
+
 def test_an_actors_full_disk_reaches_the_driver_as_the_oserror_itself(ray_session):
     import errno
-
-    from distrl.runtime import actors
 
     class FullDisk:  # defined here so Ray ships it by value to the worker
         """A role whose save meets a full disk (the kernel's ENOSPC from /dev/full)."""

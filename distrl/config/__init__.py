@@ -396,6 +396,13 @@ class FaultsConfig:
         "the newest checkpoint; one more stops the run",
         ge=0,
     )
+    actor_memory_mb: float = _f(
+        0.0,
+        "replace a reward actor whose resident memory grows past this many MiB (a reward "
+        "function that keeps what it is given), between batches; 0 = a quarter of the node's "
+        "memory",
+        ge=0.0,
+    )
     max_loss_jump: float = _f(
         1000.0,
         "stop when learner/grad_norm, value_loss or td_loss exceeds this many times its median "

@@ -80,6 +80,7 @@ class Trainer:
             self.crew, config.faults, broadcasts=config.rollout.weight_sync == "broadcast"
         )
         f = config.faults
+        memory = f.actor_memory_mb or actors.node_memory_mb() / 4
         self.pool = actors.RewardPool(
             config.reward,
             config.resources,
@@ -87,13 +88,14 @@ class Trainer:
             timeout=f.score_timeout_s,
             retries=f.call_retries,
             start_timeout=f.start_timeout_s,
+            memory_mb=memory,
         )
         self.step = 0
-        self.reward_restarts = 0  # counted before a resume
         self.best = -float("inf")
         self.faults = dict.fromkeys(FAULT_KEYS, 0)
-        self.reward_timeouts = 0  # counted before a resume
-        self.rollout_restarts = 0  # counted before a resume, and by workers since replaced
+        # What the counters the pool and Ray keep add to (counted before a resume or a restore,
+        # and by rollout workers since replaced).
+        self.counted = dict.fromkeys([*POOL_COUNTERS, "faults/rollout_restarts"], 0)
         self.unlogged: dict[str, float] | None = None
         self.logger: MetricsLogger | None = None
         self.last_rounds: list[Round] = []  # the latest iteration's, for its samples
@@ -144,6 +146,12 @@ class Trainer:
         except RayActorError:
             raise Lost(self.dead_role() or role, "died") from None
 
+    def count_from(self, faults: dict[str, int]) -> None:
+        """Continue the counters the pool and Ray keep from ``faults`` (a resume, a restore)."""
+        current = {k: getattr(self.pool, a) for k, a in POOL_COUNTERS.items()}
+        current["faults/rollout_restarts"] = sum(actors.restarts(self.workers))
+        self.counted = {k: int(faults[k]) - current[k] for k in self.counted}
+
     def count_fault(self, key: str) -> None:
         """Add one to the run's fault counter ``key`` (``faults/...``)."""
         self.faults[key] += 1
@@ -189,7 +197,7 @@ class Trainer:
 
     def renew_worker(self, i: int) -> None:
         """Kill worker ``i`` and wait for a new one (initial weights, in no weight group)."""
-        self.rollout_restarts += actors.restarts([self.workers[i]])[0]
+        self.counted["faults/rollout_restarts"] += actors.restarts([self.workers[i]])[0]
         ray.kill(self.workers[i], no_restart=True)
         self.workers[i] = self.make_worker(i)
         self.publisher.reset()
@@ -259,8 +267,9 @@ class Trainer:
             if cfg.rollout.max_policy_lag > 0:  # generate the next batch while we learn
                 self.in_flight[i] = self.submit(self.workers[i])
         # Ray restarts a dead worker busy or idle; a busy one's batch is also a stale batch.
-        restarts = self.rollout_restarts + sum(actors.restarts(self.workers))
-        self.faults["faults/rollout_restarts"] = restarts
+        self.faults["faults/rollout_restarts"] = self.counted["faults/rollout_restarts"] + sum(
+            actors.restarts(self.workers)
+        )
         return parts
 
     def score(self, parts: list[Trajectories]) -> tuple[Trajectories, ScoreResult]:
@@ -268,8 +277,8 @@ class Trainer:
         batch = Trajectories.concat(parts)
         scores = self.pool.score(reward_batch(self.train_prompts, batch))
         self.faults["faults/dropped_samples"] += scores.num_dropped
-        self.faults["faults/reward_actor_restarts"] = self.reward_restarts + self.pool.restarts
-        self.faults["faults/reward_timeouts"] = self.reward_timeouts + self.pool.timeouts
+        for key, attribute in POOL_COUNTERS.items():
+            self.faults[key] = self.counted[key] + getattr(self.pool, attribute)
         return batch, scores
 
     def iterate(self) -> dict[str, float]:
@@ -448,11 +457,7 @@ class Trainer:
             self.load_state(self.initial_state)
             self.algo.restore(None)
         self.faults = faults
-        self.reward_restarts = faults["faults/reward_actor_restarts"] - self.pool.restarts
-        self.reward_timeouts = faults["faults/reward_timeouts"] - self.pool.timeouts
-        self.rollout_restarts = faults["faults/rollout_restarts"] - sum(
-            actors.restarts(self.workers)
-        )
+        self.count_from(faults)
         assert self.logger is not None
         self.logger.truncate_after(self.step)
         print(
@@ -595,12 +600,16 @@ class Trainer:
         self.step, self.best = int(state["step"]), float(state["best"])
         self.train_prompts.load(state["prompts"])
         self.faults.update(state.get("faults", {}))
-        self.reward_restarts = int(self.faults["faults/reward_actor_restarts"])
-        self.reward_timeouts = int(self.faults["faults/reward_timeouts"])
-        self.rollout_restarts = int(self.faults["faults/rollout_restarts"]) - sum(
-            actors.restarts(self.workers)
-        )
+        self.count_from(self.faults)
         self.algo.load_state(state)
+
+
+# Fault counters the reward pool keeps: key -> the pool's attribute.
+POOL_COUNTERS = {
+    "faults/reward_actor_restarts": "restarts",
+    "faults/reward_timeouts": "timeouts",
+    "faults/reward_memory_replacements": "memory_replacements",
+}
 
 
 def _copy(src: Path, dst: Path) -> None:

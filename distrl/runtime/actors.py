@@ -11,6 +11,7 @@ them from a checkpoint (``STATEFUL``). Only the driver and its pools call ``ray.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -99,6 +100,28 @@ def pid_refs(handles: list[Any]) -> list[ray.ObjectRef]:
     return [h.__ray_call__.remote(_pid) for h in handles]
 
 
+def _rss_mb(_actor: Any) -> float:
+    """The actor process's resident memory in MiB (from /proc; 0 where there is none)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def rss_mb(handles: list[Any], timeout: float | None = None) -> list[float]:
+    """Each actor's resident memory in MiB; waits for busy actors."""
+    return get([h.__ray_call__.remote(_rss_mb) for h in handles], timeout=timeout)
+
+
+def node_memory_mb() -> float:
+    """This machine's memory in MiB (0 where /proc does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        return 0.0
+
+
 def _node_ip(_actor: Any) -> str:
     return ray.util.get_node_ip_address()
 
@@ -137,6 +160,11 @@ class RewardPool:
         seed: seed of any random reference model.
         num_actors: overrides ``reward_config.num_actors``.
         runtime_env: Ray runtime environment of the actors (e.g. where user functions live).
+        timeout: seconds a score call may take before its actor is replaced.
+        retries: how often a timed-out chunk is sent again.
+        start_timeout: seconds the actors may take to start.
+        memory_mb: an actor whose resident memory grows past this is replaced between batches
+            (a reward function that leaks); None or 0: never.
     """
 
     def __init__(
@@ -150,6 +178,7 @@ class RewardPool:
         timeout: float | None = None,
         retries: int = 0,
         start_timeout: float | None = None,
+        memory_mb: float | None = None,
     ) -> None:
         check_reward_config(reward_config)  # fail in the driver, not in N actors
         resources = resources_config or ResourcesConfig()
@@ -169,6 +198,8 @@ class RewardPool:
         self.pids = pids(self.actors)
         self.restarts = 0  # actors found restarted (Ray restarts a dead one, retrying its call)
         self.timeouts = 0  # actors replaced because a score call passed ``timeout``
+        self.memory_mb = memory_mb
+        self.memory_replacements = 0  # actors replaced because they grew past ``memory_mb``
 
     def _wait_ready(self, handles: list[Any]) -> None:
         try:
@@ -184,12 +215,12 @@ class RewardPool:
             RewardScorer, self.options, self.config, self.seed, torch_threads=self.torch_threads
         )
 
-    def _replace(self, k: int) -> None:
+    def _replace(self, k: int, *, timed_out: bool = True) -> None:
         """Kill actor ``k`` (a hung process too: Ray ends it with SIGKILL) and start anew."""
         ray.kill(self.actors[k], no_restart=True)
         self.actors[k] = self._new()
         self.pids[k] = -1  # a replacement, not a restart
-        self.timeouts += 1
+        self.timeouts += timed_out
 
     def score(self, batch: RewardBatch) -> ScoreResult:
         """Score ``batch``: chunks of ``batch_size`` go round-robin to the actors at once.
@@ -238,6 +269,24 @@ class RewardPool:
         now = pids(self.actors, timeout=self.timeout)  # idle now: a round trip, not a wait
         self.restarts += sum(b != -1 and a != b for a, b in zip(now, self.pids))
         self.pids = now
+        if self.memory_mb:
+            grown = [
+                (k, mb)
+                for k, mb in enumerate(rss_mb(self.actors, timeout=self.timeout))
+                if mb > self.memory_mb
+            ]
+            for k, mb in grown:
+                warnings.warn(
+                    f"reward actor {k} holds {mb:.0f} MiB, past faults.actor_memory_mb="
+                    f"{self.memory_mb:g} (a reward function that keeps what it is given?); "
+                    f"replaced with a new one",
+                    stacklevel=2,
+                )
+                self._replace(k, timed_out=False)
+                self.memory_replacements += 1
+            if grown:
+                self._wait_ready([self.actors[k] for k, _ in grown])
+                self.pids = pids(self.actors, timeout=self.timeout)
         return result
 
     def shutdown(self) -> None:

@@ -34,6 +34,7 @@ FAULT_KEYS = (
     "faults/dropped_samples",
     "faults/reward_actor_restarts",
     "faults/reward_timeouts",
+    "faults/reward_memory_replacements",
     "faults/rollout_timeouts",
     "faults/rollout_restarts",
     "faults/learner_restarts",
