@@ -10,15 +10,11 @@ import logging
 import math
 import os
 import re
-import secrets
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
-import time
 import urllib.error
 import urllib.request
 import zipfile
@@ -382,15 +378,6 @@ def test_fit_check_catches_what_no_node_offers():
 # ---- a real head, a real job --------------------------------------------------------------
 
 
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct ports the OS reports free on loopback (held open until all are chosen)."""
-    with ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-
-
 def process_tree(root_pid: int, markers: list[str]) -> list[int]:
     """PIDs of ``root_pid``'s descendants plus any process whose command line names one of
     ``markers`` (this head's own temp dir or run dir) and their descendants."""
@@ -408,12 +395,12 @@ def process_tree(root_pid: int, markers: list[str]) -> list[int]:
     return sorted(pids)
 
 
-def stop_head(head: subprocess.Popen, markers: list[str]) -> None:
-    """Stop exactly the processes this head started, by PID.
+def stop_head(root_pid: int, markers: list[str]) -> None:
+    """Stop exactly the processes a head started, by PID (what ``distrl.head stop`` left).
 
-    ``ray stop`` would stop every Ray on the machine (a concurrent pytest session's too). The
-    head ran ``ray start --block`` as our child, so GCS, raylet, dashboard, agents, workers and
-    the job's driver are its descendants; anything re-parented still names our temp or run dir.
+    ``ray stop`` would stop every Ray on the machine (a concurrent pytest session's too). GCS,
+    raylet, dashboard, agents, workers and the job's driver are descendants of ``ray start
+    --block``; anything re-parented still names the head's temp dir.
     """
 
     def signal_all(procs: list[psutil.Process], sig: int) -> None:
@@ -429,30 +416,13 @@ def stop_head(head: subprocess.Popen, markers: list[str]) -> None:
         return out
 
     # One snapshot before any signal: once a parent dies its children are re-parented.
-    procs = processes(process_tree(head.pid, markers))
+    procs = processes(process_tree(root_pid, markers))
     signal_all(procs, signal.SIGTERM)
     _, alive = psutil.wait_procs(procs, timeout=5)
     known = {p.pid for p in procs}
-    alive += processes([p for p in process_tree(head.pid, markers) if p not in known])
+    alive += processes([p for p in process_tree(root_pid, markers) if p not in known])
     signal_all(alive, signal.SIGKILL)
     psutil.wait_procs(alive, timeout=5)
-    head.wait(timeout=10)
-
-
-def wait_for_http(url: str, head: subprocess.Popen, timeout: float, token: str) -> None:
-    """Wait until ``url`` answers 200 to a request carrying ``token``."""
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert head.poll() is None, "ray start --head exited"
-        try:
-            with urllib.request.urlopen(request, timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
 
 
 def http_status(url: str) -> int:
@@ -471,114 +441,102 @@ def file_state(path: Path) -> tuple | None:
     return hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns
 
 
-# Every port a head opens, so this head never collides with another Ray on the machine.
-HEAD_PORT_FLAGS = (
-    "port",
-    "dashboard-port",
-    "ray-client-server-port",
-    "node-manager-port",
-    "object-manager-port",
-    "dashboard-agent-listen-port",
-    "dashboard-agent-grpc-port",
-    "runtime-env-agent-port",
-    "metrics-export-port",
-)
+# The ports a Ray started with its defaults holds: GCS, dashboard, client server, agent.
+DEFAULT_RAY_PORTS = (6379, 8265, 10001, 52365)
 
 
-def start_head(temp_dir: str, env: dict[str, str], log) -> tuple[subprocess.Popen, str, str]:
-    """``ray start --head --block`` on loopback and free ports; returns (process, job address,
-    GCS address)."""
-    ports = free_ports(len(HEAD_PORT_FLAGS) + 32)
-    flags = [f"--{flag}={port}" for flag, port in zip(HEAD_PORT_FLAGS, ports)]
-    workers = ",".join(map(str, ports[len(HEAD_PORT_FLAGS) :]))
-    command = [
-        str(Path(sys.executable).parent / "ray"),
-        "start",
-        "--head",
-        "--block",
-        "--node-ip-address=127.0.0.1",
-        "--dashboard-host=127.0.0.1",
-        "--include-dashboard=true",
-        "--disable-usage-stats",
-        "--num-cpus=2",
-        f"--object-store-memory={200 * 1024**2}",
-        f"--temp-dir={temp_dir}",
-        f"--worker-port-list={workers}",
-        *flags,
-    ]
-    # A new session: Ctrl-C in pytest must not reach the head before the cleanup does.
-    head = subprocess.Popen(
-        command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    return head, f"http://127.0.0.1:{ports[1]}", f"127.0.0.1:{ports[0]}"
+def env_sh(path: Path) -> dict[str, str]:
+    """The variables ``distrl.head``'s env.sh exports."""
+    out = {}
+    for line in path.read_text().splitlines():
+        name, _, value = line.removeprefix("export ").partition("=")
+        out[name] = shlex.split(value)[0] if value else ""
+    return out
 
 
 @pytest.mark.slow
-def test_ray_job_submit_runs_distrl_on_a_real_head_with_token_auth(tmp_path):
-    """A head started as the cluster files start it (RAY_AUTH_MODE=token) refuses requests
-    without the token, and runs the job the documented command submits with it."""
+def test_a_head_of_its_own_runs_a_submitted_job_beside_another_ray_and_stops_alone(
+    ray_session, tmp_path
+):
+    """The one-machine recipe: ``python -m distrl.head start`` while another Ray runs here (this
+    session's) and the default ports are taken; its head refuses requests without its token and
+    runs the documented ``ray job submit``; the run's outputs are where --output-dir says;
+    ``python -m distrl.head stop`` ends that head's processes and no others."""
     bin_dir = Path(sys.executable).parent
-    temp_dir = tempfile.mkdtemp(prefix="distrl-ray-", dir="/tmp")  # short: socket path limit
-    run_dir = tmp_path / "run"
-    # This head's own token, in its own folder: RAY_AUTH_TOKEN_PATH comes before ~/.ray/auth_token
-    # for the head, its processes, the job and the client, so the user's token is never used.
-    token = secrets.token_hex(32)
-    token_file = Path(temp_dir) / "auth_token"
-    token_file.write_text(token)
-    token_file.chmod(0o600)
+    head_dir, run_dir = tmp_path / "ray-head", tmp_path / "run"
     users_token = Path.home() / ".ray" / "auth_token"
     users_token_before = file_state(users_token)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
-    env.update(
-        RAY_AUTH_MODE="token",
-        RAY_AUTH_TOKEN_PATH=str(token_file),
-        RAY_USAGE_STATS_ENABLED="0",
-        # Ray turns --node-ip-address=127.0.0.1 into the machine's address and listens on all
-        # interfaces; its single-machine mode (the macOS default) keeps everything on loopback.
-        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-        # The job's `python` must be this venv's, which has distrl's dependencies.
-        PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
-    )
-    with open(tmp_path / "head.log", "w") as head_log:
-        head, address, gcs = start_head(temp_dir, env, head_log)
+    with ExitStack() as held:  # what another Ray started with its defaults would hold
+        for port in DEFAULT_RAY_PORTS:
+            with suppress(OSError):  # already held by a real one: as good
+                sock = held.enter_context(socket.socket())
+                sock.bind(("127.0.0.1", port))
+                sock.listen()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
+        env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+        start = subprocess.run(
+            [sys.executable, "-m", "distrl.head", "start", "--dir", str(head_dir)]
+            + ["--num-cpus", "2"],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert start.returncode == 0, start.stdout + start.stderr
+        info = json.loads((head_dir / "head.json").read_text())
         try:
-            wait_for_http(f"{address}/api/version", head, timeout=120, token=token)
-            assert http_status(f"{address}/api/version") == 401  # no token, no job server
-            # The documented command, as the user's shell runs it from the checkout.
-            submit = subprocess.run(
+            assert f"a Ray head of its own at {info['address']}" in start.stdout
+            assert f"python -m distrl.head stop --dir {head_dir}" in start.stdout
+            assert int(info["address"].rsplit(":", 1)[1]) not in DEFAULT_RAY_PORTS
+            assert http_status(f"{info['address']}/api/version") == 401  # no token, no jobs
+            client = {**env, **env_sh(head_dir / "env.sh")}
+            assert client["DISTRL_HEAD"] == info["address"]
+            assert Path(client["RAY_AUTH_TOKEN_PATH"]).stat().st_mode & 0o077 == 0
+            submit = subprocess.run(  # the command distrl.head prints, as the shell runs it
                 [
                     str(bin_dir / "ray"),
-                    *("job", "submit", "--address", address, "--working-dir", "."),
+                    *("job", "submit", "--address", client["DISTRL_HEAD"], "--working-dir", "."),
                     *("--runtime-env", str(RUNTIME_ENV.relative_to(ROOT)), "--"),
                     *("python", "-m", "distrl.run", "--config", "tiny"),
                     *("--output-dir", str(run_dir), "--output.progress", "false"),
                 ],
-                cwd=ROOT,
-                env={**env, **CLIENT_ENV},
-                capture_output=True,
-                text=True,
-                timeout=480,
-            )
+                cwd=ROOT, env=client, capture_output=True, text=True, timeout=480,
+            )  # fmt: skip
             console = submit.stdout + submit.stderr
             (tmp_path / "submit.log").write_text(console)  # what the user sees
             assert submit.returncode == 0, console[-4000:]
             assert re.search(r"Job 'raysubmit_\w+' succeeded", console), console[-4000:]
             assert "distrl: finished 4 iterations" in console
             # The driver attached to this head (an embedded Ray would print its own dashboard).
-            assert f"Connecting to existing Ray cluster at address: {gcs}" in console
+            assert f"Connecting to existing Ray cluster at address: {info['gcs']}" in console
             assert "distrl: local Ray dashboard" not in console
-            # No noise: no .gitignore read per folder and pass, no default-exclude warnings.
             for noise in ("Ignoring upload", "ignored by default", "Traceback"):
                 assert noise not in console, console
-
-            # Outputs: the final policy folder and one metrics line per iteration.
+            # Outputs where --output-dir says, not in Ray's temporary copy of the checkout.
             assert (run_dir / "final" / "config.json").is_file()
             assert (run_dir / "final" / "tokenizer.json").is_file()
             records = read_metrics(run_dir / "metrics.jsonl")
             assert [r["step"] for r in records] == [1, 2, 3, 4]
             assert math.isfinite(records[-1]["reward/total"])
         finally:
-            stop_head(head, [temp_dir, str(run_dir)])
-            shutil.rmtree(temp_dir, ignore_errors=True)
-    assert not process_tree(head.pid, [temp_dir]), "processes of the test's head survived"
+            stop = subprocess.run(
+                [sys.executable, "-m", "distrl.head", "stop", "--dir", str(head_dir)],
+                env=env, capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            stray = process_tree(info["pid"], [info["temp_dir"]])
+            stop_head(info["pid"], [info["temp_dir"]])  # whatever survived, for the next tests
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        assert stop.stdout.startswith(f"distrl.head: stopped the head of {head_dir} (")
+        assert stray == [], "processes of the head survived distrl.head stop"
+    # The other Ray on this machine (this session's) still runs.
+    assert ray.get(ray.remote(lambda: 42).remote(), timeout=120) == 42
     assert file_state(users_token) == users_token_before, "the user's ~/.ray/auth_token changed"
+
+
+def test_a_job_without_an_absolute_output_dir_is_refused_before_ray_starts(monkeypatch, tmp_path):
+    from distrl.loop import driver
+
+    monkeypatch.setenv(driver.JOB_ENV, "{}")  # as Ray sets it in a submitted job's driver
+    monkeypatch.setattr(driver, "init_ray", lambda config: pytest.fail("Ray was started"))
+    for out in (None, "runs/relative"):
+        overrides = {"output.dir": out} if out else {}
+        with pytest.raises(ConfigError, match="in a Ray job, pass --output-dir as an absolute"):
+            driver.train(load_config("tiny", overrides))
+    assert not (tmp_path / "runs").exists()

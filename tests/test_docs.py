@@ -338,11 +338,26 @@ PARSE_ONLY = {
     ),
 }
 
+# Commands another test runs for real, as the page shows them: the test named.
+HEAD_RECIPE = (
+    "tests/test_clusters.py::"
+    "test_a_head_of_its_own_runs_a_submitted_job_beside_another_ray_and_stops_alone"
+)
+ELSEWHERE = {
+    "python -m distrl.head start --dir ray-head": HEAD_RECIPE,
+    "source ray-head/env.sh": HEAD_RECIPE,
+    'ray job submit --address "$DISTRL_HEAD" --working-dir . --runtime-env '
+    "clusters/runtime-env.yaml -- python -m distrl.run --config tiny --output-dir "
+    "$PWD/runs/job": HEAD_RECIPE,
+    "python -m distrl.head stop --dir ray-head": HEAD_RECIPE,
+}
+
 TABLES = {
     "CI": CI,
     "CLUSTER_OR_GPU_ONLY": CLUSTER_OR_GPU_ONLY,
     "RUN": RUN,
     "PARSE_ONLY": PARSE_ONLY,
+    "ELSEWHERE": ELSEWHERE,
 }
 
 
@@ -479,6 +494,12 @@ def test_cluster_commands_name_files_that_exist(command):
     assert CLUSTER_OR_GPU_ONLY[command].strip()
     for name in re.findall(r"clusters/[\w.-]+", command):
         assert (ROOT / name).is_file(), f"{command} names {name}, which does not exist"
+
+
+@pytest.mark.parametrize("command", list(ELSEWHERE), ids=lambda c: param_id(c))
+def test_commands_run_elsewhere_name_a_test_that_exists(command):
+    path, _, name = ELSEWHERE[command].partition("::")
+    assert f"\ndef {name}(" in (ROOT / path).read_text(encoding="utf-8"), ELSEWHERE[command]
 
 
 # ---- commands checked through their parser --------------------------------------------------

@@ -156,7 +156,7 @@ def imported_modules(source: str) -> set[str]:
 
 
 # distrl.assets also installs the offline assets, but models and data read their paths from it.
-APPLICATIONS = {"run", "chat", "validate", "tune", "bench", "clusters", "env"}
+APPLICATIONS = {"run", "chat", "validate", "tune", "bench", "clusters", "head", "env"}
 # The folders below the loop: roles, engines, weights, models, data, rewards, maths, config.
 LOWER = {"runtime", "pg", "dqn", "engines", "weights", "models", "data", "rewards", "outputs"}
 LOWER |= {"config", "algos"}

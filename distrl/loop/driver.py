@@ -22,7 +22,7 @@ from ray.exceptions import ObjectStoreFullError, OutOfDiskError
 from distrl.config import RunConfig, dump_yaml
 from distrl.data.prompts import Prompts, prepare
 from distrl.engines.vllm_engine import check_vllm
-from distrl.errors import DistrlError
+from distrl.errors import ConfigError, DistrlError
 from distrl.loop.rundir import (
     CONFIG_FILE,
     RunLock,
@@ -41,6 +41,9 @@ from distrl.rewards import RewardBatch, trial_score
 from distrl.runtime import actors
 from distrl.runtime.checkpoint import CheckpointWriteError, verify_checkpoint
 from distrl.runtime.faults import Hung
+
+# Set by Ray in the driver of a submitted job (``ray job submit``).
+JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 def run_dir_for(config: RunConfig) -> Path:
@@ -152,6 +155,14 @@ def train(config: RunConfig, *, resume: bool = False, report: Report | None = No
         report: called as ``report(step, metrics, checkpoint_or_None)`` after every iteration
             (Ray Tune trials pass the metrics on with ``tune.report``).
     """
+    if os.environ.get(JOB_ENV) and not (
+        config.output.dir and Path(config.output.dir).is_absolute()
+    ):
+        raise ConfigError(
+            "in a Ray job, pass --output-dir as an absolute folder (on storage the head and the "
+            "learner share): a relative one would be inside Ray's temporary copy of the working "
+            "directory, which Ray deletes"
+        )
     run_dir = run_dir_for(config).resolve()
     check_output_dir(run_dir)
     # A resumed directory is locked first, so a run already in it is named before anything else.
