@@ -101,6 +101,7 @@ def test_raising_user_component_reaches_the_driver_as_reward_error(ray_session, 
         pool.shutdown()
 
 
+@pytest.mark.slow  # two reward actors start, one after the other
 def test_a_reward_actor_that_leaks_is_replaced_between_batches_and_counted(ray_session, tmp_path):
     """A user function that keeps 40 MiB of every call: past ``memory_mb`` its actor is
     replaced with a warning, and scoring goes on."""
