@@ -128,11 +128,21 @@ def test_ppo_roles_in_bfloat16():
     check_ppo_roles(config, learner, worker, torch.bfloat16)
 
 
+def saved_dtypes_fit(folder, kind) -> bool:
+    """Layers copied from the policy keep its dtype; those trained from scratch are float32."""
+    saved = load_file(folder / QNET_FILE)
+    dtypes = {t.dtype for t in saved.values() if t.is_floating_point()}
+    return dtypes == ({torch.float32} if kind == "performer" else {torch.bfloat16, torch.float32})
+
+
 @pytest.mark.parametrize("kind", list(Q_NETWORKS))
-def test_dqn_roles_in_bfloat16(kind):
-    """Acting (every exploration rule), TD updates and weight loading, in bfloat16."""
+def test_dqn_roles_in_bfloat16(kind, tmp_path):
+    """Acting (every exploration rule), TD updates, weight loading and the saved Q-network's
+    dtypes, in bfloat16."""
     config, learner, worker = dqn_roles(kind)
     check_dqn_roles(config, learner, worker)
+    learner.save(str(tmp_path), {"step": 1})
+    assert saved_dtypes_fit(tmp_path, kind)
 
 
 # ---- end to end through the driver -------------------------------------------------------
@@ -170,18 +180,17 @@ def test_ppo_end_to_end_in_bfloat16(ray_session, tmp_path):
     assert {t.dtype for t in saved.values()} == {torch.bfloat16}
 
 
+# The loop treats every Q-network alike; each kind's roles and saved dtypes are checked above
+# without Ray. End to end: the LM head, and the MLP that is pruned and compressed as it trains.
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", list(Q_NETWORKS))
+@pytest.mark.parametrize("kind", ["lm_head", "mlp_pruned_autoencoder"])
 def test_dqn_end_to_end_in_bfloat16(ray_session, tmp_path, kind):
     run_dir, records = run_bf16(tmp_path, algo="dqn", **Q_NETWORKS[kind])
     last = records[-1]
     for key in ("learner/td_loss", "learner/q_mean", "replay/size", "eval/reward"):
         assert math.isfinite(last[key]), key
     assert last["learner/updates"] == 4
-    saved = load_file(run_dir / "final" / QNET_FILE)
-    # Layers copied from the policy keep its dtype; those trained from scratch are float32.
-    dtypes = {t.dtype for t in saved.values() if t.is_floating_point()}
-    assert dtypes == ({torch.float32} if kind == "performer" else {torch.bfloat16, torch.float32})
+    assert saved_dtypes_fit(run_dir / "final", kind)
 
 
 # ---- on a GPU ----------------------------------------------------------------------------
