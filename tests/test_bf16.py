@@ -181,7 +181,7 @@ def test_ppo_end_to_end_in_bfloat16(ray_session, tmp_path):
 
 
 # The loop treats every Q-network alike; each kind's roles and saved dtypes are checked above
-# without Ray. End to end: the LM head, and the MLP that is pruned and compressed as it trains.
+# without Ray. End to end: the LM head, and the pruned MLP encoder with its autoencoder.
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["lm_head", "mlp_pruned_autoencoder"])
 def test_dqn_end_to_end_in_bfloat16(ray_session, tmp_path, kind):
