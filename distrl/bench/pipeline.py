@@ -100,7 +100,9 @@ def distrl_pipeline(options: BenchOptions, steps: int, overlap: bool) -> dict[st
             },
         )
         records = read_metrics(train(config) / "metrics.jsonl")
-    seconds = [r["time/iteration_s"] for r in records[1:]]  # the first one warms up
+    # The first one warms up; the last one's final checkpoint is not training (TRL's step
+    # timing leaves saving out too).
+    seconds = [r["time/iteration_s"] - r.get("time/checkpoint_s", 0.0) for r in records[1:]]
     per_step = statistics.median(seconds)
     return {
         **device_and_dtype(options),
