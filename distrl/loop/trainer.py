@@ -96,7 +96,7 @@ class Trainer:
         # What the counters the pool and Ray keep add to (counted before a resume or a restore,
         # and by rollout workers since replaced).
         self.counted = dict.fromkeys([*POOL_COUNTERS, "faults/rollout_restarts"], 0)
-        self.unlogged: dict[str, float] | None = None
+        self.unlogged: tuple[int, dict[str, float]] | None = None  # (step, its line)
         self.logger: MetricsLogger | None = None
         self.last_rounds: list[Round] = []  # the latest iteration's, for its samples
         self.last_checkpoint = time.monotonic()
@@ -391,7 +391,7 @@ class Trainer:
                     f"--faults.max_loss_jump 0 if the jump is expected)"
                 )
             metrics.update(self.faults)
-            self.unlogged = metrics  # this step's line, until it is written
+            self.unlogged = (self.step, metrics)  # this step's line, until it is written
             if cfg.output.eval_every and self.step % cfg.output.eval_every == 0:
                 t1 = time.perf_counter()
                 with self.signals.abandonable(f"step {self.step}'s evaluation"):
@@ -482,7 +482,10 @@ class Trainer:
         saved = self.run_dir / "checkpoints" / f"step_{self.step}"
         history = self.logger.history if self.logger else []
         logged = {k: v for k, v in (history[-1] if history else {}).items() if k != "step"}
-        metrics = self.unlogged  # the signal cut the step's evaluation or checkpoint short
+        # The signal cut this step's evaluation or checkpoint short (not a step a restore undid).
+        step, metrics = self.unlogged or (None, None)
+        if step != self.step:
+            metrics = None
         if self.step and not saved.is_dir():
             saved = self.checkpoint(logged if metrics is None else metrics)
         if metrics is not None and self.logger is not None:
