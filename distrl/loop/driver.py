@@ -46,6 +46,23 @@ from distrl.runtime.faults import Hung
 JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
+def check_job_output_dir(config: RunConfig) -> None:
+    """In a submitted job the working directory is Ray's temporary copy of the user's: refuse a
+    run directory in it (no ``output.dir``, or a relative one).
+
+    Raises:
+        ConfigError: in a job, ``output.dir`` is empty or relative.
+    """
+    if os.environ.get(JOB_ENV) and not (
+        config.output.dir and Path(config.output.dir).is_absolute()
+    ):
+        raise ConfigError(
+            "in a Ray job, pass --output-dir as an absolute folder (on storage the head and the "
+            "learner share): a relative one would be inside Ray's temporary copy of the working "
+            "directory, which Ray deletes"
+        )
+
+
 def run_dir_for(config: RunConfig) -> Path:
     """The run directory: ``output.dir`` or ``./runs/<algo>-<timestamp>``."""
     if config.output.dir:
@@ -155,14 +172,7 @@ def train(config: RunConfig, *, resume: bool = False, report: Report | None = No
         report: called as ``report(step, metrics, checkpoint_or_None)`` after every iteration
             (Ray Tune trials pass the metrics on with ``tune.report``).
     """
-    if os.environ.get(JOB_ENV) and not (
-        config.output.dir and Path(config.output.dir).is_absolute()
-    ):
-        raise ConfigError(
-            "in a Ray job, pass --output-dir as an absolute folder (on storage the head and the "
-            "learner share): a relative one would be inside Ray's temporary copy of the working "
-            "directory, which Ray deletes"
-        )
+    check_job_output_dir(config)
     run_dir = run_dir_for(config).resolve()
     check_output_dir(run_dir)
     # A resumed directory is locked first, so a run already in it is named before anything else.
@@ -191,6 +201,8 @@ def train(config: RunConfig, *, resume: bool = False, report: Report | None = No
             raise DistrlError(f"cannot write to output directory {run_dir}: {exc}") from None
         lock = lock or RunLock(run_dir)  # a second run on run_dir stops here, naming this PID
         if restart:
+            if not stopped_before_first_step(run_dir):  # a run came and went meanwhile
+                raise DistrlError(f"output directory {run_dir} is not empty (another run?)")
             clear_unstarted_run(run_dir)
             print(f"distrl: {run_dir} held a run that stopped before its first step; "
                   "starting afresh there", flush=True)  # fmt: skip
