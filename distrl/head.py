@@ -99,8 +99,11 @@ def start(folder: Path, *, num_cpus: int | None = None, timeout_s: float = 180.0
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
         PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",  # the jobs' python: this one
     )
+    ray_cli = bin_dir / "ray" if (bin_dir / "ray").is_file() else shutil.which("ray")
+    if ray_cli is None:
+        raise DistrlError("Ray's command line (ray) is not installed beside this Python")
     command = [
-        str(bin_dir / "ray"),
+        str(ray_cli),
         *("start", "--head", "--block", "--disable-usage-stats"),
         *("--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--include-dashboard=true"),
         f"--temp-dir={temp_dir}",
