@@ -124,7 +124,10 @@ def test_sigkilled_reward_actor_worker_and_learner_cost_nothing_and_are_counted(
     assert records[0]["faults/reward_actor_restarts"] == 0
     assert last["faults/reward_actor_restarts"] >= 1
     # The restarted worker came back with its initial weights: its batch was redone, counted.
-    assert last["faults/stale_batches"] >= 1 and last["faults/rollout_restarts"] == 1
+    assert last["faults/stale_batches"] >= 1 and last["faults/rollout_restarts"] == 1, [
+        (r["faults/rollout_restarts"], r["faults/stale_batches"], r["faults/learner_restarts"])
+        for r in records
+    ]
     assert last["faults/learner_restarts"] == 1
     assert "the learner actor died during step" in capfd.readouterr().err
     # Equal to an uninterrupted run: one version per step, 2 minibatch updates per step.

@@ -93,9 +93,9 @@ class Trainer:
         self.step = 0
         self.best = -float("inf")
         self.faults = dict.fromkeys(FAULT_KEYS, 0)
-        # What the counters the pool and Ray keep add to (counted before a resume or a restore,
-        # and by rollout workers since replaced).
-        self.counted = dict.fromkeys([*POOL_COUNTERS, "faults/rollout_restarts"], 0)
+        # What the pool's own counters add to (counted before a resume or a restore).
+        self.counted = dict.fromkeys(POOL_COUNTERS, 0)
+        self.seen_restarts: dict[str, int] = {}  # rollout worker's actor id -> restarts counted
         self.unlogged: tuple[int, dict[str, float]] | None = None  # (step, its line)
         self.logger: MetricsLogger | None = None
         self.last_rounds: list[Round] = []  # the latest iteration's, for its samples
@@ -148,9 +148,7 @@ class Trainer:
 
     def count_from(self, faults: dict[str, int]) -> None:
         """Continue the counters the pool and Ray keep from ``faults`` (a resume, a restore)."""
-        current = {k: getattr(self.pool, a) for k, a in POOL_COUNTERS.items()}
-        current["faults/rollout_restarts"] = sum(actors.restarts(self.workers))
-        self.counted = {k: int(faults[k]) - current[k] for k in self.counted}
+        self.counted = {k: int(faults[k]) - getattr(self.pool, a) for k, a in POOL_COUNTERS.items()}
 
     def count_fault(self, key: str) -> None:
         """Add one to the run's fault counter ``key`` (``faults/...``)."""
@@ -197,7 +195,7 @@ class Trainer:
 
     def renew_worker(self, i: int) -> None:
         """Kill worker ``i`` and wait for a new one (initial weights, in no weight group)."""
-        self.counted["faults/rollout_restarts"] += actors.restarts([self.workers[i]])[0]
+        self.count_restarts([self.workers[i]])  # its last ones, before it goes
         ray.kill(self.workers[i], no_restart=True)
         self.workers[i] = self.make_worker(i)
         self.publisher.reset()
@@ -266,11 +264,16 @@ class Trainer:
             parts.append(batch)
             if cfg.rollout.max_policy_lag > 0:  # generate the next batch while we learn
                 self.in_flight[i] = self.submit(self.workers[i])
-        # Ray restarts a dead worker busy or idle; a busy one's batch is also a stale batch.
-        self.faults["faults/rollout_restarts"] = self.counted["faults/rollout_restarts"] + sum(
-            actors.restarts(self.workers)
-        )
+        self.count_restarts(self.workers)
         return parts
+
+    def count_restarts(self, workers: list[ray.actor.ActorHandle]) -> None:
+        """Count the restarts Ray made of ``workers`` since they were last counted, busy or
+        idle (a busy one's batch is also a stale batch), into ``faults/rollout_restarts``."""
+        for worker, n in zip(workers, actors.restarts(workers)):
+            key = worker._actor_id.hex()
+            self.faults["faults/rollout_restarts"] += n - self.seen_restarts.get(key, 0)
+            self.seen_restarts[key] = n
 
     def score(self, parts: list[Trajectories]) -> tuple[Trajectories, ScoreResult]:
         """Score the joined batch; counts the samples the reward pool dropped."""

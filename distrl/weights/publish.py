@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError
 
 from distrl.config import FaultsConfig
 from distrl.runtime import actors
@@ -82,10 +82,25 @@ class Publisher:
         return self.broadcast() if self.broadcasts else (self.send(i), [])
 
     def send(self, i: int) -> int:
-        """Worker ``i`` loads the learner's weights through the object store; its version."""
+        """Worker ``i`` loads the learner's weights through the object store; its version.
+
+        Raises:
+            Lost: the learner died before its weights could be read (a restored learner
+                publishes again).
+            Hung: the worker did not load them within ``faults.generate_timeout_s``.
+        """
         weights_ref = self.crew.learner().weights.remote()
         worker = self.crew.workers()[i]
-        return actors.get(worker.set_weights.remote(weights_ref), timeout=self.f.generate_timeout_s)
+        timeout = self.f.generate_timeout_s
+        try:
+            return actors.get(worker.set_weights.remote(weights_ref), timeout=timeout)
+        except RayActorError:  # the weights' owner died: the learner
+            raise Lost(self.crew.dead_role() or "learner", "died") from None
+        except GetTimeoutError:
+            raise Hung(
+                f"rollout worker {i} did not load the weights within "
+                f"faults.generate_timeout_s={timeout:g} s"
+            ) from None
 
     # ---- by broadcast -----------------------------------------------------------------
 
