@@ -123,11 +123,11 @@ def test_polyak_update_averages_and_copies():
     target = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
     online[1].num_batches_tracked += 5
     before = [p.clone() for p in target.parameters()]
-    polyak_update(target=target, online=online, tau=0.5)
+    polyak_update(target=target.state_dict(), online=online.state_dict(), tau=0.5)
     for b, t_, o in zip(before, target.parameters(), online.parameters()):
         assert torch.allclose(t_, (b + o) / 2)
     assert target[1].num_batches_tracked.item() == 5
-    polyak_update(target=target, online=online, tau=1.0)
+    polyak_update(target=target.state_dict(), online=online.state_dict(), tau=1.0)
     for t_, o in zip(target.state_dict().values(), online.state_dict().values()):
         assert torch.equal(t_, o)
 

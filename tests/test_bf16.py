@@ -145,6 +145,68 @@ def test_dqn_roles_in_bfloat16(kind, tmp_path):
     assert saved_dtypes_fit(tmp_path, kind)
 
 
+# ---- float32 master weights ---------------------------------------------------------------
+
+# One AdamW step moves every weight with a gradient by about lr. At lr 1e-5 that is below
+# bfloat16's spacing for most weights: stepping the bfloat16 weights themselves changes about
+# 7% of them where float32 changes about half. The float32 masters must change as float32 does.
+MASTER_SHARE_MARGIN = 0.03
+
+
+def changed_share(learner, batch, scores) -> float:
+    before = {k: v.clone() for k, v in learner.opt.float32(learner.net).items()}
+    learner.train(batch, scores)
+    after = learner.opt.float32(learner.net)
+    changed = sum(int((after[k] != v).sum()) for k, v in before.items() if v.is_floating_point())
+    return changed / sum(v.numel() for v in before.values() if v.is_floating_point())
+
+
+def test_bfloat16_learners_keep_small_updates_in_float32_masters(tmp_path):
+    over = {"learner.lr": 1e-5, "learner.warmup_steps": 0, "ppo.epochs": 1}
+    config, fp32, worker = ppo_roles(dtype="float32", **over)
+    _, bf16, _ = ppo_roles(**over)
+    prompts = prompts_for(worker, config)
+    batch = worker.generate(prompts, list(range(len(prompts))))
+    scores = np.linspace(-1.0, 1.0, len(prompts))
+    share32, share16 = changed_share(fp32, batch, scores), changed_share(bf16, batch, scores)
+    assert share32 > 0.3, share32
+    assert abs(share16 - share32) < MASTER_SHARE_MARGIN, (share16, share32)
+    # The bfloat16 weights are the masters' rounding, and a resume restores the masters exactly.
+    masters = bf16.opt.float32(bf16.net)
+    for name, param in bf16.net.state_dict().items():
+        assert torch.equal(param, masters[name].to(param.dtype)), name
+    bf16.save(str(tmp_path), {"step": 1})
+    _, again, _ = ppo_roles(**over)
+    again.load(str(tmp_path))
+    for name, value in again.opt.float32(again.net).items():
+        assert torch.equal(value, masters[name]), name
+
+
+def test_dqn_target_follows_in_float32():
+    """Weights near 1 (bfloat16 spacing 0.008) and an online network 0.05 ahead: a Polyak step
+    of tau 0.005 moves the target by 0.00025, which bfloat16 rounds away; the target's float32
+    values move, and the target network holds their rounding."""
+    config, learner, _ = dqn_roles("lm_head", **{"dqn.tau": 0.005})
+
+    def set_online(change):
+        with torch.no_grad():
+            for p in learner.qnet.parameters():
+                change(p)
+        learner.opt.load_state_dict(None)  # masters re-taken from the weights
+
+    set_online(lambda p: p.fill_(1.0))
+    learner.update_target(1.0)
+    set_online(lambda p: p.add_(0.05))
+    before = {k: v.clone() for k, v in learner.target_float.items()}
+    learner.update_target(0.005)
+    floats = [k for k, v in before.items() if v.is_floating_point()]
+    moved = sum(int((before[k] != learner.target_float[k]).sum()) for k in floats)
+    assert moved == sum(before[k].numel() for k in floats)  # every entry, not none
+    target = learner.target.state_dict()
+    for name, value in learner.target_float.items():
+        assert torch.equal(target[name], value.to(target[name].dtype)), name
+
+
 # ---- end to end through the driver -------------------------------------------------------
 
 

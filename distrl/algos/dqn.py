@@ -12,11 +12,11 @@ LM's top-k keeps both on tokens a fluent model would emit and makes exploration 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 
 def n_step_returns(
@@ -138,20 +138,17 @@ def td_loss(
 
 
 @torch.no_grad()
-def polyak_update(*, target: nn.Module, online: nn.Module, tau: float) -> None:
-    """In place ``target <- (1 - tau) target + tau online``; tau=1 copies exactly.
-
-    Floating-point buffers are averaged like parameters; other buffers (counters) are copied.
-    """
-    pairs = [
-        *zip(target.parameters(), online.parameters(), strict=True),
-        *zip(target.buffers(), online.buffers(), strict=True),
-    ]
-    for t, o in pairs:
+def polyak_update(
+    *, target: Mapping[str, torch.Tensor], online: Mapping[str, torch.Tensor], tau: float
+) -> None:
+    """In place ``target <- (1 - tau) target + tau online``, tensor by name; tau=1 copies
+    exactly. Floating-point tensors are averaged; others (counters) are copied."""
+    for name, t in target.items():
+        o = online[name]
         if tau == 1.0 or not t.dtype.is_floating_point:
             t.copy_(o)
         else:
-            t.lerp_(o, tau)
+            t.lerp_(o.to(t.dtype), tau)
 
 
 def epsilon(*, step: int, start: float, end: float, decay_steps: int) -> float:

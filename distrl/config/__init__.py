@@ -48,7 +48,9 @@ class ModelConfig:
         "rewards; empty means a frozen copy of the initial policy",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
-        "auto", "parameter dtype; auto = bfloat16 on a CUDA device that supports it, else float32"
+        "auto",
+        "parameter dtype; auto = bfloat16 on a CUDA device that supports it, else float32; "
+        "the learner trains bfloat16/float16 weights through float32 master copies",
     )
     device: Literal["auto", "cpu", "cuda"] = _f(
         "auto", "device for the learner and rollout models; auto = CUDA when present"

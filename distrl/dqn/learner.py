@@ -126,6 +126,12 @@ class QLearner(LearnerRole):
         else:
             self.target = copy.deepcopy(self.qnet).requires_grad_(False).eval()
         self.opt = OptimizerStep(self.qnet.parameters(), config.learner)
+        # The target follows in float32: a Polyak step of tau 0.005 is below bfloat16's spacing
+        # and would round away. Float32 tensors are their own; others get a float32 copy.
+        self.target_float = {
+            name: t.float() if t.is_floating_point() else t
+            for name, t in self.target_tensors().items()
+        }
         self.device = next(self.qnet.parameters()).device
         self.version = 0  # bumped by each publish after new updates
         self.published_steps = 0
@@ -235,18 +241,24 @@ class QLearner(LearnerRole):
             self.qnet, self.target_state, (input_ids, attention_mask), strict=False
         )
 
+    def target_tensors(self) -> dict[str, torch.Tensor]:
+        """The target network's tensors by name (sharing their storage)."""
+        return self.target.state_dict() if self.target is not None else self.target_state
+
     @torch.no_grad()
     def update_target(self, tau: float) -> None:
-        """``target <- (1 - tau) target + tau online``; tau=1 copies exactly."""
-        if self.target is not None:
-            dqn.polyak_update(target=self.target, online=self.qnet, tau=tau)
-            return
-        online = self.qnet.state_dict()
-        for name, tensor in self.target_state.items():
-            if tau == 1.0:
-                tensor.copy_(online[name])
-            else:
-                tensor.lerp_(online[name], tau)
+        """``target <- (1 - tau) target + tau online`` in float32 (toward the online network's
+        float32 masters); tau=1 copies exactly."""
+        dqn.polyak_update(target=self.target_float, online=self.opt.float32(self.qnet), tau=tau)
+        self.round_target()
+
+    @torch.no_grad()
+    def round_target(self) -> None:
+        """Give the target network its float32 values, rounded to its own dtypes."""
+        for name, tensor in self.target_tensors().items():
+            value = self.target_float[name]
+            if tensor.data_ptr() != value.data_ptr():
+                tensor.copy_(value)
 
     def reference_metrics(
         self, prompts: list[list[int]], references: list[list[int]]
@@ -263,9 +275,8 @@ class QLearner(LearnerRole):
         save_file(get_weights(self.qnet), path / QNET_FILE)
         dump_yaml(self.run_config, path / RUN_FILE)
         self.write_tokenizer_spec(path, self.run_config.tokenizer.name)
-        target = self.target.state_dict() if self.target is not None else self.target_state
         state = {
-            "target": target,
+            "target": self.target_float,
             "published_steps": self.published_steps,
             "skipped": self.skipped,
         }
@@ -285,19 +296,16 @@ class QLearner(LearnerRole):
             )
         set_weights(self.qnet, load_weights(path, (QNET_FILE,)))
         state = load_torch_state(path / STATE_FILE)
-        if self.target is not None:
-            self.target.load_state_dict(state["target"])
-        else:
-            if state["target"].keys() != self.target_state.keys():
-                raise ModelError(f"{path / STATE_FILE}: its target network does not fit")
-            for name, tensor in state["target"].items():
-                self.target_state[name].copy_(tensor)
+        if state["target"].keys() != self.target_float.keys():
+            raise ModelError(f"{path / STATE_FILE}: its target network does not fit")
+        for name, tensor in state["target"].items():
+            self.target_float[name].copy_(tensor)
+        self.round_target()
         self.skipped = int(state["skipped"])
         self.published_steps = int(state["published_steps"])
-        target = self.target.state_dict() if self.target is not None else self.target_state
         bad = non_finite(self.qnet) + [
             f"the target network's {k}"
-            for k, t in target.items()
+            for k, t in self.target_float.items()
             if t.is_floating_point() and not bool(torch.isfinite(t).all())
         ]
         if bad:

@@ -36,20 +36,35 @@ class NonFiniteError(DistrlError, RuntimeError):
     """Too many updates in a row had a non-finite loss or gradient."""
 
 
+# Parameters stored in these dtypes train through float32 master copies.
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
 class OptimizerStep:
     """AdamW with linear warm-up, gradient-norm clipping and the non-finite guard.
 
     A step whose loss or gradient norm is not finite is skipped (gradients dropped); after
     ``learner.max_nonfinite_updates`` such steps in a row it raises ``NonFiniteError``.
+
+    Mixed precision: a bfloat16 (or float16) parameter computes in its own dtype, but AdamW
+    updates a float32 master copy and the parameter gets its rounding. An update smaller than
+    bfloat16's spacing (about 0.4% of a weight) then accumulates in the master instead of being
+    rounded away, as it would be if AdamW stepped the bfloat16 weights themselves. Gradients are
+    made float32 before clipping, so the norm and the moments are float32 too: 16 bytes per
+    parameter (2 weight, 2 gradient, 4 master, 8 moments), as FSDP's mixed precision holds.
     """
 
     def __init__(self, params: Any, config: LearnerConfig) -> None:
         self.params = [p for p in params if p.requires_grad]
         self.config = config
+        self.masters = {
+            id(p): p.detach().float().clone() for p in self.params if p.dtype in LOW_PRECISION
+        }
+        self.trained = [self.masters.get(id(p), p) for p in self.params]
         # The fused kernel (one pass over all parameters) where torch has one: CPU and CUDA.
         fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in self.params)
         self.optimizer = torch.optim.AdamW(
-            self.params, lr=config.lr, weight_decay=config.weight_decay, fused=fused or None
+            self.trained, lr=config.lr, weight_decay=config.weight_decay, fused=fused or None
         )
         self.steps = 0  # optimizer steps taken
         self.nonfinite_in_a_row = 0
@@ -58,7 +73,10 @@ class OptimizerStep:
         """Backward, clip and step; returns the gradient norm, or None when skipped."""
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        for param, master in self.pairs():
+            master.grad = None if param.grad is None else param.grad.float()
+            param.grad = None
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trained, self.config.max_grad_norm)
         if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_in_a_row += 1
@@ -76,7 +94,49 @@ class OptimizerStep:
             )
         self.optimizer.step()
         self.steps += 1
+        self._round_masters()
         return grad_norm.item()
+
+    def pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(parameter, its float32 master) for every low-precision trained parameter."""
+        return [(p, m) for p, m in zip(self.params, self.trained, strict=True) if m is not p]
+
+    @torch.no_grad()
+    def _round_masters(self) -> None:
+        for param, master in self.pairs():
+            param.copy_(master)
+
+    def float32(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """``module``'s state with its trained low-precision parameters replaced by their
+        float32 masters (the values a Polyak average should follow)."""
+        state = module.state_dict(keep_vars=True)
+        return {name: self.masters.get(id(t), t).detach() for name, t in state.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """AdamW's state, and the float32 masters where there are any."""
+        return {"optimizer": self.optimizer.state_dict(), "masters": [m for _, m in self.pairs()]}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """Restore ``state_dict()``'s (an older file holding AdamW's state alone loads too).
+        Masters not saved are taken from the parameters as they are now (just loaded), so
+        ``None`` only re-takes them.
+
+        Raises:
+            DistrlError: the saved masters do not fit this learner's parameters.
+        """
+        if state is not None:
+            self.optimizer.load_state_dict(state.get("optimizer", state))
+        masters = (state or {}).get("masters") or []
+        pairs = self.pairs()
+        if masters and len(masters) != len(pairs):
+            raise DistrlError(
+                f"the optimizer state holds {len(masters)} float32 masters, this learner "
+                f"trains {len(pairs)} low-precision tensors"
+            )
+        for i, (param, master) in enumerate(pairs):
+            master.copy_(masters[i] if masters else param)
+        self._round_masters()
 
 
 class LearnerRole:
@@ -167,7 +227,7 @@ class LearnerRole:
         """Version, step count, RNG and the driver's ``extra`` for a checkpoint; the optimizer
         state goes to its own file in ``folder`` (``OPTIMIZER_FILE``), which only the newest
         step checkpoint keeps (``distrl.runtime.checkpoint.drop_files``)."""
-        save_torch_state(folder / OPTIMIZER_FILE, self.opt.optimizer.state_dict())
+        save_torch_state(folder / OPTIMIZER_FILE, self.opt.state_dict())
         return {
             "version": self.version,
             "steps": self.steps,
@@ -182,10 +242,11 @@ class LearnerRole:
         fresh AdamW moments, with a warning: only the newest step checkpoint resumes exactly.
         """
         if "optimizer" in state:  # written before the optimizer had a file of its own
-            self.opt.optimizer.load_state_dict(state["optimizer"])
+            self.opt.load_state_dict(state["optimizer"])
         elif (folder / OPTIMIZER_FILE).is_file():
-            self.opt.optimizer.load_state_dict(load_torch_state(folder / OPTIMIZER_FILE))
+            self.opt.load_state_dict(load_torch_state(folder / OPTIMIZER_FILE))
         else:
+            self.opt.load_state_dict(None)  # float32 masters from the weights just loaded
             warnings.warn(
                 f"{folder} holds no optimizer state (only the newest step checkpoint keeps it): "
                 "AdamW starts from fresh moments",
