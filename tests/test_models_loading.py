@@ -9,7 +9,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from distrl.errors import ModelError
 from distrl.models.loading import (
     DEFAULT_MODEL_DIRNAME,
-    PolicyWithValue,
     QHead,
     ValueHead,
     count_parameters,
@@ -20,6 +19,7 @@ from distrl.models.loading import (
     select_dtype,
     tiny_model,
 )
+from distrl.models.policy import PolicyWithValue
 from distrl.weights.tensors import get_weights
 
 VOCAB = 101

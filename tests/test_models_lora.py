@@ -138,7 +138,7 @@ def test_the_reference_is_the_base_model_with_adapters_off(prompts):
     base = build_model(config.model, learner.tokenizer, seed=config.seed)
     ids = torch.from_numpy(np.concatenate([batch.prompt_ids, batch.response_ids], 1))
     with learner.reference_model() as reference:
-        assert torch.equal(logits(reference, ids), logits(base, ids))
+        assert torch.equal(logits(reference.model, ids), logits(base, ids))
     policy = logits(learner.net.model, ids)  # adapters back on after the block
     assert (policy - logits(base, ids)).abs().max() > 1e-3
     assert all(p.requires_grad for p in learner.opt.params)

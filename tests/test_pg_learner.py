@@ -201,7 +201,7 @@ def test_reference_metrics(prompts):
 def test_without_a_kl_penalty_the_reference_model_is_not_run(prompts):
     def count_reference_passes(learner) -> list[int]:
         calls: list[int] = []  # a hook on the transformer every reference pass goes through
-        learner.reference.base_model.register_forward_pre_hook(lambda *_: calls.append(1))
+        learner.reference.model.base_model.register_forward_pre_hook(lambda *_: calls.append(1))
         return calls
 
     learner, worker = make(load_config("tiny", {"ppo.kl_coef": 0.0}))

@@ -304,49 +304,6 @@ class QHead(nn.Module):
         return self.linear(hidden)
 
 
-class PolicyWithValue(nn.Module):
-    """A causal LM plus a ``ValueHead`` on its last hidden state (for PPO).
-
-    One pass of the base transformer feeds both heads, rather than asking the LM for all
-    hidden states. Assumes logits = output embeddings(last hidden state), true of Llama,
-    GPT-2 and most causal LMs; models with logit soft-capping are refused.
-    """
-
-    def __init__(self, model: PreTrainedModel, value_head: ValueHead | None = None) -> None:
-        super().__init__()
-        if getattr(model.config, "final_logit_softcapping", None):
-            raise ModelError(f"{type(model).__name__} soft-caps its logits; not supported")
-        self.model = model
-        head = model.get_output_embeddings().weight
-        self.value_head = value_head or ValueHead(model.config.hidden_size).to(head.device)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and values for a batch.
-
-        Args:
-            input_ids: (B, T) token ids.
-            attention_mask: (B, T), 1 on real tokens, 0 on padding.
-            position_ids: (B, T); pass ``mask.cumsum(-1) - 1`` for left-padded batches so
-                positions match those ``generate`` used.
-
-        Returns:
-            logits (B, T, V) in the model's dtype and values (B, T) in float32.
-        """
-        out = self.model.base_model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-        )
-        hidden = out.last_hidden_state
-        return self.model.get_output_embeddings()(hidden), self.value_head(hidden)
-
-
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters of ``model``, tied ones counted once."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -13,11 +13,13 @@ from typing import Any
 import numpy as np
 import torch
 import transformers
+from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
 from distrl.config import DataConfig, ModelConfig, TokenizerConfig
 from distrl.data.examples import Example
-from distrl.models.loading import TINY_MODELS, load_policy, model_source_dir
+from distrl.errors import ModelError
+from distrl.models.loading import TINY_MODELS, ValueHead, load_policy, model_source_dir
 from distrl.models.tokenizers import Tokenizer, check_vocab, load_tokenizer
 
 
@@ -145,19 +147,25 @@ def prefill_shared(
 
 
 def response_hidden(
-    model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, start: int
+    model: PreTrainedModel,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    start: int,
+    *,
+    share_prompts: bool = True,
 ) -> torch.Tensor:
     """Last hidden states (B, T, H) at the positions that predict ``ids[:, start:]``.
 
     Rows that share a prompt (the samples of one group) run it once: its KV cache is computed
-    for the distinct prompts and copied, and only the responses run per row.
+    for the distinct prompts and copied, and only the responses run per row. A sharded learner
+    passes ``share_prompts=False``: every rank must run the same passes, whatever its rows.
 
     Args:
         model: a causal LM. ids, mask: (B, L) left-padded prompts followed by responses.
         start: column where responses begin (the padded prompt width).
     """
     first, _ = distinct_prompts(ids[:, :start])
-    if len(first) == ids.shape[0] or start == ids.shape[1]:
+    if not share_prompts or len(first) == ids.shape[0] or start == ids.shape[1]:
         out = model.base_model(
             input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False
         )
@@ -221,3 +229,62 @@ def reference_metrics(
         "eval/ref_perplexity": float(torch.exp(nll.clamp(max=50.0))),
         "eval/ref_token_accuracy": float(hits),
     }
+
+
+class PolicyWithValue(nn.Module):
+    """A causal LM plus a ``ValueHead`` on its last hidden state (for PPO).
+
+    One pass of the base transformer feeds both heads, rather than asking the LM for all
+    hidden states. Assumes logits = output embeddings(last hidden state), true of Llama,
+    GPT-2 and most causal LMs; models with logit soft-capping are refused.
+    """
+
+    def __init__(self, model: PreTrainedModel, value_head: ValueHead | None = None) -> None:
+        super().__init__()
+        if getattr(model.config, "final_logit_softcapping", None):
+            raise ModelError(f"{type(model).__name__} soft-caps its logits; not supported")
+        self.model = model
+        head = model.get_output_embeddings().weight
+        self.value_head = value_head or ValueHead(model.config.hidden_size).to(head.device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and values for a batch.
+
+        Args:
+            input_ids: (B, T) token ids.
+            attention_mask: (B, T), 1 on real tokens, 0 on padding.
+            position_ids: (B, T); pass ``mask.cumsum(-1) - 1`` for left-padded batches so
+                positions match those ``generate`` used.
+
+        Returns:
+            logits (B, T, V) in the model's dtype and values (B, T) in float32.
+        """
+        out = self.model.base_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        )
+        hidden = out.last_hidden_state
+        return self.model.get_output_embeddings()(hidden), self.value_head(hidden)
+
+    def responses(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        start: int,
+        *,
+        values: bool = False,
+        share_prompts: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, V) predicting ``ids[:, start:]`` and, with ``values``, values (B, T):
+        the learner's forward (see ``response_hidden``). A sharded learner registers it as an
+        FSDP forward method, so it gathers the weights as ``forward`` does."""
+        hidden = response_hidden(self.model, ids, mask, start, share_prompts=share_prompts)
+        logits = self.model.get_output_embeddings()(hidden)
+        return logits, (self.value_head(hidden) if values else None)

@@ -26,7 +26,6 @@ import torch
 from distrl.algos import pg, ppo, registry
 from distrl.config import LearnerConfig, ModelConfig, PPOConfig, RunConfig, TokenizerConfig
 from distrl.errors import DistrlError, ModelError
-from distrl.models.loading import PolicyWithValue
 from distrl.models.lora import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -37,15 +36,16 @@ from distrl.models.lora import (
     save_merged,
 )
 from distrl.models.policy import (
+    PolicyWithValue,
     build_model,
     build_tokenizer,
     reference_metrics,
-    response_hidden,
     with_responses,
 )
 from distrl.pg.rollout import Trajectories
 from distrl.runtime.checkpoint import load_torch_state, load_weights, save_torch_state
-from distrl.runtime.roles import LearnerRole, OptimizerStep
+from distrl.runtime.roles import LOW_PRECISION, LearnerRole, OptimizerStep
+from distrl.runtime.shards import Shards, Share, decoder_layers
 from distrl.weights.tensors import VersionedWeights, non_finite, publish_weights, set_weights
 
 STATE_FILE = "distrl_state.pt"
@@ -86,6 +86,7 @@ def plan_passes(
     batch_size: int,
     kl_coef: float,
     deterministic: bool,
+    sharded: bool = False,
 ) -> Passes:
     """Which passes an update of ``batch_size`` rows runs (see ``Passes``).
 
@@ -95,10 +96,12 @@ def plan_passes(
         batch_size: rows in the batch.
         kl_coef: the KL controller's current coefficient (0 and fixed: no reference pass).
         deterministic: a training-mode forward gives an eval-mode one's logprobs (no dropout).
+        sharded: the learner is several ranks: the critic's old values come from an old pass
+            over the whole batch, so GAE and whitening see every rank's rows.
     """
     c = ppo_config
     whole_batch = c.minibatch_size >= batch_size
-    single_step = algo.critic and c.epochs == 1 and whole_batch
+    single_step = algo.critic and c.epochs == 1 and whole_batch and not sharded
     # Without a KL penalty (fixed coefficient 0) the reference model is not run, as GRPO
     # does with beta 0.
     penalty = algo.kl_in_reward and (kl_coef > 0 or c.kl_target is not None)
@@ -183,11 +186,12 @@ class Learner(LearnerRole):
         if model.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
         self.lora = learner.lora.rank > 0
-        self.reference: torch.nn.Module | None = None  # None: the policy with adapters off
+        reference = None  # None: the policy with adapters off
         if model.reference:
-            self.reference = build_model(model, self.tokenizer, seed=seed, name=model.reference)
+            reference = build_model(model, self.tokenizer, seed=seed, name=model.reference)
         elif not self.lora:
-            self.reference = copy.deepcopy(policy)
+            reference = copy.deepcopy(policy)
+        self.reference = None if reference is None else PolicyWithValue(reference)
         if self.reference is not None:
             self.reference.eval().requires_grad_(False)
         if self.lora:
@@ -199,6 +203,32 @@ class Learner(LearnerRole):
         self.optimizer = self.opt.optimizer
         self.kl = ppo.KLController(ppo_config.kl_coef, ppo_config.kl_target, ppo_config.kl_horizon)
         self.version = 0
+        self.dtype = next(policy.parameters()).dtype  # what the workers run and receive
+        self.shards = Shards()  # one rank until join_learner_group
+
+    def shard(self) -> None:
+        """Shard the policy (with its value head) and the reference over the learner group,
+        each decoder layer and then the rest; rebuild the optimizer on the shards. A bfloat16
+        run's trained weights become float32 masters that FSDP gathers in bfloat16."""
+        low = self.dtype in LOW_PRECISION
+        if low:
+            self.net.float()
+        self.shards.shard(
+            self.net,
+            decoder_layers(self.net.model),
+            compute_dtype=self.dtype if low else None,
+            methods=("responses",),
+        )
+        if self.reference is not None:
+            self.shards.shard(
+                self.reference,
+                decoder_layers(self.reference.model),
+                compute_dtype=None,
+                methods=("responses",),
+            )
+        trained = self.net.parameters() if self.critic else self.net.model.parameters()
+        self.opt = OptimizerStep(trained, self.config)
+        self.optimizer = self.opt.optimizer
 
     @staticmethod
     def arguments(config: RunConfig) -> dict[str, Any]:
@@ -230,27 +260,28 @@ class Learner(LearnerRole):
     # ---- forward passes ------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def reference_model(self) -> Iterator[torch.nn.Module]:
+    def reference_model(self) -> Iterator[PolicyWithValue]:
         """The frozen reference model for the KL: its own copy, or (LoRA) the policy with its
         adapters off for the duration of the block."""
         if self.reference is not None:
             yield self.reference
         else:
-            with adapters_disabled(self.net.model) as base:
-                yield base
+            with adapters_disabled(self.net.model):
+                yield self.net
 
     def _forward(
         self,
-        model: torch.nn.Module,
+        net: PolicyWithValue,
         ids: torch.Tensor,
         mask: torch.Tensor,
         start: int,
         with_values: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits / temperature (B, T, V) predicting ``ids[:, start:]``, and values (B, T)."""
-        hidden = response_hidden(model, ids, mask, start)
-        logits = model.get_output_embeddings()(hidden).float() / self.temperature
-        return logits, (self.net.value_head(hidden) if with_values else None)
+        logits, values = net.responses(
+            ids, mask, start, values=with_values, share_prompts=not self.shards.sharded
+        )
+        return logits.float() / self.temperature, values
 
     def _tensors(self, batch: Trajectories) -> tuple[torch.Tensor, ...]:
         ids = np.concatenate([batch.prompt_ids, batch.response_ids], axis=1)
@@ -268,7 +299,7 @@ class Learner(LearnerRole):
     def logprobs(self, batch: Trajectories) -> np.ndarray:
         """Log-probabilities (B, T) of the batch's response tokens under the current policy."""
         ids, mask, tokens, rmask = self._tensors(batch)
-        logits, _ = self._forward(self.net.model, ids, mask, batch.prompt_ids.shape[1])
+        logits, _ = self._forward(self.net, ids, mask, batch.prompt_ids.shape[1])
         return (ppo.logprobs_from_logits(logits, tokens) * rmask).cpu().numpy()
 
     # ---- the PPO update ------------------------------------------------------------------
@@ -303,14 +334,25 @@ class Learner(LearnerRole):
             batch_size=n,
             kl_coef=self.kl.value,
             deterministic=self._deterministic_forward(),
+            sharded=self.shards.sharded,
         )
+        # This rank's rows of the no-grad passes; gather_rows puts the ranks' results together.
+        whole = self.shards.share(rmask.sum(-1))
+        rows = whole.rows.to(self.device)
+
+        def gathered(local: torch.Tensor) -> torch.Tensor:
+            return self.shards.gather_rows(local, whole, n)
+
         values, mismatch, is_weights = None, {}, None  # mismatch: metrics, without learner/
         with torch.no_grad():
             self.net.eval()
             if passes.old_pass:
-                logits, values = self._forward(self.net.model, ids, mask, start, self.critic)
+                logits, values = self._forward(self.net, ids[rows], mask[rows], start, self.critic)
+                values = None if values is None else gathered(values)
                 if passes.recompute:
-                    recomputed = ppo.logprobs_from_logits(logits, tokens) * rmask
+                    recomputed = gathered(
+                        ppo.logprobs_from_logits(logits, tokens[rows]) * rmask[rows]
+                    )
                     mismatch = self._mismatch(recomputed, old_logprobs, rmask)
                     if c.rollout_is == "truncated":
                         is_weights, is_stats = pg.truncated_is_weights(
@@ -326,8 +368,8 @@ class Learner(LearnerRole):
             ref_logprobs = old_logprobs
             if passes.reference:
                 with self.reference_model() as reference:
-                    ref_logits, _ = self._forward(reference, ids, mask, start)
-                ref_logprobs = ppo.logprobs_from_logits(ref_logits, tokens)
+                    ref_logits, _ = self._forward(reference, ids[rows], mask[rows], start)
+                ref_logprobs = gathered(ppo.logprobs_from_logits(ref_logits, tokens[rows]))
                 del ref_logits
             rewards, kl = ppo.kl_shaped_rewards(
                 scores=torch.tensor(np.array(scores), dtype=torch.float32, device=self.device),
@@ -351,8 +393,10 @@ class Learner(LearnerRole):
         stop = False
         probe = passes.probe
         for _ in range(c.epochs):
-            for idx in torch.randperm(n).split(c.minibatch_size):
-                out = self._minibatch(data.rows(idx), start, probe=probe)
+            for idx in self.shards.broadcast(torch.randperm(n)).split(c.minibatch_size):
+                share = self.shards.share(rmask[idx.to(self.device)].sum(-1))
+                mine = idx[share.rows].to(self.device)
+                out = self._minibatch(data.rows(mine), start, share, probe=probe)
                 probe = False
                 if out is None:
                     skipped += 1
@@ -439,12 +483,15 @@ class Learner(LearnerRole):
             )
         return dataclasses.replace(data, advantages=advantages)
 
-    def _minibatch(self, mb: PPOBatch, start: int, probe: bool = False) -> dict[str, float] | None:
-        """One optimizer step on a minibatch; None when it was skipped as non-finite. With
-        ``probe`` (a forward of the old weights) it also gives the gap to ``mb.old_logprobs``."""
+    def _minibatch(
+        self, mb: PPOBatch, start: int, share: Share, probe: bool = False
+    ) -> dict[str, float] | None:
+        """One optimizer step on this rank's ``share`` of a minibatch; None when it was skipped
+        as non-finite. With ``probe`` (a forward of the old weights) it also gives the gap to
+        ``mb.old_logprobs``. Metrics are the whole minibatch's."""
         c = self.ppo
         m = mb.rmask
-        logits, values = self._forward(self.net.model, mb.ids, mb.mask, start, self.critic)
+        logits, values = self._forward(self.net, mb.ids, mb.mask, start, self.critic)
         if mb.advantages is None:
             mb = self._with_advantages(mb, values)
         logprobs = ppo.logprobs_from_logits(logits, mb.tokens)
@@ -480,32 +527,42 @@ class Learner(LearnerRole):
         # Without an entropy bonus, entropy is only logged: keep it out of the backward pass.
         with torch.set_grad_enabled(c.ent_coef > 0):
             entropy = ppo.masked_mean(ppo.entropy_from_logits(logits), m)
-        loss = pg_loss + c.vf_coef * v_loss - c.ent_coef * entropy
+        # Each term is this rank's share of its global mean: by tokens, or by sequences.
+        per_seq = self.loss_agg != "token_mean"
+        w_agg, w_tok = (share.seqs if per_seq else share.tokens), share.tokens
+        loss = w_agg * pg_loss + c.vf_coef * w_tok * v_loss - c.ent_coef * w_tok * entropy
         if kl_loss is not None:
-            loss = loss + c.kl_loss_coef * kl_loss
+            loss = loss + c.kl_loss_coef * w_agg * kl_loss
         ce = None
-        if c.ce_coef > 0 and mb.references is not None:
+        if c.ce_coef > 0 and mb.references is not None:  # one learner only (config)
             ce = self._reference_nll(mb.references, mb.ids, mb.mask, start)
             if ce is not None:
                 loss = loss + c.ce_coef * ce
-        grad_norm = self.opt.step(loss)
+        grad_norm = self.opt.step(loss * self.shards.world)  # FSDP averages over the ranks
         if grad_norm is None:
             return None
-        out = {
-            "policy_loss": pg_loss.item(),
-            "entropy": entropy.item(),
-            "clipfrac": pg_stats["clipfrac"].item(),
-            "approx_kl": pg_stats["approx_kl"].item(),
-            "grad_norm": grad_norm,
-            "lr": self.optimizer.param_groups[0]["lr"],
+        terms = {
+            "policy_loss": (pg_loss, w_agg),
+            "entropy": (entropy, w_tok),
+            "clipfrac": (pg_stats["clipfrac"], w_tok),
+            "approx_kl": (pg_stats["approx_kl"], w_tok),
         }
         if self.critic:
-            out.update({"value_loss": v_loss.item(), "value_clipfrac": v_clipfrac.item()})
+            terms.update({"value_loss": (v_loss, w_tok), "value_clipfrac": (v_clipfrac, w_tok)})
         if kl_loss is not None:
-            out["kl_loss"] = kl_loss.item()
+            terms["kl_loss"] = (kl_loss, w_agg)
         if ce is not None:
-            out["ce_loss"] = ce.item()
-        out.update(gap)
+            terms["ce_loss"] = (ce, 1.0)
+        if gap:
+            terms["logprob_mismatch"] = (gap["logprob_mismatch"], w_tok)
+        weighted = [torch.as_tensor(v).item() * w for v, w in terms.values()]
+        summed = self.shards.sum(torch.tensor(weighted, dtype=torch.float64))
+        out = dict(zip(terms, summed.tolist()))
+        if gap:
+            out["logprob_mismatch_max"] = float(
+                self.shards.max(torch.tensor([gap["logprob_mismatch_max"]]))
+            )
+        out.update({"grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"]})
         return out
 
     def _reference_nll(
@@ -524,8 +581,7 @@ class Learner(LearnerRole):
                 self.tokenizer.pad_token_id,
             )
         )
-        hidden = response_hidden(self.net.model, full_ids, full_mask, start)
-        logits = self.net.model.get_output_embeddings()(hidden)
+        logits, _ = self.net.responses(full_ids, full_mask, start)
         nll = -ppo.logprobs_from_logits(logits, r_ids)
         return ppo.masked_mean(nll, r_mask)
 

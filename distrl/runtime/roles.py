@@ -10,13 +10,16 @@ broadcast (``broadcast_weights`` / ``receive_weights``, ``distrl.weights.sync``)
 
 from __future__ import annotations
 
+import datetime
 import json
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from distrl.config import LearnerConfig
 from distrl.errors import DistrlError
@@ -28,6 +31,7 @@ from distrl.runtime.checkpoint import (
     save_torch_state,
     set_rng_state,
 )
+from distrl.runtime.shards import LearnerGroupError, Shards
 from distrl.weights.sync import WeightGroup, WeightSyncError, default_host, host_store
 from distrl.weights.tensors import VersionedWeights, published_names, set_weights
 
@@ -77,6 +81,8 @@ class OptimizerStep:
             master.grad = None if param.grad is None else param.grad.float()
             param.grad = None
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trained, self.config.max_grad_norm)
+        if isinstance(grad_norm, DTensor):  # sharded: the norm over every rank's gradients
+            grad_norm = grad_norm.full_tensor()
         if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_in_a_row += 1
@@ -149,6 +155,49 @@ class LearnerRole:
     published_bytes: int = 0
     weight_store: tuple[Any, str, int] | None = None  # the store this learner serves
     weight_group: WeightGroup | None = None
+    shards: Shards = Shards()  # this learner's rank in the learner group (one rank until joined)
+    group_store: Any = None  # the learner group's store (rank 0 serves it)
+    device: torch.device
+
+    # ---- the learner group (distrl.runtime.shards) -----------------------------------------
+
+    def learner_group_address(self, host: str | None = None) -> tuple[str, int]:
+        """As rank 0, serve the learner group's store on ``host`` (default: this machine's
+        address) at a free port; returns ``(host, port)`` for every rank's
+        ``join_learner_group``."""
+        host = host or default_host()
+        self.group_store, port = host_store(host, timeout_s=60.0)
+        return host, port
+
+    def join_learner_group(
+        self, address: tuple[str, int], rank: int, world: int, *, timeout_s: float
+    ) -> int:
+        """Join the learner group at ``address`` as ``rank`` of ``world`` and shard this
+        learner's networks over it (``shard``); returns the rank.
+
+        Raises:
+            LearnerGroupError: the group did not form within ``timeout_s``.
+        """
+        if rank == 0:
+            store = self.group_store
+        else:
+            host, port = address
+            try:
+                store = dist.TCPStore(
+                    host, port, None, False, datetime.timedelta(seconds=timeout_s)
+                )
+            except (RuntimeError, dist.DistError) as err:
+                raise LearnerGroupError(
+                    f"learner rank {rank} cannot reach the group's store at {host}:{port} "
+                    f"({str(err).splitlines()[0]})"
+                ) from None
+        self.shards = Shards.join(store, rank, world, device=self.device, timeout_s=timeout_s)
+        self.shard()
+        return rank
+
+    def shard(self) -> None:
+        """Shard this learner's networks over ``shards`` (FSDP2) and rebuild its optimizer."""
+        raise NotImplementedError(f"{type(self).__name__} runs as one learner")
 
     def published_module(self) -> nn.Module:
         """The network whose weights the rollout workers get."""

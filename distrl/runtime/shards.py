@@ -1,0 +1,211 @@
+"""The learner as a group of ranks: a torch.distributed group, FSDP2 sharding, and the share of
+a batch each rank computes.
+
+Every rank receives the whole batch. ``share`` picks the rows a rank runs, balanced by tokens;
+``gather_rows`` puts the ranks' per-row results back together (a sum of disjoint rows, so
+exact). Advantages, group statistics and whitening then run over the whole batch on every rank,
+as they do on one. In an update each rank's loss is its share of the global loss (its share of
+the tokens, or of the sequences, times its local mean), and FSDP averages gradients over the
+ranks, so a rank's loss is also multiplied by the world size: the step is the one a single
+learner takes on the whole batch, whatever the number of ranks.
+
+FSDP needs every rank to run the same forwards in the same order (each one gathers weights), so
+a rank whose share of a minibatch would be empty runs one row with weight 0.
+
+``Shards()`` (one rank) makes every method the identity: the learner has one code path.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from distrl.errors import DistrlError
+
+
+class LearnerGroupError(DistrlError):
+    """The learner's ranks could not form their group (a rank missing or too slow)."""
+
+
+@dataclass(frozen=True)
+class Share:
+    """The rows of a batch (or minibatch) one rank computes, and its weights in global means.
+
+    Attributes:
+        rows: (R,) positions into the batch, never empty.
+        tokens: this rank's real tokens / all ranks' (0 for a rank that only keeps step).
+        seqs: this rank's sequences / all ranks'.
+    """
+
+    rows: torch.Tensor
+    tokens: float
+    seqs: float
+
+
+def split_by_tokens(tokens: list[int], world: int) -> list[list[int]]:
+    """Rows ``0..len(tokens)-1`` dealt to ``world`` ranks, balancing tokens: longest first, each
+    to the rank with the fewest tokens so far (the same answer on every rank)."""
+    loads = [0] * world
+    parts: list[list[int]] = [[] for _ in range(world)]
+    for row in sorted(range(len(tokens)), key=lambda r: (-tokens[r], r)):
+        rank = min(range(world), key=lambda k: (loads[k], len(parts[k]), k))
+        parts[rank].append(row)
+        loads[rank] += tokens[row]
+    return [sorted(p) for p in parts]
+
+
+class Shards:
+    """This learner's place in its group: ``rank`` of ``world``."""
+
+    def __init__(self, rank: int = 0, world: int = 1, device: torch.device | None = None) -> None:
+        self.rank, self.world = rank, world
+        self.device = device or torch.device("cpu")
+        self.mesh = None
+
+    @classmethod
+    def join(
+        cls,
+        store: dist.Store,
+        rank: int,
+        world: int,
+        *,
+        device: torch.device,
+        timeout_s: float,
+    ) -> Shards:
+        """Form the group on ``store`` (rank 0 serves it) as ``rank`` of ``world``: NCCL on
+        CUDA, gloo on the CPU. Every later collective also gives up after ``timeout_s``.
+
+        Raises:
+            LearnerGroupError: the other ranks did not join within ``timeout_s``.
+        """
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        try:
+            dist.init_process_group(
+                backend,
+                store=store,
+                rank=rank,
+                world_size=world,
+                timeout=datetime.timedelta(seconds=timeout_s),
+            )
+        except (RuntimeError, dist.DistError) as err:
+            raise LearnerGroupError(
+                f"learner rank {rank} of {world}: the group did not form within {timeout_s:g} s "
+                f"({str(err).splitlines()[0]})"
+            ) from None
+        shards = cls(rank, world, device)
+        from torch.distributed.device_mesh import init_device_mesh
+
+        shards.mesh = init_device_mesh(device.type, (world,))
+        return shards
+
+    @property
+    def sharded(self) -> bool:
+        """Whether there is more than one rank."""
+        return self.world > 1
+
+    def share(self, tokens: torch.Tensor) -> Share:
+        """This rank's rows of a batch whose rows hold ``tokens`` (R,) real tokens."""
+        counts = [int(t) for t in tokens.tolist()]
+        mine = split_by_tokens(counts, self.world)[self.rank]
+        total_tokens, total_rows = max(sum(counts), 1), max(len(counts), 1)
+        if not mine:  # fewer rows than ranks: run one row, weigh it 0
+            return Share(torch.zeros(1, dtype=torch.long), 0.0, 0.0)
+        return Share(
+            torch.tensor(mine, dtype=torch.long),
+            sum(counts[r] for r in mine) / total_tokens,
+            len(mine) / total_rows,
+        )
+
+    def gather_rows(self, local: torch.Tensor, share: Share, total: int) -> torch.Tensor:
+        """The whole batch's (``total`` rows) tensor from each rank's ``local`` rows."""
+        if not self.sharded:
+            return local
+        full = local.new_zeros((total, *local.shape[1:]))
+        if share.seqs > 0:
+            full[share.rows.to(local.device)] = local
+        return self.sum(full)
+
+    def _reduce(self, values: torch.Tensor, op: str) -> torch.Tensor:
+        if not self.sharded:
+            return values
+        moved = values.to(self.device)  # NCCL moves device tensors only
+        if op == "broadcast":
+            dist.broadcast(moved, src=0)
+        else:
+            dist.all_reduce(moved, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        return moved.to(values.device)
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` summed over the ranks."""
+        return self._reduce(values, "sum")
+
+    def max(self, values: torch.Tensor) -> torch.Tensor:
+        """The largest of ``values`` over the ranks."""
+        return self._reduce(values, "max")
+
+    def broadcast(self, values: torch.Tensor) -> torch.Tensor:
+        """Rank 0's ``values`` on every rank."""
+        return self._reduce(values, "broadcast")
+
+    def shard(
+        self,
+        root: nn.Module,
+        layers: list[nn.Module],
+        *,
+        compute_dtype: torch.dtype | None,
+        methods: tuple[str, ...] = (),
+    ) -> None:
+        """Shard ``root`` with FSDP2: each of ``layers``, then the rest. Parameters stay as
+        they are (float32 masters of a bfloat16 run); with ``compute_dtype`` they are gathered
+        in it and gradients are reduced in float32. ``methods`` of ``root`` gather its weights
+        as ``forward`` does."""
+        from torch.distributed.fsdp import (
+            MixedPrecisionPolicy,
+            fully_shard,
+            register_fsdp_forward_method,
+        )
+
+        policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        for layer in layers:
+            fully_shard(layer, mesh=self.mesh, mp_policy=policy)
+        fully_shard(root, mesh=self.mesh, mp_policy=policy)
+        for method in methods:
+            register_fsdp_forward_method(root, method)
+
+    def full_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """``module``'s whole state on rank 0's CPU (a collective; other ranks get ``{}``)."""
+        if not self.sharded:
+            return module.state_dict()
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(module, options=options)
+
+    def load_full_state(self, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Load rank 0's whole ``state`` into the sharded ``module`` on every rank."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(module, state if self.rank == 0 else {}, options=options)
+
+    def close(self) -> None:
+        """Leave the group."""
+        if self.sharded and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """A Hugging Face model's repeated blocks (its ``_no_split_modules`` classes), the units
+    FSDP gathers one at a time."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]

@@ -1,0 +1,139 @@
+"""The sharded learner: two gloo ranks on the CPU take the step one learner takes.
+
+Each case builds the same learner in every rank (same seed, same batch), forms a group of two,
+shards it with FSDP2 and trains once; rank 0 gathers the whole updated state, which must equal
+what one unsharded learner computes from the same batch.
+"""
+
+import dataclasses
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from distrl.config import load_config
+from distrl.data.examples import load_examples
+from distrl.models.policy import encode_prompts
+from distrl.pg.learner import Learner
+from distrl.pg.rollout import RolloutWorker
+from distrl.runtime.shards import Shards, split_by_tokens
+
+# The ranks sum float32 gradients in another order. AdamW moves a weight by about lr times the
+# sign of its gradient, so where a gradient is round-off on both sides its step may flip: all
+# but one weight in 10^4 agree within 1e-6, and none differs by more than 2 lr per optimizer
+# step. A wrong normalisation (a rank's mean where the global one belongs) moves most weights.
+WEIGHT_TOLERANCE = 1e-6
+FLIPPED_SHARE = 1e-4
+LR = 1e-3
+STEPS = 8  # at most: 4 minibatches, 2 epochs
+
+CASES = {
+    "grpo/token_mean": {"algo": "grpo", "ppo.loss_agg": "token_mean"},
+    "grpo/seq_mean_token_mean": {"algo": "grpo", "ppo.loss_agg": "seq_mean_token_mean"},
+    "grpo/seq_mean_token_sum": {"algo": "grpo", "ppo.loss_agg": "seq_mean_token_sum"},
+    "dr_grpo/seq_mean_token_sum_norm": {"algo": "dr_grpo"},
+    "ppo/critic, 2 epochs": {"algo": "ppo", "ppo.epochs": 2},
+    "reinforce_pp/whitened, KL loss": {"algo": "reinforce_pp", "ppo.kl_loss_coef": 0.1},
+}
+
+
+def case_config(over: dict):
+    return load_config(
+        "tiny",
+        {
+            "learner.lr": LR,
+            "learner.warmup_steps": 0,
+            "rollout.samples_per_prompt": 2,
+            "ppo.minibatch_size": 5,  # minibatches of 5, 5, 5 and 1 row: one rank runs none
+            **over,
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory):
+    """16 rows (8 prompts, 2 samples each) with scores and group ids, in a file the ranks read."""
+    config = case_config({})
+    worker = RolloutWorker(**RolloutWorker.arguments(config))
+    examples = load_examples("default", limit=8)
+    prompts = encode_prompts(examples, worker.tokenizer, config.tokenizer, config.data)
+    rows = [p for p in prompts for _ in range(2)]
+    trajectories = worker.generate(rows, list(range(len(rows))))
+    # Responses of 1 to 8 tokens (as if each ended at an EOS): a rank's share of the tokens
+    # then differs from its share of the sequences, which the loss aggregations weigh apart.
+    lengths = 1 + np.arange(len(rows)) % trajectories.response_mask.shape[1]
+    keep = np.arange(trajectories.response_mask.shape[1])[None, :] < lengths[:, None]
+    trajectories = dataclasses.replace(
+        trajectories,
+        response_mask=trajectories.response_mask * keep,
+        logprobs=trajectories.logprobs * keep,
+    )
+    scores = np.random.default_rng(0).normal(size=len(rows))
+    groups = np.repeat(np.arange(len(prompts)), 2)
+    path = tmp_path_factory.mktemp("shards") / "batch.pkl"
+    path.write_bytes(pickle.dumps((trajectories, scores, groups)))
+    return path
+
+
+def train_one(over: dict, path, join=None) -> tuple[Learner, dict]:
+    trajectories, scores, groups = pickle.loads(path.read_bytes())
+    torch.manual_seed(0)
+    learner = Learner(**Learner.arguments(case_config(over)))
+    if join:
+        join(learner)
+    return learner, learner.train(trajectories, scores, groups=groups)
+
+
+def rank_main(rank: int, world: int, path, out, queue) -> None:
+    """One rank: every case in turn, each on a group of its own."""
+    for name, over in CASES.items():
+
+        def join(learner, name=name):
+            if rank == 0:
+                address = learner.learner_group_address("127.0.0.1")
+                for _ in range(world - 1):
+                    queue.put(address)
+            else:
+                address = queue.get(timeout=60)
+            learner.join_learner_group(address, rank, world, timeout_s=60)
+
+        learner, metrics = train_one(over, path, join)
+        state = learner.shards.full_state(learner.net)
+        if rank == 0:
+            torch.save({"state": state, "metrics": metrics}, out / f"{name.replace('/', '_')}.pt")
+        learner.shards.close()
+
+
+@pytest.fixture(scope="module")
+def sharded(batch, tmp_path_factory):
+    """Each case's state and metrics after one update by two ranks."""
+    out = tmp_path_factory.mktemp("sharded")
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    mp.start_processes(rank_main, args=(2, batch, out, queue), nprocs=2, start_method="spawn")
+    return out
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_two_ranks_take_the_step_one_learner_takes(name, batch, sharded):
+    single, metrics = train_one(CASES[name], batch)
+    saved = torch.load(sharded / f"{name.replace('/', '_')}.pt")
+    two, two_metrics = saved["state"], saved["metrics"]
+    one = single.net.state_dict()
+    assert two.keys() == one.keys()
+    gaps = torch.cat([(two[k] - one[k]).abs().flatten() for k in one])
+    assert float((gaps > WEIGHT_TOLERANCE).float().mean()) < FLIPPED_SHARE, name
+    assert float(gaps.max()) < 2 * LR * STEPS, name
+    for key in ("learner/policy_loss", "learner/grad_norm", "learner/entropy"):
+        assert two_metrics[key] == pytest.approx(metrics[key], rel=1e-4, abs=1e-6), key
+
+
+def test_rows_are_dealt_by_tokens():
+    assert split_by_tokens([5, 1, 1, 3], 2) == [[0], [1, 2, 3]]
+    assert split_by_tokens([2], 2) == [[0], []]
+    share = Shards(1, 2).share(torch.tensor([4]))  # no row left: one row, weighed 0
+    assert share.rows.tolist() == [0] and share.tokens == share.seqs == 0.0
+    whole = Shards().share(torch.tensor([3, 1]))
+    assert whole.rows.tolist() == [0, 1] and whole.tokens == whole.seqs == 1.0
