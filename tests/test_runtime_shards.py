@@ -86,30 +86,53 @@ def train_one(over: dict, path, join=None) -> tuple[Learner, dict]:
     return learner, learner.train(trajectories, scores, groups=groups)
 
 
+# Resumed across learner counts: one step, a checkpoint, one more step.
+RESUME = {"algo": "ppo", "ppo.epochs": 2}
+
+
 def rank_main(rank: int, world: int, path, out, queue) -> None:
-    """One rank: every case in turn, each on a group of its own."""
+    """One rank: every case in turn, each on a group of its own; then the resume cases."""
+
+    def join(learner):
+        if rank == 0:
+            address = learner.learner_group_address("127.0.0.1")
+            for _ in range(world - 1):
+                queue.put(address)
+        else:
+            address = queue.get(timeout=60)
+        learner.join_learner_group(address, rank, world, timeout_s=60)
+
     for name, over in CASES.items():
-
-        def join(learner, name=name):
-            if rank == 0:
-                address = learner.learner_group_address("127.0.0.1")
-                for _ in range(world - 1):
-                    queue.put(address)
-            else:
-                address = queue.get(timeout=60)
-            learner.join_learner_group(address, rank, world, timeout_s=60)
-
         learner, metrics = train_one(over, path, join)
         state = learner.shards.full_state(learner.net)
         if rank == 0:
             torch.save({"state": state, "metrics": metrics}, out / f"{name.replace('/', '_')}.pt")
         learner.shards.close()
+    # 2 -> 1: one step by two ranks, saved; the parent resumes it alone.
+    learner, _ = train_one(RESUME, path, join)
+    learner.save(str(out / "two_saved"), {"step": 1})
+    learner.shards.close()
+    # 1 -> 2: the parent's one-step checkpoint, resumed by two ranks for a second step.
+    trajectories, scores, _ = pickle.loads(path.read_bytes())
+    learner = Learner(**Learner.arguments(case_config(RESUME)))
+    join(learner)
+    learner.load(str(out / "one_saved"))
+    learner.train(trajectories, scores)
+    weights = learner.weights()
+    if rank == 0:
+        torch.save(weights.tensors(), out / "one_then_two.pt")
+    else:
+        assert weights is None
+    learner.shards.close()
 
 
 @pytest.fixture(scope="module")
 def sharded(batch, tmp_path_factory):
     """Each case's state and metrics after one update by two ranks."""
     out = tmp_path_factory.mktemp("sharded")
+    learner, _ = train_one(RESUME, batch)
+    (out / "one_saved").mkdir()
+    learner.save(str(out / "one_saved"), {"step": 1})
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     mp.start_processes(rank_main, args=(2, batch, out, queue), nprocs=2, start_method="spawn")
@@ -128,6 +151,28 @@ def test_two_ranks_take_the_step_one_learner_takes(name, batch, sharded):
     assert float(gaps.max()) < 2 * LR * STEPS, name
     for key in ("learner/policy_loss", "learner/grad_norm", "learner/entropy"):
         assert two_metrics[key] == pytest.approx(metrics[key], rel=1e-4, abs=1e-6), key
+
+
+def test_a_resume_continues_exactly_across_learner_counts(batch, sharded):
+    """2 -> 1 and 1 -> 2 end where one learner's two uninterrupted steps end; the weights a
+    sharded learner publishes are its whole policy."""
+    trajectories, scores, _ = pickle.loads(batch.read_bytes())
+    uninterrupted, _ = train_one(RESUME, batch)
+    uninterrupted.train(trajectories, scores)
+    expected = uninterrupted.weights().tensors()
+
+    def check(weights):
+        assert weights.keys() == expected.keys()
+        gaps = torch.cat([(weights[k] - expected[k]).abs().flatten() for k in expected])
+        assert float((gaps > WEIGHT_TOLERANCE).float().mean()) < FLIPPED_SHARE
+        assert float(gaps.max()) < 2 * LR * STEPS
+
+    check(torch.load(sharded / "one_then_two.pt"))
+    alone = Learner(**Learner.arguments(case_config(RESUME)))
+    assert alone.load(str(sharded / "two_saved")) == {"step": 1}
+    assert alone.version == 1 and alone.steps == uninterrupted.steps // 2
+    alone.train(trajectories, scores)
+    check(alone.weights().tensors())
 
 
 def test_rows_are_dealt_by_tokens():

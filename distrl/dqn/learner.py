@@ -125,7 +125,7 @@ class QLearner(LearnerRole):
             self.target_state = {n: state[n].detach().clone() for n in published_names(self.qnet)}
         else:
             self.target = copy.deepcopy(self.qnet).requires_grad_(False).eval()
-        self.opt = OptimizerStep(self.qnet.parameters(), config.learner)
+        self.opt = OptimizerStep(self.qnet.named_parameters(), config.learner)
         # The target follows in float32: a Polyak step of tau 0.005 is below bfloat16's spacing
         # and would round away. Float32 tensors are their own; others get a float32 copy.
         self.target_float = {

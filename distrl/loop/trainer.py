@@ -33,7 +33,7 @@ from distrl.pg.rollout import Trajectories
 from distrl.rewards import ScoreResult
 from distrl.runtime import actors
 from distrl.runtime.checkpoint import (
-    OPTIMIZER_FILE,
+    RESUME_ONLY,
     latest_checkpoint,
     prune_checkpoints,
     write_checkpoint,
@@ -580,9 +580,7 @@ class Trainer:
             write_checkpoint(root, "best", export, meta=meta)
         if self.step == self.config.iterations:
             write_checkpoint(self.run_dir, "final", export, meta=meta)
-        prune_checkpoints(
-            root, self.config.output.keep_checkpoints, newest_only=frozenset({OPTIMIZER_FILE})
-        )
+        prune_checkpoints(root, self.config.output.keep_checkpoints, newest_only=RESUME_ONLY)
         self.last_checkpoint = time.monotonic()
         return path
 
@@ -621,5 +619,5 @@ POOL_COUNTERS = {
 def _copy(src: Path, dst: Path) -> None:
     """``best``/``final``: a step checkpoint without its manifest and optimizer state."""
     for item in src.iterdir():
-        if item.name not in ("distrl_checkpoint.json", OPTIMIZER_FILE):
+        if item.name != "distrl_checkpoint.json" and item.name not in RESUME_ONLY:
             shutil.copy2(item, dst / item.name)

@@ -46,7 +46,13 @@ from distrl.pg.rollout import Trajectories
 from distrl.runtime.checkpoint import load_torch_state, load_weights, save_torch_state
 from distrl.runtime.roles import LOW_PRECISION, LearnerRole, OptimizerStep
 from distrl.runtime.shards import Shards, Share, decoder_layers
-from distrl.weights.tensors import VersionedWeights, non_finite, publish_weights, set_weights
+from distrl.weights.tensors import (
+    VersionedWeights,
+    non_finite,
+    publish_state,
+    publish_weights,
+    set_weights,
+)
 
 STATE_FILE = "distrl_state.pt"
 
@@ -198,13 +204,19 @@ class Learner(LearnerRole):
             add_lora(policy, learner.lora, seed=seed)
         self.net = PolicyWithValue(policy)
         self.device = next(policy.parameters()).device
-        trained = self.net.parameters() if self.critic else policy.parameters()
-        self.opt = OptimizerStep(trained, learner)
+        self.opt = OptimizerStep(self.trained_parameters(), learner)
         self.optimizer = self.opt.optimizer
         self.kl = ppo.KLController(ppo_config.kl_coef, ppo_config.kl_target, ppo_config.kl_horizon)
         self.version = 0
         self.dtype = next(policy.parameters()).dtype  # what the workers run and receive
         self.shards = Shards()  # one rank until join_learner_group
+
+    def trained_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The parameters AdamW updates, by their names in ``net``: the policy's, and the value
+        head's where there is a critic (frozen ones are left out by ``OptimizerStep``)."""
+        return [
+            (n, p) for n, p in self.net.named_parameters() if self.critic or n.startswith("model.")
+        ]
 
     def shard(self) -> None:
         """Shard the policy (with its value head) and the reference over the learner group,
@@ -226,8 +238,7 @@ class Learner(LearnerRole):
                 compute_dtype=None,
                 methods=("responses",),
             )
-        trained = self.net.parameters() if self.critic else self.net.model.parameters()
-        self.opt = OptimizerStep(trained, self.config)
+        self.opt = OptimizerStep(self.trained_parameters(), self.config)
         self.optimizer = self.opt.optimizer
 
     @staticmethod
@@ -251,9 +262,21 @@ class Learner(LearnerRole):
         """The network whose weights the rollout workers get: the policy."""
         return self.net.model
 
-    def weights(self) -> VersionedWeights:
-        """The policy's current weights, stamped with its version."""
-        weights = publish_weights(self.published_module(), self.version)
+    def trained_root(self) -> torch.nn.Module:
+        """The module the optimizer's parameter names are relative to: the policy with its
+        value head."""
+        return self.net
+
+    def weights(self) -> VersionedWeights | None:
+        """The policy's current weights, stamped with its version (a sharded learner gathers
+        them: every rank calls it, rank 0 returns them, the others None)."""
+        if self.shards.sharded:
+            state = self.published_state()
+            if self.shards.rank:
+                return None
+            weights = publish_state(state, self.version)
+        else:
+            weights = publish_weights(self.published_module(), self.version)
         self.published_bytes = weights.nbytes
         return weights
 
@@ -595,20 +618,34 @@ class Learner(LearnerRole):
 
     def save(self, folder: str, extra: dict | None = None) -> None:
         """Write the policy as a Hugging Face folder (with LoRA: its adapter in PEFT's format)
-        plus ``distrl_state.pt`` into ``folder``."""
+        plus ``distrl_state.pt`` into ``folder``. Sharded, every rank calls it: the whole
+        state is gathered on rank 0, which writes the same files one learner does."""
         path = Path(folder)
-        if self.lora:
-            save_adapter(self.net.model, path)
+        if not self.shards.sharded:
+            if self.lora:
+                save_adapter(self.net.model, path)
+            else:
+                self.net.model.save_pretrained(path)
+            value_head = self.net.value_head.state_dict()
+            full = None
         else:
-            self.net.model.save_pretrained(path)
-        self.write_tokenizer_spec(path, self.tokenizer_spec)  # and the tokenizer's HF files
-        state = {"value_head": self.net.value_head.state_dict(), "kl": self.kl.state_dict()}
-        save_torch_state(path / STATE_FILE, {**state, **self.role_state(extra, path)})
+            full = self.shards.full_state(self.net)
+            policy = {k[6:]: v.to(self.dtype) for k, v in full.items() if k.startswith("model.")}
+            value_head = {k[11:]: v for k, v in full.items() if k.startswith("value_head.")}
+            if self.shards.rank == 0:
+                self.net.model.save_pretrained(path, state_dict=policy)
+        role = self.role_state(extra, path, full)
+        if self.shards.rank == 0:
+            self.write_tokenizer_spec(path, self.tokenizer_spec)  # and the tokenizer's HF files
+            state = {"value_head": value_head, "kl": self.kl.state_dict()}
+            save_torch_state(path / STATE_FILE, {**state, **role})
 
     def load(self, folder: str) -> dict:
-        """Restore policy, value head, optimizer, KL controller and RNG; return the extra dict."""
-
+        """Restore policy, value head, optimizer, KL controller and RNG; return the extra dict.
+        Sharded, every rank calls it: rank 0 reads the files and the ranks load their shards."""
         path = Path(folder)
+        if self.shards.sharded:
+            return self._load_shards(path)
         if self.lora:
             load_adapter(self.net.model, path)
         elif (path / ADAPTER_WEIGHTS).is_file():
@@ -626,6 +663,33 @@ class Learner(LearnerRole):
         bad = non_finite(self.net)
         if bad:
             raise ModelError(f"cannot resume from {path}: {bad[0]} holds NaN or infinite values")
+        return self.load_role_state(state, path)
+
+    def _load_shards(self, path: Path) -> dict:
+        """``load`` for a sharded learner: rank 0 reads the policy, its value head and any
+        float32 masters (which replace their bfloat16 rounding), every rank loads its shards."""
+        full: dict[str, torch.Tensor] = {}
+        state = None
+        if self.shards.rank == 0:
+            try:
+                weights = load_weights(path)
+            except ModelError as exc:
+                raise ModelError(f"cannot resume from {path}: {exc}") from None
+            state = load_torch_state(path / STATE_FILE)
+            full = {f"model.{k}": v for k, v in weights.items()}
+            full.update({f"value_head.{k}": v for k, v in state["value_head"].items()})
+            full = {k: v.float() for k, v in full.items()}  # the weights are float32 masters
+            full.update(self.read_masters(path))
+            bad = [k for k, v in full.items() if v.is_floating_point() and not v.isfinite().all()]
+            if bad:
+                raise ModelError(
+                    f"cannot resume from {path}: {bad[0]} holds NaN or infinite values"
+                )
+        self.shards.load_full_state(self.net, full)
+        state = self.shards.broadcast_object(
+            None if state is None else {k: v for k, v in state.items() if k != "value_head"}
+        )
+        self.kl.load_state_dict(state["kl"])
         return self.load_role_state(state, path)
 
     def export_merged(self, folder: str) -> None:

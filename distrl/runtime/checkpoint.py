@@ -30,6 +30,8 @@ from distrl.errors import DistrlError
 
 MARKER = "distrl_checkpoint.json"
 OPTIMIZER_FILE = "optimizer.pt"  # what only a resume needs, and the largest file
+MASTERS_FILE = "masters.pt"  # float32 values of a low-precision run's weights: a resume needs them
+RESUME_ONLY = frozenset({OPTIMIZER_FILE, MASTERS_FILE})  # kept by the newest step checkpoint only
 FORMAT_VERSION = 1
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import json
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from distrl.config import LearnerConfig
 from distrl.errors import DistrlError
 from distrl.models.tokenizers import Tokenizer
 from distrl.runtime.checkpoint import (
+    MASTERS_FILE,
     OPTIMIZER_FILE,
     load_torch_state,
     rng_state,
@@ -58,8 +60,12 @@ class OptimizerStep:
     parameter (2 weight, 2 gradient, 4 master, 8 moments), as FSDP's mixed precision holds.
     """
 
-    def __init__(self, params: Any, config: LearnerConfig) -> None:
-        self.params = [p for p in params if p.requires_grad]
+    def __init__(
+        self, named_params: Iterable[tuple[str, nn.Parameter]], config: LearnerConfig
+    ) -> None:
+        named = [(n, p) for n, p in named_params if p.requires_grad]
+        self.names = [n for n, _ in named]  # how checkpoints name the state, whatever the rank
+        self.params = [p for _, p in named]
         self.config = config
         self.masters = {
             id(p): p.detach().float().clone() for p in self.params if p.dtype in LOW_PRECISION
@@ -119,29 +125,74 @@ class OptimizerStep:
         return {name: self.masters.get(id(t), t).detach() for name, t in state.items()}
 
     def state_dict(self) -> dict[str, Any]:
-        """AdamW's state, and the float32 masters where there are any."""
-        return {"optimizer": self.optimizer.state_dict(), "masters": [m for _, m in self.pairs()]}
+        """AdamW's state by parameter name, as ``get_optimizer_state_dict`` gives a sharded
+        learner's, so either loads the other's."""
+        state = self.optimizer.state_dict()
+        return {
+            "state": {self.names[i]: v for i, v in state["state"].items()},
+            "param_groups": [
+                {**g, "params": [self.names[i] for i in g["params"]]} for g in state["param_groups"]
+            ],
+        }
 
-    @torch.no_grad()
-    def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        """Restore ``state_dict()``'s (an older file holding AdamW's state alone loads too).
-        Masters not saved are taken from the parameters as they are now (just loaded), so
-        ``None`` only re-takes them.
+    def masters_by_name(self) -> dict[str, torch.Tensor]:
+        """The float32 masters by parameter name (none in a float32 run)."""
+        return {
+            n: m
+            for n, p, m in zip(self.names, self.params, self.trained, strict=True)
+            if m is not p
+        }
+
+    def by_name(self, state: dict[str, Any]) -> dict[str, Any]:
+        """``state`` keyed by parameter name (AdamW's own is by position, in ``names`` order).
 
         Raises:
-            DistrlError: the saved masters do not fit this learner's parameters.
+            DistrlError: the state names parameters this learner does not train.
         """
+        groups = state["param_groups"]
+        if not any(isinstance(p, int) for g in groups for p in g["params"]):
+            unknown = sorted({p for g in groups for p in g["params"]} - set(self.names))
+            if unknown or len(self.names) != sum(len(g["params"]) for g in groups):
+                raise DistrlError(
+                    "the optimizer state does not fit this learner's parameters "
+                    f"({unknown[0] if unknown else 'a different number of them'})"
+                )
+            return state
+        if len(self.names) != sum(len(g["params"]) for g in groups):
+            raise DistrlError("the optimizer state holds a different number of parameters")
+        return {
+            **state,
+            "state": {self.names[i]: v for i, v in state["state"].items()},
+            "param_groups": [{**g, "params": [self.names[i] for i in g["params"]]} for g in groups],
+        }
+
+    @torch.no_grad()
+    def load_state_dict(
+        self, state: dict[str, Any] | None, masters: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """Restore ``state_dict()``'s (AdamW's own, by position, loads too) and
+        ``masters_by_name()``'s. Masters not given are taken from the parameters as they are
+        now (just loaded), so ``load_state_dict(None)`` only re-takes them.
+
+        Raises:
+            DistrlError: the state names parameters this learner does not train.
+        """
+        masters = masters or {}
         if state is not None:
-            self.optimizer.load_state_dict(state.get("optimizer", state))
-        masters = (state or {}).get("masters") or []
-        pairs = self.pairs()
-        if masters and len(masters) != len(pairs):
-            raise DistrlError(
-                f"the optimizer state holds {len(masters)} float32 masters, this learner "
-                f"trains {len(pairs)} low-precision tensors"
+            state = self.by_name(state)
+            index = {n: i for i, n in enumerate(self.names)}
+            self.optimizer.load_state_dict(
+                {
+                    "state": {index[n]: v for n, v in state["state"].items()},
+                    "param_groups": [
+                        {**g, "params": [index[n] for n in g["params"]]}
+                        for g in state["param_groups"]
+                    ],
+                }
             )
-        for i, (param, master) in enumerate(pairs):
-            master.copy_(masters[i] if masters else param)
+        for name, param, master in zip(self.names, self.params, self.trained, strict=True):
+            if master is not param:
+                master.copy_(masters.get(name, param))
         self._round_masters()
 
 
@@ -156,6 +207,7 @@ class LearnerRole:
     weight_store: tuple[Any, str, int] | None = None  # the store this learner serves
     weight_group: WeightGroup | None = None
     shards: Shards = Shards()  # this learner's rank in the learner group (one rank until joined)
+    dtype: torch.dtype = torch.float32  # what its workers run
     group_store: Any = None  # the learner group's store (rank 0 serves it)
     device: torch.device
 
@@ -242,14 +294,26 @@ class LearnerRole:
         Raises:
             WeightSyncError: no group, or a worker was not ready or failed (the group is spent).
         """
+        tensors = self.published_state()  # first: a sharded learner's ranks all gather
+        version = self.publish_version()
+        if self.shards.rank:
+            return version
         if self.weight_group is None:
             raise WeightSyncError("the learner is in no weight group (join_weight_group)")
-        module = self.published_module()
-        state = module.state_dict()
-        tensors = {name: state[name] for name in published_names(module)}
-        version = self.publish_version()
         self.published_bytes = self.weight_group.send(tensors, version)
         return version
+
+    def published_state(self) -> dict[str, torch.Tensor]:
+        """``published_module()``'s published tensors (``published_names``) in the workers'
+        dtype. A sharded learner gathers them on rank 0 (a collective; other ranks get
+        ``{}``)."""
+        module = self.published_module()
+        names = published_names(module)
+        if not self.shards.sharded:
+            state = module.state_dict()
+            return {name: state[name] for name in names}
+        full = self.shards.full_state(module)
+        return {name: full[name].to(self.dtype) for name in names} if full else {}
 
     def leave_weight_group(self) -> None:
         """Leave the weight group and stop serving its store."""
@@ -272,11 +336,30 @@ class LearnerRole:
         or ``broadcast_weights``)."""
         return {"publish/bytes": float(self.published_bytes)}
 
-    def role_state(self, extra: dict | None, folder: Path) -> dict[str, Any]:
-        """Version, step count, RNG and the driver's ``extra`` for a checkpoint; the optimizer
-        state goes to its own file in ``folder`` (``OPTIMIZER_FILE``), which only the newest
-        step checkpoint keeps (``distrl.runtime.checkpoint.drop_files``)."""
-        save_torch_state(folder / OPTIMIZER_FILE, self.opt.state_dict())
+    def role_state(
+        self, extra: dict | None, folder: Path, full: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, Any]:
+        """Version, step count, RNG and the driver's ``extra`` for a checkpoint. The optimizer
+        state (by parameter name) and a low-precision run's float32 masters go to files of
+        their own in ``folder`` (``RESUME_ONLY``: only the newest step checkpoint keeps them).
+
+        Sharded, every rank calls it (the optimizer state is gathered) and rank 0 writes; the
+        masters are its float32 weights, from ``full`` (``Shards.full_state`` of
+        ``trained_root()``) where the caller gathered it already.
+        """
+        if self.shards.sharded:
+            root = self.trained_root()
+            optimizer = self.shards.full_optimizer_state(root, self.opt.optimizer)
+            masters = {}
+            if self.dtype in LOW_PRECISION:
+                full = self.shards.full_state(root) if full is None else full
+                masters = {n: full[n] for n in self.opt.names} if full else {}
+        else:
+            optimizer, masters = self.opt.state_dict(), self.opt.masters_by_name()
+        if self.shards.rank == 0:
+            save_torch_state(folder / OPTIMIZER_FILE, optimizer)
+            if masters:
+                save_torch_state(folder / MASTERS_FILE, masters)
         return {
             "version": self.version,
             "steps": self.steps,
@@ -284,18 +367,37 @@ class LearnerRole:
             "extra": extra or {},
         }
 
+    def trained_root(self) -> nn.Module:
+        """The module the optimizer's parameter names are relative to."""
+        return self.published_module()
+
+    @staticmethod
+    def read_masters(folder: Path) -> dict[str, torch.Tensor]:
+        """The float32 masters a checkpoint holds by parameter name (``{}``: none)."""
+        path = folder / MASTERS_FILE
+        return load_torch_state(path) if path.is_file() else {}
+
     def load_role_state(self, state: dict[str, Any], folder: Path) -> dict:
-        """Restore what ``role_state`` saved; returns the driver's ``extra``.
+        """Restore what ``role_state`` saved; returns the driver's ``extra``. Sharded, every
+        rank calls it with the state rank 0 read; rank 0 reads the optimizer file (a sharded
+        learner loads the masters as its weights, before this).
 
         A checkpoint without optimizer state (an older step, or ``best``/``final``) resumes with
         fresh AdamW moments, with a warning: only the newest step checkpoint resumes exactly.
         """
-        if "optimizer" in state:  # written before the optimizer had a file of its own
-            self.opt.load_state_dict(state["optimizer"])
-        elif (folder / OPTIMIZER_FILE).is_file():
-            self.opt.load_state_dict(load_torch_state(folder / OPTIMIZER_FILE))
+        optimizer = None
+        if self.shards.rank == 0:
+            if "optimizer" in state:  # written before the optimizer had a file of its own
+                optimizer = state["optimizer"]
+            elif (folder / OPTIMIZER_FILE).is_file():
+                optimizer = load_torch_state(folder / OPTIMIZER_FILE)
+        if self.shards.sharded:
+            if self.shards.broadcast_object(optimizer is not None):
+                by_name = self.opt.by_name(optimizer) if optimizer is not None else {}
+                self.shards.load_optimizer_state(self.trained_root(), self.opt.optimizer, by_name)
         else:
-            self.opt.load_state_dict(None)  # float32 masters from the weights just loaded
+            self.opt.load_state_dict(optimizer, self.read_masters(folder))
+        if optimizer is None and self.shards.rank == 0:
             warnings.warn(
                 f"{folder} holds no optimizer state (only the newest step checkpoint keeps it): "
                 "AdamW starts from fresh moments",

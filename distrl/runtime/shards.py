@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -83,6 +84,8 @@ class Shards:
             LearnerGroupError: the other ranks did not join within ``timeout_s``.
         """
         backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         try:
             dist.init_process_group(
                 backend,
@@ -197,6 +200,40 @@ class Shards:
 
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_model_state_dict(module, state if self.rank == 0 else {}, options=options)
+
+    def full_optimizer_state(
+        self, module: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> dict[str, Any]:
+        """``optimizer``'s whole state by parameter name on rank 0's CPU (a collective)."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(module, optimizer, options=options)
+
+    def load_optimizer_state(
+        self, module: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+    ) -> None:
+        """Load rank 0's whole ``state`` (by parameter name) into the sharded ``optimizer``."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_optimizer_state_dict(
+            module, optimizer, state if self.rank == 0 else {}, options=options
+        )
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` (small, picklable: it travels inside the group) on every rank."""
+        if not self.sharded:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def close(self) -> None:
         """Leave the group."""

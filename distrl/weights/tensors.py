@@ -107,10 +107,15 @@ def publish_weights(model: nn.Module, version: int) -> VersionedWeights:
     memory as they are (no dtype change); that copy is the only one.
     """
     full = model.state_dict()
+    return publish_state({name: full[name] for name in published_names(model)}, version)
+
+
+def publish_state(tensors: dict[str, torch.Tensor], version: int) -> VersionedWeights:
+    """``tensors`` as ``VersionedWeights`` (see ``publish_weights``, which gives a model's)."""
     state: dict[str, np.ndarray | torch.Tensor] = {}
     bfloat16 = set()
-    for name in published_names(model):
-        tensor = full[name].detach().cpu()
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().cpu()
         if tensor.dtype == torch.bfloat16:
             tensor = tensor.view(torch.int16)
             bfloat16.add(name)
