@@ -138,6 +138,25 @@ def test_sigkilled_reward_actor_worker_and_learner_cost_nothing_and_are_counted(
     assert min(lags) >= 0 and max(lags) <= config.rollout.max_policy_lag  # none stale or future
 
 
+@pytest.mark.slow  # a run on Ray with a restore
+def test_a_sigkilled_learner_rank_is_restored_with_its_group(ray_session, tmp_path, capfd):
+    """One of two learner workers killed after step 3: the other's collective fails, the
+    whole group is rebuilt and restored from step 2, and the run ends as an uninterrupted
+    one would."""
+    config = tiny(
+        tmp_path,
+        iterations=4,
+        **{"resources.learner_workers": 2, "output.checkpoint_every": 2},
+    )
+    records = run_with_kills(config, tmp_path / "run", [(3, lambda t: t.learner.ranks[1:])])
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert records[-1]["faults/learner_restarts"] == 1
+    assert "the learner actor lost one of its workers during step 4" in capfd.readouterr().err
+    state = final_state(tmp_path / "run")
+    assert state["version"] == 4
+    assert state["steps"] == 4 * (config.rollout.batch_size * 2 // config.ppo.minibatch_size)
+
+
 @pytest.mark.slow  # two DQN runs
 def test_a_sigkilled_replay_actor_and_an_idle_worker_cost_the_dqn_run_nothing(
     ray_session, tmp_path

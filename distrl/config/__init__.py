@@ -359,7 +359,13 @@ class ResourcesConfig:
     rollout_cpus: float = _f(1.0, "CPUs per rollout worker", ge=0.0)
     rollout_gpus: float = _f(0.0, "GPU share per rollout worker", ge=0.0)
     learner_cpus: float = _f(1.0, "CPUs of the learner", ge=0.0)
-    learner_gpus: float = _f(0.0, "GPUs of the learner", ge=0.0)
+    learner_gpus: float = _f(0.0, "GPUs of the learner (of each learner worker)", ge=0.0)
+    learner_workers: int = _f(
+        1,
+        "learner actors acting as the one learner: they shard the policy with FSDP2 and each "
+        "take a share of every batch, each holding learner_cpus and learner_gpus",
+        ge=1,
+    )
     reward_cpus: float = _f(1.0, "CPUs per reward actor", ge=0.0)
     reward_gpus: float = _f(0.0, "GPU share per reward actor", ge=0.0)
     replay_cpus: float = _f(0.0, "CPUs of the replay actor", ge=0.0)
@@ -503,6 +509,18 @@ class RunConfig:
                 "rollout.engine vllm takes full weights; with learner.lora.rank > 0 use "
                 "rollout.engine hf (the workers then load only the adapters)"
             )
+        if self.resources.learner_workers > 1:
+            alone = {
+                f"algo {self.algo}": spec.family == "q_learning",
+                "learner.lora.rank > 0": self.learner.lora.rank > 0,
+                "ppo.ce_coef > 0": p.ce_coef > 0,
+            }
+            for what, refused in alone.items():
+                if refused:
+                    raise ConfigError(
+                        f"resources.learner_workers > 1 shards the full policy-gradient learner; "
+                        f"{what} runs on one learner worker (set resources.learner_workers 1)"
+                    )
         if (
             spec.family == "q_learning"
             and self.learner.lora.rank

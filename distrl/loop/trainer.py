@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from distrl.config import RunConfig
 from distrl.data.prompts import Prompts, reward_batch
@@ -105,14 +105,22 @@ class Trainer:
         self.algo = algorithm(config, self.crew, run_dir=run_dir, references=train.references)
         self.initial_state = self.state()  # what a recovery with no checkpoint restores
 
-    def make_learner(self) -> ray.actor.ActorHandle:
-        """A new learner actor, never restarted by Ray (``recover`` restores it instead)."""
+    def make_learner(self) -> ray.actor.ActorHandle | actors.LearnerGroup:
+        """A new learner actor, or a group of ``resources.learner_workers`` acting as one; never
+        restarted by Ray (``recover`` restores it instead)."""
         res = self.config.resources
         options = actors.actor_options(
             res.learner_cpus, res.learner_gpus, res.custom.get("learner"), **actors.STATEFUL
         )
-        return actors.make_actor(
-            self.learner_class, options, **self.learner_class.arguments(self.config)
+        arguments = self.learner_class.arguments(self.config)
+        if res.learner_workers == 1:
+            return actors.make_actor(self.learner_class, options, **arguments)
+        return actors.LearnerGroup(
+            self.learner_class,
+            options,
+            arguments,
+            res.learner_workers,
+            timeout_s=self.config.faults.start_timeout_s,
         )
 
     def make_worker(self, index: int) -> ray.actor.ActorHandle:
@@ -138,13 +146,28 @@ class Trainer:
         """
         f = self.config.faults
         timeout = f.replay_timeout_s if role == "replay" else f.train_timeout_s
+        group = self.stateful().get(role)
+        every = isinstance(group, actors.LearnerGroup) and isinstance(refs, ray.ObjectRef)
         try:
+            if every:  # every rank's part of the call: a rank that fails fails it
+                return actors.get(group.every_rank(refs), timeout=timeout)[0]
             return actors.get(refs, timeout=timeout)
         except GetTimeoutError:
             setting = "replay_timeout_s" if role == "replay" else "train_timeout_s"
             raise Lost(role, f"did not answer within faults.{setting}={timeout:g} s") from None
         except RayActorError:
-            raise Lost(self.dead_role() or role, "died") from None
+            raise self.lost(self.dead_role() or role) from None
+        except RayTaskError:
+            # A learner rank's collective fails when another rank died: that death is the fault.
+            dead = self.dead_role() if isinstance(group, actors.LearnerGroup) else None
+            if dead is None:
+                raise
+            raise self.lost(dead) from None
+
+    def lost(self, role: str) -> Lost:
+        """``Lost`` for stateful ``role`` found dead (a learner group: one of its workers)."""
+        group = isinstance(self.stateful().get(role), actors.LearnerGroup)
+        return Lost(role, "lost one of its workers" if group else "died")
 
     def count_from(self, faults: dict[str, int]) -> None:
         """Continue the counters the pool and Ray keep from ``faults`` (a resume, a restore)."""
@@ -160,9 +183,10 @@ class Trainer:
         return next((r for r, a in self.stateful().items() if not self.alive(a)), None)
 
     def alive(self, actor: ray.actor.ActorHandle) -> bool:
-        """Whether ``actor`` answers a trivial call within 30 s."""
+        """Whether ``actor`` (every rank of a learner group) answers a trivial call within
+        30 s."""
         try:
-            actors.pids([actor], timeout=30)
+            actors.pids(actors.handles(actor), timeout=30)
         except (RayActorError, GetTimeoutError):
             return False
         return True
@@ -205,7 +229,8 @@ class Trainer:
         """Wait for new actors to be constructed, at most ``faults.start_timeout_s``."""
         timeout = self.config.faults.start_timeout_s
         try:
-            actors.get([h.__ray_ready__.remote() for h in handles], timeout=timeout)
+            every = [h for actor in handles for h in actors.handles(actor)]
+            actors.get([h.__ray_ready__.remote() for h in every], timeout=timeout)
         except GetTimeoutError:
             raise Hung(
                 f"{what} did not start within faults.start_timeout_s={timeout:g} s"
@@ -452,7 +477,7 @@ class Trainer:
         lost_step, faults = self.step + 1, dict(self.faults)
         for role, actor in self.stateful().items():
             if role == lost.role or not self.alive(actor):
-                ray.kill(actor, no_restart=True)  # a hung one too
+                actors.kill(actor)  # a hung one too
                 self.replace_stateful(role)
         if path is not None:
             self.restore(path)
@@ -546,7 +571,7 @@ class Trainer:
     def shutdown(self) -> None:
         """Stop this run's actors (a shared Ray session, as in tests, stays up)."""
         for actor in [*self.stateful().values(), *self.workers]:
-            ray.kill(actor, no_restart=True)
+            actors.kill(actor)
         self.pool.shutdown()
 
     # ---- checkpoints -------------------------------------------------------------------

@@ -206,13 +206,16 @@ def with_responses(
 
 @torch.no_grad()
 def reference_metrics(
-    model: PreTrainedModel,
+    model: PreTrainedModel | PolicyWithValue,
     prompts: Sequence[Sequence[int]],
     references: Sequence[Sequence[int]],
     pad_id: int,
+    *,
+    share_prompts: bool = True,
 ) -> dict[str, float]:
     """Perplexity and greedy token accuracy of reference responses after their prompts; pairs
-    without a reference are skipped, and no pairs give ``{}``."""
+    without a reference are skipped, and no pairs give ``{}``. A ``PolicyWithValue`` runs its
+    ``responses`` (a sharded learner's, with ``share_prompts`` False)."""
     pairs = [(p, r) for p, r in zip(prompts, references) if r]
     if not pairs:
         return {}
@@ -221,7 +224,10 @@ def reference_metrics(
     ids, mask, refs, ref_mask = (
         t.to(device) for t in with_responses(p_ids, p_mask, [r for _, r in pairs], pad_id)
     )
-    logits = model.get_output_embeddings()(response_hidden(model, ids, mask, p_ids.shape[1]))
+    if isinstance(model, PolicyWithValue):
+        logits, _ = model.responses(ids, mask, p_ids.shape[1], share_prompts=share_prompts)
+    else:
+        logits = model.get_output_embeddings()(response_hidden(model, ids, mask, p_ids.shape[1]))
     logp = torch.log_softmax(logits.float(), -1)
     nll = -(logp.gather(-1, refs.unsqueeze(-1)).squeeze(-1) * ref_mask).sum() / ref_mask.sum()
     hits = ((logits.argmax(-1) == refs).float() * ref_mask).sum() / ref_mask.sum()

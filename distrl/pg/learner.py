@@ -612,7 +612,13 @@ class Learner(LearnerRole):
         self, prompts: list[list[int]], references: list[list[int]]
     ) -> dict[str, float]:
         """Token accuracy and perplexity of reference responses under the policy."""
-        return reference_metrics(self.net.model, prompts, references, self.tokenizer.pad_token_id)
+        return reference_metrics(
+            self.net,
+            prompts,
+            references,
+            self.tokenizer.pad_token_id,
+            share_prompts=not self.shards.sharded,
+        )
 
     # ---- checkpoints ---------------------------------------------------------------------
 

@@ -128,8 +128,8 @@ def _node_ip(_actor: Any) -> str:
 
 def node_ip_ref(handle: Any) -> ray.ObjectRef:
     """A ref to the address of the node ``handle``'s actor runs on (loopback for a Ray that
-    listens on loopback only): where it can serve others."""
-    return handle.__ray_call__.remote(_node_ip)
+    listens on loopback only): where it can serve others. A learner group's is rank 0's."""
+    return handles(handle)[0].__ray_call__.remote(_node_ip)
 
 
 def get(refs: Any, timeout: float | None = None) -> Any:
@@ -148,6 +148,119 @@ def get(refs: Any, timeout: float | None = None) -> Any:
         if isinstance(err.cause, (DistrlError, OSError)):  # a full disk in an actor, too
             raise err.cause from None
         raise
+
+
+# Learner methods rank 0 runs alone: it serves the weight group, reads and writes the run's files
+# and keeps the last publication's size. Every other method is called on every rank.
+RANK0_ONLY = frozenset(
+    {
+        "learner_group_address",
+        "weight_group_address",
+        "join_weight_group",
+        "leave_weight_group",
+        "publish_metrics",
+        "sees",
+    }
+)
+
+
+class LearnerGroup:
+    """The learner's ranks (``resources.learner_workers``), called as one actor.
+
+    ``group.train.remote(batch, ...)`` puts the arguments in the object store once, calls
+    every rank's ``train`` with them (each computes its share and they meet in collectives)
+    and returns rank 0's ref; ``every_rank(ref)`` gives the refs of all ranks' calls, which the
+    driver waits on, so a rank that fails fails the call. The ranks form their
+    torch.distributed group here (``join_learner_group``), within ``timeout_s``.
+
+    Raises:
+        LearnerGroupError: the group did not form (a rank's own error).
+        Hung: the ranks did not start and join within ``timeout_s``.
+    """
+
+    def __init__(
+        self,
+        cls: type,
+        options: dict[str, Any],
+        arguments: dict[str, Any],
+        world: int,
+        *,
+        timeout_s: float,
+    ) -> None:
+        self.ranks = [make_actor(cls, options, **arguments) for _ in range(world)]
+        self.followers: dict[ray.ObjectRef, list[ray.ObjectRef]] = {}
+        try:
+            address = get(self.ranks[0].learner_group_address.remote(), timeout=timeout_s)
+            joins = [
+                rank.join_learner_group.remote(address, k, world, timeout_s=timeout_s)
+                for k, rank in enumerate(self.ranks)
+            ]
+            get(joins, timeout=timeout_s + 30)  # each rank gives up first, saying why
+        except GetTimeoutError:
+            self.kill()
+            raise Hung(
+                f"the {world} learner workers did not start and form their group within "
+                f"faults.start_timeout_s={timeout_s:g} s"
+            ) from None
+        except BaseException:
+            self.kill()
+            raise
+
+    def __getattr__(self, name: str) -> _GroupMethod:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _GroupMethod(self, name)
+
+    def every_rank(self, ref: ray.ObjectRef) -> list[ray.ObjectRef]:
+        """The refs of every rank's part of the call that returned ``ref`` (rank 0's)."""
+        return [ref, *self.followers.pop(ref, [])]
+
+    def kill(self) -> None:
+        """Kill every rank."""
+        for rank in self.ranks:
+            ray.kill(rank, no_restart=True)
+
+
+class _GroupMethod:
+    """``LearnerGroup.<name>``: ``.remote(...)`` on rank 0 alone (``RANK0_ONLY``) or on all."""
+
+    # Calls whose followers nobody waited on (a publication's) are forgotten past this many.
+    REMEMBERED = 64
+
+    def __init__(self, group: LearnerGroup, name: str) -> None:
+        self.group, self.name = group, name
+
+    def remote(self, *args: Any, **kwargs: Any) -> ray.ObjectRef:
+        ranks = self.group.ranks
+        if self.name in RANK0_ONLY:
+            return getattr(ranks[0], self.name).remote(*args, **kwargs)
+        args = tuple(shared(a) for a in args)
+        kwargs = {k: shared(v) for k, v in kwargs.items()}
+        refs = [getattr(rank, self.name).remote(*args, **kwargs) for rank in ranks]
+        followers = self.group.followers
+        followers[refs[0]] = refs[1:]
+        while len(followers) > self.REMEMBERED:
+            followers.pop(next(iter(followers)))
+        return refs[0]
+
+
+def shared(value: Any) -> Any:
+    """``value`` in the object store once (a ref), for calls on several actors; refs and
+    small scalars as they are."""
+    if value is None or isinstance(value, (ray.ObjectRef, bool, int, float, str)):
+        return value
+    return ray.put(value)
+
+
+def kill(actor: Any) -> None:
+    """Kill an actor, or every rank of a ``LearnerGroup``, without restarting it."""
+    for handle in getattr(actor, "ranks", [actor]):
+        ray.kill(handle, no_restart=True)
+
+
+def handles(actor: Any) -> list[Any]:
+    """The actor handles behind ``actor``: a ``LearnerGroup``'s ranks, or itself."""
+    return list(getattr(actor, "ranks", [actor]))
 
 
 class RewardPool:

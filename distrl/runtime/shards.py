@@ -18,6 +18,7 @@ a rank whose share of a minibatch would be empty runs one row with weight 0.
 from __future__ import annotations
 
 import datetime
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -172,6 +173,8 @@ class Shards:
             register_fsdp_forward_method,
         )
 
+        # The learner's forwards return a linear layer's output, a view; nothing writes into it.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
         policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
         for layer in layers:
             fully_shard(layer, mesh=self.mesh, mp_policy=policy)
