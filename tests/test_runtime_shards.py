@@ -111,8 +111,10 @@ def rank_main(rank: int, world: int, path, out, queue) -> None:
     for name, over in CASES.items():
         learner, metrics = train_one(over, path, join)
         state = learner.shards.full_state(learner.net)
+        memory = learner.state_memory()
         if rank == 0:
-            torch.save({"state": state, "metrics": metrics}, out / f"{name.replace('/', '_')}.pt")
+            saved = {"state": state, "metrics": metrics, "memory": memory}
+            torch.save(saved, out / f"{name.replace('/', '_')}.pt")
         learner.shards.close()
     # 2 -> 1: one step by two ranks, saved; the parent resumes it alone.
     learner, _ = train_one(RESUME, path, join)
@@ -161,6 +163,24 @@ def test_two_ranks_take_the_step_one_learner_takes(name, batch, sharded):
     rel = BF16_METRIC_TOLERANCE if bf16 else 1e-4
     for key in ("learner/policy_loss", "learner/grad_norm", "learner/entropy"):
         assert two_metrics[key] == pytest.approx(metrics[key], rel=rel, abs=1e-6), key
+
+
+# Per rank, two ranks hold at most this share of one learner's state (half, plus what FSDP
+# cannot split evenly: a tensor's rows round up per rank).
+MEMORY_SHARE = 0.6
+
+
+@pytest.mark.parametrize("name", ["ppo/critic, 2 epochs", "ppo/bfloat16"])
+def test_each_of_two_ranks_holds_about_half_the_learner_state(name, batch, sharded):
+    single, _ = train_one(CASES[name], batch)
+    one = single.state_memory()
+    two = torch.load(sharded / f"{name.replace('/', '_')}.pt")["memory"]
+    # A sharded bfloat16 learner's parameters are its float32 masters: count them together.
+    for memory in (one, two):
+        memory["weights"] = memory["parameters"] + memory["masters"]
+    for part in ("weights", "gradients", "optimizer", "total"):
+        assert two[part] <= MEMORY_SHARE * one[part], (part, two[part], one[part])
+    assert one["optimizer"] == pytest.approx(2 * one["gradients"], rel=0.01)  # two moments
 
 
 def test_a_resume_continues_exactly_across_learner_counts(batch, sharded):

@@ -267,6 +267,10 @@ class Learner(LearnerRole):
         value head."""
         return self.net
 
+    def held_modules(self) -> list[torch.nn.Module]:
+        """The policy with its value head, and the reference model where it is a copy."""
+        return [self.net] + ([self.reference] if self.reference is not None else [])
+
     def weights(self) -> VersionedWeights | None:
         """The policy's current weights, stamped with its version (a sharded learner gathers
         them: every rank calls it, rank 0 returns them, the others None)."""
@@ -304,6 +308,8 @@ class Learner(LearnerRole):
         logits, values = net.responses(
             ids, mask, start, values=with_values, share_prompts=not self.shards.sharded
         )
+        if not torch.is_grad_enabled():
+            self.shards.reshard(net)
         return logits.float() / self.temperature, values
 
     def _tensors(self, batch: Trajectories) -> tuple[torch.Tensor, ...]:
@@ -612,13 +618,15 @@ class Learner(LearnerRole):
         self, prompts: list[list[int]], references: list[list[int]]
     ) -> dict[str, float]:
         """Token accuracy and perplexity of reference responses under the policy."""
-        return reference_metrics(
+        metrics = reference_metrics(
             self.net,
             prompts,
             references,
             self.tokenizer.pad_token_id,
             share_prompts=not self.shards.sharded,
         )
+        self.shards.reshard(self.net)
+        return metrics
 
     # ---- checkpoints ---------------------------------------------------------------------
 

@@ -371,6 +371,35 @@ class LearnerRole:
         """The module the optimizer's parameter names are relative to."""
         return self.published_module()
 
+    def held_modules(self) -> list[nn.Module]:
+        """Every network this learner holds (the trained one, a reference or target)."""
+        return [self.trained_root()]
+
+    def state_memory(self) -> dict[str, float]:
+        """MiB of learner state this rank holds (its shards when sharded): ``parameters`` of
+        every network it holds, ``gradients``, ``optimizer`` (AdamW's moments) and
+        ``masters`` (float32 copies of low-precision weights), and their ``total``."""
+
+        def mib(tensors: Iterable[torch.Tensor]) -> float:
+            unique = {id(t): t for t in tensors if t is not None}.values()
+            local = [t.to_local() if isinstance(t, DTensor) else t for t in unique]
+            return sum(t.numel() * t.element_size() for t in local) / 2**20
+
+        params = [p for m in self.held_modules() for p in m.parameters()]
+        moments = [
+            v
+            for state in self.opt.optimizer.state.values()
+            for v in state.values()
+            if isinstance(v, torch.Tensor) and v.dim() > 0
+        ]
+        memory = {
+            "parameters": mib(params),
+            "gradients": mib([p.grad for p in params] + [m.grad for m in self.opt.trained]),
+            "optimizer": mib(moments),
+            "masters": mib(self.opt.masters.values()),
+        }
+        return {**memory, "total": sum(memory.values())}
+
     @staticmethod
     def read_masters(folder: Path) -> dict[str, torch.Tensor]:
         """The float32 masters a checkpoint holds by parameter name (``{}``: none)."""

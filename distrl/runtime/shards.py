@@ -182,6 +182,15 @@ class Shards:
         for method in methods:
             register_fsdp_forward_method(root, method)
 
+    def reshard(self, module: nn.Module) -> None:
+        """Free ``module``'s gathered weights after a forward without backward: FSDP keeps a
+        root's gathered (for the backward it expects), which would hold a whole copy of a
+        reference model's embeddings and head."""
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
     def full_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """``module``'s whole state on rank 0's CPU (a collective; other ranks get ``{}``)."""
         if not self.sharded:
