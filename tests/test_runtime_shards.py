@@ -15,6 +15,8 @@ import torch.multiprocessing as mp
 
 from distrl.config import load_config
 from distrl.data.examples import load_examples
+from distrl.dqn.learner import QLearner
+from distrl.dqn.rollout import QRolloutWorker, make_transitions
 from distrl.loop.driver import train
 from distrl.models.policy import encode_prompts
 from distrl.outputs.metrics import read_metrics
@@ -58,6 +60,38 @@ def case_config(over: dict):
     )
 
 
+DQN_CASES = {
+    "dqn": {},
+    "dqn/bfloat16": {"model.dtype": "bfloat16"},
+}
+
+
+def dqn_config(over: dict):
+    return load_config(
+        "tiny",
+        {
+            "algo": "dqn",
+            "learner.lr": LR,
+            "learner.warmup_steps": 0,
+            "dqn.q_network": "lm_head",
+            "dqn.action_top_k": 4,
+            "dqn.batch_size": 16,
+            "dqn.tau": 0.5,  # a Polyak step after the update, on the target's shards
+            "rollout.max_new_tokens": 4,
+            **over,
+        },
+    )
+
+
+def dqn_update(over: dict, path, join=None):
+    sample = pickle.loads(path.read_bytes())
+    torch.manual_seed(0)
+    learner = QLearner(**QLearner.arguments(dqn_config(over)))
+    if join:
+        join(learner)
+    return learner, learner.update(sample)
+
+
 @pytest.fixture(scope="module")
 def batch(tmp_path_factory):
     """16 rows (8 prompts, 2 samples each) with scores and group ids, in a file the ranks read."""
@@ -80,6 +114,16 @@ def batch(tmp_path_factory):
     groups = np.repeat(np.arange(len(prompts)), 2)
     path = tmp_path_factory.mktemp("shards") / "batch.pkl"
     path.write_bytes(pickle.dumps((trajectories, scores, groups)))
+    # A replay sample of DQN transitions with unequal importance weights, beside it.
+    config = dqn_config({})
+    worker = QRolloutWorker(**QRolloutWorker.arguments(config))
+    out = worker.generate(prompts, list(range(len(prompts))))
+    cols, _ = make_transitions(
+        out, np.linspace(0.0, 1.0, len(prompts)), gamma=0.99, n_step=2, width=worker.width
+    )
+    n = len(cols["reward"])
+    weights = np.random.default_rng(1).uniform(0.2, 1.0, n).astype(np.float32)
+    path.with_name("dqn.pkl").write_bytes(pickle.dumps((cols, np.arange(n), weights)))
     return path
 
 
@@ -115,6 +159,15 @@ def rank_main(rank: int, world: int, path, out, queue) -> None:
         if rank == 0:
             saved = {"state": state, "metrics": metrics, "memory": memory}
             torch.save(saved, out / f"{name.replace('/', '_')}.pt")
+        learner.shards.close()
+    for name, over in DQN_CASES.items():
+        learner, (_, td, metrics) = dqn_update(over, path.with_name("dqn.pkl"), join)
+        state = learner.shards.full_state(learner.qnet)
+        target = learner.shards.full_state(learner.target)
+        memory = learner.state_memory()
+        if rank == 0:
+            saved = {"state": state, "target": target, "td": td, "metrics": metrics}
+            torch.save({**saved, "memory": memory}, out / f"{name.replace('/', '_')}.pt")
         learner.shards.close()
     # 2 -> 1: one step by two ranks, saved; the parent resumes it alone.
     learner, _ = train_one(RESUME, path, join)
@@ -165,16 +218,41 @@ def test_two_ranks_take_the_step_one_learner_takes(name, batch, sharded):
         assert two_metrics[key] == pytest.approx(metrics[key], rel=rel, abs=1e-6), key
 
 
+@pytest.mark.parametrize("name", list(DQN_CASES))
+def test_two_ranks_take_the_td_step_one_learner_takes(name, batch, sharded):
+    """The online network, the target after its Polyak step, the new priorities and the
+    metrics of one TD update on two ranks equal one learner's."""
+    single, (_, td, metrics) = dqn_update(DQN_CASES[name], batch.with_name("dqn.pkl"))
+    saved = torch.load(sharded / f"{name.replace('/', '_')}.pt", weights_only=False)
+    bf16 = "bfloat16" in name
+    for two, one in [
+        (saved["state"], single.opt.float32(single.qnet)),
+        (saved["target"], single.target_float),
+    ]:
+        assert two.keys() == one.keys()
+        gaps = torch.cat([(two[k] - one[k]).abs().flatten() for k in one])
+        assert float(gaps.max()) < 2 * LR, name  # one step
+        if not bf16:
+            assert float((gaps > WEIGHT_TOLERANCE).float().mean()) < FLIPPED_SHARE, name
+    rel = BF16_METRIC_TOLERANCE if bf16 else 1e-4
+    assert saved["td"] == pytest.approx(td, rel=rel, abs=1e-5)
+    for key in ("learner/td_loss", "learner/q_mean", "learner/grad_norm"):
+        assert saved["metrics"][key] == pytest.approx(metrics[key], rel=rel, abs=1e-6), key
+
+
 # Per rank, two ranks hold at most this share of one learner's state (half, plus what FSDP
 # cannot split evenly: a tensor's rows round up per rank).
 MEMORY_SHARE = 0.6
 
 
-@pytest.mark.parametrize("name", ["ppo/critic, 2 epochs", "ppo/bfloat16"])
+@pytest.mark.parametrize("name", ["ppo/critic, 2 epochs", "ppo/bfloat16", "dqn/bfloat16"])
 def test_each_of_two_ranks_holds_about_half_the_learner_state(name, batch, sharded):
-    single, _ = train_one(CASES[name], batch)
+    if name.startswith("dqn"):
+        single, _ = dqn_update(DQN_CASES[name], batch.with_name("dqn.pkl"))
+    else:
+        single, _ = train_one(CASES[name], batch)
     one = single.state_memory()
-    two = torch.load(sharded / f"{name.replace('/', '_')}.pt")["memory"]
+    two = torch.load(sharded / f"{name.replace('/', '_')}.pt", weights_only=False)["memory"]
     # A sharded bfloat16 learner's parameters are its float32 masters: count them together.
     for memory in (one, two):
         memory["weights"] = memory["parameters"] + memory["masters"]

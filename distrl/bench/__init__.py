@@ -21,7 +21,9 @@ Both sides of a comparison run on the same device, and the JSON says which: on a
 - ``learner``: tokens/s of ``Learner.train`` (in an actor with every CPU) on a batch from a real
   rollout, whole and its update phase alone, against a plain forward + backward + AdamW step
   of the same model on the same tokens in this process; and a learner with rank-8 LoRA
-  adapters on the same batch, with each learner's peak memory and trained parameters.
+  adapters on the same batch, with each learner's peak memory and trained parameters. With
+  ``--learner-workers 1 2``, also the learner as 1 and 2 sharded learner workers: each rank's
+  learner-state memory, tokens/s, and their first update's weights against the first count's.
 - ``publish``: seconds to get the learner's weights into 2 rollout workers, as the driver
   does it (``publish_weights`` views, ``set_weights``), in float32 and bfloat16, against the
   plain way (a state dict of torch tensors through the object store, ``load_state_dict``);
@@ -124,7 +126,18 @@ def main(argv: list[str] | None = None) -> int:
         help="the rollout section's engine; vllm: a RolloutWorker with rollout.engine vllm "
         "against a plain vLLM LLM.generate and a plain HF generate",
     )
+    parser.add_argument(
+        "--learner-workers",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="N",
+        help="the learner section also runs the learner as each of these numbers of sharded "
+        "learner workers (e.g. 1 2): per-rank state memory, tokens/s, weights against the first",
+    )
     args = parser.parse_args(argv)
+    if any(n < 1 for n in args.learner_workers):
+        parser.error("--learner-workers takes counts of 1 or more")
     if args.batch < 1 or args.new_tokens < 1:
         parser.error("--batch and --new-tokens must be at least 1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -137,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device,
         dtype=args.dtype,
         engine=args.engine,
+        learner_workers=tuple(args.learner_workers),
     )
     try:
         options.on_gpu  # noqa: B018 (resolves the device: fail before any section starts)

@@ -38,6 +38,7 @@ class BenchOptions:
         device: "auto" (CUDA when present), "cpu" or "cuda", for both sides of a comparison.
         dtype: "auto" (bfloat16 on a GPU, else float32), "float32", "bfloat16" or "float16".
         engine: the rollout section's generation engine, "hf" or "vllm".
+        learner_workers: learner counts the learner section also compares (empty: none).
     """
 
     model: str = "default"
@@ -47,6 +48,7 @@ class BenchOptions:
     device: str = "auto"
     dtype: str = "auto"
     engine: str = "hf"
+    learner_workers: tuple[int, ...] = ()
 
     @property
     def on_gpu(self) -> bool:

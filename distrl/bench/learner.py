@@ -29,6 +29,7 @@ from distrl.bench.common import (
     rounded,
     synchronize,
 )
+from distrl.bench.shards import bench_learner_workers
 from distrl.pg.learner import Learner
 from distrl.pg.rollout import RolloutWorker
 
@@ -43,7 +44,7 @@ class MeasuredLearner(Learner):
     def peak_gpu_mb(self) -> float | None:
         return peak_gpu_mb()
 
-    def trained_parameters(self) -> int:
+    def trained_count(self) -> int:
         """Parameters in the optimizer (LoRA: the adapters and the value head)."""
         return sum(p.numel() for p in self.opt.params)
 
@@ -130,7 +131,7 @@ def bench_learner(options: BenchOptions) -> dict[str, Any]:
         learner_peak = get(learner.peak_rss_mb.remote())
         memory = {
             "peak_gpu_mb": get(learner.peak_gpu_mb.remote()),
-            "trained_parameters": get(learner.trained_parameters.remote()),
+            "trained_parameters": get(learner.trained_count.remote()),
         }
         ray.kill(learner, no_restart=True)
         # One learner at a time, so each actor's peak memory is its own alone.
@@ -149,10 +150,13 @@ def bench_learner(options: BenchOptions) -> dict[str, Any]:
             "learner_reported_tokens_per_s": statistics.median(lora_reported),
             "lora_rank": LORA_RANK,
             "peak_gpu_mb": get(lora.peak_gpu_mb.remote()),
-            "trained_parameters": get(lora.trained_parameters.remote()),
+            "trained_parameters": get(lora.trained_count.remote()),
         }
         lora_peak = get(lora.peak_rss_mb.remote())
         ray.kill(lora, no_restart=True)
+        workers = None
+        if options.learner_workers:
+            workers = bench_learner_workers(options, MeasuredLearner, batch_ref, scores, tokens)
     reference = tokens / statistics.median(raw_s)
     # Two more epochs of one minibatch step each: half the difference is one update step.
     epochs_s = [(b - a) / 2 for a, b in zip(learn_s[1], learn_s[3])]
@@ -211,6 +215,8 @@ def bench_learner(options: BenchOptions) -> dict[str, Any]:
         "driver_peak_rss_mb": peak_rss_mb(),
         "distrl": rows,
     }
+    if workers is not None:
+        result["learner_workers"] = workers
     print_figures(
         f"learner: {result['model']} ({result['dtype']} on {learner_device}, raw on "
         f"{worker.device}), batch {tokens} tokens {tuple(ids.shape)}; raw step "
@@ -218,4 +224,12 @@ def bench_learner(options: BenchOptions) -> dict[str, Any]:
         "tokens/s",
         rows,
     )
+    if workers is not None:
+        for world, row in workers["counts"].items():
+            print(
+                f"learner workers {world}: {row['tokens_per_s']:.1f} tokens/s, largest rank "
+                f"{max(m['total'] for m in row['per_rank_state_mb']):.1f} MiB of learner state "
+                f"({row['state_ratio']:.2f} of the first), weights apart from the first: "
+                f"{row['weight_gap_share']:.2%} (largest {row['weight_gap_max']:.2g})"
+            )
     return result

@@ -511,15 +511,17 @@ class RunConfig:
             )
         if self.resources.learner_workers > 1:
             alone = {
-                f"algo {self.algo}": spec.family == "q_learning",
+                f"dqn.q_network {d.q_network}": spec.family == "q_learning"
+                and d.q_network != "lm_head",
                 "learner.lora.rank > 0": self.learner.lora.rank > 0,
-                "ppo.ce_coef > 0": p.ce_coef > 0,
+                "ppo.ce_coef > 0": spec.family == "policy_gradient" and p.ce_coef > 0,
             }
             for what, refused in alone.items():
                 if refused:
                     raise ConfigError(
-                        f"resources.learner_workers > 1 shards the full policy-gradient learner; "
-                        f"{what} runs on one learner worker (set resources.learner_workers 1)"
+                        "resources.learner_workers > 1 shards a full fine-tune of the policy "
+                        f"or the lm_head Q-network; {what} runs on one learner worker (set "
+                        "resources.learner_workers 1)"
                     )
         if (
             spec.family == "q_learning"

@@ -27,12 +27,14 @@ from distrl.models.lora import add_lora, merged_weights
 from distrl.models.policy import build_model, build_tokenizer
 from distrl.models.tokenizers import Tokenizer
 from distrl.runtime.checkpoint import load_torch_state, load_weights, save_torch_state
-from distrl.runtime.roles import LearnerRole, OptimizerStep
+from distrl.runtime.roles import LOW_PRECISION, LearnerRole, OptimizerStep
+from distrl.runtime.shards import decoder_layers
 from distrl.weights.tensors import (
     VersionedWeights,
     get_weights,
     has_lora,
     non_finite,
+    publish_state,
     publish_weights,
     published_names,
     set_weights,
@@ -133,6 +135,7 @@ class QLearner(LearnerRole):
             for name, t in self.target_tensors().items()
         }
         self.device = next(self.qnet.parameters()).device
+        self.dtype = next(self.qnet.parameters()).dtype
         self.version = 0  # bumped by each publish after new updates
         self.published_steps = 0
         self.skipped = 0
@@ -153,11 +156,41 @@ class QLearner(LearnerRole):
             self.version, self.published_steps = self.version + 1, self.steps
         return self.version
 
-    def weights(self) -> VersionedWeights:
-        """The online Q-network's weights, stamped with ``publish_version()``."""
-        weights = publish_weights(self.published_module(), self.publish_version())
+    def weights(self) -> VersionedWeights | None:
+        """The online Q-network's weights, stamped with ``publish_version()`` (a sharded
+        learner gathers them: every rank calls it, rank 0 returns them, the others None)."""
+        if self.shards.sharded:
+            state, version = self.published_state(), self.publish_version()
+            if self.shards.rank:
+                return None
+            weights = publish_state(state, version)
+        else:
+            weights = publish_weights(self.published_module(), self.publish_version())
         self.published_bytes = weights.nbytes
         return weights
+
+    def held_modules(self) -> list[torch.nn.Module]:
+        """The online Q-network, and the target network where it is a copy."""
+        return [self.qnet] + ([self.target] if self.target is not None else [])
+
+    def shard(self) -> None:
+        """Shard the online and target Q-networks (an ``lm_head`` one: its decoder layers,
+        then the rest; the state value in float32) and rebuild the optimizer on the shards. A
+        bfloat16 run's weights become float32 masters that FSDP gathers in bfloat16."""
+        assert self.target is not None  # the config keeps LoRA on one learner worker
+        low = self.dtype in LOW_PRECISION
+        for net in (self.qnet, self.target):
+            if low:
+                net.float()
+            self.shards.shard(
+                net,
+                decoder_layers(net.backbone),
+                compute_dtype=self.dtype if low else None,
+                methods=("state_and_next",),
+                float32=(net.value,),
+            )
+        self.opt = OptimizerStep(self.qnet.named_parameters(), self.run_config.learner)
+        self.target_float = dict(self.target_tensors())  # float32 shards: their own masters
 
     def update(
         self, sample: tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]
@@ -175,59 +208,75 @@ class QLearner(LearnerRole):
         def t(name: str) -> torch.Tensor:
             return torch.tensor(np.asarray(batch[name]), device=self.device)
 
-        tokens = t("tokens").long()
-        state_len, next_len = t("state_len").long(), t("next_len").long()
+        n = len(ids)
+        # This rank's transitions (all of them on one learner), balanced by tokens.
+        share = self.shards.share(t("next_len").long())
+        rows = share.rows.to(self.device)
+
+        def mine(name: str) -> torch.Tensor:
+            return t(name)[rows]
+
+        tokens = mine("tokens").long()
+        state_len, next_len = mine("state_len").long(), mine("next_len").long()
         n_ids, n_mask = prefixes(tokens, next_len, pad)  # each state is a prefix of its next
-        discount = t("discount").float()
+        discount = mine("discount").float()
         next_target = self.target_q(n_ids, n_mask)  # before train(): no adapter dropout
         self.qnet.train()
         q_state, next_online = self.qnet.state_and_next(n_ids, n_mask, next_len - state_len)
-        q = q_state.gather(-1, t("action").long()[:, None])[:, 0]
+        q = q_state.gather(-1, mine("action").long()[:, None])[:, 0]
         with torch.no_grad():
-            cand = t("next_candidates").long()
+            cand = mine("next_candidates").long()
             next_mask = None
             if cand.shape[-1]:
                 next_mask = torch.zeros_like(next_target, dtype=torch.bool)
                 next_mask.scatter_(-1, cand, True)
             targets = dqn.td_targets(
-                rewards=t("reward").float(),
+                rewards=mine("reward").float(),
                 discounts=discount,
                 next_q_online=next_online,
                 next_q_target=next_target,
                 next_action_mask=next_mask,
                 double=d.double_q,
             )
+        is_weights = torch.tensor(np.asarray(weights, dtype=np.float32), device=self.device)
         loss, td = dqn.td_loss(
-            q=q,
-            targets=targets,
-            weights=torch.tensor(np.asarray(weights, dtype=np.float32), device=self.device),
-            kind=d.loss,
-            delta=d.huber_delta,
+            q=q, targets=targets, weights=is_weights[rows], kind=d.loss, delta=d.huber_delta
         )
         aux = self.qnet.aux_loss()
-        grad_norm = self.opt.step(loss + aux)
+        # This rank's share of the batch mean; FSDP averages gradients over the ranks.
+        grad_norm = self.opt.step(share.seqs * loss * self.shards.world + aux)
         self.qnet.eval()
         if grad_norm is None:
             self.skipped += 1
-            return ids, np.zeros(len(ids), dtype=np.float32), {"learner/skipped_updates": 1.0}
+            return ids, np.zeros(n, dtype=np.float32), {"learner/skipped_updates": 1.0}
+        td_abs = self.shards.gather_rows(td.abs(), share, n)
+        # Whole-batch means: each rank's share of them, summed (the Q-networks with an
+        # auxiliary loss, the MLP encoders', run on one learner).
+        means = [loss, q.mean(), targets.mean(), td.abs().mean()]
+        summed = self.shards.sum(
+            torch.tensor(
+                [float(v.detach()) * share.seqs for v in means] + [float(n_mask.sum())],
+                dtype=torch.float64,
+            )
+        ).tolist()
         if d.tau < 1.0:
             self.update_target(d.tau)
         elif self.steps % d.target_update_interval == 0:
             self.update_target(1.0)
         metrics = {
-            "learner/td_loss": loss.item(),
-            "learner/aux_loss": aux.item(),
-            "learner/q_mean": q.mean().item(),
-            "learner/target_q_mean": targets.mean().item(),
-            "learner/td_abs_mean": td.abs().mean().item(),
+            "learner/td_loss": summed[0],
+            "learner/aux_loss": float(aux.detach()),
+            "learner/q_mean": summed[1],
+            "learner/target_q_mean": summed[2],
+            "learner/td_abs_mean": summed[3],
             "learner/grad_norm": grad_norm,
             "learner/is_weight_mean": float(np.mean(weights)),
             "learner/sample_age": float(np.mean(self.version - batch["version"])),
             "learner/skipped_updates": 0.0,
             "learner/steps": float(self.steps),
-            "learner/tokens_per_s": float(n_mask.sum()) / max(time.perf_counter() - start, 1e-9),
+            "learner/tokens_per_s": summed[4] / max(time.perf_counter() - start, 1e-9),
         }
-        return ids, td.abs().cpu().numpy(), metrics
+        return ids, td_abs.cpu().numpy(), metrics
 
     @torch.no_grad()
     def target_q(
@@ -235,7 +284,9 @@ class QLearner(LearnerRole):
     ) -> torch.Tensor:
         """Q-values (B, V) of the target network for states ``input_ids`` (B, L)."""
         if self.target is not None:
-            return self.target(input_ids, attention_mask)
+            q = self.target(input_ids, attention_mask)
+            self.shards.reshard(self.target)  # FSDP keeps a root gathered after a forward
+            return q
         self.qnet.eval()
         return torch.func.functional_call(
             self.qnet, self.target_state, (input_ids, attention_mask), strict=False
@@ -270,21 +321,28 @@ class QLearner(LearnerRole):
 
     def save(self, folder: str, extra: dict | None = None) -> None:
         """Write the Q-network (safetensors; with LoRA its trained tensors: adapters and
-        heads), the run config and the learner state."""
+        heads), the run config and the learner state. Sharded, every rank calls it: the
+        networks are gathered on rank 0, which writes what one learner writes."""
         path = Path(folder)
-        save_file(get_weights(self.qnet), path / QNET_FILE)
+        full = None
+        if self.shards.sharded:
+            full = self.shards.full_state(self.qnet)
+            target = self.shards.full_state(self.target)
+            names = published_names(self.qnet)
+            qnet = {n: full[n].to(self.published_dtypes[n]) for n in names} if full else {}
+        else:
+            qnet, target = get_weights(self.qnet), self.target_float
+        role = self.role_state(extra, path, full)
+        if self.shards.rank:
+            return
+        save_file(qnet, path / QNET_FILE)
         dump_yaml(self.run_config, path / RUN_FILE)
         self.write_tokenizer_spec(path, self.run_config.tokenizer.name)
-        state = {
-            "target": self.target_float,
-            "published_steps": self.published_steps,
-            "skipped": self.skipped,
-        }
-        save_torch_state(path / STATE_FILE, {**state, **self.role_state(extra, path)})
+        state = {"target": target, "published_steps": self.published_steps, "skipped": self.skipped}
+        save_torch_state(path / STATE_FILE, {**state, **role})
 
-    def load(self, folder: str) -> dict:
-        """Restore both networks, the optimizer, counters and RNG; return the extra dict."""
-        path = Path(folder)
+    def check_saved_run(self, path: Path) -> None:
+        """Refuse a checkpoint of another Q-network kind or LoRA rank than this run's."""
         saved = yaml.safe_load((path / RUN_FILE).read_text())
         if saved.get("dqn", {}).get("q_network") != self.dqn.q_network:
             raise ModelError(f"{path} holds a different dqn.q_network than this run's")
@@ -294,6 +352,14 @@ class QLearner(LearnerRole):
                 f"{path} holds a Q-network of learner.lora.rank {rank}, this run's is "
                 f"{self.run_config.learner.lora.rank}"
             )
+
+    def load(self, folder: str) -> dict:
+        """Restore both networks, the optimizer, counters and RNG; return the extra dict.
+        Sharded, every rank calls it: rank 0 reads the files, the ranks load their shards."""
+        path = Path(folder)
+        if self.shards.sharded:
+            return self._load_shards(path)
+        self.check_saved_run(path)
         set_weights(self.qnet, load_weights(path, (QNET_FILE,)))
         state = load_torch_state(path / STATE_FILE)
         if state["target"].keys() != self.target_float.keys():
@@ -310,6 +376,34 @@ class QLearner(LearnerRole):
         ]
         if bad:
             raise ModelError(f"cannot resume from {path}: {bad[0]} holds NaN or infinite values")
+        return self.load_role_state(state, path)
+
+    def _load_shards(self, path: Path) -> dict:
+        """``load`` for a sharded learner: rank 0 reads both networks (with any float32
+        masters) and the state, every rank loads its shards."""
+        full: dict[str, torch.Tensor] = {}
+        target: dict[str, torch.Tensor] = {}
+        state = None
+        if self.shards.rank == 0:
+            self.check_saved_run(path)
+            state = load_torch_state(path / STATE_FILE)
+            full = {k: v.float() for k, v in load_weights(path, (QNET_FILE,)).items()}
+            full.update(self.read_masters(path))
+            target = {k: v.float() for k, v in state.pop("target").items()}
+            bad = [
+                k
+                for k, v in [*full.items(), *target.items()]
+                if v.is_floating_point() and not v.isfinite().all()
+            ]
+            if bad:
+                raise ModelError(
+                    f"cannot resume from {path}: {bad[0]} holds NaN or infinite values"
+                )
+        self.shards.load_full_state(self.qnet, full)
+        self.shards.load_full_state(self.target, target)
+        state = self.shards.broadcast_object(state)
+        self.skipped = int(state["skipped"])
+        self.published_steps = int(state["published_steps"])
         return self.load_role_state(state, path)
 
     def export_merged(self, folder: str) -> None:

@@ -230,6 +230,7 @@ class Learner(LearnerRole):
             decoder_layers(self.net.model),
             compute_dtype=self.dtype if low else None,
             methods=("responses",),
+            float32=(self.net.value_head,),
         )
         if self.reference is not None:
             self.shards.shard(

@@ -208,6 +208,8 @@ class LearnerRole:
     weight_group: WeightGroup | None = None
     shards: Shards = Shards()  # this learner's rank in the learner group (one rank until joined)
     dtype: torch.dtype = torch.float32  # what its workers run
+    # What one learner publishes each tensor as (a sharded learner's shards are float32).
+    published_dtypes: dict[str, torch.dtype] = {}
     group_store: Any = None  # the learner group's store (rank 0 serves it)
     device: torch.device
 
@@ -244,6 +246,8 @@ class LearnerRole:
                     f"({str(err).splitlines()[0]})"
                 ) from None
         self.shards = Shards.join(store, rank, world, device=self.device, timeout_s=timeout_s)
+        state = self.published_module().state_dict()
+        self.published_dtypes = {name: tensor.dtype for name, tensor in state.items()}
         self.shard()
         return rank
 
@@ -313,7 +317,7 @@ class LearnerRole:
             state = module.state_dict()
             return {name: state[name] for name in names}
         full = self.shards.full_state(module)
-        return {name: full[name].to(self.dtype) for name in names} if full else {}
+        return {name: full[name].to(self.published_dtypes[name]) for name in names} if full else {}
 
     def leave_weight_group(self) -> None:
         """Leave the weight group and stop serving its store."""

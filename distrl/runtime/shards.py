@@ -162,11 +162,13 @@ class Shards:
         *,
         compute_dtype: torch.dtype | None,
         methods: tuple[str, ...] = (),
+        float32: tuple[nn.Module, ...] = (),
     ) -> None:
         """Shard ``root`` with FSDP2: each of ``layers``, then the rest. Parameters stay as
         they are (float32 masters of a bfloat16 run); with ``compute_dtype`` they are gathered
-        in it and gradients are reduced in float32. ``methods`` of ``root`` gather its weights
-        as ``forward`` does."""
+        in it and gradients are reduced in float32, except the modules ``float32`` (small
+        heads that compute in float32 on one learner too). ``methods`` of ``root`` gather its
+        weights as ``forward`` does."""
         from torch.distributed.fsdp import (
             MixedPrecisionPolicy,
             fully_shard,
@@ -178,6 +180,9 @@ class Shards:
         policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
         for layer in layers:
             fully_shard(layer, mesh=self.mesh, mp_policy=policy)
+        full = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
+        for head in float32:
+            fully_shard(head, mesh=self.mesh, mp_policy=full)
         fully_shard(root, mesh=self.mesh, mp_policy=policy)
         for method in methods:
             register_fsdp_forward_method(root, method)
