@@ -295,35 +295,46 @@ def test_rows_are_dealt_by_tokens():
 # ---- end to end on Ray -------------------------------------------------------------------
 
 
-@pytest.mark.slow  # two runs on Ray
-@pytest.mark.parametrize(
-    ("algo", "sync"), [("ppo", "object_store"), ("grpo", "broadcast")], ids=["ppo", "grpo"]
-)
-def test_a_run_trains_on_two_learner_workers(ray_session, tmp_path, algo, sync):
+E2E = {
+    "ppo": {"algo": "ppo"},
+    "grpo": {"algo": "grpo", "rollout.weight_sync": "broadcast", "rollout.samples_per_prompt": 2},
+    "dqn": {
+        "algo": "dqn",
+        "dqn.learning_starts": 16,
+        "dqn.batch_size": 16,
+        "dqn.updates_per_iteration": 2,
+        "dqn.action_top_k": 8,
+    },
+}
+
+
+@pytest.mark.slow  # runs on Ray
+@pytest.mark.parametrize("name", list(E2E))
+def test_a_run_trains_on_two_learner_workers(ray_session, tmp_path, name):
     """Two learner actors act as the one learner: the run trains, publishes (through the object
-    store, or the broadcast group) and leaves checkpoints one learner would load."""
-    config = load_config(
-        "tiny",
-        {
-            "algo": algo,
-            "resources.learner_workers": 2,
-            "rollout.weight_sync": sync,
-            "rollout.samples_per_prompt": 2,
-            "iterations": 2,
-            "output.dir": str(tmp_path / "run"),
-            "output.progress": False,
-            "output.plots": False,
-            "output.tensorboard": False,
-            "output.checkpoint_every": 2,
-            "output.eval_every": 2,
-        },
-    )
-    run_dir = train(config)
+    store, or the broadcast group) and leaves checkpoints one learner loads."""
+    over = {
+        **E2E[name],
+        "resources.learner_workers": 2,
+        "iterations": 2,
+        "output.dir": str(tmp_path / "run"),
+        "output.progress": False,
+        "output.plots": False,
+        "output.tensorboard": False,
+        "output.checkpoint_every": 2,
+        "output.eval_every": 2,
+    }
+    run_dir = train(load_config("tiny", over))
     records = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2]
     last = records[-1]
-    assert last["learner/version"] == 2 and last["rollout/policy_lag"] <= 1
-    assert last["publish/bytes"] > 0 and np.isfinite(last["learner/policy_loss"])
-    alone = Learner(**Learner.arguments(load_config("tiny", {"algo": algo})))
+    loss = "learner/td_loss" if name == "dqn" else "learner/policy_loss"
+    assert np.isfinite(last[loss]) and last["publish/bytes"] > 0
+    alone_config = load_config("tiny", E2E[name])
+    cls = QLearner if name == "dqn" else Learner
+    alone = cls(**cls.arguments(alone_config))
     assert alone.load(str(run_dir / "checkpoints" / "step_2"))["step"] == 2
-    assert alone.version == 2
+    if name == "dqn":
+        assert last["learner/updates"] == 4 and alone.steps == 4
+    else:
+        assert alone.version == 2 and last["rollout/policy_lag"] <= 1

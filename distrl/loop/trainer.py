@@ -147,10 +147,9 @@ class Trainer:
         f = self.config.faults
         timeout = f.replay_timeout_s if role == "replay" else f.train_timeout_s
         group = self.stateful().get(role)
-        every = isinstance(group, actors.LearnerGroup) and isinstance(refs, ray.ObjectRef)
         try:
-            if every:  # every rank's part of the call: a rank that fails fails it
-                return actors.get(group.every_rank(refs), timeout=timeout)[0]
+            if isinstance(group, actors.LearnerGroup):  # a rank that fails fails the call
+                return self.wait_every_rank(group, refs, timeout)
             return actors.get(refs, timeout=timeout)
         except GetTimeoutError:
             setting = "replay_timeout_s" if role == "replay" else "train_timeout_s"
@@ -163,6 +162,19 @@ class Trainer:
             if dead is None:
                 raise
             raise self.lost(dead) from None
+
+    @staticmethod
+    def wait_every_rank(group: actors.LearnerGroup, refs: Any, timeout: float) -> Any:
+        """``actors.get`` on calls of a learner group (a ref, or a list of them), waiting on
+        every rank's part of each; returns rank 0's results."""
+        single = isinstance(refs, ray.ObjectRef)
+        every: list[ray.ObjectRef] = []
+        firsts = []
+        for ref in [refs] if single else refs:
+            firsts.append(len(every))
+            every.extend(group.every_rank(ref))
+        got = actors.get(every, timeout=timeout)
+        return got[firsts[0]] if single else [got[i] for i in firsts]
 
     def lost(self, role: str) -> Lost:
         """``Lost`` for stateful ``role`` found dead (a learner group: one of its workers)."""

@@ -227,18 +227,28 @@ class _GroupMethod:
     # Calls whose followers nobody waited on (a publication's) are forgotten past this many.
     REMEMBERED = 64
 
-    def __init__(self, group: LearnerGroup, name: str) -> None:
-        self.group, self.name = group, name
+    def __init__(self, group: LearnerGroup, name: str, options: dict | None = None) -> None:
+        self.group, self.name, self.call_options = group, name, options or {}
 
-    def remote(self, *args: Any, **kwargs: Any) -> ray.ObjectRef:
+    def options(self, **options: Any) -> _GroupMethod:
+        """The method with Ray call options (``num_returns``...) for every rank."""
+        return _GroupMethod(self.group, self.name, {**self.call_options, **options})
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
         ranks = self.group.ranks
         if self.name in RANK0_ONLY:
-            return getattr(ranks[0], self.name).remote(*args, **kwargs)
-        args = tuple(shared(a) for a in args)
-        kwargs = {k: shared(v) for k, v in kwargs.items()}
-        refs = [getattr(rank, self.name).remote(*args, **kwargs) for rank in ranks]
+            ranks = ranks[:1]
+        else:
+            args = tuple(shared(a) for a in args)
+            kwargs = {k: shared(v) for k, v in kwargs.items()}
+        calls = [getattr(rank, self.name) for rank in ranks]
+        if self.call_options:
+            calls = [call.options(**self.call_options) for call in calls]
+        refs = [call.remote(*args, **kwargs) for call in calls]
+        multiple = isinstance(refs[0], (list, tuple))  # num_returns > 1: a ref per return
         followers = self.group.followers
-        followers[refs[0]] = refs[1:]
+        for i, ref in enumerate(refs[0] if multiple else [refs[0]]):
+            followers[ref] = [r[i] if multiple else r for r in refs[1:]]
         while len(followers) > self.REMEMBERED:
             followers.pop(next(iter(followers)))
         return refs[0]
