@@ -42,17 +42,19 @@ def grouped_batch() -> tuple[torch.Tensor, torch.Tensor, int]:
 
 
 @pytest.mark.parametrize("kind", ["tiny-llama", "tiny-gpt2"])
-def test_shared_prompt_forward_equals_the_per_row_forward(kind):
-    """Running each distinct prompt once and copying its KV cache gives the hidden states and
-    the gradients of running every row whole."""
+@pytest.mark.parametrize("mode", ["shared", "packed"])
+def test_shared_prompt_and_packed_forwards_equal_the_padded_forward(kind, mode):
+    """Running each distinct prompt once and copying its KV cache (shared), or every row's real
+    tokens packed into one row (packed), gives the hidden states and the gradients of running
+    every padded row whole."""
     model = load_policy(kind, vocab_size=VOCAB, special_ids=SPECIAL, device="cpu", seed=0)
     ids, mask, start = grouped_batch()
     weights = torch.randn(5, ids.shape[1] - start, model.config.hidden_size)
 
-    def run(shared: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def run(mode: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
         model.zero_grad()
-        if shared:
-            hidden = response_hidden(model, ids, mask, start)
+        if mode != "padded":
+            hidden = response_hidden(model, ids, mask, start, pack=mode == "packed")
         else:
             out = model.base_model(
                 input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)
@@ -64,8 +66,8 @@ def test_shared_prompt_forward_equals_the_per_row_forward(kind):
         ]
         return hidden.detach(), grads
 
-    plain, plain_grads = run(shared=False)
-    shared, shared_grads = run(shared=True)
+    plain, plain_grads = run("padded")
+    shared, shared_grads = run(mode)
     assert shared.shape == plain.shape
     real = mask[:, start:].bool()
     torch.testing.assert_close(shared[real], plain[real], atol=1e-5, rtol=1e-4)

@@ -438,3 +438,32 @@ def test_the_update_plans_its_passes_once(algo, overrides, rows, kl_coef, determ
         ALGOS[algo], ppo_config, batch_size=rows, kl_coef=kl_coef, deterministic=deterministic
     )
     assert passes == Passes(*map(bool, expected))
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_packing_takes_the_step_padding_takes(prompts, algo):
+    """``learner.packing`` runs every sequence's real tokens in one row, no padding: the losses,
+    the gradient norm and the updated weights are those of the padded forward."""
+    over = {"algo": algo, "rollout.samples_per_prompt": 2, "ppo.minibatch_size": 8}
+    _, worker = make(load_config("tiny", over))
+    rows = [p for p in prompts for _ in range(2)]
+    batch = worker.generate(rows, list(range(len(rows))))
+    # Responses of 1 to 8 tokens, as if each ended at an EOS: rows of unequal lengths.
+    width = batch.response_mask.shape[1]
+    keep = np.arange(width)[None, :] < (1 + np.arange(len(rows)) % width)[:, None]
+    batch = dataclasses.replace(
+        batch, response_mask=batch.response_mask * keep, logprobs=batch.logprobs * keep
+    )
+    scores = np.linspace(-1.0, 1.0, len(rows))
+    groups = np.repeat(np.arange(len(prompts)), 2)
+    out = {}
+    for packing in (False, True):
+        torch.manual_seed(0)
+        learner, _ = make(load_config("tiny", {**over, "learner.packing": packing}))
+        metrics = learner.train(batch, scores, groups=groups)
+        out[packing] = metrics, {k: v.clone() for k, v in learner.net.state_dict().items()}
+    (padded, weights), (packed, packed_weights) = out[False], out[True]
+    for key in ("learner/policy_loss", "learner/grad_norm", "learner/entropy"):
+        assert packed[key] == pytest.approx(padded[key], rel=1e-4, abs=1e-6), key
+    gaps = torch.cat([(packed_weights[k] - weights[k]).abs().flatten() for k in weights])
+    assert float((gaps > 1e-6).float().mean()) < 1e-4  # AdamW's sign flips on round-off

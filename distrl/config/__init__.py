@@ -180,6 +180,11 @@ class LearnerConfig:
     max_grad_norm: float = _f(1.0, "clip the gradient norm to this", gt=0.0)
     warmup_steps: int = _f(0, "linear learning-rate warm-up, in optimizer steps", ge=0)
     max_nonfinite_updates: int = _f(3, "stop after this many non-finite updates in a row", ge=1)
+    packing: bool = _f(
+        False,
+        "pack each pass's sequences into one row (positions restart per sequence), so no "
+        "compute goes to padding; rows that share a prompt then each run it",
+    )
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 

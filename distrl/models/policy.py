@@ -146,6 +146,30 @@ def prefill_shared(
     return cache, out.last_hidden_state[inverse, -1:]
 
 
+def packed_hidden(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Last hidden states (B, L, H) of left-padded prompts followed by right-padded responses
+    (``ids``, ``mask``: (B, L)), computed on their real tokens only: every row's run of real
+    tokens goes, one after the other, into one row whose positions restart at 0 for each, so
+    attention stays within a sequence (transformers masks packed rows by their positions) and no
+    compute goes to padding. Padding positions hold zeros.
+
+    Raises:
+        ModelError: a row's real tokens are not one run (padding inside a sequence).
+    """
+    real = mask.bool()
+    lengths = real.sum(-1)
+    first = real.int().argmax(-1)
+    runs = torch.arange(ids.shape[1], device=ids.device)[None, :] - first[:, None]
+    if not bool((real == ((runs >= 0) & (runs < lengths[:, None]))).all()):
+        raise ModelError("packing needs each sequence's tokens in one run (no padding inside)")
+    positions = runs[real][None]  # 0.. per sequence, in row order
+    out = model.base_model(input_ids=ids[real][None], position_ids=positions, use_cache=False)
+    hidden = out.last_hidden_state[0]
+    full = hidden.new_zeros((*ids.shape, hidden.shape[-1]))
+    full[real] = hidden
+    return full
+
+
 def response_hidden(
     model: PreTrainedModel,
     ids: torch.Tensor,
@@ -153,17 +177,21 @@ def response_hidden(
     start: int,
     *,
     share_prompts: bool = True,
+    pack: bool = False,
 ) -> torch.Tensor:
     """Last hidden states (B, T, H) at the positions that predict ``ids[:, start:]``.
 
     Rows that share a prompt (the samples of one group) run it once: its KV cache is computed
     for the distinct prompts and copied, and only the responses run per row. A sharded learner
     passes ``share_prompts=False``: every rank must run the same passes, whatever its rows.
+    With ``pack`` the rows' tokens run as one packed row instead (``packed_hidden``).
 
     Args:
         model: a causal LM. ids, mask: (B, L) left-padded prompts followed by responses.
         start: column where responses begin (the padded prompt width).
     """
+    if pack:
+        return packed_hidden(model, ids, mask)[:, start - 1 : -1]
     first, _ = distinct_prompts(ids[:, :start])
     if not share_prompts or len(first) == ids.shape[0] or start == ids.shape[1]:
         out = model.base_model(
@@ -287,10 +315,14 @@ class PolicyWithValue(nn.Module):
         *,
         values: bool = False,
         share_prompts: bool = True,
+        pack: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, V) predicting ``ids[:, start:]`` and, with ``values``, values (B, T):
-        the learner's forward (see ``response_hidden``). A sharded learner registers it as an
-        FSDP forward method, so it gathers the weights as ``forward`` does."""
-        hidden = response_hidden(self.model, ids, mask, start, share_prompts=share_prompts)
+        the learner's forward (see ``response_hidden``; ``pack``: ``packed_hidden``). A sharded
+        learner registers it as an FSDP forward method, so it gathers the weights as
+        ``forward`` does."""
+        hidden = response_hidden(
+            self.model, ids, mask, start, share_prompts=share_prompts, pack=pack
+        )
         logits = self.model.get_output_embeddings()(hidden)
         return logits, (self.value_head(hidden) if values else None)

@@ -307,7 +307,12 @@ class Learner(LearnerRole):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits / temperature (B, T, V) predicting ``ids[:, start:]``, and values (B, T)."""
         logits, values = net.responses(
-            ids, mask, start, values=with_values, share_prompts=not self.shards.sharded
+            ids,
+            mask,
+            start,
+            values=with_values,
+            share_prompts=not self.shards.sharded,
+            pack=self.config.packing,
         )
         if not torch.is_grad_enabled():
             self.shards.reshard(net)
