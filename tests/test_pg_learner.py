@@ -440,10 +440,21 @@ def test_the_update_plans_its_passes_once(algo, overrides, rows, kl_coef, determ
     assert passes == Passes(*map(bool, expected))
 
 
+# The same update, computed another way: packed rows, or micro-batches of at most 40 tokens
+# (several per minibatch) with their gradients accumulated.
+WAYS = {
+    "packed": {"learner.packing": True},
+    "micro-batches": {"learner.max_tokens_per_micro_batch": 40},
+    "packed micro-batches": {"learner.packing": True, "learner.max_tokens_per_micro_batch": 40},
+}
+
+
+@pytest.mark.parametrize("way", list(WAYS))
 @pytest.mark.parametrize("algo", ["ppo", "grpo"])
-def test_packing_takes_the_step_padding_takes(prompts, algo):
-    """``learner.packing`` runs every sequence's real tokens in one row, no padding: the losses,
-    the gradient norm and the updated weights are those of the padded forward."""
+def test_packing_and_micro_batches_take_the_step_one_padded_minibatch_takes(prompts, algo, way):
+    """``learner.packing`` runs every sequence's real tokens in one row, no padding;
+    ``learner.max_tokens_per_micro_batch`` accumulates a minibatch's gradients over parts: the
+    losses, the gradient norm and the updated weights are those of one padded minibatch."""
     over = {"algo": algo, "rollout.samples_per_prompt": 2, "ppo.minibatch_size": 8}
     _, worker = make(load_config("tiny", over))
     rows = [p for p in prompts for _ in range(2)]
@@ -456,13 +467,13 @@ def test_packing_takes_the_step_padding_takes(prompts, algo):
     )
     scores = np.linspace(-1.0, 1.0, len(rows))
     groups = np.repeat(np.arange(len(prompts)), 2)
-    out = {}
-    for packing in (False, True):
+    out = []
+    for extra in ({}, WAYS[way]):
         torch.manual_seed(0)
-        learner, _ = make(load_config("tiny", {**over, "learner.packing": packing}))
+        learner, _ = make(load_config("tiny", {**over, **extra}))
         metrics = learner.train(batch, scores, groups=groups)
-        out[packing] = metrics, {k: v.clone() for k, v in learner.net.state_dict().items()}
-    (padded, weights), (packed, packed_weights) = out[False], out[True]
+        out.append((metrics, {k: v.clone() for k, v in learner.net.state_dict().items()}))
+    (padded, weights), (packed, packed_weights) = out
     for key in ("learner/policy_loss", "learner/grad_norm", "learner/entropy"):
         assert packed[key] == pytest.approx(padded[key], rel=1e-4, abs=1e-6), key
     gaps = torch.cat([(packed_weights[k] - weights[k]).abs().flatten() for k in weights])

@@ -185,6 +185,13 @@ class LearnerConfig:
         "pack each pass's sequences into one row (positions restart per sequence), so no "
         "compute goes to padding; rows that share a prompt then each run it",
     )
+    max_tokens_per_micro_batch: int | None = _f(
+        None,
+        "split each optimizer step's rows into micro-batches of at most this many tokens (of "
+        "the forward: real tokens with packing, padded width otherwise), their gradients "
+        "accumulated; empty = the whole minibatch at once",
+        ge=1,
+    )
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -513,6 +520,11 @@ class RunConfig:
             raise ConfigError(
                 "rollout.engine vllm takes full weights; with learner.lora.rank > 0 use "
                 "rollout.engine hf (the workers then load only the adapters)"
+            )
+        if p.ce_coef > 0 and self.learner.max_tokens_per_micro_batch is not None:
+            raise ConfigError(
+                "ppo.ce_coef > 0 takes whole minibatches: leave "
+                "learner.max_tokens_per_micro_batch empty"
             )
         if self.resources.learner_workers > 1:
             alone = {

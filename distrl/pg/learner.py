@@ -92,7 +92,7 @@ def plan_passes(
     batch_size: int,
     kl_coef: float,
     deterministic: bool,
-    sharded: bool = False,
+    split: bool = False,
 ) -> Passes:
     """Which passes an update of ``batch_size`` rows runs (see ``Passes``).
 
@@ -102,12 +102,13 @@ def plan_passes(
         batch_size: rows in the batch.
         kl_coef: the KL controller's current coefficient (0 and fixed: no reference pass).
         deterministic: a training-mode forward gives an eval-mode one's logprobs (no dropout).
-        sharded: the learner is several ranks: the critic's old values come from an old pass
-            over the whole batch, so GAE and whitening see every rank's rows.
+        split: each minibatch is split (over learner ranks, or into micro-batches): the
+            critic's old values come from an old pass over the whole batch, so GAE and
+            whitening see every row, not one part's.
     """
     c = ppo_config
     whole_batch = c.minibatch_size >= batch_size
-    single_step = algo.critic and c.epochs == 1 and whole_batch and not sharded
+    single_step = algo.critic and c.epochs == 1 and whole_batch and not split
     # Without a KL penalty (fixed coefficient 0) the reference model is not run, as GRPO
     # does with beta 0.
     penalty = algo.kl_in_reward and (kl_coef > 0 or c.kl_target is not None)
@@ -369,7 +370,7 @@ class Learner(LearnerRole):
             batch_size=n,
             kl_coef=self.kl.value,
             deterministic=self._deterministic_forward(),
-            sharded=self.shards.sharded,
+            split=self.shards.sharded or self.config.max_tokens_per_micro_batch is not None,
         )
         # This rank's rows of the no-grad passes; gather_rows puts the ranks' results together.
         whole = self.shards.share(rmask.sum(-1))
@@ -427,11 +428,14 @@ class Learner(LearnerRole):
         skipped = 0
         stop = False
         probe = passes.probe
+        # A row's forward cost: its real tokens when packed, else the padded width.
+        costs = mask.sum(-1) if self.config.packing else mask.new_full((n,), mask.shape[1])
         for _ in range(c.epochs):
             for idx in self.shards.broadcast(torch.randperm(n)).split(c.minibatch_size):
-                share = self.shards.share(rmask[idx.to(self.device)].sum(-1))
-                mine = idx[share.rows].to(self.device)
-                out = self._minibatch(data.rows(mine), start, share, probe=probe)
+                idx = idx.to(self.device)
+                budget = self.config.max_tokens_per_micro_batch
+                parts = self.shards.parts(rmask[idx].sum(-1), costs[idx], budget)
+                out = self._minibatch(data, idx, parts, start, probe=probe)
                 probe = False
                 if out is None:
                     skipped += 1
@@ -519,15 +523,43 @@ class Learner(LearnerRole):
         return dataclasses.replace(data, advantages=advantages)
 
     def _minibatch(
-        self, mb: PPOBatch, start: int, share: Share, probe: bool = False
+        self, data: PPOBatch, idx: torch.Tensor, parts: list[Share], start: int, probe: bool
     ) -> dict[str, float] | None:
-        """One optimizer step on this rank's ``share`` of a minibatch; None when it was skipped
-        as non-finite. With ``probe`` (a forward of the old weights) it also gives the gap to
-        ``mb.old_logprobs``. Metrics are the whole minibatch's."""
+        """One optimizer step on minibatch ``idx`` of ``data``: this rank's ``parts`` of it
+        (micro-batches), their gradients accumulated; None when it was skipped as non-finite.
+        With ``probe`` (a forward of the old weights) it also measures the gap to the rollout's
+        log-probabilities. Metrics are the whole minibatch's."""
+        self.opt.zero()
+        totals: dict[str, float] = {}
+        gap_max = 0.0
+        for part in parts:
+            mb = data.rows(idx[part.rows.to(idx.device)])
+            loss, terms, gap = self._part_loss(mb, start, part, probe)
+            self.opt.backward(loss * self.shards.world)  # FSDP averages over the ranks
+            for name, (value, weight) in terms.items():
+                totals[name] = totals.get(name, 0.0) + torch.as_tensor(value).item() * weight
+            gap_max = max(gap_max, gap.get("logprob_mismatch_max", 0.0))
+        grad_norm = self.opt.step()
+        if grad_norm is None:
+            return None
+        summed = self.shards.sum(torch.tensor(list(totals.values()), dtype=torch.float64))
+        out = dict(zip(totals, summed.tolist()))
+        if probe and "logprob_mismatch" in out:
+            out["logprob_mismatch_max"] = float(self.shards.max(torch.tensor([gap_max]))[0])
+        out.update({"grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"]})
+        return out
+
+    def _part_loss(
+        self, mb: PPOBatch, start: int, part: Share, probe: bool
+    ) -> tuple[torch.Tensor, dict[str, tuple[Any, float]], dict[str, float]]:
+        """The loss of one part of a minibatch, weighed as its share of the minibatch's global
+        means (by tokens, or by sequences); its metrics as (value, weight) pairs whose weighted
+        sum over the parts and ranks is the minibatch's; and, with ``probe``, the gap to the
+        rollout's log-probabilities."""
         c = self.ppo
         m = mb.rmask
         logits, values = self._forward(self.net, mb.ids, mb.mask, start, self.critic)
-        if mb.advantages is None:
+        if mb.advantages is None:  # one part holding the whole batch: its values are the old
             mb = self._with_advantages(mb, values)
         logprobs = ppo.logprobs_from_logits(logits, mb.tokens)
         gap = self._mismatch(logprobs, mb.old_logprobs, m) if probe else {}
@@ -562,21 +594,12 @@ class Learner(LearnerRole):
         # Without an entropy bonus, entropy is only logged: keep it out of the backward pass.
         with torch.set_grad_enabled(c.ent_coef > 0):
             entropy = ppo.masked_mean(ppo.entropy_from_logits(logits), m)
-        # Each term is this rank's share of its global mean: by tokens, or by sequences.
         per_seq = self.loss_agg != "token_mean"
-        w_agg, w_tok = (share.seqs if per_seq else share.tokens), share.tokens
+        w_agg, w_tok = (part.seqs if per_seq else part.tokens), part.tokens
         loss = w_agg * pg_loss + c.vf_coef * w_tok * v_loss - c.ent_coef * w_tok * entropy
         if kl_loss is not None:
             loss = loss + c.kl_loss_coef * w_agg * kl_loss
-        ce = None
-        if c.ce_coef > 0 and mb.references is not None:  # one learner only (config)
-            ce = self._reference_nll(mb.references, mb.ids, mb.mask, start)
-            if ce is not None:
-                loss = loss + c.ce_coef * ce
-        grad_norm = self.opt.step(loss * self.shards.world)  # FSDP averages over the ranks
-        if grad_norm is None:
-            return None
-        terms = {
+        terms: dict[str, tuple[Any, float]] = {
             "policy_loss": (pg_loss, w_agg),
             "entropy": (entropy, w_tok),
             "clipfrac": (pg_stats["clipfrac"], w_tok),
@@ -586,19 +609,14 @@ class Learner(LearnerRole):
             terms.update({"value_loss": (v_loss, w_tok), "value_clipfrac": (v_clipfrac, w_tok)})
         if kl_loss is not None:
             terms["kl_loss"] = (kl_loss, w_agg)
-        if ce is not None:
-            terms["ce_loss"] = (ce, 1.0)
+        if c.ce_coef > 0 and mb.references is not None:  # one part on one learner (config)
+            ce = self._reference_nll(mb.references, mb.ids, mb.mask, start)
+            if ce is not None:
+                loss = loss + c.ce_coef * ce
+                terms["ce_loss"] = (ce, 1.0)
         if gap:
             terms["logprob_mismatch"] = (gap["logprob_mismatch"], w_tok)
-        weighted = [torch.as_tensor(v).item() * w for v, w in terms.values()]
-        summed = self.shards.sum(torch.tensor(weighted, dtype=torch.float64))
-        out = dict(zip(terms, summed.tolist()))
-        if gap:
-            out["logprob_mismatch_max"] = float(
-                self.shards.max(torch.tensor([gap["logprob_mismatch_max"]]))
-            )
-        out.update({"grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"]})
-        return out
+        return loss, terms, gap
 
     def _reference_nll(
         self, references: list[list[int]], ids: torch.Tensor, mask: torch.Tensor, start: int

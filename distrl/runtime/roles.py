@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -78,24 +79,43 @@ class OptimizerStep:
         )
         self.steps = 0  # optimizer steps taken
         self.nonfinite_in_a_row = 0
+        self.losses_finite, self.last_loss = True, 0.0  # of the step being gathered
 
-    def step(self, loss: torch.Tensor) -> float | None:
-        """Backward, clip and step; returns the gradient norm, or None when skipped."""
+    def zero(self) -> None:
+        """Drop the gradients, before the first ``backward`` of a step."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        for param, master in self.pairs():
-            master.grad = None if param.grad is None else param.grad.float()
+        for param in self.params:
             param.grad = None
+        self.losses_finite, self.last_loss = True, 0.0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Add ``loss``'s gradients to the step's (a micro-batch's part); a low-precision
+        parameter's go to its float32 master at once, so they add up in float32."""
+        loss.backward()
+        self.last_loss = float(loss.detach())
+        self.losses_finite = self.losses_finite and math.isfinite(self.last_loss)
+        for param, master in self.pairs():
+            if param.grad is not None:
+                grad = param.grad.float()
+                master.grad = grad if master.grad is None else master.grad.add_(grad)
+                param.grad = None
+
+    def step(self, loss: torch.Tensor | None = None) -> float | None:
+        """Backward ``loss`` (None: the gradients ``zero`` and ``backward`` gathered), clip and
+        step; returns the gradient norm, or None when skipped."""
+        if loss is not None:
+            self.zero()
+            self.backward(loss)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trained, self.config.max_grad_norm)
         if isinstance(grad_norm, DTensor):  # sharded: the norm over every rank's gradients
             grad_norm = grad_norm.full_tensor()
-        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+        if not (self.losses_finite and torch.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_in_a_row += 1
             if self.nonfinite_in_a_row >= self.config.max_nonfinite_updates:
                 raise NonFiniteError(
                     f"{self.nonfinite_in_a_row} updates in a row had a non-finite loss or "
-                    f"gradient (learner.max_nonfinite_updates); last loss {loss.item()}"
+                    f"gradient (learner.max_nonfinite_updates); last loss {self.last_loss}"
                 )
             return None
         self.nonfinite_in_a_row = 0

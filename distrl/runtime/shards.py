@@ -60,6 +60,21 @@ def split_by_tokens(tokens: list[int], world: int) -> list[list[int]]:
     return [sorted(p) for p in parts]
 
 
+def split_by_budget(costs: list[int], budget: int) -> list[list[int]]:
+    """Positions ``0..len(costs)-1`` in consecutive runs whose costs sum to at most ``budget``
+    (a position costlier than that is a run of its own)."""
+    runs: list[list[int]] = []
+    total = 0
+    for i, cost in enumerate(costs):
+        if runs and total + cost <= budget:
+            runs[-1].append(i)
+            total += cost
+        else:
+            runs.append([i])
+            total = cost
+    return runs
+
+
 class Shards:
     """This learner's place in its group: ``rank`` of ``world``."""
 
@@ -123,6 +138,30 @@ class Shards:
             sum(counts[r] for r in mine) / total_tokens,
             len(mine) / total_rows,
         )
+
+    def parts(self, tokens: torch.Tensor, costs: torch.Tensor, budget: int | None) -> list[Share]:
+        """This rank's share of a minibatch whose rows hold ``tokens`` (R,) real tokens, in
+        micro-batches whose forward ``costs`` (R,) sum to at most ``budget`` (a costlier row
+        alone; None: one part). Every rank gets as many parts as the rank with the most (FSDP
+        runs each part's passes on every rank): the extra ones are one row weighed 0."""
+        share = self.share(tokens)
+        if budget is None:
+            return [share]
+        counts = [int(t) for t in tokens.tolist()]
+        total_tokens, total_rows = max(sum(counts), 1), max(len(counts), 1)
+        rows = share.rows.tolist() if share.seqs > 0 else []
+        runs = split_by_budget([int(costs[r]) for r in rows], budget)
+        parts = [
+            Share(
+                torch.tensor([rows[i] for i in run], dtype=torch.long),
+                sum(counts[rows[i]] for i in run) / total_tokens,
+                len(run) / total_rows,
+            )
+            for run in runs
+        ]
+        most = int(self.max(torch.tensor([len(parts)]))[0])
+        idle = Share(torch.zeros(1, dtype=torch.long), 0.0, 0.0)
+        return parts + [idle] * (most - len(parts))
 
     def gather_rows(self, local: torch.Tensor, share: Share, total: int) -> torch.Tensor:
         """The whole batch's (``total`` rows) tensor from each rank's ``local`` rows."""
