@@ -27,8 +27,9 @@ def report(tmp_path_factory):
     sections = ["rollout", "learner", "publish", "replay", "attention", "pipeline"]
     cmd = [sys.executable, "-m", "distrl.bench", *sections, "--batch", "4", "--new-tokens", "16"]
     done = subprocess.run(
-        [*cmd, "--model", "tiny", "--quick", "--device", "cpu", "--json", str(out)],
-        timeout=600,
+        [*cmd, "--model", "tiny", "--quick", "--device", "cpu", "--learner-workers", "1", "2"]
+        + ["--json", str(out)],
+        timeout=900,
         capture_output=True,
         text=True,
     )
@@ -70,8 +71,15 @@ def test_learner_figures(report):
     assert positive(learner["raw"]["tokens_per_s"])
     assert positive(learner["driver_peak_rss_mb"])
     rows = learner["distrl"]
-    lora = "train, 1 epoch, LoRA rank 8"
-    assert set(rows) == {"train, 1 epoch", "train, 3 epochs", "update phase, one epoch", lora}
+    lora, packed = "train, 1 epoch, LoRA rank 8", "train, 1 epoch, packed"
+    assert set(rows) == {
+        "train, 1 epoch",
+        "train, 3 epochs",
+        "update phase, one epoch",
+        lora,
+        packed,
+    }
+    assert 0 <= rows[packed]["padding_share"] < 1
     for row in rows.values():
         assert row["reference_tokens_per_s"] == learner["raw"]["tokens_per_s"]
         assert positive(row["tokens_per_s"]) and positive(row["ratio"])
@@ -82,6 +90,17 @@ def test_learner_figures(report):
     # LoRA trains the adapters and the value head only.
     assert rows[lora]["lora_rank"] == 8
     assert rows[lora]["trained_parameters"] * 20 < rows["train, 1 epoch"]["trained_parameters"]
+
+
+def test_two_learner_workers_each_hold_at_most_0_6_of_one_learners_state(report):
+    counts = report["learner"]["learner_workers"]["counts"]
+    assert set(counts) == {"1", "2"}
+    assert [len(c["per_rank_state_mb"]) for c in counts.values()] == [1, 2]
+    assert counts["1"]["state_ratio"] == 1.0 and counts["2"]["state_ratio"] <= 0.6
+    assert counts["2"]["weight_gap_share"] < 1e-4  # the same update as one learner's
+    for count in counts.values():
+        assert positive(count["tokens_per_s"])
+        assert all(positive(m["total"]) for m in count["per_rank_state_mb"])
 
 
 def test_publish_figures(report):

@@ -41,6 +41,7 @@ CASES = {
     "ppo/critic, 2 epochs": {"algo": "ppo", "ppo.epochs": 2},
     "reinforce_pp/whitened, KL loss": {"algo": "reinforce_pp", "ppo.kl_loss_coef": 0.1},
     "grpo/packed": {"algo": "grpo", "learner.packing": True},
+    "grpo/gradient checkpointing": {"algo": "grpo", "model.gradient_checkpointing": True},
     # Parts of at most 30 tokens: the ranks' shares split into different numbers of parts.
     "ppo/packed micro-batches": {"learner.packing": True, "learner.max_tokens_per_micro_batch": 30},
     # FSDP gathers float32 masters as bfloat16; each rank's bfloat16 gradients of its rows are

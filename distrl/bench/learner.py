@@ -154,6 +154,26 @@ def bench_learner(options: BenchOptions) -> dict[str, Any]:
         }
         lora_peak = get(lora.peak_rss_mb.remote())
         ray.kill(lora, no_restart=True)
+        # The same update with learner.packing: no compute on the batch's padding.
+        packed_config = dataclasses.replace(
+            config, learner=dataclasses.replace(config.learner, packing=True)
+        )
+        packed = start(packed_config)
+        clock(lambda: get(packed.train.remote(batch_ref, scores)))  # warm-up
+        packed_wall = []
+        for _ in range(repeats):
+            raw_s.append(clock(raw)[0])
+            packed_wall.append(clock(lambda: get(packed.train.remote(batch_ref, scores)))[0])
+        packed_row = {
+            "tokens_per_s": tokens / statistics.median(packed_wall),
+            "seconds": statistics.median(packed_wall),
+            "samples": rounded([tokens / t for t in packed_wall]),
+            "peak_rss_mb": get(packed.peak_rss_mb.remote()),
+            "peak_gpu_mb": get(packed.peak_gpu_mb.remote()),
+            "trained_parameters": get(packed.trained_count.remote()),
+            "padding_share": 1.0 - tokens / ids.numel(),
+        }
+        ray.kill(packed, no_restart=True)
         workers = None
         if options.learner_workers:
             workers = bench_learner_workers(options, MeasuredLearner, batch_ref, scores, tokens)
@@ -179,6 +199,7 @@ def bench_learner(options: BenchOptions) -> dict[str, Any]:
     for row in rows.values():
         row.update(memory, peak_rss_mb=learner_peak)
     rows[f"train, 1 epoch, LoRA rank {LORA_RANK}"] = {**lora_row, "peak_rss_mb": lora_peak}
+    rows["train, 1 epoch, packed"] = packed_row
     for row in rows.values():
         row["reference_tokens_per_s"] = reference
         row["ratio"] = ratio(row["tokens_per_s"], reference)
@@ -204,7 +225,8 @@ def bench_learner(options: BenchOptions) -> dict[str, Any]:
             f"actor (rank {LORA_RANK} adapters on every linear layer, the value head; its "
             "reference is its policy with adapters off) started after the first is gone, "
             "on the same batch, so each row's peak_rss_mb (and peak_gpu_mb on CUDA) is one "
-            "learner's alone"
+            "learner's alone; the packed row is a third one with learner.packing (the batch's "
+            "real tokens in one row per pass, padding_share of the padded batch skipped)"
         ),
         "raw": {
             "tokens_per_s": reference,
