@@ -13,7 +13,8 @@ from distrl.config import load_config
 from distrl.data.examples import load_examples
 from distrl.errors import DistrlError, ModelError
 from distrl.models.policy import encode_prompts, response_hidden
-from distrl.pg.learner import Learner, Passes, plan_passes
+from distrl.pg.learner import Learner
+from distrl.pg.passes import Passes, plan_passes
 from distrl.pg.rollout import RolloutWorker
 from distrl.runtime.checkpoint import OPTIMIZER_FILE
 

@@ -27,7 +27,7 @@ from distrl.loop.trainer import Trainer
 from distrl.outputs.metrics import MetricsLogger, read_metrics
 from distrl.runtime import actors
 from distrl.runtime.checkpoint import latest_checkpoint, verify_checkpoint
-from distrl.runtime.roles import NonFiniteError
+from distrl.runtime.optimizer import NonFiniteError
 
 # ---- faults with real processes ----------------------------------------------------------
 

@@ -27,7 +27,8 @@ from distrl.models.lora import add_lora, merged_weights
 from distrl.models.policy import build_model, build_tokenizer
 from distrl.models.tokenizers import Tokenizer
 from distrl.runtime.checkpoint import load_torch_state, load_weights, save_torch_state
-from distrl.runtime.roles import LOW_PRECISION, LearnerRole, OptimizerStep
+from distrl.runtime.optimizer import LOW_PRECISION, OptimizerStep
+from distrl.runtime.roles import LearnerRole
 from distrl.runtime.shards import decoder_layers
 from distrl.weights.tensors import (
     VersionedWeights,

@@ -49,7 +49,7 @@ from distrl.runtime.faults import (
     StopSignals,
     loss_jump,
 )
-from distrl.runtime.roles import NonFiniteError
+from distrl.runtime.optimizer import NonFiniteError
 from distrl.weights.publish import Publisher
 
 Report = Callable[[int, dict[str, float], "Path | None"], None]
