@@ -236,6 +236,18 @@ def test_a_base_that_goes_round_in_a_circle_is_named(tmp_path):
             {"dqn.q_network": "lm_head", "dqn.prune_sparsity": 0.5},
             "apply to dqn.q_network=mlp only, not 'lm_head'",
         ),
+        (
+            {"algo": "dqn", "dqn.q_network": "mlp", "resources.learner_workers": 2},
+            "dqn.q_network mlp runs on one learner worker",
+        ),
+        (
+            {"algo": "dqn", "learner.lora.rank": 4, "resources.learner_workers": 2},
+            "learner.lora.rank > 0 with dqn runs on one learner worker",
+        ),
+        (
+            {"ppo.ce_coef": 0.1, "resources.learner_workers": 2},
+            "ppo.ce_coef > 0 runs on one learner worker",
+        ),
     ],
 )
 def test_every_cross_field_rule_refuses_with_its_reason(overrides, fragment):
@@ -252,6 +264,8 @@ def test_the_cross_field_rules_accept_their_valid_neighbours():
     vllm_dqn = {"dqn.exploration": "boltzmann", "dqn.action_top_k": 0}
     load_config("tiny", {"algo": "dqn", "rollout.engine": "vllm", **vllm_dqn})
     load_config("tiny", {"algo": "dqn", "learner.lora.rank": 4})
+    load_config("tiny", {"learner.lora.rank": 4, "resources.learner_workers": 2})
+    load_config("tiny", {"algo": "dqn", "resources.learner_workers": 2})
 
 
 def test_a_full_disk_or_a_forbidden_folder_is_one_line_in_every_entry_point(monkeypatch, capsys):

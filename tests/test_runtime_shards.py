@@ -7,22 +7,26 @@ what one unsharded learner computes from the same batch.
 
 import dataclasses
 import pickle
+import threading
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
 from distrl.config import load_config
 from distrl.data.examples import load_examples
 from distrl.dqn.learner import QLearner
 from distrl.dqn.rollout import QRolloutWorker, make_transitions
 from distrl.loop.driver import train
+from distrl.models.lora import ADAPTER_WEIGHTS
 from distrl.models.policy import encode_prompts
 from distrl.outputs.metrics import read_metrics
 from distrl.pg.learner import Learner
 from distrl.pg.rollout import RolloutWorker
 from distrl.runtime.shards import Shards, split_by_tokens
+from distrl.weights.sync import WeightGroup
 
 # The ranks sum float32 gradients in another order. AdamW moves a weight by about lr times the
 # sign of its gradient, so where a gradient is round-off on both sides its step may flip: all
@@ -47,6 +51,9 @@ CASES = {
     # FSDP gathers float32 masters as bfloat16; each rank's bfloat16 gradients of its rows are
     # summed in float32, one learner's are of all rows: they agree to bfloat16 round-off.
     "ppo/bfloat16": {"algo": "ppo", "model.dtype": "bfloat16"},
+    # LoRA: float32 adapters and value head trained over a frozen base, sharded in its dtype.
+    "grpo/lora": {"algo": "grpo", "learner.lora.rank": 4},
+    "ppo/lora, bfloat16": {"algo": "ppo", "learner.lora.rank": 4, "model.dtype": "bfloat16"},
 }
 BF16_METRIC_TOLERANCE = 1e-3
 
@@ -142,6 +149,7 @@ def train_one(over: dict, path, join=None) -> tuple[Learner, dict]:
 
 # Resumed across learner counts: one step, a checkpoint, one more step.
 RESUME = {"algo": "ppo", "ppo.epochs": 2}
+LORA_RESUME = {**RESUME, "learner.lora.rank": 4}
 
 
 def rank_main(rank: int, world: int, path, out, queue) -> None:
@@ -177,6 +185,11 @@ def rank_main(rank: int, world: int, path, out, queue) -> None:
     learner, _ = train_one(RESUME, path, join)
     learner.save(str(out / "two_saved"), {"step": 1})
     learner.shards.close()
+    # The same with LoRA, and the merged policy best/ and final/ hold.
+    learner, _ = train_one(LORA_RESUME, path, join)
+    learner.save(str(out / "two_saved_lora"), {"step": 1})
+    learner.export_merged(str(out / "two_merged_lora"))
+    learner.shards.close()
     # 1 -> 2: the parent's one-step checkpoint, resumed by two ranks for a second step.
     trajectories, scores, _ = pickle.loads(path.read_bytes())
     learner = Learner(**Learner.arguments(case_config(RESUME)))
@@ -189,6 +202,47 @@ def rank_main(rank: int, world: int, path, out, queue) -> None:
     else:
         assert weights is None
     learner.shards.close()
+    learner = Learner(**Learner.arguments(case_config(LORA_RESUME)))
+    join(learner)
+    learner.load(str(out / "one_saved_lora"))
+    learner.train(trajectories, scores)
+    weights = learner.weights()
+    if rank == 0:
+        torch.save(weights.tensors(), out / "one_then_two_lora.pt")
+    learner.shards.close()
+    broadcast_to_a_worker(rank, world, path, out, queue, join)
+
+
+def broadcast_to_a_worker(rank, world, path, out, queue, join) -> None:
+    """Two ranks broadcast their policy to one receiver (a thread of rank 1) in small buckets:
+    each bucket is gathered and sent before the next."""
+    learner, _ = train_one(CASES["ppo/bfloat16"], path, join)
+    received = []
+    if rank == 0:
+        queue.put(learner.weight_group_address("127.0.0.1"))
+        learner.join_weight_group(2, timeout_s=60)
+        learner.weight_group.bucket_bytes = 64 * 1024
+    else:
+
+        def receive():
+            host, port = queue.get(timeout=60)
+            group = WeightGroup.join(host, port, 1, 2, timeout_s=60)
+            received.append(group.receive())
+
+        receiver = threading.Thread(target=receive)
+        receiver.start()
+    version = learner.broadcast_weights()
+    published = learner.published_state()
+    if rank == 0:
+        sent = learner.publish_metrics()["publish/bytes"]
+        buckets = len(learner.weight_group.layout)
+        torch.save({"published": published, "bytes": sent, "buckets": buckets}, out / "sent.pt")
+    else:
+        receiver.join(timeout=60)
+        version_in, tensors = received[0]
+        assert version_in == version
+        torch.save({k: v.clone() for k, v in tensors.items()}, out / "received.pt")
+    learner.shards.close()
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +252,8 @@ def sharded(batch, tmp_path_factory):
     learner, _ = train_one(RESUME, batch)
     (out / "one_saved").mkdir()
     learner.save(str(out / "one_saved"), {"step": 1})
+    learner, _ = train_one(LORA_RESUME, batch)
+    learner.save(str(out / "one_saved_lora"), {"step": 1})
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     mp.start_processes(rank_main, args=(2, batch, out, queue), nprocs=2, start_method="spawn")
@@ -211,7 +267,13 @@ def test_two_ranks_take_the_step_one_learner_takes(name, batch, sharded):
     two, two_metrics = saved["state"], saved["metrics"]
     one = single.opt.float32(single.net)  # float32 masters of a bfloat16 learner
     assert two.keys() == one.keys()
-    assert {v.dtype for v in two.values()} == {torch.float32}  # masters in every case
+    # Float32 masters of everything trained (a frozen LoRA base keeps its dtype).
+    assert {k: v.dtype for k, v in two.items()} == {k: v.dtype for k, v in one.items()}
+    trained = set(single.opt.names)
+    assert {two[k].dtype for k in trained} == {torch.float32}
+    if "lora" in name:
+        frozen = [k for k in one if k not in trained and not k.startswith("value_head")]
+        assert all(torch.equal(two[k], one[k]) for k in frozen)
     gaps = torch.cat([(two[k] - one[k]).abs().flatten() for k in one])
     assert float(gaps.max()) < 2 * LR * STEPS, name
     bf16 = "bfloat16" in name
@@ -287,6 +349,41 @@ def test_a_resume_continues_exactly_across_learner_counts(batch, sharded):
     check(alone.weights().tensors())
 
 
+def test_a_lora_resume_and_merge_continue_exactly_across_learner_counts(batch, sharded, tmp_path):
+    """A LoRA learner's adapter saved by two ranks resumes on one, and one's on two, exactly;
+    the policy merged by two ranks is the one a single learner merges."""
+    trajectories, scores, _ = pickle.loads(batch.read_bytes())
+    uninterrupted, _ = train_one(LORA_RESUME, batch)
+    uninterrupted.export_merged(str(tmp_path))
+    two_merged = load_file(sharded / "two_merged_lora" / "model.safetensors")
+    one_merged = load_file(tmp_path / "model.safetensors")
+    assert two_merged.keys() == one_merged.keys()
+    gaps = torch.cat([(two_merged[k] - one_merged[k]).abs().flatten() for k in one_merged])
+    assert float(gaps.max()) < 2 * LR * STEPS
+    assert float((gaps > WEIGHT_TOLERANCE).float().mean()) < FLIPPED_SHARE
+    uninterrupted.train(trajectories, scores)
+    expected = uninterrupted.weights().tensors()
+    alone = Learner(**Learner.arguments(case_config(LORA_RESUME)))
+    assert alone.load(str(sharded / "two_saved_lora")) == {"step": 1}
+    alone.train(trajectories, scores)
+    for weights in (alone.weights().tensors(), torch.load(sharded / "one_then_two_lora.pt")):
+        assert weights.keys() == expected.keys() and all("lora_" in k for k in weights)
+        gaps = torch.cat([(weights[k] - expected[k]).abs().flatten() for k in expected])
+        assert float((gaps > WEIGHT_TOLERANCE).float().mean()) < FLIPPED_SHARE
+        assert float(gaps.max()) < 2 * LR * STEPS
+
+
+def test_a_sharded_learner_broadcasts_its_whole_policy_bucket_by_bucket(sharded):
+    sent = torch.load(sharded / "sent.pt")
+    received = torch.load(sharded / "received.pt")
+    published = sent["published"]
+    assert sent["buckets"] > 1  # 64 KiB buckets
+    assert received.keys() == published.keys()
+    assert {v.dtype for v in received.values()} == {torch.bfloat16}  # what the workers run
+    assert all(torch.equal(received[k], published[k]) for k in published)
+    assert sent["bytes"] == sum(v.numel() * v.element_size() for v in published.values())
+
+
 def test_rows_are_dealt_by_tokens():
     assert split_by_tokens([5, 1, 1, 3], 2) == [[0], [1, 2, 3]]
     assert split_by_tokens([2], 2) == [[0], []]
@@ -302,6 +399,7 @@ def test_rows_are_dealt_by_tokens():
 E2E = {
     "ppo": {"algo": "ppo"},
     "grpo": {"algo": "grpo", "rollout.weight_sync": "broadcast", "rollout.samples_per_prompt": 2},
+    "grpo/lora": {"algo": "grpo", "learner.lora.rank": 4, "rollout.samples_per_prompt": 2},
     "dqn": {
         "algo": "dqn",
         "dqn.learning_starts": 16,
@@ -338,6 +436,10 @@ def test_a_run_trains_on_two_learner_workers(ray_session, tmp_path, name):
     cls = QLearner if name == "dqn" else Learner
     alone = cls(**cls.arguments(alone_config))
     assert alone.load(str(run_dir / "checkpoints" / "step_2"))["step"] == 2
+    if "lora" in name:  # final/ holds the merged policy, a plain Hugging Face folder
+        assert not (run_dir / "final" / ADAPTER_WEIGHTS).exists()
+        merged = load_file(run_dir / "final" / "model.safetensors")
+        assert not any("lora_" in k for k in merged)
     if name == "dqn":
         assert last["learner/updates"] == 4 and alone.steps == 4
     else:

@@ -530,14 +530,15 @@ class RunConfig:
             alone = {
                 f"dqn.q_network {d.q_network}": spec.family == "q_learning"
                 and d.q_network != "lm_head",
-                "learner.lora.rank > 0": self.learner.lora.rank > 0,
+                "learner.lora.rank > 0 with dqn": spec.family == "q_learning"
+                and self.learner.lora.rank > 0,
                 "ppo.ce_coef > 0": spec.family == "policy_gradient" and p.ce_coef > 0,
             }
             for what, refused in alone.items():
                 if refused:
                     raise ConfigError(
-                        "resources.learner_workers > 1 shards a full fine-tune of the policy "
-                        f"or the lm_head Q-network; {what} runs on one learner worker (set "
+                        "resources.learner_workers > 1 shards the policy (full or LoRA) or "
+                        f"the lm_head Q-network; {what} runs on one learner worker (set "
                         "resources.learner_workers 1)"
                     )
         if (

@@ -179,7 +179,7 @@ class QLearner(LearnerRole):
         then the rest; the state value in float32) and rebuild the optimizer on the shards. A
         bfloat16 run's weights become float32 masters that FSDP gathers in bfloat16."""
         assert self.target is not None  # the config keeps LoRA on one learner worker
-        low = self.dtype in LOW_PRECISION
+        low = self.float32_masters = self.dtype in LOW_PRECISION
         for net in (self.qnet, self.target):
             if low:
                 net.float()

@@ -84,26 +84,30 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
             layer.enable_adapters(True)
 
 
-def save_adapter(model: PreTrainedModel, folder: str | Path) -> None:
+def save_adapter(
+    model: PreTrainedModel, folder: str | Path, state: dict[str, torch.Tensor] | None = None
+) -> None:
     """Write ``model``'s adapter in PEFT's format: ``adapter_model.safetensors`` and
-    ``adapter_config.json`` (``peft.PeftModel.from_pretrained`` loads them onto the base)."""
+    ``adapter_config.json`` (``peft.PeftModel.from_pretrained`` loads them onto the base).
+    ``state``: the adapter's tensors by ``model``'s names where they are not its own (a sharded
+    learner's, gathered whole)."""
     from peft import get_peft_model_state_dict
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
+    state = get_peft_model_state_dict(model, state_dict=state, adapter_name=ADAPTER_NAME)
     tensors = {PEFT_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     save_file(tensors, folder / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     model.peft_config[ADAPTER_NAME].save_pretrained(str(folder))
 
 
-def load_adapter(model: PreTrainedModel, folder: str | Path) -> None:
-    """Load the adapter ``save_adapter`` wrote in ``folder`` into ``model``'s adapters.
+def read_adapter(model: PreTrainedModel, folder: str | Path) -> dict[str, torch.Tensor]:
+    """The adapter ``save_adapter`` wrote in ``folder``, by ``model``'s own names.
 
     Raises:
         ModelError: ``folder`` holds no adapter, or one of another rank, scale or layers.
     """
-    from peft import PeftConfig, set_peft_model_state_dict
+    from peft import PeftConfig
 
     folder = Path(folder)
     if not (folder / ADAPTER_WEIGHTS).is_file():
@@ -118,46 +122,95 @@ def load_adapter(model: PreTrainedModel, folder: str | Path) -> None:
                 f"{folder / ADAPTER_CONFIG}: {key} {getattr(saved, key)!r} differs from this "
                 f"run's {getattr(ours, key)!r} (learner.lora)"
             )
-    state = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(folder / ADAPTER_WEIGHTS).items()}
-    result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER_NAME)
-    missing = [k for k in result.missing_keys if is_adapter_name(k)]
-    if missing or result.unexpected_keys:
+    # PEFT's files name a tensor without the adapter's name (lora_A.weight for
+    # lora_A.default.weight).
+    names = {
+        name.replace(f".{ADAPTER_NAME}", ""): name
+        for name in model.state_dict()
+        if is_adapter_name(name)
+    }
+    stored = {
+        k.removeprefix(PEFT_PREFIX): v for k, v in load_file(folder / ADAPTER_WEIGHTS).items()
+    }
+    missing = [k for k in names if k not in stored]
+    unexpected = [k for k in stored if k not in names]
+    if missing or unexpected:
         raise ModelError(
             f"{folder / ADAPTER_WEIGHTS} does not fit the model: missing {missing[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}"
+            f"unexpected {unexpected[:5]}"
         )
+    return {names[k]: v for k, v in stored.items()}
 
 
-def merged_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+def load_adapter(model: PreTrainedModel, folder: str | Path) -> None:
+    """Load the adapter ``save_adapter`` wrote in ``folder`` into ``model``'s adapters.
+
+    Raises:
+        ModelError: ``folder`` holds no adapter, or one of another rank, scale or layers.
+    """
+    state = read_adapter(model, folder)
+    own = model.state_dict()
+    with torch.no_grad():
+        for name, tensor in state.items():
+            if tuple(tensor.shape) != tuple(own[name].shape):
+                raise ModelError(
+                    f"{Path(folder) / ADAPTER_WEIGHTS}: {name} has shape {tuple(tensor.shape)}, "
+                    f"the model's {tuple(own[name].shape)}"
+                )
+            own[name].copy_(tensor)
+
+
+def merged_weights(
+    model: nn.Module, state: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """CPU copies of ``model``'s state with each LoRA update merged into its base weight, under
-    the names the model has without adapters (each tied tensor once). The model itself is left
-    as it is: merging in place and back would round its base weights."""
-    from peft.tuners.lora import LoraLayer
+    the names the model has without adapters (each tied tensor once). ``state``: the whole
+    state by ``model``'s names where it is not its own (a sharded learner's, gathered). The
+    model itself is left as it is: merging in place and back would round its base weights.
 
-    layers = {
-        f"{prefix}.base_layer.weight": m
-        for prefix, m in model.named_modules()
-        if isinstance(m, LoraLayer)
-    }
+    Raises:
+        ModelError: an adapted layer is neither linear nor an embedding.
+    """
+    from peft.tuners.lora import Embedding, Linear, LoraLayer
+    from peft.utils.other import transpose
+
+    own = model.state_dict() if state is None else state
+    merges = {}  # base weight's name: (A, B, scale, transposed)
+    for prefix, m in model.named_modules():
+        if not isinstance(m, LoraLayer):
+            continue
+        scale = m.scaling[ADAPTER_NAME]
+        if isinstance(m, Linear):
+            a, b = (f"{prefix}.lora_{x}.{ADAPTER_NAME}.weight" for x in "AB")
+            merges[f"{prefix}.base_layer.weight"] = (a, b, scale, m.fan_in_fan_out)
+        elif isinstance(m, Embedding):
+            a, b = (f"{prefix}.lora_embedding_{x}.{ADAPTER_NAME}" for x in "AB")
+            merges[f"{prefix}.base_layer.weight"] = (a, b, scale, True)
+        else:
+            raise ModelError(f"{prefix}: LoRA on a {type(m).__name__} layer cannot be merged")
     out = {}
     aliases = tied_aliases(model)
     with torch.no_grad():
-        for name, tensor in model.state_dict().items():
+        for name, tensor in own.items():
             if name in aliases or is_adapter_name(name):
                 continue
-            if name in layers:
-                delta = layers[name].get_delta_weight(ADAPTER_NAME)
-                tensor = (tensor.float() + delta.float()).to(tensor.dtype)
+            if name in merges:
+                a, b, scale, transposed = merges[name]
+                delta = transpose(own[b].float() @ own[a].float(), transposed) * scale
+                tensor = (tensor.float() + delta).to(tensor.dtype)
             out[name.replace(".base_layer.", ".")] = tensor.detach().to("cpu", copy=True)
     return out
 
 
-def save_merged(model: PreTrainedModel, folder: str | Path) -> None:
+def save_merged(
+    model: PreTrainedModel, folder: str | Path, state: dict[str, torch.Tensor] | None = None
+) -> None:
     """Write ``model`` with its LoRA updates merged as a plain Hugging Face folder (config,
-    generation config, ``model.safetensors``) that ``from_pretrained`` loads without PEFT."""
+    generation config, ``model.safetensors``) that ``from_pretrained`` loads without PEFT
+    (``state``: as for ``merged_weights``)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(folder)
     if model.can_generate():
         model.generation_config.save_pretrained(folder)
-    save_file(merged_weights(model), folder / "model.safetensors", metadata={"format": "pt"})
+    save_file(merged_weights(model, state), folder / "model.safetensors", metadata={"format": "pt"})

@@ -31,6 +31,7 @@ from distrl.models.lora import (
     adapters_disabled,
     add_lora,
     load_adapter,
+    read_adapter,
     save_adapter,
     save_merged,
 )
@@ -125,14 +126,16 @@ class Learner(LearnerRole):
     def shard(self) -> None:
         """Shard the policy (with its value head) and the reference over the learner group,
         each decoder layer and then the rest; rebuild the optimizer on the shards. A bfloat16
-        run's trained weights become float32 masters that FSDP gathers in bfloat16."""
-        low = self.dtype in LOW_PRECISION
-        if low:
+        run's trained weights become float32 masters that FSDP gathers in bfloat16; with LoRA
+        they are float32 already (the adapters and value head) and every tensor is gathered in
+        its own dtype, the frozen base in bfloat16, as one learner computes."""
+        self.float32_masters = self.dtype in LOW_PRECISION and not self.lora
+        if self.float32_masters:
             self.net.float()
         self.shards.shard(
             self.net,
             decoder_layers(self.net.model),
-            compute_dtype=self.dtype if low else None,
+            compute_dtype=self.dtype if self.float32_masters else None,
             methods=("responses",),
             float32=(self.net.value_head,),
         )
@@ -559,16 +562,25 @@ class Learner(LearnerRole):
 
     def save(self, folder: str, extra: dict | None = None) -> None:
         """Write the policy as a Hugging Face folder (with LoRA: its adapter in PEFT's format)
-        plus ``distrl_state.pt`` into ``folder``. Sharded, every rank calls it: the whole
-        state is gathered on rank 0, which writes the same files one learner does."""
+        plus ``distrl_state.pt`` into ``folder``. Sharded, every rank calls it: what is saved
+        is gathered on rank 0, which writes the same files one learner does."""
         path = Path(folder)
+        full = None
         if not self.shards.sharded:
             if self.lora:
                 save_adapter(self.net.model, path)
             else:
                 self.net.model.save_pretrained(path)
             value_head = self.net.value_head.state_dict()
-            full = None
+        elif self.lora:  # the adapters and the value head: all a resume needs
+            state = self.net.state_dict()
+            trained = {n: state[n] for n in self.opt.names}
+            trained.update({n: v for n, v in state.items() if n.startswith("value_head.")})
+            gathered = dict(self.shards.full_tensors(trained))
+            value_head = {k[11:]: v for k, v in gathered.items() if k.startswith("value_head.")}
+            if self.shards.rank == 0:
+                adapter = {k[6:]: v for k, v in gathered.items() if k.startswith("model.")}
+                save_adapter(self.net.model, path, adapter)
         else:
             full = self.shards.full_state(self.net)
             policy = {k[6:]: v.to(self.dtype) for k, v in full.items() if k.startswith("model.")}
@@ -607,26 +619,33 @@ class Learner(LearnerRole):
         return self.load_role_state(state, path)
 
     def _load_shards(self, path: Path) -> dict:
-        """``load`` for a sharded learner: rank 0 reads the policy, its value head and any
-        float32 masters (which replace their bfloat16 rounding), every rank loads its shards."""
+        """``load`` for a sharded learner: rank 0 reads the policy (with LoRA: its adapter),
+        its value head and any float32 masters (which replace their bfloat16 rounding), every
+        rank loads its shards."""
         full: dict[str, torch.Tensor] = {}
         state = None
         if self.shards.rank == 0:
-            try:
-                weights = load_weights(path)
-            except ModelError as exc:
-                raise ModelError(f"cannot resume from {path}: {exc}") from None
+            if self.lora:
+                weights = read_adapter(self.net.model, path)
+            elif (path / ADAPTER_WEIGHTS).is_file():
+                raise DistrlError(
+                    f"{path} holds a LoRA adapter: resume it with the run's learner.lora settings"
+                )
+            else:
+                try:
+                    weights = {k: v.float() for k, v in load_weights(path).items()}
+                except ModelError as exc:
+                    raise ModelError(f"cannot resume from {path}: {exc}") from None
             state = load_torch_state(path / STATE_FILE)
             full = {f"model.{k}": v for k, v in weights.items()}
             full.update({f"value_head.{k}": v for k, v in state["value_head"].items()})
-            full = {k: v.float() for k, v in full.items()}  # the weights are float32 masters
             full.update(self.read_masters(path))
             bad = [k for k, v in full.items() if v.is_floating_point() and not v.isfinite().all()]
             if bad:
                 raise ModelError(
                     f"cannot resume from {path}: {bad[0]} holds NaN or infinite values"
                 )
-        self.shards.load_full_state(self.net, full)
+        self.shards.load_full_state(self.net, full, strict=not self.lora)
         state = self.shards.broadcast_object(
             None if state is None else {k: v for k, v in state.items() if k != "value_head"}
         )
@@ -637,10 +656,16 @@ class Learner(LearnerRole):
         """Make ``folder``, a copy of this learner's newest step checkpoint (``best/``,
         ``final/``), a plain Hugging Face folder: with LoRA, the policy with its adapter merged
         replaces the adapter files, so ``from_pretrained``, chat and validate load it without
-        PEFT. With full fine-tuning the copy already is one and nothing is written."""
+        PEFT. With full fine-tuning the copy already is one and nothing is written. Sharded,
+        every rank calls it: rank 0 gathers the policy and writes."""
         if not self.lora:
             return
+        state = None
+        if self.shards.sharded:
+            state = dict(self.shards.full_tensors(self.net.model.state_dict()))
+            if self.shards.rank:
+                return
         path = Path(folder)
         for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
             (path / name).unlink(missing_ok=True)
-        save_merged(self.net.model, path)
+        save_merged(self.net.model, path, state)

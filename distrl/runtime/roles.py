@@ -31,9 +31,16 @@ from distrl.runtime.checkpoint import (
     save_torch_state,
     set_rng_state,
 )
-from distrl.runtime.optimizer import LOW_PRECISION, OptimizerStep
+from distrl.runtime.optimizer import OptimizerStep
 from distrl.runtime.shards import LearnerGroupError, Shards
-from distrl.weights.sync import WeightGroup, WeightSyncError, default_host, host_store
+from distrl.weights.sync import (
+    WeightGroup,
+    WeightSyncError,
+    default_host,
+    host_store,
+    pack,
+    plan_buckets,
+)
 from distrl.weights.tensors import VersionedWeights, published_names, set_weights
 
 
@@ -52,6 +59,8 @@ class LearnerRole:
     # What one learner publishes each tensor as (a sharded learner's shards are float32).
     published_dtypes: dict[str, torch.dtype] = {}
     group_store: Any = None  # the learner group's store (rank 0 serves it)
+    # Sharded, whether the trained weights are float32 masters of low-precision ones (``shard``).
+    float32_masters: bool = False
     device: torch.device
 
     # ---- the learner group (distrl.runtime.shards) -----------------------------------------
@@ -139,26 +148,65 @@ class LearnerRole:
         Raises:
             WeightSyncError: no group, or a worker was not ready or failed (the group is spent).
         """
-        tensors = self.published_state()  # first: a sharded learner's ranks all gather
         version = self.publish_version()
-        if self.shards.rank:
-            return version
+        if self.shards.sharded:
+            return self._broadcast_shards(version)
         if self.weight_group is None:
             raise WeightSyncError("the learner is in no weight group (join_weight_group)")
-        self.published_bytes = self.weight_group.send(tensors, version)
+        self.published_bytes = self.weight_group.send(self.published_state(), version)
+        return version
+
+    def _broadcast_shards(self, version: int) -> int:
+        """``broadcast_weights`` for a sharded learner, every rank: the tensors are gathered
+        whole a bucket at a time, and rank 0 sends each bucket before the next is gathered.
+        Rank 0 raises where the broadcast fails; the other ranks still gather to the end, so
+        the learner group stays in step."""
+        module = self.published_module()
+        state = module.state_dict()
+        names = published_names(module)
+        group = self.weight_group if self.shards.rank == 0 else None
+        error: WeightSyncError | None = None
+        if self.shards.rank == 0 and group is None:
+            error = WeightSyncError("the learner is in no weight group (join_weight_group)")
+        bucket_bytes = group.bucket_bytes if group is not None else 1
+        if not self.shards.broadcast_object(error is None):
+            if error is not None:
+                raise error
+            return version
+        dtypes = self.published_dtypes
+        shapes = {n: torch.empty(state[n].shape, dtype=dtypes[n], device="meta") for n in names}
+        layout = plan_buckets(shapes, bucket_bytes)  # other ranks: the same order of tensors
+        if group is not None:
+            try:
+                group.announce(layout, version)
+            except WeightSyncError as err:
+                error = err
+        sent = 0
+        for _, entries in layout:
+            part = {name: state[name] for name, _ in entries}
+            device = group.device if group is not None else "cpu"
+            bucket = dict(self.shards.full_tensors(part, dtypes, device=device))
+            if group is not None and error is None:
+                try:
+                    sent += group.send_bucket(pack(bucket, entries))
+                except WeightSyncError as err:
+                    error = err
+        if error is not None:
+            raise error
+        self.published_bytes = sent
         return version
 
     def published_state(self) -> dict[str, torch.Tensor]:
         """``published_module()``'s published tensors (``published_names``) in the workers'
-        dtype. A sharded learner gathers them on rank 0 (a collective; other ranks get
-        ``{}``)."""
+        dtype. A sharded learner gathers them on rank 0's CPU one at a time (a collective;
+        other ranks get ``{}``)."""
         module = self.published_module()
         names = published_names(module)
+        state = module.state_dict()
+        tensors = {name: state[name] for name in names}
         if not self.shards.sharded:
-            state = module.state_dict()
-            return {name: state[name] for name in names}
-        full = self.shards.full_state(module)
-        return {name: full[name].to(self.published_dtypes[name]) for name in names} if full else {}
+            return tensors
+        return dict(self.shards.full_tensors(tensors, self.published_dtypes))
 
     def leave_weight_group(self) -> None:
         """Leave the weight group and stop serving its store."""
@@ -196,7 +244,7 @@ class LearnerRole:
             root = self.trained_root()
             optimizer = self.shards.full_optimizer_state(root, self.opt.optimizer)
             masters = {}
-            if self.dtype in LOW_PRECISION:
+            if self.float32_masters:
                 full = self.shards.full_state(root) if full is None else full
                 masters = {n: full[n] for n in self.opt.names} if full else {}
         else:

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import datetime
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from distrl.errors import DistrlError
 
@@ -247,14 +249,39 @@ class Shards:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_model_state_dict(module, options=options)
 
-    def load_full_state(self, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        """Load rank 0's whole ``state`` into the sharded ``module`` on every rank."""
+    def full_tensors(
+        self,
+        tensors: dict[str, torch.Tensor],
+        dtypes: dict[str, torch.dtype] | None = None,
+        *,
+        device: torch.device | str = "cpu",
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Each of ``tensors`` (a sharded module's ``state_dict()``, or part of it) gathered
+        whole, one at a time, cast to its ``dtypes`` entry (before gathering: bfloat16 moves
+        half the bytes) and moved to ``device``. A collective: every rank iterates to the end;
+        rank 0 gets the pairs, the others nothing. Nothing but the tensor in hand is held
+        whole, so a caller that packs a bucket at a time holds one bucket beyond its shards."""
+        dtypes = dtypes or {}
+        for name, tensor in tensors.items():
+            tensor = tensor.detach()
+            if name in dtypes:
+                tensor = tensor.to(dtypes[name])
+            if isinstance(tensor, DTensor):
+                tensor = tensor.full_tensor()
+            if self.rank == 0:
+                yield name, tensor.to(device)
+
+    def load_full_state(
+        self, module: nn.Module, state: dict[str, torch.Tensor], *, strict: bool = True
+    ) -> None:
+        """Load rank 0's whole ``state`` into the sharded ``module`` on every rank (``strict``
+        False: ``state`` holds some of its tensors, the rest stay)."""
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_model_state_dict,
         )
 
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=strict)
         set_model_state_dict(module, state if self.rank == 0 else {}, options=options)
 
     def full_optimizer_state(

@@ -111,6 +111,14 @@ def plan_buckets(tensors: dict[str, torch.Tensor], bucket_bytes: int) -> Layout:
     return layout
 
 
+def pack(
+    tensors: dict[str, torch.Tensor], entries: list[tuple[str, tuple[int, ...]]]
+) -> torch.Tensor:
+    """One bucket of a layout as a flat buffer: its tensors flattened, in order."""
+    parts = [tensors[name].detach().reshape(-1) for name, _ in entries]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def encode_layout(layout: Layout) -> bytes:
     """``layout`` as JSON: the store carries plain data, never a pickle."""
     return json.dumps(layout, separators=(",", ":")).encode()
@@ -313,11 +321,23 @@ class WeightGroup:
             WeightSyncError: a receiver was not ready within the timeout, or the broadcast
                 failed; the group is then spent.
         """
+        layout = plan_buckets(tensors, self.bucket_bytes)
+        self.announce(layout, version)
+        return sum(self.send_bucket(pack(tensors, entries)) for _, entries in layout)
+
+    def announce(self, layout: Layout, version: int) -> None:
+        """Rank 0: start a publication of ``layout`` (``plan_buckets``) stamped with
+        ``version``: wait until every receiver is ready, then broadcast the header. Each of
+        the layout's buckets follows, in order, by ``send_bucket``; ``send`` does both.
+
+        Raises:
+            WeightSyncError: a receiver was not ready within the timeout, or the broadcast
+                failed; the group is then spent.
+        """
         if self.rank:
             raise WeightSyncError(f"weight group rank {self.rank}: only rank 0 sends")
         n = self._next()
         self._await({r: f"ready/{n}/{r}" for r in range(1, self.world_size)}, f"go/{n}")
-        layout = plan_buckets(tensors, self.bucket_bytes)
         if layout != self.layout:
             if self.layout_id:  # every receiver is past the publication that read it
                 self.store.delete_key(f"layout/{self.layout_id}")
@@ -327,15 +347,20 @@ class WeightGroup:
         if n:  # every receiver read the previous publication's keys
             for key in [f"go/{n - 1}", *(f"ready/{n - 1}/{r}" for r in range(1, self.world_size))]:
                 self.store.delete_key(key)
-        header = [version, len(tensors), self.layout_id]
+        count = sum(len(entries) for _, entries in layout)
+        header = [version, count, self.layout_id]
         self._broadcast(torch.tensor(header, dtype=torch.int64, device=self.device))
-        sent = 0
-        for _, entries in layout:
-            parts = [tensors[name].detach().reshape(-1) for name, _ in entries]
-            flat = (parts[0] if len(parts) == 1 else torch.cat(parts)).to(self.device)
-            self._broadcast(flat)
-            sent += flat.numel() * flat.element_size()
-        return sent
+
+    def send_bucket(self, flat: torch.Tensor) -> int:
+        """Rank 0: broadcast the announced layout's next bucket, its tensors flattened and
+        concatenated in order (``pack``); returns its bytes.
+
+        Raises:
+            WeightSyncError: the broadcast failed; the group is then spent.
+        """
+        flat = flat.to(self.device)
+        self._broadcast(flat)
+        return flat.numel() * flat.element_size()
 
     def receive(self) -> tuple[int, dict[str, torch.Tensor]]:
         """A receiver: the next publication's version and tensors (views of this member's
