@@ -160,6 +160,15 @@ def test_dropping_a_file_keeps_the_rest_verified(tmp_path):
         verify_checkpoint(path)
 
 
+def test_dropping_a_folder_drops_all_its_files(tmp_path):
+    """A sharded learner's optimizer state is a folder of files, one per rank."""
+    path = save(tmp_path, 1)
+    drop_files(path, {"sub"})
+    assert not (path / "sub").exists() and (path / "weights.bin").is_file()
+    assert json.loads((path / MARKER).read_text())["dropped"] == ["sub/config.json"]
+    assert verify_checkpoint(path) == {"step": 1}
+
+
 def test_torch_state_loads_with_weights_only(tmp_path):
     state = {
         "weights": {"w": torch.arange(6.0).reshape(2, 3)},

@@ -25,6 +25,7 @@ from distrl.models.policy import encode_prompts
 from distrl.outputs.metrics import read_metrics
 from distrl.pg.learner import Learner
 from distrl.pg.rollout import RolloutWorker
+from distrl.runtime.checkpoint import OPTIMIZER_FILE, SHARDS_DIR
 from distrl.runtime.shards import Shards, split_by_tokens
 from distrl.weights.sync import WeightGroup
 
@@ -150,6 +151,7 @@ def train_one(over: dict, path, join=None) -> tuple[Learner, dict]:
 # Resumed across learner counts: one step, a checkpoint, one more step.
 RESUME = {"algo": "ppo", "ppo.epochs": 2}
 LORA_RESUME = {**RESUME, "learner.lora.rank": 4}
+BF16_RESUME = {**RESUME, "model.dtype": "bfloat16"}
 
 
 def rank_main(rank: int, world: int, path, out, queue) -> None:
@@ -184,6 +186,24 @@ def rank_main(rank: int, world: int, path, out, queue) -> None:
     # 2 -> 1: one step by two ranks, saved; the parent resumes it alone.
     learner, _ = train_one(RESUME, path, join)
     learner.save(str(out / "two_saved"), {"step": 1})
+    learner.shards.close()
+    # 2 -> 2 in bfloat16: the shards of the optimizer state and float32 masters each rank
+    # wrote resume the step the uninterrupted group takes.
+    trajectories, scores, _ = pickle.loads(path.read_bytes())
+    learner, _ = train_one(BF16_RESUME, path, join)
+    learner.save(str(out / "two_saved_bf16"), {"step": 1})
+    saved = learner.shards.full_state(learner.net)
+    learner.train(trajectories, scores)
+    uninterrupted = learner.shards.full_state(learner.net)
+    learner.shards.close()
+    learner = Learner(**Learner.arguments(case_config(BF16_RESUME)))
+    join(learner)
+    learner.load(str(out / "two_saved_bf16"))
+    learner.train(trajectories, scores)
+    resumed = learner.shards.full_state(learner.net)
+    if rank == 0:
+        states = {"saved": saved, "uninterrupted": uninterrupted, "resumed": resumed}
+        torch.save(states, out / "two_then_two_bf16.pt")
     learner.shards.close()
     # The same with LoRA, and the merged policy best/ and final/ hold.
     learner, _ = train_one(LORA_RESUME, path, join)
@@ -347,6 +367,25 @@ def test_a_resume_continues_exactly_across_learner_counts(batch, sharded):
     assert alone.version == 1 and alone.steps == uninterrupted.steps // 2
     alone.train(trajectories, scores)
     check(alone.weights().tensors())
+
+
+def test_a_group_resumes_its_own_shards_exactly_and_one_learner_reads_them(batch, sharded):
+    """Each rank's shards of the optimizer state and float32 masters of a bfloat16 run: two
+    ranks resume them and take the step the uninterrupted two take; one learner reads the
+    masters whole (without them it would continue from their bfloat16 rounding)."""
+    states = torch.load(sharded / "two_then_two_bf16.pt")
+    assert (sharded / "two_saved_bf16" / SHARDS_DIR / ".metadata").is_file()
+    assert not (sharded / "two_saved_bf16" / OPTIMIZER_FILE).exists()
+    resumed, uninterrupted = states["resumed"], states["uninterrupted"]
+    for k in uninterrupted:
+        assert torch.equal(resumed[k], uninterrupted[k]), k
+    alone = Learner(**Learner.arguments(case_config(BF16_RESUME)))
+    alone.load(str(sharded / "two_saved_bf16"))
+    masters = alone.opt.float32(alone.net)
+    for k in alone.opt.names:
+        assert torch.equal(masters[k], states["saved"][k]), k
+    moments = alone.opt.state_dict()["state"]
+    assert moments.keys() == set(alone.opt.names)
 
 
 def test_a_lora_resume_and_merge_continue_exactly_across_learner_counts(batch, sharded, tmp_path):

@@ -325,15 +325,12 @@ class QLearner(LearnerRole):
         heads), the run config and the learner state. Sharded, every rank calls it: the
         networks are gathered on rank 0, which writes what one learner writes."""
         path = Path(folder)
-        full = None
         if self.shards.sharded:
-            full = self.shards.full_state(self.qnet)
             target = self.shards.full_state(self.target)
-            names = published_names(self.qnet)
-            qnet = {n: full[n].to(self.published_dtypes[n]) for n in names} if full else {}
+            qnet = self.published_state()
         else:
             qnet, target = get_weights(self.qnet), self.target_float
-        role = self.role_state(extra, path, full)
+        role = self.role_state(extra, path)
         if self.shards.rank:
             return
         save_file(qnet, path / QNET_FILE)

@@ -565,7 +565,6 @@ class Learner(LearnerRole):
         plus ``distrl_state.pt`` into ``folder``. Sharded, every rank calls it: what is saved
         is gathered on rank 0, which writes the same files one learner does."""
         path = Path(folder)
-        full = None
         if not self.shards.sharded:
             if self.lora:
                 save_adapter(self.net.model, path)
@@ -581,13 +580,15 @@ class Learner(LearnerRole):
             if self.shards.rank == 0:
                 adapter = {k[6:]: v for k, v in gathered.items() if k.startswith("model.")}
                 save_adapter(self.net.model, path, adapter)
-        else:
-            full = self.shards.full_state(self.net)
-            policy = {k[6:]: v.to(self.dtype) for k, v in full.items() if k.startswith("model.")}
+        else:  # the policy in the workers' dtype (its float32 masters go to the shards)
+            state = self.net.state_dict()
+            dtypes = {n: self.dtype for n in state if n.startswith("model.")}
+            full = dict(self.shards.full_tensors(state, dtypes))
+            policy = {k[6:]: v for k, v in full.items() if k.startswith("model.")}
             value_head = {k[11:]: v for k, v in full.items() if k.startswith("value_head.")}
             if self.shards.rank == 0:
                 self.net.model.save_pretrained(path, state_dict=policy)
-        role = self.role_state(extra, path, full)
+        role = self.role_state(extra, path)
         if self.shards.rank == 0:
             self.write_tokenizer_spec(path, self.tokenizer_spec)  # and the tokenizer's HF files
             state = {"value_head": value_head, "kl": self.kl.state_dict()}

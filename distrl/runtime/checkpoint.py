@@ -31,7 +31,10 @@ from distrl.errors import DistrlError
 MARKER = "distrl_checkpoint.json"
 OPTIMIZER_FILE = "optimizer.pt"  # what only a resume needs, and the largest file
 MASTERS_FILE = "masters.pt"  # float32 values of a low-precision run's weights: a resume needs them
-RESUME_ONLY = frozenset({OPTIMIZER_FILE, MASTERS_FILE})  # kept by the newest step checkpoint only
+# A sharded learner's optimizer state and masters: a file per rank (torch.distributed.checkpoint).
+SHARDS_DIR = "sharded"
+# Kept by the newest step checkpoint only (a folder: all its files).
+RESUME_ONLY = frozenset({OPTIMIZER_FILE, MASTERS_FILE, SHARDS_DIR})
 FORMAT_VERSION = 1
 
 
@@ -154,14 +157,15 @@ def latest_checkpoint(root: Path, prefix: str = "step_") -> Path | None:
 
 
 def drop_files(path: Path, names: set[str]) -> None:
-    """Delete ``names`` from checkpoint ``path`` and from its manifest (rewritten atomically
-    first, so the folder verifies at every moment); names it does not hold are ignored."""
+    """Delete ``names`` (files, or folders with all their files) from checkpoint ``path`` and
+    from its manifest (rewritten atomically first, so the folder verifies at every moment);
+    names it does not hold are ignored."""
     path = Path(path)
     marker = json.loads((path / MARKER).read_text(encoding="utf-8"))
-    gone = sorted(names & set(marker["files"]))
+    gone = sorted(rel for rel in marker["files"] if rel.split("/")[0] in names)
     if not gone:
         return
-    marker["files"] = {rel: d for rel, d in marker["files"].items() if rel not in names}
+    marker["files"] = {rel: d for rel, d in marker["files"].items() if rel not in gone}
     marker["dropped"] = sorted({*marker.get("dropped", []), *gone})
     tmp = path / f".{MARKER}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -171,6 +175,9 @@ def drop_files(path: Path, names: set[str]) -> None:
     os.replace(tmp, path / MARKER)
     for rel in gone:
         (path / rel).unlink(missing_ok=True)
+    for name in names:
+        if (path / name).is_dir():
+            shutil.rmtree(path / name, ignore_errors=True)
     fsync_dir(path)
 
 

@@ -26,6 +26,7 @@ from distrl.models.tokenizers import Tokenizer
 from distrl.runtime.checkpoint import (
     MASTERS_FILE,
     OPTIMIZER_FILE,
+    SHARDS_DIR,
     load_torch_state,
     rng_state,
     save_torch_state,
@@ -229,28 +230,21 @@ class LearnerRole:
         or ``broadcast_weights``)."""
         return {"publish/bytes": float(self.published_bytes)}
 
-    def role_state(
-        self, extra: dict | None, folder: Path, full: dict[str, torch.Tensor] | None = None
-    ) -> dict[str, Any]:
+    def role_state(self, extra: dict | None, folder: Path) -> dict[str, Any]:
         """Version, step count, RNG and the driver's ``extra`` for a checkpoint. The optimizer
         state (by parameter name) and a low-precision run's float32 masters go to files of
         their own in ``folder`` (``RESUME_ONLY``: only the newest step checkpoint keeps them).
 
-        Sharded, every rank calls it (the optimizer state is gathered) and rank 0 writes; the
-        masters are its float32 weights, from ``full`` (``Shards.full_state`` of
-        ``trained_root()``) where the caller gathered it already.
+        Sharded, every rank calls it and writes its own shards of both into
+        ``folder / SHARDS_DIR`` (``Shards.save_sharded``): nothing is gathered.
         """
         if self.shards.sharded:
-            root = self.trained_root()
-            optimizer = self.shards.full_optimizer_state(root, self.opt.optimizer)
-            masters = {}
-            if self.float32_masters:
-                full = self.shards.full_state(root) if full is None else full
-                masters = {n: full[n] for n in self.opt.names} if full else {}
+            names = self.opt.names if self.float32_masters else None
+            state = self.shards.trained_state(self.trained_root(), self.opt.optimizer, names)
+            self.shards.save_sharded(folder / SHARDS_DIR, state)
         else:
-            optimizer, masters = self.opt.state_dict(), self.opt.masters_by_name()
-        if self.shards.rank == 0:
-            save_torch_state(folder / OPTIMIZER_FILE, optimizer)
+            save_torch_state(folder / OPTIMIZER_FILE, self.opt.state_dict())
+            masters = self.opt.masters_by_name()
             if masters:
                 save_torch_state(folder / MASTERS_FILE, masters)
         return {
@@ -295,31 +289,49 @@ class LearnerRole:
 
     @staticmethod
     def read_masters(folder: Path) -> dict[str, torch.Tensor]:
-        """The float32 masters a checkpoint holds by parameter name (``{}``: none)."""
+        """The float32 masters a checkpoint one learner wrote holds by parameter name (``{}``:
+        none)."""
         path = folder / MASTERS_FILE
         return load_torch_state(path) if path.is_file() else {}
 
     def load_role_state(self, state: dict[str, Any], folder: Path) -> dict:
-        """Restore what ``role_state`` saved; returns the driver's ``extra``. Sharded, every
-        rank calls it with the state rank 0 read; rank 0 reads the optimizer file (a sharded
-        learner loads the masters as its weights, before this).
+        """Restore what ``role_state`` saved, by one learner or a group of any size; returns
+        the driver's ``extra``. Sharded, every rank calls it with the state rank 0 read, after
+        loading the weights (the masters replace their rounding).
 
         A checkpoint without optimizer state (an older step, or ``best``/``final``) resumes with
         fresh AdamW moments, with a warning: only the newest step checkpoint resumes exactly.
         """
-        optimizer = None
+        sharded = folder / SHARDS_DIR
+        kind = None  # where the optimizer state is: "sharded", "file", "state" or None
         if self.shards.rank == 0:
-            if "optimizer" in state:  # written before the optimizer had a file of its own
-                optimizer = state["optimizer"]
+            if sharded.is_dir():
+                kind = "sharded"
             elif (folder / OPTIMIZER_FILE).is_file():
-                optimizer = load_torch_state(folder / OPTIMIZER_FILE)
-        if self.shards.sharded:
-            if self.shards.broadcast_object(optimizer is not None):
+                kind = "file"
+            elif "optimizer" in state:  # written before the optimizer had a file of its own
+                kind = "state"
+        kind = self.shards.broadcast_object(kind)
+        if kind == "sharded" and self.shards.sharded:
+            has_masters = self.shards.broadcast_object(
+                self.shards.rank == 0 and Shards.holds_masters(sharded)
+            )
+            names = self.opt.names if has_masters and self.float32_masters else None
+            self.shards.load_sharded(sharded, self.trained_root(), self.opt.optimizer, names)
+        elif self.shards.sharded:
+            optimizer = None
+            if self.shards.rank == 0 and kind is not None:
+                optimizer = self._optimizer_state(kind, state, folder)
+            if kind is not None:
                 by_name = self.opt.by_name(optimizer) if optimizer is not None else {}
                 self.shards.load_optimizer_state(self.trained_root(), self.opt.optimizer, by_name)
+        elif kind == "sharded":  # one learner resuming a group's checkpoint
+            saved = Shards.read_sharded(sharded)
+            self.opt.load_state_dict(saved["optimizer"], saved.get("masters", {}))
         else:
+            optimizer = None if kind is None else self._optimizer_state(kind, state, folder)
             self.opt.load_state_dict(optimizer, self.read_masters(folder))
-        if optimizer is None and self.shards.rank == 0:
+        if kind is None and self.shards.rank == 0:
             warnings.warn(
                 f"{folder} holds no optimizer state (only the newest step checkpoint keeps it): "
                 "AdamW starts from fresh moments",
@@ -328,6 +340,11 @@ class LearnerRole:
         self.version, self.opt.steps = int(state["version"]), int(state["steps"])
         set_rng_state(state["rng"])
         return state["extra"]
+
+    @staticmethod
+    def _optimizer_state(kind: str, state: dict[str, Any], folder: Path) -> dict[str, Any]:
+        """The optimizer state one learner saved: in its file, or (older) in ``state``."""
+        return state["optimizer"] if kind == "state" else load_torch_state(folder / OPTIMIZER_FILE)
 
     def write_tokenizer_spec(self, folder: Path, spec: str) -> None:
         """Name the tokenizer a checkpoint was trained with (chat and validate rebuild it), and

@@ -21,6 +21,7 @@ import datetime
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -284,18 +285,6 @@ class Shards:
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=strict)
         set_model_state_dict(module, state if self.rank == 0 else {}, options=options)
 
-    def full_optimizer_state(
-        self, module: nn.Module, optimizer: torch.optim.Optimizer
-    ) -> dict[str, Any]:
-        """``optimizer``'s whole state by parameter name on rank 0's CPU (a collective)."""
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_optimizer_state_dict,
-        )
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_optimizer_state_dict(module, optimizer, options=options)
-
     def load_optimizer_state(
         self, module: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
     ) -> None:
@@ -309,6 +298,76 @@ class Shards:
         set_optimizer_state_dict(
             module, optimizer, state if self.rank == 0 else {}, options=options
         )
+
+    def trained_state(
+        self, module: nn.Module, optimizer: torch.optim.Optimizer, names: list[str] | None
+    ) -> dict[str, Any]:
+        """This rank's shards of ``optimizer``'s state (by parameter name) under
+        ``"optimizer"``, and with ``names`` the shards of those parameters of ``module`` under
+        ``"masters"``: what ``save_sharded`` writes and ``load_sharded`` fills."""
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        state: dict[str, Any] = {"optimizer": get_optimizer_state_dict(module, optimizer)}
+        if names is not None:
+            weights = get_model_state_dict(module)
+            state["masters"] = {n: weights[n] for n in names}
+        return state
+
+    def save_sharded(self, folder: Path, state: dict[str, Any]) -> None:
+        """Every rank writes its shards of ``state`` (``trained_state``) into ``folder`` with
+        ``torch.distributed.checkpoint``: one file per rank and rank 0's index, ``.metadata``."""
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(state, checkpoint_id=folder)
+
+    def load_sharded(
+        self,
+        folder: Path,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        names: list[str] | None,
+    ) -> None:
+        """Load ``folder`` (``save_sharded``, by any number of ranks) into this rank's shards
+        of ``optimizer`` and, with ``names``, of those parameters of ``module``."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        state = self.trained_state(module, optimizer, names)
+        dcp.load(state, checkpoint_id=folder)
+        set_optimizer_state_dict(module, optimizer, state["optimizer"])
+        if names is not None:
+            options = StateDictOptions(strict=False)
+            set_model_state_dict(module, state["masters"], options=options)
+
+    @staticmethod
+    def read_sharded(folder: Path) -> dict[str, Any]:
+        """The whole of what ``save_sharded`` wrote into ``folder``, in this one process (a
+        learner resuming alone what a group saved)."""
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+        state: dict[str, Any] = {}
+        reader = FileSystemReader(folder)
+        _load_state_dict(
+            state, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(), no_dist=True
+        )
+        return state
+
+    @staticmethod
+    def holds_masters(folder: Path) -> bool:
+        """Whether ``save_sharded`` wrote float32 masters into ``folder``."""
+        from torch.distributed.checkpoint import FileSystemReader
+
+        keys = FileSystemReader(folder).read_metadata().state_dict_metadata
+        return any(key.startswith("masters.") for key in keys)
 
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's ``obj`` (small, picklable: it travels inside the group) on every rank."""
