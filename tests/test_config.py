@@ -241,10 +241,6 @@ def test_a_base_that_goes_round_in_a_circle_is_named(tmp_path):
             "dqn.q_network mlp runs on one learner worker",
         ),
         (
-            {"algo": "dqn", "learner.lora.rank": 4, "resources.learner_workers": 2},
-            "learner.lora.rank > 0 with dqn runs on one learner worker",
-        ),
-        (
             {"ppo.ce_coef": 0.1, "resources.learner_workers": 2},
             "ppo.ce_coef > 0 runs on one learner worker",
         ),
@@ -266,6 +262,7 @@ def test_the_cross_field_rules_accept_their_valid_neighbours():
     load_config("tiny", {"algo": "dqn", "learner.lora.rank": 4})
     load_config("tiny", {"learner.lora.rank": 4, "resources.learner_workers": 2})
     load_config("tiny", {"algo": "dqn", "resources.learner_workers": 2})
+    load_config("tiny", {"algo": "dqn", "learner.lora.rank": 4, "resources.learner_workers": 2})
 
 
 def test_a_full_disk_or_a_forbidden_folder_is_one_line_in_every_entry_point(monkeypatch, capsys):

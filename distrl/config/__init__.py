@@ -530,15 +530,13 @@ class RunConfig:
             alone = {
                 f"dqn.q_network {d.q_network}": spec.family == "q_learning"
                 and d.q_network != "lm_head",
-                "learner.lora.rank > 0 with dqn": spec.family == "q_learning"
-                and self.learner.lora.rank > 0,
                 "ppo.ce_coef > 0": spec.family == "policy_gradient" and p.ce_coef > 0,
             }
             for what, refused in alone.items():
                 if refused:
                     raise ConfigError(
-                        "resources.learner_workers > 1 shards the policy (full or LoRA) or "
-                        f"the lm_head Q-network; {what} runs on one learner worker (set "
+                        "resources.learner_workers > 1 shards the policy or the lm_head "
+                        f"Q-network (full or LoRA); {what} runs on one learner worker (set "
                         "resources.learner_workers 1)"
                     )
         if (

@@ -7,9 +7,11 @@ returns the ids with new TD errors for ``update_priorities``, plus ``learner/*``
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ from distrl.models.tokenizers import Tokenizer
 from distrl.runtime.checkpoint import load_torch_state, load_weights, save_torch_state
 from distrl.runtime.optimizer import LOW_PRECISION, OptimizerStep
 from distrl.runtime.roles import LearnerRole
-from distrl.runtime.shards import decoder_layers
+from distrl.runtime.shards import decoder_layers, local
 from distrl.weights.tensors import (
     VersionedWeights,
     get_weights,
@@ -177,10 +179,12 @@ class QLearner(LearnerRole):
     def shard(self) -> None:
         """Shard the online and target Q-networks (an ``lm_head`` one: its decoder layers,
         then the rest; the state value in float32) and rebuild the optimizer on the shards. A
-        bfloat16 run's weights become float32 masters that FSDP gathers in bfloat16."""
-        assert self.target is not None  # the config keeps LoRA on one learner worker
-        low = self.float32_masters = self.dtype in LOW_PRECISION
-        for net in (self.qnet, self.target):
+        bfloat16 run's weights become float32 masters that FSDP gathers in bfloat16. With LoRA
+        the online network alone is sharded, every tensor gathered in its own dtype (the
+        adapters are float32 already), and the target's tensors are shards of the same."""
+        lora = self.target is None
+        low = self.float32_masters = self.dtype in LOW_PRECISION and not lora
+        for net in (self.qnet,) if lora else (self.qnet, self.target):
             if low:
                 net.float()
             self.shards.shard(
@@ -191,7 +195,14 @@ class QLearner(LearnerRole):
                 float32=(net.value,),
             )
         self.opt = OptimizerStep(self.qnet.named_parameters(), self.run_config.learner)
-        self.target_float = dict(self.target_tensors())  # float32 shards: their own masters
+        if lora:
+            state = self.qnet.state_dict()
+            self.target_state = {n: state[n].detach().clone() for n in self.target_state}
+        # Float32 tensors are their own masters (all of a full fine-tune's shards).
+        self.target_float = {
+            name: t.float() if t.is_floating_point() else t
+            for name, t in self.target_tensors().items()
+        }
 
     def update(
         self, sample: tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]
@@ -289,9 +300,27 @@ class QLearner(LearnerRole):
             self.shards.reshard(self.target)  # FSDP keeps a root gathered after a forward
             return q
         self.qnet.eval()
-        return torch.func.functional_call(
-            self.qnet, self.target_state, (input_ids, attention_mask), strict=False
-        )
+        with self.target_swapped_in():
+            q = self.qnet(input_ids, attention_mask)
+        self.shards.reshard(self.qnet)
+        return q
+
+    @contextlib.contextmanager
+    def target_swapped_in(self) -> Iterator[None]:
+        """With LoRA: the online network holds the target's tensors (adapters and heads; their
+        shards, sharded) inside the block, and its own again after. In place, so FSDP gathers
+        the target's; call before a forward whose graph autograd keeps."""
+        assert self.target_state is not None
+        own = self.qnet.state_dict()
+        pairs = [(local(own[n]), local(t)) for n, t in self.target_state.items()]
+        kept = [mine.clone() for mine, _ in pairs]
+        for mine, theirs in pairs:
+            mine.copy_(theirs)
+        try:
+            yield
+        finally:
+            for (mine, _), value in zip(pairs, kept):
+                mine.copy_(value)
 
     def target_tensors(self) -> dict[str, torch.Tensor]:
         """The target network's tensors by name (sharing their storage)."""
@@ -326,7 +355,7 @@ class QLearner(LearnerRole):
         networks are gathered on rank 0, which writes what one learner writes."""
         path = Path(folder)
         if self.shards.sharded:
-            target = self.shards.full_state(self.target)
+            target = dict(self.shards.full_tensors(self.target_float))
             qnet = self.published_state()
         else:
             qnet, target = get_weights(self.qnet), self.target_float
@@ -385,9 +414,11 @@ class QLearner(LearnerRole):
         if self.shards.rank == 0:
             self.check_saved_run(path)
             state = load_torch_state(path / STATE_FILE)
-            full = {k: v.float() for k, v in load_weights(path, (QNET_FILE,)).items()}
+            full = load_weights(path, (QNET_FILE,))
             full.update(self.read_masters(path))
-            target = {k: v.float() for k, v in state.pop("target").items()}
+            target = state.pop("target")
+            if target.keys() != self.target_float.keys():
+                raise ModelError(f"{path / STATE_FILE}: its target network does not fit")
             bad = [
                 k
                 for k, v in [*full.items(), *target.items()]
@@ -397,8 +428,9 @@ class QLearner(LearnerRole):
                 raise ModelError(
                     f"cannot resume from {path}: {bad[0]} holds NaN or infinite values"
                 )
-        self.shards.load_full_state(self.qnet, full)
-        self.shards.load_full_state(self.target, target)
+        self.shards.load_full_state(self.qnet, full, strict=self.target is not None)
+        self.shards.load_tensors(self.target_float, target)
+        self.round_target()
         state = self.shards.broadcast_object(state)
         self.skipped = int(state["skipped"])
         self.published_steps = int(state["published_steps"])
@@ -411,8 +443,13 @@ class QLearner(LearnerRole):
         loads as any DQN checkpoint. With full fine-tuning the copy already does."""
         if not has_lora(self.qnet):
             return
+        state = None
+        if self.shards.sharded:
+            state = dict(self.shards.full_tensors(self.qnet.state_dict()))
+            if self.shards.rank:
+                return
         path = Path(folder)
-        save_file(merged_weights(self.qnet), path / QNET_FILE)
+        save_file(merged_weights(self.qnet, state), path / QNET_FILE)
         lora = dataclasses.replace(self.run_config.learner.lora, rank=0)
         learner = dataclasses.replace(self.run_config.learner, lora=lora)
         dump_yaml(dataclasses.replace(self.run_config, learner=learner), path / RUN_FILE)

@@ -272,6 +272,24 @@ class Shards:
             if self.rank == 0:
                 yield name, tensor.to(device)
 
+    def load_tensors(self, shards: dict[str, torch.Tensor], full: dict[str, torch.Tensor]) -> None:
+        """Copy rank 0's whole tensors ``full`` into ``shards`` of the same names (this rank's
+        part of each where it is a DTensor) on every rank."""
+        from torch.distributed.tensor import distribute_tensor
+
+        for name, shard in shards.items():
+            if self.rank == 0:
+                whole = full[name].to(shard.device, shard.dtype)
+            else:
+                whole = torch.empty(shard.shape, dtype=shard.dtype, device=shard.device)
+            if isinstance(shard, DTensor):
+                part = distribute_tensor(
+                    whole, shard.device_mesh, shard.placements, src_data_rank=0
+                )
+                shard.to_local().copy_(part.to_local())
+            else:
+                shard.copy_(self.broadcast(whole))
+
     def load_full_state(
         self, module: nn.Module, state: dict[str, torch.Tensor], *, strict: bool = True
     ) -> None:
@@ -381,6 +399,11 @@ class Shards:
         """Leave the group."""
         if self.sharded and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``tensor``: a DTensor's local shard (a view), else itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
