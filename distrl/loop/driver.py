@@ -232,10 +232,13 @@ def _train(
     trainer = Trainer(config, run_dir, train_prompts, val_prompts)
     try:
         trainer.wait_started([trainer.learner], "the learner")
-        if not actors.get(trainer.learner.sees.remote(str(run_dir / CONFIG_FILE))):
+        ref = trainer.learner.sees.remote(str(run_dir / CONFIG_FILE))
+        group = isinstance(trainer.learner, actors.LearnerGroup)
+        # Every learner worker writes its shards into the checkpoints.
+        if not all(actors.get(trainer.learner.every_rank(ref) if group else [ref])):
             raise DistrlError(
-                f"the learner's node cannot see {run_dir}: on a multi-node cluster "
-                f"output.dir must be on storage the head and the learner share"
+                f"a learner's node cannot see {run_dir}: on a multi-node cluster "
+                f"output.dir must be on storage the head and the learner workers share"
             )
         if checkpoint is not None:
             trainer.restore(checkpoint)

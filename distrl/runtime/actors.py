@@ -150,8 +150,8 @@ def get(refs: Any, timeout: float | None = None) -> Any:
         raise
 
 
-# Learner methods rank 0 runs alone: it serves the weight group, reads and writes the run's files
-# and keeps the last publication's size. Every other method is called on every rank.
+# Learner methods rank 0 runs alone: it serves the weight group and keeps the last publication's
+# size. Every other method is called on every rank.
 RANK0_ONLY = frozenset(
     {
         "learner_group_address",
@@ -159,7 +159,6 @@ RANK0_ONLY = frozenset(
         "join_weight_group",
         "leave_weight_group",
         "publish_metrics",
-        "sees",
     }
 )
 
