@@ -108,7 +108,7 @@ class Trainer:
     def make_learner(self) -> ray.actor.ActorHandle | actors.LearnerGroup:
         """A new learner actor, or a group of ``resources.learner_workers`` acting as one; never
         restarted by Ray (``recover`` restores it instead)."""
-        res = self.config.resources
+        res, f = self.config.resources, self.config.faults
         options = actors.actor_options(
             res.learner_cpus, res.learner_gpus, res.custom.get("learner"), **actors.STATEFUL
         )
@@ -120,7 +120,10 @@ class Trainer:
             options,
             arguments,
             res.learner_workers,
-            timeout_s=self.config.faults.start_timeout_s,
+            timeout_s=f.start_timeout_s,
+            # A rank waits in a collective while another is busy alone: rank 0 writing the
+            # checkpoint's files, or awaiting the rollout workers of a broadcast.
+            collective_timeout_s=max(f.start_timeout_s, f.train_timeout_s, f.generate_timeout_s),
         )
 
     def make_worker(self, index: int) -> ray.actor.ActorHandle:

@@ -170,7 +170,8 @@ class LearnerGroup:
     every rank's ``train`` with them (each computes its share and they meet in collectives)
     and returns rank 0's ref; ``every_rank(ref)`` gives the refs of all ranks' calls, which the
     driver waits on, so a rank that fails fails the call. The ranks form their
-    torch.distributed group here (``join_learner_group``), within ``timeout_s``.
+    torch.distributed group here (``join_learner_group``), within ``timeout_s``; a rank waits
+    at most ``collective_timeout_s`` (default ``timeout_s``) in any collective after.
 
     Raises:
         LearnerGroupError: the group did not form (a rank's own error).
@@ -185,13 +186,15 @@ class LearnerGroup:
         world: int,
         *,
         timeout_s: float,
+        collective_timeout_s: float | None = None,
     ) -> None:
         self.ranks = [make_actor(cls, options, **arguments) for _ in range(world)]
+        collective_timeout_s = max(timeout_s, collective_timeout_s or 0.0)
         self.followers: dict[ray.ObjectRef, list[ray.ObjectRef]] = {}
         try:
             address = get(self.ranks[0].learner_group_address.remote(), timeout=timeout_s)
             joins = [
-                rank.join_learner_group.remote(address, k, world, timeout_s=timeout_s)
+                rank.join_learner_group.remote(address, k, world, timeout_s=collective_timeout_s)
                 for k, rank in enumerate(self.ranks)
             ]
             get(joins, timeout=timeout_s + 30)  # each rank gives up first, saying why
