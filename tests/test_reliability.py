@@ -226,8 +226,8 @@ def test_a_sigkilled_driver_resumes_without_losing_or_repeating_a_step(ray_sessi
     driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 300
-        while latest_checkpoint(run_dir / "checkpoints") is None or (
-            int(latest_checkpoint(run_dir / "checkpoints").name.split("_")[1]) < 3
+        while (saved := latest_checkpoint(run_dir / "checkpoints")) is None or (
+            int(saved.name.split("_")[1]) < 3
         ):
             assert driver.poll() is None, driver.stderr.read().decode()[-2000:]
             assert time.time() < deadline

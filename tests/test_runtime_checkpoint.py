@@ -169,6 +169,23 @@ def test_dropping_a_folder_drops_all_its_files(tmp_path):
     assert verify_checkpoint(path) == {"step": 1}
 
 
+def test_a_file_dropped_while_it_is_verified_is_not_called_missing(tmp_path, monkeypatch):
+    """A reader (a test, ``distrl.validate``) can read a live run's manifest just before the
+    run prunes a file from it: the file is gone, and so is its line in the manifest now."""
+    from distrl.runtime import checkpoint
+
+    path = save(tmp_path, 1)
+    stale = checkpoint._read_marker(path)
+    drop_files(path, {"weights.bin"})
+    reads = iter([stale])
+    real = checkpoint._read_marker
+    monkeypatch.setattr(checkpoint, "_read_marker", lambda p: next(reads, None) or real(p))
+    assert verify_checkpoint(path) == {"step": 1}
+    (path / "sub" / "config.json").unlink()  # still listed: a torn folder, refused
+    with pytest.raises(DistrlError, match="config.json is missing"):
+        verify_checkpoint(path)
+
+
 def test_torch_state_loads_with_weights_only(tmp_path):
     state = {
         "weights": {"w": torch.arange(6.0).reshape(2, 3)},
