@@ -177,10 +177,11 @@ def test_counters_are_steps_with_whole_ticks_and_no_ema():
         "learner/version": ([1, 2, 3, 4], [1.0, 2.0, 3.0, 4.0]),
         "faults/stale_batches": ([1, 2, 3, 4], [0.0, 0.0, 1.0, 1.0]),
         "learner/kl": ([1, 2, 3, 4], [0.1, 0.2, 0.1, 0.3]),
+        "reward/dropped": ([1, 2, 3, 4], [0.0, 0.0, 0.0, 0.0]),  # flat: still whole ticks
     }
     fig = plots.figure(series, "run")
     axes = {ax.get_title(): ax for ax in panels(fig)}
-    for key in ("learner/version", "faults/stale_batches"):
+    for key in ("learner/version", "faults/stale_batches", "reward/dropped"):
         (line,) = axes[key].get_lines()  # no EMA beside it
         assert line.get_drawstyle() == "steps-post"
         assert whole(axes[key].get_yticks()) and axes[key].get_ylim()[0] == 0

@@ -503,6 +503,7 @@ def test_a_signal_stops_the_run_within_seconds_with_a_checkpoint_and_plots(tmp_p
         f"continue with: python -m distrl.run --resume --output-dir {run_dir}"
     ), err[-3000:]
     verify_checkpoint(saved)
+    assert "Traceback" not in err and "(raylet)" not in err, err[-3000:]  # nothing after it
     # It said what it waited for: an abandoned wait, or the stretch it let finish.
     said = [line for line in err.splitlines() if line.startswith("distrl: ") and "received" in line]
     assert len(said) == 1 and said[0].startswith(f"distrl: {signal.Signals(sig).name} received: ")

@@ -153,3 +153,54 @@ def test_an_actors_full_disk_reaches_the_driver_as_the_oserror_itself(ray_sessio
     with pytest.raises(OSError) as caught:  # not a RayTaskError: write_checkpoint can name it
         actors.get(actor.save.remote(), timeout=60)
     assert caught.value.errno == errno.ENOSPC
+
+
+def test_a_stop_signal_ends_an_abandonable_wait_before_its_result_is_ready(ray_session):
+    """The handler only records the signal; the wait sees it and raises ``Interrupt`` (a
+    handler that raised inside ``ray.get`` could surface as a SystemError traceback)."""
+    import os
+    import signal
+    import threading
+
+    from distrl.runtime.faults import Interrupt, StopSignals
+
+    class Slow:  # defined here so Ray ships it by value to the worker
+        def generate(self, seconds: float) -> str:
+            import time
+
+            time.sleep(seconds)
+            return "done"
+
+    actor = actors.make_actor(Slow, actor_options(0.25, 0, None))
+    ref = actor.generate.remote(60)
+    try:
+        with StopSignals() as signals:
+            threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+            with pytest.raises(Interrupt), signals.abandonable("step 1's rollouts"):
+                actors.get(ref, timeout=120)
+        assert signals.signum == signal.SIGINT
+        assert not ray_session.wait([ref], timeout=0)[0]  # abandoned, not waited out
+    finally:
+        actors.kill(actor)
+
+
+def test_killing_a_worker_mid_call_cancels_the_call_instead_of_retrying_it(ray_session, capfd):
+    """Rollout workers retry an interrupted call (``max_task_retries=-1``); at shutdown the
+    call a signal abandoned is cancelled, so Ray prints no "will be retried" line after the
+    run's last one."""
+    import time
+
+    class Slow:  # defined here so Ray ships it by value to the worker
+        def generate(self, seconds: float) -> str:
+            time.sleep(seconds)
+            return "done"
+
+    actor = actors.make_actor(Slow, actor_options(0.25, 0, None))
+    actors.get(actor.__ray_ready__.remote(), timeout=60)
+    ref = actor.generate.remote(60)
+    time.sleep(1)  # running, not queued
+    actors.kill(actor, [ref])
+    with pytest.raises(ray_session.exceptions.TaskCancelledError):
+        ray_session.get(ref, timeout=30)
+    time.sleep(3)  # Ray's log monitor forwards the actor's and raylet's lines within a second
+    assert "retries remaining" not in capfd.readouterr().err

@@ -138,7 +138,11 @@ def run_main(main: Callable[[], int]) -> None:
             file=sys.stderr,
         )
         code = 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemError) as exc:
+        # A second Ctrl-C raises from the signal handler, which may land in Ray's C code and
+        # arrive wrapped in a SystemError; any other SystemError is a bug and keeps its trace.
+        if isinstance(exc, SystemError) and not isinstance(exc.__cause__, KeyboardInterrupt):
+            raise
         print("interrupted", file=sys.stderr)
         code = 130
     sys.exit(code)

@@ -585,8 +585,10 @@ class Trainer:
 
     def shutdown(self) -> None:
         """Stop this run's actors (a shared Ray session, as in tests, stays up)."""
-        for actor in [*self.stateful().values(), *self.workers]:
+        for actor in self.stateful().values():
             actors.kill(actor)
+        for i, worker in enumerate(self.workers):  # with the rollouts a signal abandoned
+            actors.kill(worker, [self.in_flight[i]] if i in self.in_flight else [])
         self.pool.shutdown()
 
     # ---- checkpoints -------------------------------------------------------------------

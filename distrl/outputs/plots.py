@@ -127,10 +127,20 @@ def figure(series: Series, title: str) -> Any:
     ncols = min(len(series), 3)
     nrows = math.ceil(len(series) / ncols)
     # At least 7 inches wide: the title (left) and the legend (right) share the top line.
-    fig = Figure(figsize=(max(4.2 * ncols + 0.4, 7), 2.8 * nrows + 0.8), layout="constrained")
+    width, height = max(4.2 * ncols + 0.6, 7), 2.8 * nrows + 0.8
+    fig = Figure(figsize=(width, height))
     FigureCanvasAgg(fig)
-    fig.suptitle(title, x=0.01, ha="left")
-    fig.supxlabel("iteration")
+    fig.suptitle(title, x=0.01, ha="left", y=1 - 0.12 / height, va="top")
+    fig.supxlabel("iteration", y=0.08 / height, va="bottom")
+    # Fixed margins in inches (a layout engine measures every tick label: seconds per run).
+    fig.subplots_adjust(
+        left=0.95 / width,
+        right=1 - 0.2 / width,
+        top=1 - 0.75 / height,
+        bottom=0.6 / height,
+        wspace=1.0 / (4.2 - 1.0),
+        hspace=0.65 / (2.8 - 0.65),
+    )
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     handles: dict[str, Any] = {}
     for ax, (key, (steps, values)) in zip(axes, series.items()):
@@ -141,7 +151,10 @@ def figure(series: Series, title: str) -> Any:
             (line,) = ax.plot(steps, values, "o-", color="C1", lw=1.5, ms=3, drawstyle="steps-post")
             handles.setdefault("count (no smoothing)", line)
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_ylim(bottom=min(0.0, *(v for v in values if math.isfinite(v))))
+            finite = [v for v in values if math.isfinite(v)]
+            bottom = min(0.0, *finite)
+            # A count that never moved gets a whole unit of room, so its ticks stay whole.
+            ax.set_ylim(bottom, None if max(finite, default=0.0) > bottom else bottom + 1)
         else:
             (raw,) = ax.plot(steps, values, "o-", color="C0", alpha=0.35, lw=0.8, ms=3)
             (smooth,) = ax.plot(steps, ema(values), color="C0", lw=1.8)
@@ -158,7 +171,14 @@ def figure(series: Series, title: str) -> Any:
         ax.grid(alpha=0.3)
     for ax in axes[len(series) :]:
         ax.set_visible(False)
-    fig.legend(list(handles.values()), list(handles), loc="outside upper right", ncols=len(handles))
+    fig.legend(
+        list(handles.values()),
+        list(handles),
+        loc="upper right",
+        bbox_to_anchor=(1 - 0.05 / width, 1 - 0.05 / height),
+        ncols=len(handles),
+        frameon=False,
+    )
     return fig
 
 

@@ -11,6 +11,7 @@ them from a checkpoint (``STATEFUL``). Only the driver and its pools call ``ray.
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from typing import Any
 
@@ -27,7 +28,8 @@ from distrl.rewards import (
     check_reward_config,
     component_keys,
 )
-from distrl.runtime.faults import Hung
+from distrl.runtime import faults
+from distrl.runtime.faults import Hung, Interrupt
 
 
 def actor_options(
@@ -132,17 +134,44 @@ def node_ip_ref(handle: Any) -> ray.ObjectRef:
     return handles(handle)[0].__ray_call__.remote(_node_ip)
 
 
+POLL_S = 0.2  # how often a wait that a stop signal may abandon looks for the signal
+
+
+def wait_all(refs: list[ray.ObjectRef], timeout: float | None) -> list[ray.ObjectRef]:
+    """``ray.wait`` for every one of ``refs``; returns those done within ``timeout`` seconds.
+
+    Inside a ``StopSignals.abandonable`` stretch it looks for a stop signal every ``POLL_S``
+    seconds and raises ``Interrupt`` when one came.
+    """
+    refs = list(dict.fromkeys(refs))
+    if not faults.abandoning():
+        return ray.wait(refs, num_returns=len(refs), timeout=timeout)[0]
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        if faults.interrupted():
+            raise Interrupt
+        left = POLL_S if deadline is None else max(0.0, min(POLL_S, deadline - time.monotonic()))
+        done, rest = ray.wait(refs, num_returns=len(refs), timeout=left)
+        if not rest or (deadline is not None and time.monotonic() >= deadline):
+            return done
+
+
 def get(refs: Any, timeout: float | None = None) -> Any:
     """``ray.get`` that re-raises distrl's own errors from inside an actor as themselves.
 
     Ray wraps an actor's exception in ``RayTaskError``; a ``RewardError`` (or any
     ``DistrlError``, or an ``OSError`` such as a full disk) then reaches the driver as that
-    error with its own message.
+    error with its own message. Inside a ``StopSignals.abandonable`` stretch a stop signal
+    ends the wait with ``Interrupt`` (``wait_all``).
 
     Raises:
         ray.exceptions.GetTimeoutError: ``timeout`` seconds passed first.
     """
     try:
+        if faults.abandoning():
+            flat = [refs] if isinstance(refs, ray.ObjectRef) else list(refs)
+            if len(wait_all(flat, timeout)) < len(set(flat)):
+                raise GetTimeoutError(f"not every result was ready within {timeout} s")
         return ray.get(refs, timeout=timeout)
     except RayTaskError as err:
         if isinstance(err.cause, (DistrlError, OSError)):  # a full disk in an actor, too
@@ -264,8 +293,14 @@ def shared(value: Any) -> Any:
     return ray.put(value)
 
 
-def kill(actor: Any) -> None:
-    """Kill an actor, or every rank of a ``LearnerGroup``, without restarting it."""
+def kill(actor: Any, running: Any = ()) -> None:
+    """Kill an actor, or every rank of a ``LearnerGroup``, without restarting it.
+
+    Its calls still ``running`` (refs) are cancelled first: Ray would otherwise retry them on
+    the dead actor (``max_task_retries``) and print that it will, after the run's last line.
+    """
+    for ref in running:
+        ray.cancel(ref)
     for handle in getattr(actor, "ranks", [actor]):
         ray.kill(handle, no_restart=True)
 
@@ -372,7 +407,7 @@ class RewardPool:
         results: dict[int, ScoreResult] = {}
         for attempt in range(self.retries + 1):
             refs = list(pending.values())
-            done, _ = ray.wait(refs, num_returns=len(refs), timeout=self.timeout)
+            done = wait_all(refs, self.timeout)
             for k, ref in list(pending.items()):
                 if ref in done:
                     results[k] = get(ref)

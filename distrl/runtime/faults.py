@@ -8,8 +8,9 @@ and stop signals.
 - A broadcast weight group (``rollout.weight_sync: broadcast``) cannot take a new member: a
   replaced or restarted worker, a restored learner or a failed broadcast makes the driver form
   it again (``faults/weight_group_rebuilds``).
-- ``StopSignals``: SIGINT/SIGTERM stop the run at the next safe point (at once while it only
-  waits for rollouts or rewards), after which the driver checkpoints and raises ``Stopped``.
+- ``StopSignals``: SIGINT/SIGTERM stop the run at the next safe point (within ``actors.POLL_S``
+  while it only waits for rollouts, rewards or an evaluation), after which the driver
+  checkpoints and raises ``Stopped``.
 - ``loss_jump``: a loss or gradient norm orders of magnitude above its recent history (a
   corrupted state, a diverging run) stops the run before that step is saved (``LossJump``).
 """
@@ -68,16 +69,33 @@ class LossJump(DistrlError):
 
 
 class Interrupt(BaseException):
-    """Raised by the signal handler inside a wait that may be abandoned."""
+    """Raised inside a stretch that a signal may abandon (``StopSignals.abandonable``), by the
+    wait that sees the signal (``actors.wait_all``) or at the stretch's end."""
+
+
+# The StopSignals whose abandonable() stretch is open: waits in it look for their signal.
+_OPEN: list[StopSignals] = []
+
+
+def abandoning() -> bool:
+    """Whether an ``abandonable()`` stretch is open, so a wait should look for a signal."""
+    return bool(_OPEN)
+
+
+def interrupted() -> bool:
+    """Whether a signal has asked to abandon the open ``abandonable()`` stretch."""
+    return any(s.signum is not None for s in _OPEN)
 
 
 class StopSignals:
     """Catch SIGINT and SIGTERM while a run trains (only in the main thread: Tune trials run in
     threads and are stopped by Tune).
 
-    The first signal is remembered (``signum``) and, inside ``abandonable()``, interrupts the
-    wait at once; elsewhere the current step finishes first. A second signal stops at once
-    with ``KeyboardInterrupt``.
+    The first signal is remembered (``signum``); inside ``abandonable()`` the wait under way
+    sees it within ``actors.POLL_S`` and raises ``Interrupt``; elsewhere the current step
+    finishes first. The handler itself never raises on the first signal: an exception raised
+    from a handler can land inside Ray's C code and surface as a ``SystemError`` traceback. A
+    second signal stops at once with ``KeyboardInterrupt``.
     """
 
     def __init__(self) -> None:
@@ -107,8 +125,6 @@ class StopSignals:
         else:
             what = f"stopping after {self.doing} and a checkpoint; send it again to stop at once"
         print(f"\ndistrl: {name} received: {what}", file=sys.stderr, flush=True)
-        if self._abandonable:
-            raise Interrupt
 
     @contextmanager
     def abandonable(self, doing: str) -> Iterator[None]:
@@ -117,10 +133,14 @@ class StopSignals:
         if self.signum is not None:
             raise Interrupt
         self._abandonable, self.doing = True, doing
+        _OPEN.append(self)
         try:
             yield
         finally:
             self._abandonable = False
+            _OPEN.remove(self)
+        if self.signum is not None:  # came during a wait that does not look (a round trip)
+            raise Interrupt
 
 
 # What a loss jump is read from (positive scales; the policy loss changes sign), and the
