@@ -428,3 +428,19 @@ def test_compute_reward_default_uses_the_target_context():
     r = compute_reward([ON_TOPIC, OFF_TOPIC], target_context="cooking pasta", config=None, seed=0)
     assert set(r.components) == {"fluency", "diversity", "relevance"}
     assert np.isfinite(r.total).all()
+
+
+def test_a_reward_actor_without_a_model_component_never_imports_transformers():
+    """Each reward actor is a fresh process: importing transformers there costs seconds of
+    CPU at every start (and every test run) for components that need no model."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import distrl.runtime.actors; from distrl.config import load_config; "
+        "from distrl.rewards import RewardScorer; RewardScorer(load_config('tiny', {}).reward); "
+        "print(sorted(m for m in ('transformers', 'peft', 'vllm') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

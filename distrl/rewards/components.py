@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 
 from distrl.errors import ConfigError
-from distrl.models.loading import TINY_MODELS
 from distrl.rewards import encoders
 from distrl.rewards.base import Component, RewardBatch, SampleError
 
@@ -181,6 +180,8 @@ class _LMComponent(Component):
     def check(cls, options: dict[str, Any]) -> None:
         super().check(options)
         o = {**cls.OPTIONS, **options}
+        from distrl.models.loading import TINY_MODELS  # transformers: only where it is needed
+
         if o["model"] in TINY_MODELS and o["tokenizer"] == "auto":
             raise ConfigError(
                 f"model {o['model']!r} is random and has no tokenizer of its own: set option "
