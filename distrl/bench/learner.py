@@ -120,13 +120,13 @@ def bench_learner(options: BenchOptions) -> dict[str, Any]:
 
         train(1)  # warm-up
         raw_s: list[float] = []
-        wall, learn_s, reported = ({1: [], 3: []} for _ in range(3))
+        wall, update_s, reported = ({1: [], 3: []} for _ in range(3))
         for _ in range(repeats):
             raw_s.append(clock(raw)[0])
             for epochs in (1, 3):
                 seconds, metrics = train(epochs)
                 wall[epochs].append(seconds)
-                learn_s[epochs].append(metrics["time/learn_s"])
+                update_s[epochs].append(metrics["time/update_s"])
                 reported[epochs].append(metrics["learner/tokens_per_s"])
         learner_peak = get(learner.peak_rss_mb.remote())
         memory = {
@@ -178,10 +178,9 @@ def bench_learner(options: BenchOptions) -> dict[str, Any]:
         if options.learner_workers:
             workers = bench_learner_workers(options, MeasuredLearner, batch_ref, scores, tokens)
     reference = tokens / statistics.median(raw_s)
-    # Two more epochs of one minibatch step each: half the difference is one update step.
-    epochs_s = [(b - a) / 2 for a, b in zip(learn_s[1], learn_s[3])]
+    # The Learner's own clock around its epochs: one epoch alone, and a third of three.
+    epochs_s = update_s[1] + [s / 3 for s in update_s[3]]
     epoch_s = statistics.median(epochs_s)
-    update = tokens / epoch_s if epoch_s > 0 else None
     rows = {
         f"train, {e} epoch{'s' * (e > 1)}": {
             "tokens_per_s": e * tokens / statistics.median(wall[e]),
@@ -192,9 +191,9 @@ def bench_learner(options: BenchOptions) -> dict[str, Any]:
         for e in (1, 3)
     }
     rows["update phase, one epoch"] = {
-        "tokens_per_s": update,
+        "tokens_per_s": tokens / epoch_s,
         "seconds": epoch_s,
-        "samples": rounded([tokens / t if t > 0 else 0.0 for t in epochs_s]),
+        "samples": rounded([tokens / t for t in epochs_s]),
     }
     for row in rows.values():
         row.update(memory, peak_rss_mb=learner_peak)
@@ -216,17 +215,18 @@ def bench_learner(options: BenchOptions) -> dict[str, Any]:
             f"of batch_size {len(prompts)} with minibatch_size {len(prompts)}, so every epoch "
             "is one optimizer step; train rows are the driver's wall time of ray.get on "
             "Learner.train in an actor with every CPU (reference and value forwards, GAE, "
-            "updates); the update phase is (learn_s at 3 epochs - at 1 epoch) / 2 from the "
-            "Learner's own time/learn_s, paired per repetition; raw = plain HF forward with "
-            "labels (LM head and loss over every position, where the Learner's cover the "
-            "response only) + backward + AdamW step of the same model on the same ids and "
-            f"mask in the driver with {cores} torch threads; medians of {repeats} "
-            "interleaved repetitions after one warm-up; the LoRA row is a second learner "
-            f"actor (rank {LORA_RANK} adapters on every linear layer, the value head; its "
-            "reference is its policy with adapters off) started after the first is gone, "
-            "on the same batch, so each row's peak_rss_mb (and peak_gpu_mb on CUDA) is one "
-            "learner's alone; the packed row is a third one with learner.packing (the batch's "
-            "real tokens in one row per pass, padding_share of the padded batch skipped)"
+            "updates); the update phase is the Learner's own time/update_s (its epochs of "
+            "minibatch steps, after the no-grad passes), per epoch, at 1 and at 3 epochs; "
+            "raw = plain HF forward with labels (LM head and loss over every position, "
+            "where the Learner's cover the response only) + backward + AdamW step of the "
+            f"same model on the same ids and mask in the driver with {cores} torch threads; "
+            f"medians of {repeats} interleaved repetitions after one warm-up; the LoRA row "
+            f"is a second learner actor (rank {LORA_RANK} adapters on every linear layer, "
+            "the value head; its reference is its policy with adapters off) started after "
+            "the first is gone, on the same batch, so each row's peak_rss_mb (and "
+            "peak_gpu_mb on CUDA) is one learner's alone; the packed row is a third one with "
+            "learner.packing (the batch's real tokens in one row per pass, padding_share of "
+            "the padded batch skipped)"
         ),
         "raw": {
             "tokens_per_s": reference,

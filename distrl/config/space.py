@@ -77,6 +77,7 @@ LOOP_METRICS = (
     "time/score_s",
     "time/train_s",
     "time/learn_s",
+    "time/update_s",
     "time/publish_s",
     "time/iteration_s",
     *FAULT_KEYS,

@@ -336,6 +336,7 @@ class Learner(LearnerRole):
         probe = passes.probe
         # A row's forward cost: its real tokens when packed, else the padded width.
         costs = mask.sum(-1) if self.config.packing else mask.new_full((n,), mask.shape[1])
+        update_start = time.perf_counter()
         for _ in range(c.epochs):
             for idx in self.shards.broadcast(torch.randperm(n)).split(c.minibatch_size):
                 idx = idx.to(self.device)
@@ -355,6 +356,7 @@ class Learner(LearnerRole):
                     break
             if stop:
                 break
+        update_seconds = time.perf_counter() - update_start
         self.net.eval()
         seq_kl = float(kl.sum(-1).mean())
         self.kl.update(kl=seq_kl, n_samples=n)
@@ -372,6 +374,7 @@ class Learner(LearnerRole):
                 "learner/version": float(self.version),
                 "learner/tokens_per_s": c.epochs * float(mask.sum()) / max(seconds, 1e-9),
                 "time/learn_s": seconds,
+                "time/update_s": update_seconds,
             }
         )
         return metrics
