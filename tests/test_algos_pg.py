@@ -86,6 +86,12 @@ def test_reinforce_pp_returns_discounted_and_ignores_padding():
     assert torch.allclose(returns, t([0.25, 0.7, 1.0], [0.25, -0.5, 0.0]))
 
 
+def test_reinforce_pp_returns_skip_an_environment_turn():
+    rewards, mask = t([1.0, 5.0, 5.0, 2.0]), t([1, 0, 0, 1])
+    returns = reinforce_pp_returns(token_rewards=rewards, mask=mask, gamma=0.5)
+    assert torch.allclose(returns, t([1.0 + 0.5 * 2.0, 0.0, 0.0, 2.0]))
+
+
 def test_reinforce_pp_returns_from_kl_shaped_rewards():
     # kl = [0.5, 0, 0], rewards = -0.2 * kl + score at t=2 = [-0.1, 0, 1]; gamma 1 -> 0.9, 1, 1.
     rewards, _ = kl_shaped_rewards(

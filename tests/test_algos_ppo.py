@@ -46,6 +46,20 @@ def test_gae_rows_are_independent():
     assert torch.allclose(adv[1:], alone)
 
 
+def test_gae_skips_an_environment_turn_as_if_it_were_not_there():
+    # Tokens 2 and 3 are an environment's turn between two model turns: the model's tokens
+    # get what they would get in the sequence without them.
+    rewards, values = t([0.1, 0.2, 9.0, 9.0, 0.3, 1.0]), t([0.5, 0.6, 7.0, 7.0, 0.7, 0.8])
+    mask = t([1, 1, 0, 0, 1, 1])
+    adv, ret = gae(rewards=rewards, values=values, mask=mask, gamma=0.9, lam=0.7)
+    keep = mask[0] > 0
+    alone, alone_ret = gae(
+        rewards=rewards[:, keep], values=values[:, keep], mask=mask[:, keep], gamma=0.9, lam=0.7
+    )
+    assert torch.allclose(adv[:, keep], alone) and torch.allclose(ret[:, keep], alone_ret)
+    assert adv[0, 2:4].abs().sum() == 0 and ret[0, 2:4].abs().sum() == 0
+
+
 def test_kl_shaped_rewards_put_score_on_last_token():
     rewards, kl = kl_shaped_rewards(
         scores=torch.tensor([2.0]),

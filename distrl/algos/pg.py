@@ -106,8 +106,8 @@ def reinforce_pp_returns(
     Args:
         token_rewards: (B, T) per-token rewards, typically ``-kl_coef * kl`` at every token plus
             the score at the last one (``distrl.algos.ppo.kl_shaped_rewards``).
-        mask: (B, T) response-token mask (contiguous ones from t=0); rewards on padding are
-            ignored.
+        mask: (B, T) 1 on the tokens the policy chose; rewards elsewhere are ignored, and a 0
+            between them (an environment's turn) is skipped, not discounted.
         gamma: discount.
 
     Returns:
@@ -117,7 +117,7 @@ def reinforce_pp_returns(
     returns = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[-1])):
-        running = rewards[:, t] + gamma * running
+        running = torch.where(mask[:, t] > 0, rewards[:, t] + gamma * running, running)
         returns[:, t] = running
     return returns * mask
 

@@ -85,23 +85,25 @@ def gae(
     Args:
         rewards: (B, T) per-token rewards.
         values: (B, T) value estimates V(s_t) of the state before each token.
-        mask: (B, T) response-token mask (contiguous ones from t=0).
+        mask: (B, T) 1 on the tokens the policy chose; a 0 between them (an environment's
+            turn of a multi-turn episode) is skipped, its next state being the next chosen
+            token's, and the episode ends after the last 1.
         gamma: discount; lam: GAE lambda.
 
     Returns:
-        advantages (B, T) and returns ``advantages + values`` (B, T), zero on padding.
+        advantages (B, T) and returns ``advantages + values`` (B, T), zero where mask is 0.
     """
     T = rewards.shape[-1]
     advantages = torch.zeros_like(rewards)
-    next_adv = torch.zeros_like(rewards[:, 0])
+    next_adv = torch.zeros_like(rewards[:, 0])  # after the last chosen token: terminal
     next_value = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(T)):
-        # Past the end (mask 0) the next state is terminal: no bootstrap, no carried advantage.
-        cont = mask[:, t + 1] if t + 1 < T else torch.zeros_like(mask[:, 0])
-        delta = rewards[:, t] + gamma * next_value * cont - values[:, t]
-        next_adv = (delta + gamma * lam * next_adv * cont) * mask[:, t]
-        advantages[:, t] = next_adv
-        next_value = values[:, t]
+        chosen = mask[:, t] > 0
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv = delta + gamma * lam * next_adv
+        advantages[:, t] = torch.where(chosen, adv, 0.0)
+        next_adv = torch.where(chosen, adv, next_adv)
+        next_value = torch.where(chosen, values[:, t], next_value)
     returns = (advantages + values) * mask
     return advantages, returns
 

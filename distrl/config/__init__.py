@@ -133,6 +133,20 @@ class RewardComponent:
 
 
 @dataclass(frozen=True)
+class EnvConfig:
+    name: str | None = _f(
+        None,
+        "multi-turn environment: a packaged name ('guess') or 'pkg.module:Class'; "
+        "empty = single-turn prompts",
+    )
+    options: dict[str, Any] = _f({}, "keyword arguments of the environment's constructor")
+    max_turns: int = _f(4, "model turns per episode at most", ge=1)
+    max_total_tokens: int = _f(
+        256, "tokens of an episode after its prompt at most, model and environment turns", ge=1
+    )
+
+
+@dataclass(frozen=True)
 class RewardConfig:
     components: tuple[RewardComponent, ...] = _f(
         (RewardComponent(),),
@@ -465,6 +479,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     dqn: DQNConfig = field(default_factory=DQNConfig)

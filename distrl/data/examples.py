@@ -41,7 +41,10 @@ from distrl.errors import AssetError, DataError
 
 DEFAULT = "default"
 # Prompt sets inside the package, by name: (package, file).
-PACKAGED = {"arithmetic": ("distrl.data.tasks", "arithmetic.jsonl")}
+PACKAGED = {
+    "arithmetic": ("distrl.data.tasks", "arithmetic.jsonl"),
+    "guess": ("distrl.data.tasks", "guess.jsonl"),
+}
 MAX_LINE_BYTES = 1 << 20
 SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
 PARQUET_BATCH_ROWS = 1024

@@ -227,8 +227,7 @@ class Learner(LearnerRole):
 
     def _tensors(self, batch: Trajectories) -> tuple[torch.Tensor, ...]:
         ids = np.concatenate([batch.prompt_ids, batch.response_ids], axis=1)
-        resp_mask = batch.response_mask.astype(np.int64)
-        mask = np.concatenate([batch.prompt_mask, resp_mask], axis=1)
+        mask = np.concatenate([batch.prompt_mask, batch.attention()], axis=1)
 
         def t(a: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(np.array(a)).to(

@@ -10,13 +10,21 @@ import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from distrl.config import LoraConfig, ModelConfig, RolloutConfig, RunConfig, TokenizerConfig
+from distrl.config import (
+    EnvConfig,
+    LoraConfig,
+    ModelConfig,
+    RolloutConfig,
+    RunConfig,
+    TokenizerConfig,
+)
+from distrl.data.examples import Example
 from distrl.models.lora import add_lora
 from distrl.models.policy import (
     build_model,
@@ -28,6 +36,9 @@ from distrl.models.policy import (
 from distrl.models.tokenizers import Tokenizer
 from distrl.runtime.roles import WorkerRole
 from distrl.weights.tensors import set_weights
+
+if TYPE_CHECKING:
+    from distrl.envs.episodes import Episodes
 
 PROMPT_FIELDS = ("prompt_ids", "prompt_mask")  # left-padded
 ARRAY_FIELDS = (
@@ -77,6 +88,10 @@ class Trajectories:
     def __post_init__(self) -> None:
         if self.row_versions is None:
             self.row_versions = np.full(len(self.example_ids), self.version, dtype=np.int64)
+
+    def attention(self) -> np.ndarray:
+        """(B, T) int64 attention mask of the response columns: the tokens up to EOS."""
+        return self.response_mask.astype(np.int64)
 
     @property
     def num_tokens(self) -> int:
@@ -187,10 +202,15 @@ class RolloutWorker(WorkerRole):
         torch_threads: int | None = None,
         lora: LoraConfig | None = None,
         max_prompt_tokens: int = 128,
+        env: EnvConfig | None = None,
+        system_prompt: str | None = None,
     ) -> None:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.config = rollout
+        self.env = env
+        self.system_prompt = system_prompt
+        self.episodes_started = 0
         self.tokenizer = build_tokenizer(model, tokenizer)
         self.version = 0
         self.seed = seed * 1000 + worker_index
@@ -225,6 +245,8 @@ class RolloutWorker(WorkerRole):
             "torch_threads": config.resources.torch_threads,
             "lora": config.learner.lora,
             "max_prompt_tokens": config.data.max_prompt_tokens,
+            "env": config.env,
+            "system_prompt": config.data.system_prompt,
         }
 
     def trainable(self) -> torch.nn.Module:
@@ -309,6 +331,54 @@ class RolloutWorker(WorkerRole):
             logprobs=(logprobs * rmask).cpu().numpy(),
             texts=texts,
             example_ids=np.asarray(example_ids, dtype=np.int64),
+            version=self.version,
+            seconds=time.perf_counter() - start,
+        )
+
+    def generate_episodes(
+        self, examples: list[Example], example_ids: list[int], *, greedy: bool = False
+    ) -> Episodes:
+        """Play one multi-turn episode per example with a fresh environment each (``env``).
+
+        Args:
+            examples: the data examples the episodes start from (``Environment.reset``).
+            example_ids: index of each example in the prompt set, returned with the batch.
+            greedy: argmax decoding (for evaluation) instead of sampling.
+        """
+        from distrl.envs.base import load_environment
+        from distrl.envs.episodes import Renderer, run_episodes, to_episodes
+
+        start = time.perf_counter()
+        env = self.env
+        if env is None or not env.name:
+            raise ValueError("generate_episodes needs an env config with a name")
+        cls = load_environment(env.name, env.options)
+        environments, first = [], []
+        for example in examples:
+            environment = cls(**env.options)
+            first.append(environment.reset(example, self.seed * 1_000_003 + self.episodes_started))
+            environments.append(environment)
+            self.episodes_started += 1
+
+        def turn(seqs: list[list[int]]) -> tuple[list[list[int]], list[list[float]]]:
+            batch = self.generate(seqs, list(range(len(seqs))), greedy=greedy)
+            lengths = batch.response_mask.sum(1).astype(int)
+            ids = [row[:n].tolist() for row, n in zip(batch.response_ids, lengths)]
+            return ids, [row[:n].tolist() for row, n in zip(batch.logprobs, lengths)]
+
+        episodes = run_episodes(
+            generate=turn,
+            environments=environments,
+            first_messages=first,
+            renderer=Renderer(self.tokenizer, self.system_prompt),
+            eos_id=self.tokenizer.eos_token_id,
+            max_turns=env.max_turns,
+            max_total_tokens=env.max_total_tokens,
+        )
+        return to_episodes(
+            episodes,
+            example_ids,
+            pad_id=self.tokenizer.pad_token_id,
             version=self.version,
             seconds=time.perf_counter() - start,
         )

@@ -1,0 +1,1 @@
+"""Multi-turn environments: episodes, tools and sandboxed code."""

@@ -1,0 +1,255 @@
+"""Multi-turn episodes as token sequences: token in, token out.
+
+An episode is one token sequence: the prompt, then model turns (the exact ids sampled, never
+decoded and encoded again) and environment turns (the chat template's text for the new
+messages, tokenised once and appended). The learner trains on the model's tokens only:
+``Episodes.response_mask`` is 1 on them, ``response_attention`` on every token.
+
+Environment turns come from the chat template incrementally: the text the template adds for
+the new messages is the rendering of the whole conversation with them minus its rendering
+without them, plus whatever the template writes after the model's end-of-turn token (ChatML's
+newline after ``<|im_end|>``). That is right only for a template that appends: one whose
+rendering of a conversation starts with its rendering of every earlier part of it. Each
+environment turn checks this and a template that rewrites earlier turns (one that drops
+earlier reasoning, say) is refused with ``ModelError`` rather than trained on tokens the
+model did not see.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from distrl.envs.base import Environment, Step
+from distrl.errors import ModelError
+from distrl.models.tokenizers import Tokenizer
+from distrl.pg.rollout import ARRAY_FIELDS, Trajectories
+
+_MARK = "\x1fdistrl\x1f"  # a content no template writes itself
+
+
+class Renderer:
+    """The chat template, one turn at a time."""
+
+    def __init__(self, tokenizer: Tokenizer, system_prompt: str | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        base = [{"role": "user", "content": "?"}, {"role": "assistant", "content": _MARK}]
+        rendered = self.render(base, generation_prompt=False)
+        suffix = rendered[rendered.rindex(_MARK) + len(_MARK) :]
+        eos = tokenizer.eos_token_id
+        eos_text = "" if eos is None else tokenizer.decode([eos], skip_special_tokens=False)
+        # The model's turn ends at its EOS; what the template writes after it is ours to add.
+        self.after_eos = suffix[len(eos_text) :] if eos_text and suffix.startswith(eos_text) else ""
+
+    def render(self, messages: list[dict[str, str]], *, generation_prompt: bool) -> str:
+        """The template's text of ``messages`` (the system prompt first, when configured)."""
+        return self.tokenizer.apply_chat_template(
+            [*self.system, *messages], add_generation_prompt=generation_prompt
+        )
+
+    def prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of an episode's first messages and the cue for the model's reply."""
+        return self.tokenizer.encode(self.render(messages, generation_prompt=True))
+
+    def append(self, before: list[dict[str, str]], new: list[dict[str, str]]) -> list[int]:
+        """Token ids that follow the model's last turn (the last of ``before``, ended by its
+        EOS) for the environment's ``new`` messages and the cue for the next reply.
+
+        Raises:
+            ModelError: the template does not append (its rendering of the conversation
+                with ``new`` does not start with its rendering without).
+        """
+        asked = self.render(before[:-1], generation_prompt=True)
+        answered = self.render(before, generation_prompt=False)
+        extended = self.render([*before, *new], generation_prompt=True)
+        for shorter, longer in ((asked, answered), (answered, extended)):
+            if not longer.startswith(shorter):
+                at = next(i for i, (a, b) in enumerate(zip(shorter, longer)) if a != b)
+                raise ModelError(
+                    f"the chat template of {self.tokenizer.name} does not append: after "
+                    f"{len(before)} messages it rewrites earlier text (character {at}: "
+                    f"{shorter[at : at + 40]!r} became {longer[at : at + 40]!r}), so the "
+                    "tokens trained on would not be the ones the model saw; multi-turn "
+                    "episodes need a template that only appends (set tokenizer.chat_template "
+                    "false for distrl's plain format)"
+                )
+        return self.tokenizer.encode(self.after_eos + extended[len(answered) :])
+
+
+@dataclass
+class Transcript:
+    """One episode so far: its token ids after the prompt, which of them the model sampled,
+    and the conversation as text with each turn's record."""
+
+    prompt: list[int]
+    messages: list[dict[str, str]]
+    tokens: list[int] = field(default_factory=list)
+    sampled: list[bool] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    turns: list[dict[str, Any]] = field(default_factory=list)
+    reward: float = 0.0
+    done: bool = False
+    truncated: bool = False
+    failed: str | None = None
+
+    def add(self, ids: list[int], *, sampled: bool, logprobs: list[float] | None = None) -> None:
+        """Append a turn's ids (the model's with their log-probabilities)."""
+        self.tokens += ids
+        self.sampled += [sampled] * len(ids)
+        self.logprobs += logprobs if logprobs is not None else [0.0] * len(ids)
+
+    @property
+    def last_reply(self) -> str:
+        """The model's last message (what the reward pool scores)."""
+        return next((m["content"] for m in reversed(self.messages) if m["role"] == "assistant"), "")
+
+
+@dataclass
+class Episodes(Trajectories):
+    """Multi-turn trajectories: ``response_*`` columns hold every token after the prompt,
+    model and environment turns alike.
+
+    Attributes:
+        response_mask: (B, T) float32, 1 on the model's tokens only (what is trained on).
+        response_attention: (B, T) int64, 1 on every token of the episode.
+        env_rewards: (B,) float32, the episode's summed environment rewards.
+        turns: (B,) int64, model turns taken.
+        transcripts: (B,) the episode's turns as JSON (role, content, reward, info).
+        failed: (B,) bool, the environment raised; the sample is not trained on.
+        texts: (B,) the model's last message.
+    """
+
+    response_attention: np.ndarray = field(kw_only=True)
+    env_rewards: np.ndarray = field(kw_only=True)
+    turns: np.ndarray = field(kw_only=True)
+    transcripts: np.ndarray = field(kw_only=True)
+    failed: np.ndarray = field(kw_only=True)
+
+    array_fields: ClassVar[tuple[str, ...]] = (
+        *ARRAY_FIELDS,
+        "response_attention",
+        "env_rewards",
+        "turns",
+        "transcripts",
+        "failed",
+    )
+
+    def attention(self) -> np.ndarray:
+        """(B, T) int64: every token of the episode, model's and environment's."""
+        return self.response_attention
+
+
+# One model turn for a batch of token sequences: (ids so far per row) -> (new ids per row, up to
+# and including EOS, and their log-probabilities). A rollout worker's generate.
+Generate = Callable[[list[list[int]]], tuple[list[list[int]], list[list[float]]]]
+
+
+def run_episodes(
+    *,
+    generate: Generate,
+    environments: list[Environment],
+    first_messages: list[list[dict[str, str]]],
+    renderer: Renderer,
+    eos_id: int | None,
+    max_turns: int,
+    max_total_tokens: int,
+) -> list[Transcript]:
+    """Play one episode per environment, the model's turns batched across episodes.
+
+    Args:
+        generate: one model turn for each unfinished episode, from its exact ids so far.
+        environments: a fresh environment per episode, already ``reset``.
+        first_messages: each episode's first messages (from ``reset``).
+        renderer: the chat template.
+        eos_id: the model's end-of-turn token; a turn cut before it ends the episode.
+        max_turns: model turns per episode at most.
+        max_total_tokens: tokens after the prompt at most (model and environment turns).
+    """
+    episodes = [Transcript(renderer.prompt(m), list(m)) for m in first_messages]
+    tokenizer = renderer.tokenizer
+    for turn in range(max_turns):
+        live = [i for i, e in enumerate(episodes) if not e.done]
+        if not live:
+            break
+        ids, logprobs = generate([episodes[i].prompt + episodes[i].tokens for i in live])
+        for i, new, lp in zip(live, ids, logprobs):
+            e = episodes[i]
+            room = max_total_tokens - len(e.tokens)
+            new, lp = new[:room], lp[:room]
+            e.add(new, sampled=True, logprobs=lp)
+            ended = bool(new) and new[-1] == eos_id
+            text = tokenizer.decode(new[:-1] if ended else new)
+            e.messages.append({"role": "assistant", "content": text})
+            e.turns.append({"role": "assistant", "content": text, "tokens": len(new)})
+            if not ended:  # cut by a length limit: the turn is unfinished, so is the episode
+                e.done = e.truncated = True
+                continue
+            try:
+                step = environments[i].step(text)
+                if not isinstance(step, Step):
+                    raise TypeError(f"step returned {type(step).__name__}, not a Step")
+                reward = float(step.reward)
+            except Exception as err:  # the user's code: this episode ends, the run goes on
+                e.done, e.failed = True, f"{type(err).__name__}: {err}"
+                e.turns[-1]["error"] = e.failed
+                continue
+            e.reward += reward
+            e.turns[-1].update(reward=reward, **({"info": step.info} if step.info else {}))
+            if step.done or turn == max_turns - 1 or not step.messages:
+                e.done = True
+                continue
+            more = renderer.append(e.messages, step.messages)
+            if len(e.tokens) + len(more) >= max_total_tokens:  # no room left for a reply
+                e.done = e.truncated = True
+                continue
+            e.add(more, sampled=False)
+            e.messages += step.messages
+            e.turns += [{"role": m["role"], "content": m["content"]} for m in step.messages]
+    return episodes
+
+
+def to_episodes(
+    episodes: list[Transcript],
+    example_ids: list[int],
+    *,
+    pad_id: int,
+    version: int,
+    seconds: float,
+) -> Episodes:
+    """Pad ``episodes`` into a batch: prompts on the left, the rest on the right."""
+    from distrl.models.policy import left_pad
+
+    prompt_ids, prompt_mask = left_pad([e.prompt for e in episodes], pad_id)
+    width = max(1, max(len(e.tokens) for e in episodes))
+    B = len(episodes)
+    ids = np.full((B, width), pad_id, dtype=np.int64)
+    sampled = np.zeros((B, width), dtype=np.float32)
+    attention = np.zeros((B, width), dtype=np.int64)
+    logprobs = np.zeros((B, width), dtype=np.float32)
+    for row, e in enumerate(episodes):
+        n = len(e.tokens)
+        ids[row, :n] = e.tokens
+        sampled[row, :n] = e.sampled
+        attention[row, :n] = 1
+        logprobs[row, :n] = e.logprobs
+    return Episodes(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        response_ids=ids,
+        response_mask=sampled,
+        logprobs=logprobs * sampled,
+        texts=np.array([e.last_reply for e in episodes], dtype=np.str_),
+        example_ids=np.asarray(example_ids, dtype=np.int64),
+        version=version,
+        seconds=seconds,
+        response_attention=attention,
+        env_rewards=np.array([e.reward for e in episodes], dtype=np.float32),
+        turns=np.array([sum(t["role"] == "assistant" for t in e.turns) for e in episodes]),
+        transcripts=np.array([json.dumps(e.turns) for e in episodes], dtype=np.str_),
+        failed=np.array([e.failed is not None for e in episodes], dtype=bool),
+    )

@@ -1,0 +1,74 @@
+"""Guess the number: a packaged multi-turn task with higher/lower feedback.
+
+The environment thinks of a whole number (the example's ``target``, else one drawn from the
+episode's seed) and answers each guess with "Higher." or "Lower." until the model names it
+or runs out of turns. A correct guess is worth 1.0; every other turn 0. A reply without a
+number is told so and costs its turn. The packaged prompt set (``data.train: guess``) asks for
+numbers from 1 to 4 ... ``HIGH``; it is written by ``write_prompts`` and can be written again, byte
+for byte, with ``python -m distrl.envs.guess``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import sys
+from pathlib import Path
+
+from distrl.data.examples import Example
+from distrl.envs.base import Environment, Step
+
+HIGH = 8
+PROMPT = (
+    "I am thinking of a whole number from 1 to {high}. Guess it: reply with only a number, "
+    "and I will tell you whether mine is higher or lower."
+)
+_NUMBER = re.compile(r"-?\d+")
+
+
+class GuessNumber(Environment):
+    """Answers guesses with higher/lower; 1.0 for finding the number."""
+
+    def __init__(self, low: int = 1, high: int = HIGH) -> None:
+        if not low <= high:
+            raise TypeError(f"low ({low}) must not exceed high ({high})")
+        self.low, self.high = low, high
+        self.secret = low
+
+    def reset(self, example: Example, seed: int) -> list[dict[str, str]]:
+        """The example's prompt; the secret is its target, else drawn from ``seed``."""
+        if example.target is not None and example.target.strip().lstrip("-").isdigit():
+            self.secret = int(example.target)
+        else:
+            self.secret = random.Random(seed).randint(self.low, self.high)
+        return example.prompt_messages
+
+    def step(self, message: str) -> Step:
+        """Judge the first number of ``message``."""
+        found = _NUMBER.search(message)
+        if found is None:
+            return Step([{"role": "user", "content": "Reply with only a number."}])
+        guess = int(found.group())
+        if guess == self.secret:
+            return Step(reward=1.0, done=True, info={"guess": guess})
+        hint = "Higher." if guess < self.secret else "Lower."
+        return Step([{"role": "user", "content": hint}], info={"guess": guess})
+
+
+def write_prompts(path: Path, *, count: int = 256, seed: int = 0) -> None:
+    """Write the packaged prompt set: ``count`` prompts, each with its secret as ``target``."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(count):
+        high = rng.randint(4, HIGH)
+        lines.append(
+            json.dumps({"prompt": PROMPT.format(high=high), "target": str(rng.randint(1, high))})
+        )
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    from distrl.data.examples import packaged_file
+
+    write_prompts(Path(sys.argv[1]) if len(sys.argv) > 1 else packaged_file("guess"))

@@ -1,0 +1,219 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from distrl.config import load_config
+from distrl.data.examples import Example, Message
+from distrl.envs.base import Environment, Step, load_environment
+from distrl.envs.episodes import Renderer, run_episodes
+from distrl.envs.guess import GuessNumber
+from distrl.errors import ConfigError, ModelError
+from distrl.pg.learner import Learner
+from distrl.pg.rollout import RolloutWorker
+
+EXAMPLES = [
+    Example((Message("user", "Guess my number from 1 to 8."),), target=str(n)) for n in (3, 6)
+]
+
+
+def likely_eos(model, eos_id, boost=4.0):
+    """Make the tiny random model end its turns after a few tokens (a bias on EOS's logit)."""
+    bias = torch.zeros(model.config.vocab_size)
+    bias[eos_id] = boost
+    model.get_output_embeddings().register_forward_hook(lambda m, i, out: out + bias)
+
+
+@pytest.fixture(scope="module")
+def played():
+    config = load_config(
+        "tiny",
+        {
+            "env.name": "guess",
+            "env.max_turns": 4,
+            "env.max_total_tokens": 60,
+            "rollout.max_new_tokens": 8,
+            "rollout.temperature": 1.0,
+        },
+    )
+    worker = RolloutWorker(**RolloutWorker.arguments(config))
+    learner = Learner(**Learner.arguments(config))
+    worker.set_weights(learner.weights())
+    eos = worker.tokenizer.eos_token_id
+    likely_eos(worker.model, eos)
+    likely_eos(learner.net.model, eos)
+    turns = []  # what generate returned, per call, row by row
+    generate = worker.generate
+
+    def recorded(prompts, ids, **kw):
+        batch = generate(prompts, ids, **kw)
+        n = batch.response_mask.sum(1).astype(int)
+        turns.append([row[:k].tolist() for row, k in zip(batch.response_ids, n)])
+        return batch
+
+    worker.generate = recorded
+    examples = EXAMPLES * 3
+    batch = worker.generate_episodes(examples, list(range(len(examples))))
+    return worker, learner, batch, turns
+
+
+def test_the_trained_tokens_are_the_sampled_ones_and_the_rest_is_the_template(played):
+    worker, _, batch, turns = played
+    assert not worker.tokenizer.has_chat_template  # distrl's plain format: User:/Assistant:
+    assert batch.turns.max() >= 2, "no episode went past its first turn"
+    rows = range(len(batch.texts))
+    for row in rows:
+        sampled = batch.response_mask[row] > 0
+        live = batch.response_attention[row] > 0
+        ids = batch.response_ids[row]
+        # The model's tokens are exactly what generate returned for this episode, turn by turn
+        # (generate call k held the episodes that took more than k turns, in order).
+        mine = []
+        for k in range(int(batch.turns[row])):
+            going = [r for r in rows if batch.turns[r] > k]
+            mine += turns[k][going.index(row)]
+        assert ids[sampled].tolist() == mine
+        # Everything else is the environment's turns as the plain template writes them.
+        transcript = json.loads(str(batch.transcripts[row]))
+        hints = [t["content"] for t in transcript if t["role"] == "user"]
+        env_text = worker.tokenizer.decode(ids[live & ~sampled], skip_special_tokens=False)
+        assert env_text == "".join(f"\nUser: {h}\nAssistant:" for h in hints)
+        assert batch.logprobs[row][~sampled].sum() == 0
+        assert live[: int(live.sum())].all(), "attention is not contiguous"
+
+
+def test_the_learner_scores_model_tokens_as_the_worker_sampled_them(played):
+    _, learner, batch, _ = played
+    sampled = batch.response_mask > 0
+    recomputed = learner.logprobs(batch)
+    np.testing.assert_allclose(recomputed[sampled], batch.logprobs[sampled], atol=2e-4)
+    assert np.abs(recomputed[~sampled]).sum() == 0
+
+
+def test_a_guess_gets_higher_or_lower_and_the_number_ends_it_with_reward_one():
+    env = GuessNumber()
+    assert env.reset(EXAMPLES[0], seed=0) == EXAMPLES[0].prompt_messages
+    assert env.step("2").messages == [{"role": "user", "content": "Higher."}]
+    assert env.step("I say 5").messages == [{"role": "user", "content": "Lower."}]
+    assert env.step("no idea").reward == 0.0
+    found = env.step("3")
+    assert (found.reward, found.done, found.messages) == (1.0, True, [])
+
+
+class Rewrites(Environment):
+    def reset(self, example, seed):
+        return example.prompt_messages
+
+    def step(self, message):
+        return Step([{"role": "user", "content": "again"}])
+
+
+class Raises(Environment):
+    def reset(self, example, seed):
+        return example.prompt_messages
+
+    def step(self, message):
+        raise RuntimeError("the verifier fell over")
+
+
+class DropsOldReplies:
+    """A template that shows only the latest assistant reply (as reasoning-stripping ones do)."""
+
+    name, eos_token_id = "drops-old-replies", 0
+
+    def apply_chat_template(self, messages, *, add_generation_prompt):
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+        shown = [m for i, m in enumerate(messages) if m["role"] != "assistant" or i == last]
+        text = "".join(f"<{m['role']}>{m['content']}" for m in shown)
+        return text + ("<assistant>" if add_generation_prompt else "")
+
+    def encode(self, text):
+        return [ord(c) for c in text]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids if i or not skip_special_tokens)
+
+
+class ChatML(DropsOldReplies):
+    """One character a token; every turn ends with EOS ('$') and a newline, as ChatML does."""
+
+    name, eos_token_id = "chatml-like", ord("$")
+
+    def apply_chat_template(self, messages, *, add_generation_prompt):
+        text = "".join(f"<{m['role']}>{m['content']}$\n" for m in messages)
+        return text + ("<assistant>" if add_generation_prompt else "")
+
+
+def scripted(replies, eos=0):
+    """A generate that answers every episode with the next of ``replies`` (ids ending in 0)."""
+    it = iter(replies)
+
+    def generate(seqs):
+        ids = [[ord(c) for c in next(it)] + [eos] for _ in seqs]
+        return ids, [[-1.0] * len(i) for i in ids]
+
+    return generate
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused():
+    first = [[{"role": "user", "content": "hi"}]]
+    with pytest.raises(ModelError, match="does not append"):
+        run_episodes(
+            generate=scripted(["a", "b", "c"]),
+            environments=[Rewrites()],
+            first_messages=first,
+            renderer=Renderer(DropsOldReplies()),
+            eos_id=0,
+            max_turns=3,
+            max_total_tokens=100,
+        )
+
+
+def test_the_episode_is_the_templates_text_of_its_conversation_token_for_token():
+    eos = ChatML.eos_token_id
+    (episode,) = run_episodes(
+        generate=scripted(["a", "bb", "c"], eos=eos),
+        environments=[Rewrites()],
+        first_messages=[[{"role": "user", "content": "hi"}]],
+        renderer=Renderer(ChatML()),
+        eos_id=eos,
+        max_turns=3,
+        max_total_tokens=100,
+    )
+    text = "".join(chr(i) for i in episode.prompt + episode.tokens)
+    assert (
+        text
+        == "<user>hi$\n<assistant>a$\n<user>again$\n<assistant>bb$\n<user>again$\n<assistant>c$"
+    )
+    model = "".join(chr(i) for i, s in zip(episode.tokens, episode.sampled) if s)
+    assert model == "a$bb$c$" and episode.logprobs == [-1.0 * s for s in episode.sampled]
+
+
+def test_an_environment_that_raises_ends_its_episode_and_marks_it_failed():
+    first = [[{"role": "user", "content": "hi"}]] * 2
+    episodes = run_episodes(
+        generate=scripted(["a", "b"]),
+        environments=[Raises(), Rewrites()],
+        first_messages=first,
+        renderer=Renderer(DropsOldReplies()),
+        eos_id=0,
+        max_turns=1,
+        max_total_tokens=100,
+    )
+    assert episodes[0].failed == "RuntimeError: the verifier fell over"
+    assert episodes[1].failed is None and episodes[1].done
+
+
+def test_an_environment_is_named_by_import_path_and_a_bad_one_is_refused():
+    assert load_environment("guess") is GuessNumber
+    assert load_environment("distrl.envs.guess:GuessNumber") is GuessNumber
+    for name, why in [
+        ("nope", "neither a packaged"),
+        ("distrl.nowhere:Env", "cannot import"),
+        ("distrl.envs.guess:PROMPT", "not a subclass"),
+    ]:
+        with pytest.raises(ConfigError, match=why):
+            load_environment(name)
+    with pytest.raises(ConfigError, match="env.options"):
+        load_environment("guess", {"colour": "red"})
