@@ -217,3 +217,56 @@ def test_an_environment_is_named_by_import_path_and_a_bad_one_is_refused():
             load_environment(name)
     with pytest.raises(ConfigError, match="env.options"):
         load_environment("guess", {"colour": "red"})
+
+
+def early_stopping_model(folder, config):
+    """A tiny random model that ends its turns after a few tokens, saved as a folder: hidden
+    dimension 0 holds a constant no layer writes to, and only EOS reads it (P(EOS) about 0.2)."""
+    from distrl.models.policy import build_model, build_tokenizer
+
+    tokenizer = build_tokenizer(config.model, config.tokenizer)
+    model = build_model(config.model, tokenizer, seed=0)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 4.0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[0] = 0.0
+            layer.mlp.down_proj.weight[0] = 0.0
+        model.lm_head.weight[:, 0] = 0.0
+        model.lm_head.weight[tokenizer.eos_token_id, 0] = 1.2
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.slow  # a run on Ray per algorithm
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_a_multi_turn_run_trains_on_whole_episodes_and_logs_them(ray_session, tmp_path, algo):
+    from distrl.loop.driver import train
+    from distrl.outputs.metrics import read_metrics
+
+    overrides = {
+        "algo": algo,
+        "iterations": 2,
+        "env.name": "guess",
+        "env.max_turns": 3,
+        "env.max_total_tokens": 48,
+        "data.train": "guess",
+        "reward.components": [],
+        "rollout.samples_per_prompt": 2,
+        "output.dir": str(tmp_path / "run"),
+        "output.progress": False,
+        "output.plots": False,
+        "output.samples_logged": 16,
+    }
+    model = early_stopping_model(tmp_path / "model", load_config("tiny"))
+    run_dir = train(load_config("tiny", {**overrides, "model.name": model}))
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2]
+    assert records[-1]["learner/version"] == 2 and records[-1]["faults/env_errors"] == 0
+    assert max(r["episode/turns"] for r in records) > 1
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    longest = max(samples, key=lambda s: len(s["turns"]))
+    roles = [t["role"] for t in longest["turns"]]
+    assert roles[:3] == ["assistant", "user", "assistant"]
+    assert longest["turns"][1]["content"] in ("Higher.", "Lower.", "Reply with only a number.")
+    assert longest["response"] == longest["turns"][-1]["content"]
+    assert all(s["reward/total"] == s["reward/env"] for s in samples)

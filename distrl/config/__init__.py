@@ -518,6 +518,18 @@ class RunConfig:
                 f"ppo.overlong_buffer ({p.overlong_buffer}) must be below "
                 f"rollout.max_new_tokens ({r.max_new_tokens})"
             )
+        if not self.reward.components and not self.env.name:
+            raise ConfigError(
+                "reward.components: give at least one reward component (or env.name, whose "
+                "rewards then score the episodes alone)"
+            )
+        if self.env.name and spec.family == "q_learning":
+            raise ConfigError(
+                f"env.name: multi-turn episodes train with the policy-gradient algorithms; algo "
+                f"{self.algo} acts on single-turn prompts (leave env.name empty)"
+            )
+        if self.env.name and r.engine == "vllm":
+            raise ConfigError("env.name: multi-turn episodes generate with rollout.engine hf")
         if self.replay.beta_end < self.replay.beta_start:
             raise ConfigError("replay.beta_end must be >= replay.beta_start")
         d = self.dqn

@@ -72,6 +72,7 @@ LOOP_METRICS = (
     "rollout/tokens_per_s",
     "rollout/response_length",
     "rollout/policy_lag",
+    "episode/turns",
     "time/rollout_wait_s",
     "time/generate_s",
     "time/score_s",

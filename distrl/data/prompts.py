@@ -14,6 +14,7 @@ from pathlib import Path
 
 from distrl.config import ModelConfig, RunConfig
 from distrl.data.examples import Example, load_examples, split
+from distrl.envs.base import load_environment
 from distrl.errors import ModelError
 from distrl.models.loading import TINY_MODELS, model_source_dir
 from distrl.models.policy import build_tokenizer, encode_prompts
@@ -66,6 +67,8 @@ class Prompts:
 def prepare(config: RunConfig) -> tuple[Prompts, Prompts]:
     """Check rewards, read and encode data, before any actor starts: (train, validation)."""
     check_reward_config(config.reward)
+    if config.env.name:
+        load_environment(config.env.name, config.env.options)
     context = model_context(config.model)
     if config.model.reference:
         model_context(config.model, config.model.reference)

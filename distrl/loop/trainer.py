@@ -11,6 +11,8 @@ Weights reach the rollout workers through ``distrl.weights.publish``.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import shutil
 import signal
 import sys
@@ -25,6 +27,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from distrl.config import RunConfig
 from distrl.data.prompts import Prompts, reward_batch
+from distrl.envs.episodes import Episodes
 from distrl.errors import DistrlError
 from distrl.loop.plugins import Round, group_rows, plugin
 from distrl.loop.rundir import resume_hint
@@ -281,8 +284,17 @@ class Trainer:
         idx = [
             i for i in self.train_prompts.next(r.batch_size) for _ in range(r.samples_per_prompt)
         ]
-        prompts = [self.train_prompts.ids[i] for i in idx]
-        return worker.generate.remote(prompts, idx, **self.algo.generate_options())
+        return self.rollout(worker, self.train_prompts, idx, **self.algo.generate_options())
+
+    def rollout(
+        self, worker: ray.actor.ActorHandle, prompts: Prompts, idx: list[int], **options: Any
+    ) -> ray.ObjectRef:
+        """``worker``'s generation for prompts ``idx`` of ``prompts``: one completion each, or
+        with ``env.name`` one multi-turn episode each."""
+        if self.config.env.name:
+            examples = [prompts.examples[i] for i in idx]
+            return worker.generate_episodes.remote(examples, idx, **options)
+        return worker.generate.remote([prompts.ids[i] for i in idx], idx, **options)
 
     def start(self) -> None:
         """Publish the first weights and start a rollout on every worker."""
@@ -318,7 +330,11 @@ class Trainer:
     def score(self, parts: list[Trajectories]) -> tuple[Trajectories, ScoreResult]:
         """Score the joined batch; counts the samples the reward pool dropped."""
         batch = Trajectories.concat(parts)
-        scores = self.pool.score(reward_batch(self.train_prompts, batch))
+        scores = with_episode_rewards(
+            self.pool.score(reward_batch(self.train_prompts, batch)), batch
+        )
+        if isinstance(batch, Episodes):
+            self.faults["faults/env_errors"] += int(batch.failed.sum())
         self.faults["faults/dropped_samples"] += scores.num_dropped
         for key, attribute in POOL_COUNTERS.items():
             self.faults[key] = self.counted[key] + getattr(self.pool, attribute)
@@ -367,14 +383,15 @@ class Trainer:
                 example = self.train_prompts.examples[int(r.batch.example_ids[i])]
                 rewards = {"reward/total": r.scores.total[i]}
                 rewards.update({f"reward/{k}": v[i] for k, v in r.scores.components.items()})
-                rows.append(
-                    {
-                        "prompt": example.prompt_text,
-                        "response": str(r.batch.texts[i]),
-                        "version": int(r.batch.row_versions[i]),
-                        **{k: float(v) for k, v in rewards.items()},
-                    }
-                )
+                row = {
+                    "prompt": example.prompt_text,
+                    "response": str(r.batch.texts[i]),
+                    "version": int(r.batch.row_versions[i]),
+                    **{k: float(v) for k, v in rewards.items()},
+                }
+                if isinstance(r.batch, Episodes):  # the whole episode, turn by turn
+                    row["turns"] = json.loads(str(r.batch.transcripts[i]))
+                rows.append(row)
         return rows
 
     def run(self, logger: MetricsLogger, progress: bool, report: Report | None = None) -> None:
@@ -546,12 +563,15 @@ class Trainer:
         parts = [p for r in rounds for p in r.parts]
         gen_s = sum(max(p.seconds for p in r.parts) for r in rounds)
         lengths = np.concatenate([p.response_mask.sum(1) for p in parts])
-        return {
+        metrics = {
             "rollout/tokens_per_s": sum(p.num_tokens for p in parts) / max(gen_s, 1e-9),
             "rollout/response_length": float(lengths.mean()),
             "rollout/policy_lag": float(version - 1 - min(p.version for p in parts)),
             "time/generate_s": gen_s,
         }
+        if isinstance(parts[0], Episodes):  # model turns per episode
+            metrics["episode/turns"] = float(np.concatenate([p.turns for p in parts]).mean())
+        return metrics
 
     def evaluate(self) -> dict[str, float]:
         """Greedy generations on held-out prompts: mean reward; reference accuracy/perplexity."""
@@ -562,7 +582,7 @@ class Trainer:
         for attempt in range(f.call_retries + 1):
             if attempt:  # worker 0 hung: replace it, with a new training batch in flight
                 self.replace_worker(0)
-            ref = self.workers[0].generate.remote(prompts, idx, greedy=True)
+            ref = self.rollout(self.workers[0], self.val, idx, greedy=True)
             try:
                 batch = actors.get(ref, timeout=f.generate_timeout_s)
                 break
@@ -574,7 +594,7 @@ class Trainer:
                 f"faults.generate_timeout_s={f.generate_timeout_s:g} s on {f.call_retries + 1} "
                 f"tries; raise the setting or fix the cause"
             )
-        scores = self.pool.score(reward_batch(self.val, batch))
+        scores = with_episode_rewards(self.pool.score(reward_batch(self.val, batch)), batch)
         out = {k.replace("reward/", "eval/reward_"): v for k, v in scores.metrics().items()}
         out["eval/reward"] = out.pop("eval/reward_total")
         refs = [self.val.references[i] for i in idx]
@@ -648,6 +668,24 @@ class Trainer:
         self.faults.update(state.get("faults", {}))
         self.count_from(self.faults)
         self.algo.load_state(state)
+
+
+def with_episode_rewards(scores: ScoreResult, batch: Trajectories) -> ScoreResult:
+    """``scores`` of a batch of multi-turn episodes with their environments' rewards added
+    (component ``env``) and the episodes whose environment raised dropped; of any other
+    batch, ``scores`` as they are."""
+    if not isinstance(batch, Episodes):
+        return scores
+    failed = batch.failed | scores.dropped
+    total = np.where(failed, np.nan, scores.total + batch.env_rewards)
+    components = {**scores.components, "env": batch.env_rewards.astype(np.float64)}
+    errors = [
+        f"sample {i}: its environment raised ({json.loads(str(batch.transcripts[i]))[-1]['error']})"
+        for i in np.flatnonzero(batch.failed)
+    ]
+    return dataclasses.replace(
+        scores, total=total, components=components, dropped=failed, errors=scores.errors + errors
+    )
 
 
 # Fault counters the reward pool keeps: key -> the pool's attribute.

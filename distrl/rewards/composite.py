@@ -97,8 +97,6 @@ def check_reward_config(config: RewardConfig) -> None:
     """
     import difflib
 
-    if not config.components:
-        raise ConfigError("reward.components: give at least one reward component")
     additive = 0
     for i, comp in enumerate(config.components):
         where = f"reward.components[{i}] ({comp.name})"
@@ -121,7 +119,7 @@ def check_reward_config(config: RewardConfig) -> None:
         except ConfigError as err:
             raise ConfigError(f"{where}.options: {err}") from None
         additive += not comp.options.get("as_weight", False)
-    if additive == 0:
+    if config.components and additive == 0:
         raise ConfigError(
             "reward.components: a quality component with as_weight weights the other components' "
             "sum, but there are no other components"

@@ -351,7 +351,9 @@ class RewardPool:
             resources.custom.get("reward"),
             runtime_env=runtime_env,
         )
-        self.actors = [self._new() for _ in range(num_actors or reward_config.num_actors)]
+        # No components (an environment's rewards alone score the episodes): no actors.
+        count = (num_actors or reward_config.num_actors) if reward_config.components else 0
+        self.actors = [self._new() for _ in range(count)]
         # Wait for the model loads here, so the first score() is not charged for them and a
         # scorer that cannot start fails now.
         self._wait_ready(self.actors)
@@ -392,9 +394,10 @@ class RewardPool:
             RewardError: as ``RewardScorer.score``, naming the sample's index in ``batch``.
             Hung: a chunk timed out on every try.
         """
-        if len(batch) == 0:
+        if len(batch) == 0 or not self.actors:
             keys = component_keys(self.config)
-            return ScoreResult(np.zeros(0), {k: np.zeros(0) for k in keys}, np.zeros(0, bool))
+            n = len(batch)
+            return ScoreResult(np.zeros(n), {k: np.zeros(n) for k in keys}, np.zeros(n, bool))
         size = self.config.batch_size
         starts = list(range(0, len(batch), size))
 
