@@ -73,6 +73,8 @@ LOOP_METRICS = (
     "rollout/response_length",
     "rollout/policy_lag",
     "episode/turns",
+    "episode/tool_calls",
+    "episode/tool_errors",
     "time/rollout_wait_s",
     "time/generate_s",
     "time/score_s",

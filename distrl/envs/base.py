@@ -22,13 +22,19 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distrl.data.examples import Example
 from distrl.errors import ConfigError
 
+if TYPE_CHECKING:
+    from distrl.envs.tools import Tool
+
 # Packaged environments, by the name a config gives.
-ENVIRONMENTS = {"guess": "distrl.envs.guess:GuessNumber"}
+ENVIRONMENTS = {
+    "guess": "distrl.envs.guess:GuessNumber",
+    "calculator": "distrl.envs.calculator:Calculator",
+}
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,11 @@ class Environment(ABC):
     def step(self, message: str) -> Step:
         """Answer the model's ``message`` (its turn's text, without the end-of-turn token)."""
 
+    def tools(self) -> list[Tool]:
+        """The tools offered to the model through the chat template (none by default; see
+        ``distrl.envs.tools.ToolEnvironment``)."""
+        return []
+
 
 def load_environment(name: str, options: dict[str, Any] | None = None) -> type[Environment]:
     """The environment class ``name`` (packaged, or ``pkg.module:Class``), checked to build
@@ -89,4 +100,6 @@ def load_environment(name: str, options: dict[str, Any] | None = None) -> type[E
         cls(**(options or {}))
     except TypeError as err:
         raise ConfigError(f"env.options: {spec} does not take them ({err})") from None
+    except ConfigError as err:  # a tool it names cannot be loaded
+        raise ConfigError(f"env.options: {err}") from None
     return cls

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -29,14 +29,23 @@ from distrl.errors import ModelError
 from distrl.models.tokenizers import Tokenizer
 from distrl.pg.rollout import ARRAY_FIELDS, Trajectories
 
+if TYPE_CHECKING:
+    from distrl.envs.tools import Tool
+
 _MARK = "\x1fdistrl\x1f"  # a content no template writes itself
 
 
 class Renderer:
     """The chat template, one turn at a time."""
 
-    def __init__(self, tokenizer: Tokenizer, system_prompt: str | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        system_prompt: str | None = None,
+        tools: list[Tool] | None = None,
+    ) -> None:
         self.tokenizer = tokenizer
+        self.tools = tools or []
         self.system = [{"role": "system", "content": system_prompt}] if system_prompt else []
         base = [{"role": "user", "content": "?"}, {"role": "assistant", "content": _MARK}]
         rendered = self.render(base, generation_prompt=False)
@@ -47,7 +56,17 @@ class Renderer:
         self.after_eos = suffix[len(eos_text) :] if eos_text and suffix.startswith(eos_text) else ""
 
     def render(self, messages: list[dict[str, str]], *, generation_prompt: bool) -> str:
-        """The template's text of ``messages`` (the system prompt first, when configured)."""
+        """The template's text of ``messages`` (the system prompt first, when configured, and
+        the tools offered)."""
+        if self.tools:
+            from distrl.envs.tools import render_with_tools
+
+            return render_with_tools(
+                self.tokenizer,
+                [*self.system, *messages],
+                self.tools,
+                generation_prompt=generation_prompt,
+            )
         return self.tokenizer.apply_chat_template(
             [*self.system, *messages], add_generation_prompt=generation_prompt
         )
@@ -96,6 +115,8 @@ class Transcript:
     done: bool = False
     truncated: bool = False
     failed: str | None = None
+    tool_calls: int = 0
+    tool_errors: int = 0
 
     def add(self, ids: list[int], *, sampled: bool, logprobs: list[float] | None = None) -> None:
         """Append a turn's ids (the model's with their log-probabilities)."""
@@ -121,6 +142,8 @@ class Episodes(Trajectories):
         turns: (B,) int64, model turns taken.
         transcripts: (B,) the episode's turns as JSON (role, content, reward, info).
         failed: (B,) bool, the environment raised; the sample is not trained on.
+        tool_calls, tool_errors: (B,) int64, the episode's tool calls and those that failed
+            (a malformed call, an unknown tool, one that raised), from ``Step.info``.
         texts: (B,) the model's last message.
     """
 
@@ -129,6 +152,8 @@ class Episodes(Trajectories):
     turns: np.ndarray = field(kw_only=True)
     transcripts: np.ndarray = field(kw_only=True)
     failed: np.ndarray = field(kw_only=True)
+    tool_calls: np.ndarray = field(kw_only=True)
+    tool_errors: np.ndarray = field(kw_only=True)
 
     array_fields: ClassVar[tuple[str, ...]] = (
         *ARRAY_FIELDS,
@@ -137,6 +162,8 @@ class Episodes(Trajectories):
         "turns",
         "transcripts",
         "failed",
+        "tool_calls",
+        "tool_errors",
     )
 
     def attention(self) -> np.ndarray:
@@ -199,6 +226,8 @@ def run_episodes(
                 e.turns[-1]["error"] = e.failed
                 continue
             e.reward += reward
+            e.tool_calls += int(step.info.get("tool_calls", 0))
+            e.tool_errors += int(step.info.get("tool_errors", 0))
             e.turns[-1].update(reward=reward, **({"info": step.info} if step.info else {}))
             if step.done or turn == max_turns - 1 or not step.messages:
                 e.done = True
@@ -252,4 +281,6 @@ def to_episodes(
         turns=np.array([sum(t["role"] == "assistant" for t in e.turns) for e in episodes]),
         transcripts=np.array([json.dumps(e.turns) for e in episodes], dtype=np.str_),
         failed=np.array([e.failed is not None for e in episodes], dtype=bool),
+        tool_calls=np.array([e.tool_calls for e in episodes], dtype=np.int64),
+        tool_errors=np.array([e.tool_errors for e in episodes], dtype=np.int64),
     )

@@ -569,8 +569,10 @@ class Trainer:
             "rollout/policy_lag": float(version - 1 - min(p.version for p in parts)),
             "time/generate_s": gen_s,
         }
-        if isinstance(parts[0], Episodes):  # model turns per episode
-            metrics["episode/turns"] = float(np.concatenate([p.turns for p in parts]).mean())
+        if isinstance(parts[0], Episodes):  # per episode: model turns, tool calls, failed calls
+            for name in ("turns", "tool_calls", "tool_errors"):
+                values = np.concatenate([getattr(p, name) for p in parts])
+                metrics[f"episode/{name}"] = float(values.mean())
         return metrics
 
     def evaluate(self) -> dict[str, float]:

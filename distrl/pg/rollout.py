@@ -370,7 +370,7 @@ class RolloutWorker(WorkerRole):
             generate=turn,
             environments=environments,
             first_messages=first,
-            renderer=Renderer(self.tokenizer, self.system_prompt),
+            renderer=Renderer(self.tokenizer, self.system_prompt, environments[0].tools()),
             eos_id=self.tokenizer.eos_token_id,
             max_turns=env.max_turns,
             max_total_tokens=env.max_total_tokens,
