@@ -246,10 +246,6 @@ def test_a_base_that_goes_round_in_a_circle_is_named(tmp_path):
         ),
         ({"reward.components": []}, "reward.components: give at least one reward component"),
         ({"algo": "dqn", "env.name": "guess"}, "env.name: multi-turn episodes train with the"),
-        (
-            {"env.name": "guess", "rollout.engine": "vllm"},
-            "multi-turn episodes generate with rollout.engine hf",
-        ),
     ],
 )
 def test_every_cross_field_rule_refuses_with_its_reason(overrides, fragment):

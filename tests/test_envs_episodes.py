@@ -275,3 +275,35 @@ def test_a_multi_turn_run_trains_on_whole_episodes_and_logs_them(
         longest = max(samples, key=lambda s: len(s["turns"]))
         assert [t["role"] for t in longest["turns"]][:3] == ["assistant", "user", "assistant"]
         assert longest["turns"][1]["content"] in ("Higher.", "Lower.", "Reply with only a number.")
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("vllm") is None, reason="vLLM is not installed"
+)
+@pytest.mark.slow  # builds a vLLM engine
+def test_vllm_plays_episodes_from_token_ids_and_the_learner_agrees(tmp_path):
+    model = early_stopping_model(tmp_path / "model", load_config("tiny"))
+    config = load_config(
+        "tiny",
+        {
+            "model.name": model,
+            "rollout.engine": "vllm",
+            "rollout.temperature": 1.0,
+            "env.name": "guess",
+            "env.max_turns": 4,
+            "env.max_total_tokens": 60,
+        },
+    )
+    worker = RolloutWorker(**RolloutWorker.arguments(config))
+    try:
+        learner = Learner(**Learner.arguments(config))
+        examples = EXAMPLES * 4
+        batch = worker.generate_episodes(examples, list(range(len(examples))))
+        assert batch.turns.max() >= 2, "no episode went past its first turn"
+        sampled = batch.response_mask > 0
+        assert (batch.response_attention[sampled] == 1).all()
+        assert ((batch.response_attention > 0) & ~sampled).any()  # environment turns
+        gap = np.abs(learner.logprobs(batch)[sampled] - batch.logprobs[sampled]).max()
+        assert gap < 1e-4
+    finally:
+        worker.engine.close()

@@ -528,8 +528,6 @@ class RunConfig:
                 f"env.name: multi-turn episodes train with the policy-gradient algorithms; algo "
                 f"{self.algo} acts on single-turn prompts (leave env.name empty)"
             )
-        if self.env.name and r.engine == "vllm":
-            raise ConfigError("env.name: multi-turn episodes generate with rollout.engine hf")
         if self.replay.beta_end < self.replay.beta_start:
             raise ConfigError("replay.beta_end must be >= replay.beta_start")
         d = self.dqn

@@ -131,12 +131,14 @@ def check_context(config: RunConfig, prompts: Prompts, context: int | None) -> N
     if context is None or not prompts.ids:
         return
     longest = max(range(len(prompts.ids)), key=lambda i: len(prompts.ids[i]))
-    need = len(prompts.ids[longest]) + config.rollout.max_new_tokens
+    after, what = config.rollout.max_new_tokens, "rollout.max_new_tokens"
+    if config.env.name:  # an episode: every turn after the prompt
+        after, what = max(after, config.env.max_total_tokens), "env.max_total_tokens"
+    need = len(prompts.ids[longest]) + after
     if need > context:
         raise ModelError(
             f"{prompts.examples[longest].source}: the prompt is {len(prompts.ids[longest])} "
-            f"tokens; with rollout.max_new_tokens {config.rollout.max_new_tokens} that is "
-            f"{need}, beyond the {context} positions of model {config.model.name!r}; lower "
-            f"data.max_prompt_tokens (now {config.data.max_prompt_tokens}) or "
-            f"rollout.max_new_tokens"
+            f"tokens; with {what} {after} that is {need}, beyond the {context} positions of "
+            f"model {config.model.name!r}; lower data.max_prompt_tokens (now "
+            f"{config.data.max_prompt_tokens}) or {what}"
         )

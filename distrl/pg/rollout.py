@@ -244,7 +244,9 @@ class RolloutWorker(WorkerRole):
             "worker_index": worker_index,
             "torch_threads": config.resources.torch_threads,
             "lora": config.learner.lora,
-            "max_prompt_tokens": config.data.max_prompt_tokens,
+            # An episode's later turns continue from everything before them.
+            "max_prompt_tokens": config.data.max_prompt_tokens
+            + (config.env.max_total_tokens if config.env.name else 0),
             "env": config.env,
             "system_prompt": config.data.system_prompt,
         }
