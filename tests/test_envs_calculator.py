@@ -48,7 +48,6 @@ def test_an_episode_with_a_tool_offers_it_in_the_prompt_and_masks_its_result():
     tokenizer = load_tokenizer("tiktoken:gpt2")
     renderer = Renderer(tokenizer, tools=Calculator().tools())
     env = Calculator()
-    first = env.reset(SUM, seed=0)
     call = '<tool_call>{"name": "calculate", "arguments": {"expression": "7+5"}}</tool_call>'
     replies = iter([call, "12"])
     eos = tokenizer.eos_token_id
@@ -60,7 +59,8 @@ def test_an_episode_with_a_tool_offers_it_in_the_prompt_and_masks_its_result():
     (episode,) = run_episodes(
         generate=generate,
         environments=[env],
-        first_messages=[first],
+        examples=[SUM],
+        seeds=[0],
         renderer=renderer,
         eos_id=eos,
         max_turns=3,

@@ -94,8 +94,12 @@ def test_the_learner_scores_model_tokens_as_the_worker_sampled_them(played):
 def test_a_guess_gets_higher_or_lower_and_the_number_ends_it_with_reward_one():
     env = GuessNumber()
     assert env.reset(EXAMPLES[0], seed=0) == EXAMPLES[0].prompt_messages
-    assert env.step("2").messages == [{"role": "user", "content": "Higher."}]
+    assert (env.low, env.high, env.secret) == (1, 8, 3)  # as the prompt and target say
+    higher = env.step("2")
+    assert higher.messages == [{"role": "user", "content": "Higher."}] and higher.reward == 0.1
     assert env.step("I say 5").messages == [{"role": "user", "content": "Lower."}]
+    assert env.step("5").reward == 0.0  # the same guess again earns nothing
+    assert env.step("12").reward == 0.0  # nor one outside the range
     assert env.step("no idea").reward == 0.0
     found = env.step("3")
     assert (found.reward, found.done, found.messages) == (1.0, True, [])
@@ -115,6 +119,14 @@ class Raises(Environment):
 
     def step(self, message):
         raise RuntimeError("the verifier fell over")
+
+
+class FailsToStart(Rewrites):
+    def reset(self, example, seed):
+        raise KeyError("no such task")
+
+
+HI = Example((Message("user", "hi"),))
 
 
 class DropsOldReplies:
@@ -157,12 +169,12 @@ def scripted(replies, eos=0):
 
 
 def test_a_template_that_rewrites_earlier_turns_is_refused():
-    first = [[{"role": "user", "content": "hi"}]]
     with pytest.raises(ModelError, match="does not append"):
         run_episodes(
             generate=scripted(["a", "b", "c"]),
             environments=[Rewrites()],
-            first_messages=first,
+            examples=[HI],
+            seeds=[0],
             renderer=Renderer(DropsOldReplies()),
             eos_id=0,
             max_turns=3,
@@ -175,7 +187,8 @@ def test_the_episode_is_the_templates_text_of_its_conversation_token_for_token()
     (episode,) = run_episodes(
         generate=scripted(["a", "bb", "c"], eos=eos),
         environments=[Rewrites()],
-        first_messages=[[{"role": "user", "content": "hi"}]],
+        examples=[HI],
+        seeds=[0],
         renderer=Renderer(ChatML()),
         eos_id=eos,
         max_turns=3,
@@ -191,18 +204,20 @@ def test_the_episode_is_the_templates_text_of_its_conversation_token_for_token()
 
 
 def test_an_environment_that_raises_ends_its_episode_and_marks_it_failed():
-    first = [[{"role": "user", "content": "hi"}]] * 2
     episodes = run_episodes(
         generate=scripted(["a", "b"]),
-        environments=[Raises(), Rewrites()],
-        first_messages=first,
+        environments=[Raises(), Rewrites(), FailsToStart()],
+        examples=[HI] * 3,
+        seeds=[0, 1, 2],
         renderer=Renderer(DropsOldReplies()),
         eos_id=0,
         max_turns=1,
         max_total_tokens=100,
     )
-    assert episodes[0].failed == "RuntimeError: the verifier fell over"
+    assert episodes[0].failed == "step raised RuntimeError: the verifier fell over"
     assert episodes[1].failed is None and episodes[1].done
+    assert episodes[2].failed == "reset raised KeyError: 'no such task'"
+    assert episodes[2].tokens == [] and episodes[2].done
 
 
 def test_an_environment_is_named_by_import_path_and_a_bad_one_is_refused():

@@ -1,5 +1,5 @@
 """pyproject.toml's dependencies: RLlib and gymnasium are optional (the ``bench`` extra), and the
-``test`` extra installs what the tests of the optional parts need; distrl.env says what to
+``test`` extra installs what the tests of the optional parts need; distrl.envs.gym says what to
 install when gymnasium is missing."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
 # The only modules that may import RLlib or gymnasium: the optional Gymnasium example and the
 # replay benchmark's comparison (which imports RLlib inside the function that needs it).
-OPTIONAL_USERS = {"distrl/env.py", "distrl/bench/replay.py"}
+OPTIONAL_USERS = {"distrl/envs/gym.py", "distrl/bench/replay.py"}
 
 
 def parse(requirement: str) -> tuple[str, set[str]]:
@@ -74,7 +74,7 @@ def test_the_bench_extra_pulls_rllib_in_the_runtime_ray_range():
 
 
 def test_the_test_extra_pulls_what_the_rllib_and_gymnasium_tests_need():
-    """CI installs ``.[test]``: tests/test_env.py (gymnasium, RLlib's PPO and DQN) and the
+    """CI installs ``.[test]``: tests/test_envs_gym.py (gymnasium, RLlib's PPO and DQN) and the
     replay benchmark's RLlib column must run there, not be skipped."""
     test = PROJECT["optional-dependencies"]["test"]
     runtime_range = version_range(ray_requirement(PROJECT["dependencies"], "tune"))
@@ -94,9 +94,9 @@ def test_only_the_optional_modules_import_rllib_or_gymnasium():
 
 def test_distrl_env_without_gymnasium_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "gymnasium", None)  # "import gymnasium" now fails
-    monkeypatch.delitem(sys.modules, "distrl.env", raising=False)  # restored afterwards
+    monkeypatch.delitem(sys.modules, "distrl.envs.gym", raising=False)  # restored afterwards
     with pytest.raises(ModuleNotFoundError) as info:
-        importlib.import_module("distrl.env")
+        importlib.import_module("distrl.envs.gym")
     assert info.value.name == "gymnasium"
     assert str(info.value).count("\n") == 0  # one line
     assert 'pip install -e ".[bench]"' in str(info.value)

@@ -23,7 +23,7 @@ from distrl.algos.pg import LOSS_AGG_MODES
 from distrl.config.schema import build, join_path, read_with_base, to_dict, unknown_key
 from distrl.errors import ConfigError
 
-NAMED_CONFIGS = ("tiny", "default", "arithmetic", "cluster_gpu")
+NAMED_CONFIGS = ("tiny", "default", "arithmetic", "guess", "cluster_gpu")
 
 
 def _f(default: Any, help: str, **checks: Any) -> Any:

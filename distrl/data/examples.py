@@ -44,6 +44,7 @@ DEFAULT = "default"
 PACKAGED = {
     "arithmetic": ("distrl.data.tasks", "arithmetic.jsonl"),
     "guess": ("distrl.data.tasks", "guess.jsonl"),
+    "code": ("distrl.data.tasks", "code.jsonl"),
 }
 MAX_LINE_BYTES = 1 << 20
 SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 ENVIRONMENTS = {
     "guess": "distrl.envs.guess:GuessNumber",
     "calculator": "distrl.envs.calculator:Calculator",
+    "code": "distrl.envs.code:CodeTask",
 }
 
 

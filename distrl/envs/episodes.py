@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from distrl.data.examples import Example
 from distrl.envs.base import Environment, Step
 from distrl.errors import ModelError
 from distrl.models.tokenizers import Tokenizer
@@ -180,7 +181,8 @@ def run_episodes(
     *,
     generate: Generate,
     environments: list[Environment],
-    first_messages: list[list[dict[str, str]]],
+    examples: list[Example],
+    seeds: list[int],
     renderer: Renderer,
     eos_id: int | None,
     max_turns: int,
@@ -190,14 +192,26 @@ def run_episodes(
 
     Args:
         generate: one model turn for each unfinished episode, from its exact ids so far.
-        environments: a fresh environment per episode, already ``reset``.
-        first_messages: each episode's first messages (from ``reset``).
+        environments: a fresh environment per episode.
+        examples: the data example each episode starts from (``Environment.reset``).
+        seeds: each episode's seed, for its ``reset``.
         renderer: the chat template.
         eos_id: the model's end-of-turn token; a turn cut before it ends the episode.
         max_turns: model turns per episode at most.
         max_total_tokens: tokens after the prompt at most (model and environment turns).
     """
-    episodes = [Transcript(renderer.prompt(m), list(m)) for m in first_messages]
+    episodes = []
+    for environment, example, seed in zip(environments, examples, seeds):
+        try:
+            first = list(environment.reset(example, seed))
+        except Exception as err:  # the user's code: this episode ends before it starts
+            first = example.prompt_messages
+            failed = f"reset raised {type(err).__name__}: {err}"
+            episode = Transcript(renderer.prompt(first), first, done=True, failed=failed)
+            episode.turns.append({"role": "environment", "error": failed})
+        else:
+            episode = Transcript(renderer.prompt(first), first)
+        episodes.append(episode)
     tokenizer = renderer.tokenizer
     for turn in range(max_turns):
         live = [i for i, e in enumerate(episodes) if not e.done]
@@ -222,7 +236,7 @@ def run_episodes(
                     raise TypeError(f"step returned {type(step).__name__}, not a Step")
                 reward = float(step.reward)
             except Exception as err:  # the user's code: this episode ends, the run goes on
-                e.done, e.failed = True, f"{type(err).__name__}: {err}"
+                e.done, e.failed = True, f"step raised {type(err).__name__}: {err}"
                 e.turns[-1]["error"] = e.failed
                 continue
             e.reward += reward

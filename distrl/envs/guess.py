@@ -2,10 +2,11 @@
 
 The environment thinks of a whole number (the example's ``target``, else one drawn from the
 episode's seed) and answers each guess with "Higher." or "Lower." until the model names it
-or runs out of turns. A correct guess is worth 1.0; every other turn 0. A reply without a
-number is told so and costs its turn. The packaged prompt set (``data.train: guess``) asks for
-numbers from 1 to 4 ... ``HIGH``; it is written by ``write_prompts`` and can be written again, byte
-for byte, with ``python -m distrl.envs.guess``.
+or runs out of turns. A correct guess is worth 1.0, each other new guess within the stated
+range 0.1 (``in_range_reward``). A reply without a number is told so and costs its turn. The
+packaged prompt set (``data.train: guess``) asks for a number in a range of 4 to ``HIGH``
+numbers that starts at 1 to 5; it is written by ``write_prompts`` and can be written again,
+byte for byte, with ``python -m distrl.envs.guess``.
 """
 
 from __future__ import annotations
@@ -21,27 +22,35 @@ from distrl.envs.base import Environment, Step
 
 HIGH = 8
 PROMPT = (
-    "I am thinking of a whole number from 1 to {high}. Guess it: reply with only a number, "
+    "I am thinking of a whole number from {low} to {high}. Guess it: reply with only a number, "
     "and I will tell you whether mine is higher or lower."
 )
 _NUMBER = re.compile(r"-?\d+")
+_RANGE = re.compile(r"from (-?\d+) to (-?\d+)")
 
 
 class GuessNumber(Environment):
-    """Answers guesses with higher/lower; 1.0 for finding the number."""
+    """Answers guesses with higher/lower: 1.0 for finding the number, ``in_range_reward`` for
+    each other new guess within the range the prompt states (a small step toward the task a
+    model that starts by not answering with a number can climb)."""
 
-    def __init__(self, low: int = 1, high: int = HIGH) -> None:
+    def __init__(self, low: int = 1, high: int = HIGH, in_range_reward: float = 0.1) -> None:
         if not low <= high:
             raise TypeError(f"low ({low}) must not exceed high ({high})")
-        self.low, self.high = low, high
-        self.secret = low
+        self.low, self.high, self.in_range_reward = low, high, in_range_reward
+        self.secret, self.guesses = low, set()
 
     def reset(self, example: Example, seed: int) -> list[dict[str, str]]:
-        """The example's prompt; the secret is its target, else drawn from ``seed``."""
+        """The example's prompt; the range is the one it states ("from 3 to 9"), else the
+        options'; the secret is its target, else drawn from ``seed``."""
+        stated = _RANGE.search(example.prompt_text)
+        if stated is not None:
+            self.low, self.high = int(stated.group(1)), int(stated.group(2))
         if example.target is not None and example.target.strip().lstrip("-").isdigit():
             self.secret = int(example.target)
         else:
             self.secret = random.Random(seed).randint(self.low, self.high)
+        self.guesses = set()
         return example.prompt_messages
 
     def step(self, message: str) -> Step:
@@ -52,8 +61,11 @@ class GuessNumber(Environment):
         guess = int(found.group())
         if guess == self.secret:
             return Step(reward=1.0, done=True, info={"guess": guess})
+        new = self.low <= guess <= self.high and guess not in self.guesses
+        self.guesses.add(guess)
         hint = "Higher." if guess < self.secret else "Lower."
-        return Step([{"role": "user", "content": hint}], info={"guess": guess})
+        reward = self.in_range_reward if new else 0.0
+        return Step([{"role": "user", "content": hint}], reward=reward, info={"guess": guess})
 
 
 def write_prompts(path: Path, *, count: int = 256, seed: int = 0) -> None:
@@ -61,10 +73,10 @@ def write_prompts(path: Path, *, count: int = 256, seed: int = 0) -> None:
     rng = random.Random(seed)
     lines = []
     for _ in range(count):
-        high = rng.randint(4, HIGH)
-        lines.append(
-            json.dumps({"prompt": PROMPT.format(high=high), "target": str(rng.randint(1, high))})
-        )
+        low = rng.randint(1, 5)
+        high = low + rng.randint(3, HIGH - 1)
+        prompt = PROMPT.format(low=low, high=high)
+        lines.append(json.dumps({"prompt": prompt, "target": str(rng.randint(low, high))}))
     path.write_text("\n".join(lines) + "\n")
 
 

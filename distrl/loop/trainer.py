@@ -682,7 +682,7 @@ def with_episode_rewards(scores: ScoreResult, batch: Trajectories) -> ScoreResul
     total = np.where(failed, np.nan, scores.total + batch.env_rewards)
     components = {**scores.components, "env": batch.env_rewards.astype(np.float64)}
     errors = [
-        f"sample {i}: its environment raised ({json.loads(str(batch.transcripts[i]))[-1]['error']})"
+        f"sample {i}: its environment's {json.loads(str(batch.transcripts[i]))[-1]['error']}"
         for i in np.flatnonzero(batch.failed)
     ]
     return dataclasses.replace(

@@ -355,12 +355,9 @@ class RolloutWorker(WorkerRole):
         if env is None or not env.name:
             raise ValueError("generate_episodes needs an env config with a name")
         cls = load_environment(env.name, env.options)
-        environments, first = [], []
-        for example in examples:
-            environment = cls(**env.options)
-            first.append(environment.reset(example, self.seed * 1_000_003 + self.episodes_started))
-            environments.append(environment)
-            self.episodes_started += 1
+        environments = [cls(**env.options) for _ in examples]
+        seeds = [self.seed * 1_000_003 + self.episodes_started + i for i in range(len(examples))]
+        self.episodes_started += len(examples)
 
         def turn(seqs: list[list[int]]) -> tuple[list[list[int]], list[list[float]]]:
             batch = self.generate(seqs, list(range(len(seqs))), greedy=greedy)
@@ -371,7 +368,8 @@ class RolloutWorker(WorkerRole):
         episodes = run_episodes(
             generate=turn,
             environments=environments,
-            first_messages=first,
+            examples=examples,
+            seeds=seeds,
             renderer=Renderer(self.tokenizer, self.system_prompt, environments[0].tools()),
             eos_id=self.tokenizer.eos_token_id,
             max_turns=env.max_turns,

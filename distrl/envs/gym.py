@@ -36,7 +36,7 @@ except ModuleNotFoundError as err:
     if err.name is None or err.name.split(".")[0] != "gymnasium":
         raise
     raise ModuleNotFoundError(
-        "distrl.env (the Gymnasium example) needs gymnasium, which the optional bench extra "
+        "distrl.envs.gym (the Gymnasium example) needs gymnasium, which the optional bench extra "
         'installs with RLlib: pip install -e ".[bench]"',
         name="gymnasium",
     ) from None

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
-from distrl.env import TextGenerationEnv
+from distrl.envs.gym import TextGenerationEnv
 
 TINY = {"config": "tiny", "overrides": {"rollout.max_new_tokens": 4}}
 
