@@ -3,6 +3,7 @@
 Interactive (reads standard input line by line, so it can be piped; history on by default):
     python -m distrl.chat                       # the packaged SmolLM2-135M-Instruct
     python -m distrl.chat --checkpoint runs/ppo-20261126-101500/final --temperature 0
+    python -m distrl.chat --env calculator      # offer an environment's tools (or --tool F)
 Batch (one JSONL line per prompt; reward components when --reward names a config):
     python -m distrl.chat --checkpoint DIR --prompts prompts.jsonl --output out.jsonl --reward tiny
 Python:
@@ -35,13 +36,23 @@ from distrl.config import ModelConfig, RewardConfig, TokenizerConfig, cli, load_
 from distrl.data.examples import Example, load_examples
 from distrl.dqn.learner import is_dqn_checkpoint, load_q_policy
 from distrl.dqn.policy import QPolicy
+from distrl.envs.base import load_environment
+from distrl.envs.tools import (
+    Tool,
+    load_tool,
+    parse_tool_calls,
+    render_with_tools,
+    run_tool_calls,
+    tool_messages,
+)
 from distrl.errors import ConfigError, DataError, DistrlError, ModelError
 from distrl.models.policy import build_model, build_tokenizer, left_pad
 from distrl.models.tokenizers import TIKTOKEN_ENCODINGS, HFTokenizer, Tokenizer, load_tokenizer
 
 Model = PreTrainedModel | QPolicy  # a language model, or Q-guided decoding (DQN checkpoints)
 PLAIN_STOP = "\nUser:"  # without a chat template, the next "User:" line ends a reply
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+MAX_TOOL_ROUNDS = 4  # tool calls answered per message, at most; then the last reply stands
 TEST_SAMPLE = "Hello, world! Tokenisation of naïve café text costs 1234 tokens 🚀"
 COMMANDS = """commands:
   quit | exit | bye   end the chat (so does the end of the input)
@@ -292,6 +303,8 @@ class ChatInterface:
         use_history: show the model the earlier turns (they are kept for ``save`` either way).
         system: a system message put before every prompt.
         model, tokenizer: an already loaded pair, used instead of loading ``path``.
+        tools: tools offered to the model (``distrl.envs.tools``): its calls are run and their
+            results shown to it, up to ``MAX_TOOL_ROUNDS`` times a message.
         **options: ``max_new_tokens``, ``temperature``, ``top_p``, ``seed`` (GenerationOptions).
     """
 
@@ -303,9 +316,11 @@ class ChatInterface:
         system: str | None = None,
         model: Model | None = None,
         tokenizer: Tokenizer | None = None,
+        tools: Sequence[Tool] = (),
         **options: Any,
     ) -> None:
         self.options = GenerationOptions(**options)
+        self.tools = {t.name: t for t in tools}
         if model is None or tokenizer is None:
             model, tokenizer = load_model(path)
         self.model, self.tokenizer, self.name = model, tokenizer, str(path or "default")
@@ -317,22 +332,42 @@ class ChatInterface:
     def prompt(self, messages: list[dict[str, str]]) -> str:
         """The prompt text for ``messages``: the system message first, through the template."""
         system = [{"role": "system", "content": self.system}] if self.system else []
+        if self.tools:
+            return render_with_tools(self.tokenizer, [*system, *messages], [*self.tools.values()])
         return self.tokenizer.apply_chat_template([*system, *messages])
 
     def generate_response(self, text: str, stream: TextIO | None = None) -> str:
         """Reply to ``text`` (written to ``stream`` as it is generated, if given); the message
-        and the reply join the history."""
+        and the reply join the history. A reply that calls tools gets their results (shown on
+        ``stream`` as ``tool NAME>`` lines) and the model replies again."""
         turn = {"role": "user", "content": text}
         context = [*self.messages, turn] if self.use_history else [turn]
-        ids = [self.tokenizer.encode(self.prompt(context))]
+        added = [turn]
+        for rounds in range(MAX_TOOL_ROUNDS + 1):
+            if rounds and stream:
+                stream.write("assistant> ")
+            reply = self.reply(context, stream)
+            added.append({"role": "assistant", "content": reply})
+            calls = parse_tool_calls(reply) if self.tools and rounds < MAX_TOOL_ROUNDS else []
+            results = tool_messages(run_tool_calls(calls, self.tools))
+            for message in results if stream else []:
+                stream.write(f"tool {message['name']}> {message['content']}\n")
+            added += results
+            context = [*context, *added[-1 - len(results) :]]
+            if not results:
+                break
+        self.messages += added
+        return reply
+
+    def reply(self, messages: list[dict[str, str]], stream: TextIO | None = None) -> str:
+        """The model's next message after ``messages``, streamed to ``stream`` if given."""
+        ids = [self.tokenizer.encode(self.prompt(messages))]
         streamer = TokenStreamer(self.tokenizer, stream, self.stop) if stream else None
         options, self.calls = self.options.shifted(self.calls), self.calls + 1
         texts = generate_ids(
             self.model, self.tokenizer, ids, options, stop=self.stop, streamer=streamer
         )
-        reply = texts[0].strip()
-        self.messages += [turn, {"role": "assistant", "content": reply}]
-        return reply
+        return texts[0].strip()
 
     def respond_all(self, examples: Sequence[Example], batch_size: int = 8) -> list[str]:
         """Replies to each example's prompt (no history), batched, with a progress bar."""
@@ -455,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     add("--temperature", metavar="T", type=float, default=0.7, help="0 = greedy (default 0.7)")
     add("--top-p", metavar="P", type=float, default=1.0, help="nucleus mass (default 1 = off)")
     add("--seed", metavar="N", type=int, default=None, help="sampling seed (default: unseeded)")
+    add("--tool", metavar="SPEC", action="append", default=[], help="offer pkg.module:function")
+    add("--env", metavar="NAME", help="offer this environment's tools (calculator, code, ...)")
     add = p.add_argument_group("batch mode").add_argument
     add("--prompts", metavar="FILE", help="prompts: .jsonl, .txt or .parquet")
     add("--output", metavar="FILE", type=Path, help="JSONL file of responses")
@@ -469,10 +506,14 @@ def main(argv: list[str] | None = None) -> int:
     options = GenerationOptions(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     examples = load_examples(args.prompts) if args.prompts else []
     reward = load_config(args.reward).reward if args.reward else None
+    tools = [load_tool(spec) for spec in args.tool]
+    if args.env:
+        tools += load_environment(args.env)().tools()
     chat = ChatInterface(
         args.checkpoint,
         use_history=not args.no_history,
         system=args.system,
+        tools=tools,
         **dataclasses.asdict(options),
     )
     if not args.prompts:

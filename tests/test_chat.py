@@ -359,3 +359,55 @@ def test_test_command_counts_one_token_in_the_singular(checkpoint, monkeypatch, 
     )
     assert code == 0
     assert "model (tiktoken:gpt2): 1 token, round trip ok" in out and "1 tokens" not in out
+
+
+class ScriptedModel(ChatInterface):
+    """The chat loop with the model's replies given (a random tiny model calls no tool)."""
+
+    def __init__(self, replies, **kwargs):
+        super().__init__(**kwargs)
+        self.replies, self.prompts = iter(replies), []
+
+    def reply(self, messages, stream=None):
+        self.prompts.append(self.prompt(messages))
+        text = next(self.replies)
+        if stream:
+            stream.write(text + "\n")
+        return text
+
+
+def test_a_chat_with_tools_runs_the_calls_and_the_model_answers_after_them(tiny_model):
+    from distrl.envs.base import load_environment
+
+    tools = load_environment("calculator")().tools()
+    call = '<tool_call>{"name": "calculate", "arguments": {"expression": "%s"}}</tool_call>'
+    chat = ScriptedModel(
+        [call % "7 + 5", call % "1 / 0", "It is 12."],
+        model=tiny_model[0],
+        tokenizer=tiny_model[1],
+        tools=tools,
+    )
+    out = io.StringIO()
+    assert chat.generate_response("What is 7 + 5?", stream=out) == "It is 12."
+    roles = [m["role"] for m in chat.messages]
+    assert roles == ["user", "assistant", "tool", "assistant", "tool", "assistant"]
+    assert chat.messages[2]["content"] == "12"
+    assert chat.messages[4]["content"].startswith("error: calculate raised ZeroDivisionError")
+    assert "tool calculate> 12\n" in out.getvalue()
+    assert '"name": "calculate"' in chat.prompts[0]  # the tools are offered in the prompt
+    assert chat.prompts[1].endswith("Tool: 12\nAssistant:")  # and their results shown
+
+
+def test_tool_calls_stop_after_the_round_limit(tiny_model):
+    from distrl.chat import MAX_TOOL_ROUNDS
+    from distrl.envs.calculator import Calculator
+
+    call = '<tool_call>{"name": "calculate", "arguments": {"expression": "1"}}</tool_call>'
+    chat = ScriptedModel(
+        [call] * (MAX_TOOL_ROUNDS + 1),
+        model=tiny_model[0],
+        tokenizer=tiny_model[1],
+        tools=Calculator().tools(),
+    )
+    assert chat.generate_response("Loop.") == call
+    assert [m["role"] for m in chat.messages].count("tool") == MAX_TOOL_ROUNDS
