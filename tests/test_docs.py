@@ -309,6 +309,11 @@ PARSE_ONLY = {
         "test_the_packaged_model_learns_arithmetic trains this config",
         slow=True,  # the packaged model's config and tokenizer: converted on first use
     ),
+    "python -m distrl.run --config guess": Parse(
+        f"{REAL_MODEL}, about a minute per iteration; tests/test_envs_guess.py::"
+        "test_the_packaged_model_learns_to_guess trains this config",
+        slow=True,
+    ),
     "python -m distrl.run --algo grpo --rollout.samples_per_prompt 8 --ppo.kl_loss_coef 0.001 "
     "--ppo.clip_high 0.28 --ppo.dynamic_sampling true --ppo.overlong_buffer 8": Parse(
         f"{REAL_MODEL} with 8 samples per prompt and dynamic sampling: minutes per iteration",

@@ -79,6 +79,46 @@ def test_joined_batches_keep_their_q_columns_and_give_the_same_transitions():
     assert np.allclose(together[1], np.concatenate([p[1] for p in parts]))
 
 
+def test_an_environment_turn_is_part_of_the_transition_and_its_reward_lands_on_the_turn_end():
+    from distrl.dqn.rollout import QEpisodes
+
+    # Prompt [7]; the model says 10, 11 (EOS 11), the environment 90, 91, the model 12, 11.
+    response = np.array([[10, 11, 90, 91, 12, 11, 0]])
+    model = np.array([[1, 1, 0, 0, 1, 1, 0]], np.float32)
+    episode = QEpisodes(
+        prompt_ids=np.array([[7]]),
+        prompt_mask=np.array([[1]]),
+        response_ids=response,
+        response_mask=model,
+        logprobs=np.zeros((1, 7), np.float32),
+        texts=np.array(["b"]),
+        example_ids=np.array([0]),
+        version=1,
+        seconds=0.0,
+        q_taken=np.array([[0.1, 0.2, 0, 0, 0.3, 0.4, 0]], np.float32),
+        q_max=np.array([[1.0, 2.0, 0, 0, 3.0, 4.0, 0]], np.float32),
+        candidates=np.arange(14, dtype=np.int32).reshape(1, 7, 2),
+        response_attention=np.array([[1, 1, 1, 1, 1, 1, 0]]),
+        env_rewards=np.array([0.25], np.float32),
+        token_rewards=np.array([[0, 0.25, 0, 0, 0, 0, 0]], np.float32),
+        turns=np.array([2]),
+        transcripts=np.array(["[]"]),
+        failed=np.array([False]),
+        tool_calls=np.array([0]),
+        tool_errors=np.array([0]),
+    )
+    # The total (the environment's 0.25 and 1.0 more from the reward pool) at gamma 0.5, 1 step.
+    cols, prio = make_transitions(episode, np.array([1.25]), gamma=0.5, n_step=1, width=8)
+    assert cols["action"].tolist() == [10, 11, 12, 11]  # the model's tokens only
+    assert cols["state_len"].tolist() == [1, 2, 5, 6]  # 12 acts after the environment's turn
+    assert cols["next_len"].tolist() == [2, 5, 6, 7]  # ... so 11's next state includes it
+    assert cols["reward"].tolist() == [0.0, 0.25, 0.0, 1.0]  # the turn's reward at its end
+    assert cols["discount"].tolist() == [0.5, 0.5, 0.5, 0.0]
+    assert cols["tokens"][0].tolist() == [7, 10, 11, 90, 91, 12, 11, 0]
+    assert cols["next_candidates"][1].tolist() == [8, 9]  # the candidates where 12 was chosen
+    assert np.allclose(prio, [abs(0.5 * 2.0 - 0.1), abs(0.25 + 0.5 * 3.0 - 0.2), 1.7, 0.6])
+
+
 def test_spread_shaping_and_dropped_rows():
     cols, _ = make_transitions(
         batch(), np.array([np.nan, 3.0]), gamma=1.0, n_step=1, width=6, shaping="spread"

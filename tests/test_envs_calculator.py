@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 
 from distrl.data.examples import Example, Message
@@ -54,7 +55,7 @@ def test_an_episode_with_a_tool_offers_it_in_the_prompt_and_masks_its_result():
 
     def generate(seqs):
         ids = [tokenizer.encode(next(replies)) + [eos] for _ in seqs]
-        return ids, [[-0.5] * len(i) for i in ids]
+        return ids, {"logprobs": [np.full(len(i), -0.5) for i in ids]}
 
     (episode,) = run_episodes(
         generate=generate,

@@ -91,20 +91,6 @@ def test_the_learner_scores_model_tokens_as_the_worker_sampled_them(played):
     assert np.abs(recomputed[~sampled]).sum() == 0
 
 
-def test_a_guess_gets_higher_or_lower_and_the_number_ends_it_with_reward_one():
-    env = GuessNumber()
-    assert env.reset(EXAMPLES[0], seed=0) == EXAMPLES[0].prompt_messages
-    assert (env.low, env.high, env.secret) == (1, 8, 3)  # as the prompt and target say
-    higher = env.step("2")
-    assert higher.messages == [{"role": "user", "content": "Higher."}] and higher.reward == 0.1
-    assert env.step("I say 5").messages == [{"role": "user", "content": "Lower."}]
-    assert env.step("5").reward == 0.0  # the same guess again earns nothing
-    assert env.step("12").reward == 0.0  # nor one outside the range
-    assert env.step("no idea").reward == 0.0
-    found = env.step("3")
-    assert (found.reward, found.done, found.messages) == (1.0, True, [])
-
-
 class Rewrites(Environment):
     def reset(self, example, seed):
         return example.prompt_messages
@@ -163,7 +149,7 @@ def scripted(replies, eos=0):
 
     def generate(seqs):
         ids = [[ord(c) for c in next(it)] + [eos] for _ in seqs]
-        return ids, [[-1.0] * len(i) for i in ids]
+        return ids, {"logprobs": [np.full(len(i), -1.0) for i in ids]}
 
     return generate
 
@@ -200,7 +186,8 @@ def test_the_episode_is_the_templates_text_of_its_conversation_token_for_token()
         == "<user>hi$\n<assistant>a$\n<user>again$\n<assistant>bb$\n<user>again$\n<assistant>c$"
     )
     model = "".join(chr(i) for i, s in zip(episode.tokens, episode.sampled) if s)
-    assert model == "a$bb$c$" and episode.logprobs == [-1.0 * s for s in episode.sampled]
+    assert model == "a$bb$c$"
+    assert episode.column("logprobs").tolist() == [-1.0 * s for s in episode.sampled]
 
 
 def test_an_environment_that_raises_ends_its_episode_and_marks_it_failed():
@@ -322,3 +309,36 @@ def test_vllm_plays_episodes_from_token_ids_and_the_learner_agrees(tmp_path):
         assert gap < 1e-4
     finally:
         worker.engine.close()
+
+
+@pytest.mark.slow  # a DQN run on Ray
+def test_a_dqn_run_acts_over_multi_turn_episodes_and_replays_their_transitions(
+    ray_session, tmp_path
+):
+    from distrl.loop.driver import train
+    from distrl.outputs.metrics import read_metrics
+
+    overrides = {
+        "algo": "dqn",
+        "iterations": 2,
+        "env.name": "guess",
+        "env.max_turns": 3,
+        "env.max_total_tokens": 40,
+        "data.train": "guess",
+        "reward.components": [],
+        "dqn.learning_starts": 8,
+        "dqn.batch_size": 8,
+        "dqn.updates_per_iteration": 2,
+        "dqn.action_top_k": 8,
+        "output.dir": str(tmp_path / "run"),
+        "output.progress": False,
+        "output.plots": False,
+    }
+    model = early_stopping_model(tmp_path / "model", load_config("tiny"))
+    run_dir = train(load_config("tiny", {**overrides, "model.name": model}))
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2]
+    assert max(r["episode/turns"] for r in records) > 1
+    assert records[-1]["learner/updates"] == 4 and records[-1]["faults/env_errors"] == 0
+    # Every model token is one transition; the environment's tokens are none.
+    assert 0 < records[0]["replay/size"] <= 2 * 4 * 3 * 8

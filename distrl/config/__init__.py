@@ -523,11 +523,6 @@ class RunConfig:
                 "reward.components: give at least one reward component (or env.name, whose "
                 "rewards then score the episodes alone)"
             )
-        if self.env.name and spec.family == "q_learning":
-            raise ConfigError(
-                f"env.name: multi-turn episodes train with the policy-gradient algorithms; algo "
-                f"{self.algo} acts on single-turn prompts (leave env.name empty)"
-            )
         if self.replay.beta_end < self.replay.beta_start:
             raise ConfigError("replay.beta_end must be >= replay.beta_start")
         d = self.dqn

@@ -25,15 +25,18 @@ import torch
 from distrl.algos import dqn
 from distrl.config import (
     DQNConfig,
+    EnvConfig,
     LoraConfig,
     ModelConfig,
     RolloutConfig,
     RunConfig,
     TokenizerConfig,
 )
+from distrl.data.examples import Example
 from distrl.dqn.learner import add_q_lora
 from distrl.dqn.policy import QPolicy, UCBCounts
 from distrl.dqn.qnets import build_qnet
+from distrl.envs.episodes import Episodes
 from distrl.errors import DistrlError
 from distrl.models.policy import build_model, build_tokenizer, left_pad
 from distrl.pg.rollout import ARRAY_FIELDS, RolloutWorker, Trajectories, response_texts
@@ -53,6 +56,21 @@ class QTrajectories(Trajectories):
     reducers = {**Trajectories.reducers, "ucb_bonus": lambda v: float(np.mean(v))}
 
 
+@dataclass
+class QEpisodes(Episodes, QTrajectories):
+    """Multi-turn episodes (``distrl.envs.episodes.Episodes``) played by a DQN worker: the
+    Q-values and candidates of the model's tokens (zeros on the environment's)."""
+
+    array_fields = (*Episodes.array_fields, "q_taken", "q_max", "candidates")
+    reducers = QTrajectories.reducers
+
+
+def replay_width(config: RunConfig) -> int:
+    """W, the token width of a transition: the longest prompt and all that may follow it."""
+    after = config.env.max_total_tokens if config.env.name else config.rollout.max_new_tokens
+    return config.data.max_prompt_tokens + after
+
+
 def make_transitions(
     batch: QTrajectories,
     rewards: np.ndarray,
@@ -68,6 +86,12 @@ def make_transitions(
     sequence reward goes on the last token ("terminal") or is split evenly over its tokens
     ("spread"). Rows whose reward is NaN (dropped by the reward pool) give no transitions.
 
+    A multi-turn episode (``QEpisodes``) is one episode too, whose actions are the model's
+    tokens only: an environment turn is part of the transition from the model's last token
+    before it to its first after it (the state grows by the environment's tokens), and each
+    turn's environment reward arrives on that turn's last token (``token_rewards``); the rest
+    of the sequence reward is placed as above.
+
     Args:
         batch: generations with the actor's Q-values. rewards: (B,) sequence rewards.
         gamma, n_step: discount and window of the n-step returns.
@@ -79,56 +103,81 @@ def make_transitions(
         ``|G + discount * max_a Q(s', a) - Q(s, a)|`` under the actor's Q-network.
     """
     rewards = np.asarray(rewards, dtype=np.float32)
-    lengths = batch.response_mask.sum(1).astype(np.int64)
-    B, T = batch.response_ids.shape
+    chosen = batch.response_mask > 0
+    lengths = chosen.sum(1).astype(np.int64)  # actions per row
+    spans = batch.attention().sum(1).astype(np.int64)  # response tokens, the environment's too
+    B = len(rewards)
+    # Each row's actions, compacted: step t of row b is response position pos[b, t].
+    steps = max(1, int(lengths.max(initial=0)))
+    pos = np.zeros((B, steps), dtype=np.int64)
+    for b in range(B):
+        where = np.flatnonzero(chosen[b])
+        pos[b, : len(where)] = where
+        pos[b, len(where) :] = where[-1] + 1 if len(where) else 0
+    rows = np.arange(B)[:, None]
+    valid = np.arange(steps)[None, :] < lengths[:, None]
     keep = np.isfinite(rewards) & (lengths > 0)
     last = np.clip(lengths - 1, 0, None)
-    step_rewards = np.zeros((B, T), dtype=np.float32)
-    dones = np.zeros((B, T), dtype=bool)
-    rows = np.arange(B)
     finite = np.where(keep, rewards, 0.0)
+    turn_rewards = np.zeros((B, steps), dtype=np.float32)
+    token_rewards = getattr(batch, "token_rewards", None)
+    if token_rewards is not None:  # the environment's, where each turn ended
+        width_t = batch.response_ids.shape[1]
+        turn_rewards = np.where(valid, token_rewards[rows, np.minimum(pos, width_t - 1)], 0.0)
+        finite = finite - np.where(keep, turn_rewards.sum(1), 0.0)
+    step_rewards = turn_rewards.astype(np.float32)
     if shaping == "spread":
-        step_rewards = batch.response_mask * (finite / np.maximum(lengths, 1))[:, None]
+        step_rewards += valid * (finite / np.maximum(lengths, 1))[:, None]
     else:
-        step_rewards[rows, last] = finite
-    dones[rows, last] = True
+        step_rewards[np.arange(B), last] += finite
+    dones = np.zeros((B, steps), dtype=bool)
+    dones[np.arange(B), last] = True
     returns, discounts, boot = (
         t.numpy()
         for t in dqn.n_step_returns(
-            rewards=torch.from_numpy(step_rewards),
+            rewards=torch.from_numpy(step_rewards.astype(np.float32)),
             dones=torch.from_numpy(dones),
             gamma=gamma,
             n=n_step,
         )
     )
     prompts = [row[m.astype(bool)] for row, m in zip(batch.prompt_ids, batch.prompt_mask)]
-    too_long = [len(p) + int(n) for p, n in zip(prompts, lengths) if len(p) + int(n) > width]
+    too_long = [len(p) + int(n) for p, n in zip(prompts, spans) if len(p) + int(n) > width]
     if too_long:
         raise DistrlError(
             f"a state of {max(too_long)} tokens does not fit the replay width {width} "
-            f"(data.max_prompt_tokens + rollout.max_new_tokens)"
+            f"(data.max_prompt_tokens + rollout.max_new_tokens, or env.max_total_tokens)"
         )
     tokens = np.zeros((B, width), dtype=np.int32)
     for b, p in enumerate(prompts):
-        tokens[b, : len(p) + lengths[b]] = np.concatenate([p, batch.response_ids[b, : lengths[b]]])
-    b_idx, t_idx = np.nonzero((batch.response_mask > 0) & keep[:, None])
+        tokens[b, : len(p) + spans[b]] = np.concatenate([p, batch.response_ids[b, : spans[b]]])
+    b_idx, t_idx = np.nonzero(valid & keep[:, None])
     prompt_len = np.array([len(p) for p in prompts], dtype=np.int64)[b_idx]
     # An episode's end bootstraps from nothing (discount 0); its index stays on its own last
     # token, never on padding, so a batch's transitions do not depend on what it is joined to.
     boot_t = np.minimum(boot[b_idx, t_idx], last[b_idx])
-    bootstrap = np.where(discounts[b_idx, t_idx] > 0, batch.q_max[b_idx, boot_t], 0.0)
+    at = pos[b_idx, t_idx]  # response positions of the actions
+    # The next state: before the action ``m`` steps on (an environment turn between them
+    # included), or past the episode's last action where the window reached its end.
+    ahead = boot[b_idx, t_idx]
+    next_at = np.where(
+        ahead < lengths[b_idx],
+        pos[b_idx, np.minimum(ahead, steps - 1)],
+        pos[b_idx, last[b_idx]] + 1,
+    )
+    bootstrap = np.where(discounts[b_idx, t_idx] > 0, batch.q_max[b_idx, pos[b_idx, boot_t]], 0.0)
     target = returns[b_idx, t_idx] + discounts[b_idx, t_idx] * bootstrap
     columns = {
         "tokens": tokens[b_idx],
-        "state_len": (prompt_len + t_idx).astype(np.int32),
-        "action": batch.response_ids[b_idx, t_idx].astype(np.int32),
+        "state_len": (prompt_len + at).astype(np.int32),
+        "action": batch.response_ids[b_idx, at].astype(np.int32),
         "reward": returns[b_idx, t_idx].astype(np.float32),
         "discount": discounts[b_idx, t_idx].astype(np.float32),
-        "next_len": (prompt_len + boot[b_idx, t_idx]).astype(np.int32),
-        "next_candidates": batch.candidates[b_idx, boot_t].astype(np.int32),
+        "next_len": (prompt_len + next_at).astype(np.int32),
+        "next_candidates": batch.candidates[b_idx, pos[b_idx, boot_t]].astype(np.int32),
         "version": batch.row_versions[b_idx].astype(np.int32),
     }
-    priorities = np.abs(target - batch.q_taken[b_idx, t_idx]).astype(np.float32)
+    priorities = np.abs(target - batch.q_taken[b_idx, at]).astype(np.float32)
     return columns, priorities
 
 
@@ -148,10 +197,14 @@ class QRolloutWorker(WorkerRole):
         worker_index: int = 0,
         torch_threads: int | None = None,
         lora: LoraConfig | None = None,
+        env: EnvConfig | None = None,
+        system_prompt: str | None = None,
     ) -> None:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.config, self.dqn, self.width = rollout, dqn_config, width
+        self.env, self.system_prompt = env, system_prompt
+        self.seed, self.episodes_started = seed * 1000 + worker_index, 0
         self.tokenizer = build_tokenizer(model, tokenizer)
         self.generator = torch.Generator().manual_seed(seed * 1000 + worker_index)
         self.version = 0
@@ -189,11 +242,35 @@ class QRolloutWorker(WorkerRole):
         """The keyword arguments that build DQN rollout worker ``worker_index`` of ``config``."""
         policy_worker = RolloutWorker.arguments(config, worker_index)
         del policy_worker["max_prompt_tokens"]  # a Q-worker's width covers it
-        return {
-            **policy_worker,
-            "dqn_config": config.dqn,
-            "width": config.data.max_prompt_tokens + config.rollout.max_new_tokens,
+        return {**policy_worker, "dqn_config": config.dqn, "width": replay_width(config)}
+
+    def generate_episodes(
+        self,
+        examples: list[Example],
+        example_ids: list[int],
+        *,
+        greedy: bool = False,
+        epsilon: float | None = None,
+    ) -> QEpisodes:
+        """Play one multi-turn episode per example with a fresh environment each (``env``),
+        each model turn decoded as ``generate`` decodes (exploring with ``epsilon``)."""
+        from distrl.envs.episodes import play
+
+        k = 0 if self.engine is not None else self.dqn.action_top_k  # 0: every token
+        columns = {
+            "q_taken": ((), np.float32),
+            "q_max": ((), np.float32),
+            "candidates": ((k,), np.int32),
         }
+
+        def turn(seqs: list[list[int]]) -> tuple[list[list[int]], dict[str, list[np.ndarray]]]:
+            batch = self.generate(seqs, list(range(len(seqs))), greedy=greedy, epsilon=epsilon)
+            n = batch.response_mask.sum(1).astype(int)
+            rows = range(len(seqs))
+            ids = [batch.response_ids[b, : n[b]].tolist() for b in rows]
+            return ids, {c: [getattr(batch, c)[b, : n[b]] for b in rows] for c in columns}
+
+        return play(self, examples, example_ids, turn=turn, columns=columns, cls=QEpisodes)
 
     def trainable(self) -> torch.nn.Module:
         """The Q-network (published weights load into it; the reference LM stays frozen)."""

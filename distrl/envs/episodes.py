@@ -18,6 +18,7 @@ model did not see.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -101,16 +102,24 @@ class Renderer:
         return self.tokenizer.encode(self.after_eos + extended[len(answered) :])
 
 
+# What a model turn records per token besides its id: column name -> (trailing shape, dtype).
+# The policy's log-probabilities; a DQN worker's Q-values and candidate actions.
+Columns = dict[str, tuple[tuple[int, ...], Any]]
+LOGPROBS: Columns = {"logprobs": ((), np.float32)}
+
+
 @dataclass
 class Transcript:
     """One episode so far: its token ids after the prompt, which of them the model sampled,
-    and the conversation as text with each turn's record."""
+    what the model recorded with them, and the conversation as text with each turn's record."""
 
     prompt: list[int]
     messages: list[dict[str, str]]
+    columns: Columns = field(default_factory=lambda: dict(LOGPROBS))
     tokens: list[int] = field(default_factory=list)
     sampled: list[bool] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
+    chunks: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    token_rewards: list[float] = field(default_factory=list)
     turns: list[dict[str, Any]] = field(default_factory=list)
     reward: float = 0.0
     done: bool = False
@@ -119,11 +128,22 @@ class Transcript:
     tool_calls: int = 0
     tool_errors: int = 0
 
-    def add(self, ids: list[int], *, sampled: bool, logprobs: list[float] | None = None) -> None:
-        """Append a turn's ids (the model's with their log-probabilities)."""
+    def add(
+        self, ids: list[int], *, sampled: bool, values: dict[str, np.ndarray] | None = None
+    ) -> None:
+        """Append a turn's ids; the model's come with their ``values`` (one per column, each
+        ``(len(ids), *shape)``), an environment's get zeros."""
         self.tokens += ids
         self.sampled += [sampled] * len(ids)
-        self.logprobs += logprobs if logprobs is not None else [0.0] * len(ids)
+        self.token_rewards += [0.0] * len(ids)
+        for name, (shape, dtype) in self.columns.items():
+            value = values[name] if values is not None else np.zeros((len(ids), *shape), dtype)
+            self.chunks.setdefault(name, []).append(np.asarray(value, dtype)[: len(ids)])
+
+    def column(self, name: str) -> np.ndarray:
+        """Column ``name`` over the episode's tokens, ``(len(tokens), *shape)``."""
+        shape, dtype = self.columns[name]
+        return np.concatenate([np.zeros((0, *shape), dtype), *self.chunks.get(name, [])])
 
     @property
     def last_reply(self) -> str:
@@ -139,8 +159,10 @@ class Episodes(Trajectories):
     Attributes:
         response_mask: (B, T) float32, 1 on the model's tokens only (what is trained on).
         response_attention: (B, T) int64, 1 on every token of the episode.
-        env_rewards: (B,) float32, the episode's summed environment rewards.
+        env_rewards: (B,) float64, the episode's summed environment rewards.
         turns: (B,) int64, model turns taken.
+        token_rewards: (B, T) float32, each turn's environment reward on the model's last
+            token of that turn (they sum to ``env_rewards``).
         transcripts: (B,) the episode's turns as JSON (role, content, reward, info).
         failed: (B,) bool, the environment raised; the sample is not trained on.
         tool_calls, tool_errors: (B,) int64, the episode's tool calls and those that failed
@@ -150,6 +172,7 @@ class Episodes(Trajectories):
 
     response_attention: np.ndarray = field(kw_only=True)
     env_rewards: np.ndarray = field(kw_only=True)
+    token_rewards: np.ndarray = field(kw_only=True)
     turns: np.ndarray = field(kw_only=True)
     transcripts: np.ndarray = field(kw_only=True)
     failed: np.ndarray = field(kw_only=True)
@@ -160,6 +183,7 @@ class Episodes(Trajectories):
         *ARRAY_FIELDS,
         "response_attention",
         "env_rewards",
+        "token_rewards",
         "turns",
         "transcripts",
         "failed",
@@ -173,8 +197,8 @@ class Episodes(Trajectories):
 
 
 # One model turn for a batch of token sequences: (ids so far per row) -> (new ids per row, up to
-# and including EOS, and their log-probabilities). A rollout worker's generate.
-Generate = Callable[[list[list[int]]], tuple[list[list[int]], list[list[float]]]]
+# and including EOS; and per column, each row's values for them). A rollout worker's generate.
+Generate = Callable[[list[list[int]]], tuple[list[list[int]], dict[str, list[np.ndarray]]]]
 
 
 def run_episodes(
@@ -187,6 +211,7 @@ def run_episodes(
     eos_id: int | None,
     max_turns: int,
     max_total_tokens: int,
+    columns: Columns = LOGPROBS,
 ) -> list[Transcript]:
     """Play one episode per environment, the model's turns batched across episodes.
 
@@ -199,6 +224,7 @@ def run_episodes(
         eos_id: the model's end-of-turn token; a turn cut before it ends the episode.
         max_turns: model turns per episode at most.
         max_total_tokens: tokens after the prompt at most (model and environment turns).
+        columns: what ``generate`` records per token besides its id.
     """
     episodes = []
     for environment, example, seed in zip(environments, examples, seeds):
@@ -207,22 +233,21 @@ def run_episodes(
         except Exception as err:  # the user's code: this episode ends before it starts
             first = example.prompt_messages
             failed = f"reset raised {type(err).__name__}: {err}"
-            episode = Transcript(renderer.prompt(first), first, done=True, failed=failed)
+            episode = Transcript(renderer.prompt(first), first, columns, done=True, failed=failed)
             episode.turns.append({"role": "environment", "error": failed})
         else:
-            episode = Transcript(renderer.prompt(first), first)
+            episode = Transcript(renderer.prompt(first), first, columns)
         episodes.append(episode)
     tokenizer = renderer.tokenizer
     for turn in range(max_turns):
         live = [i for i, e in enumerate(episodes) if not e.done]
         if not live:
             break
-        ids, logprobs = generate([episodes[i].prompt + episodes[i].tokens for i in live])
-        for i, new, lp in zip(live, ids, logprobs):
+        ids, values = generate([episodes[i].prompt + episodes[i].tokens for i in live])
+        for k, (i, new) in enumerate(zip(live, ids)):
             e = episodes[i]
-            room = max_total_tokens - len(e.tokens)
-            new, lp = new[:room], lp[:room]
-            e.add(new, sampled=True, logprobs=lp)
+            new = new[: max_total_tokens - len(e.tokens)]
+            e.add(new, sampled=True, values={name: v[k] for name, v in values.items()})
             ended = bool(new) and new[-1] == eos_id
             text = tokenizer.decode(new[:-1] if ended else new)
             e.messages.append({"role": "assistant", "content": text})
@@ -240,6 +265,7 @@ def run_episodes(
                 e.turns[-1]["error"] = e.failed
                 continue
             e.reward += reward
+            e.token_rewards[-1] += reward  # on the turn's last token
             e.tool_calls += int(step.info.get("tool_calls", 0))
             e.tool_errors += int(step.info.get("tool_errors", 0))
             e.turns[-1].update(reward=reward, **({"info": step.info} if step.info else {}))
@@ -263,24 +289,32 @@ def to_episodes(
     pad_id: int,
     version: int,
     seconds: float,
+    cls: type[Episodes] = Episodes,
 ) -> Episodes:
-    """Pad ``episodes`` into a batch: prompts on the left, the rest on the right."""
+    """Pad ``episodes`` into a batch of ``cls``: prompts on the left, the rest on the right;
+    every recorded column becomes the field of its name."""
     from distrl.models.policy import left_pad
 
     prompt_ids, prompt_mask = left_pad([e.prompt for e in episodes], pad_id)
     width = max(1, max(len(e.tokens) for e in episodes))
     B = len(episodes)
+
+    def padded(values: list[Any], shape: tuple[int, ...] = (), dtype: Any = np.float32):
+        out = np.zeros((B, width, *shape), dtype=dtype)
+        for row, value in enumerate(values):
+            out[row, : len(value)] = value
+        return out
+
     ids = np.full((B, width), pad_id, dtype=np.int64)
-    sampled = np.zeros((B, width), dtype=np.float32)
-    attention = np.zeros((B, width), dtype=np.int64)
-    logprobs = np.zeros((B, width), dtype=np.float32)
     for row, e in enumerate(episodes):
-        n = len(e.tokens)
-        ids[row, :n] = e.tokens
-        sampled[row, :n] = e.sampled
-        attention[row, :n] = 1
-        logprobs[row, :n] = e.logprobs
-    return Episodes(
+        ids[row, : len(e.tokens)] = e.tokens
+    sampled = padded([e.sampled for e in episodes])
+    columns = {
+        name: padded([e.column(name) for e in episodes], shape, dtype)
+        for name, (shape, dtype) in episodes[0].columns.items()
+    }
+    logprobs = columns.pop("logprobs", np.zeros((B, width), np.float32))
+    return cls(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,
         response_ids=ids,
@@ -290,11 +324,62 @@ def to_episodes(
         example_ids=np.asarray(example_ids, dtype=np.int64),
         version=version,
         seconds=seconds,
-        response_attention=attention,
-        env_rewards=np.array([e.reward for e in episodes], dtype=np.float32),
+        response_attention=padded([[1] * len(e.tokens) for e in episodes], dtype=np.int64),
+        env_rewards=np.array([e.reward for e in episodes], dtype=np.float64),
+        token_rewards=padded([e.token_rewards for e in episodes]),
         turns=np.array([sum(t["role"] == "assistant" for t in e.turns) for e in episodes]),
         transcripts=np.array([json.dumps(e.turns) for e in episodes], dtype=np.str_),
         failed=np.array([e.failed is not None for e in episodes], dtype=bool),
         tool_calls=np.array([e.tool_calls for e in episodes], dtype=np.int64),
         tool_errors=np.array([e.tool_errors for e in episodes], dtype=np.int64),
+        **columns,
+    )
+
+
+def play(
+    worker: Any,
+    examples: list[Example],
+    example_ids: list[int],
+    *,
+    turn: Generate,
+    columns: Columns = LOGPROBS,
+    cls: type[Episodes] = Episodes,
+) -> Episodes:
+    """A rollout worker's batch of episodes, one per example, each with a fresh environment of
+    the worker's ``env`` config, seeded from the worker's seed and its episode count.
+
+    Args:
+        worker: a policy-gradient or DQN rollout worker (``env``, ``seed``, ``tokenizer``,
+            ``system_prompt``, ``version``, ``episodes_started``).
+        turn: one model turn, the worker's own generation (``Generate``).
+        columns, cls: what ``turn`` records per token, and the batch class that holds it.
+    """
+    from distrl.envs.base import load_environment
+
+    start = time.perf_counter()
+    env = worker.env
+    if env is None or not env.name:
+        raise ValueError("episodes need an env config with a name")
+    cls_env = load_environment(env.name, env.options)
+    environments = [cls_env(**env.options) for _ in examples]
+    first = worker.seed * 1_000_003 + worker.episodes_started
+    worker.episodes_started += len(examples)
+    episodes = run_episodes(
+        generate=turn,
+        environments=environments,
+        examples=examples,
+        seeds=[first + i for i in range(len(examples))],
+        renderer=Renderer(worker.tokenizer, worker.system_prompt, environments[0].tools()),
+        eos_id=worker.tokenizer.eos_token_id,
+        max_turns=env.max_turns,
+        max_total_tokens=env.max_total_tokens,
+        columns=columns,
+    )
+    return to_episodes(
+        episodes,
+        example_ids,
+        pad_id=worker.tokenizer.pad_token_id,
+        version=worker.version,
+        seconds=time.perf_counter() - start,
+        cls=cls,
     )

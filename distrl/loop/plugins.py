@@ -24,7 +24,7 @@ from distrl.algos import dqn, pg, registry
 from distrl.config import RunConfig
 from distrl.dqn.learner import QLearner
 from distrl.dqn.replay import replay_spec
-from distrl.dqn.rollout import QRolloutWorker, make_transitions
+from distrl.dqn.rollout import QRolloutWorker, make_transitions, replay_width
 from distrl.errors import DistrlError
 from distrl.pg.learner import Learner
 from distrl.pg.rollout import RolloutWorker, Trajectories
@@ -215,7 +215,7 @@ class DQN(Algorithm):
         super().__init__(config, crew, run_dir=run_dir, references=references)
         self.replay = self.make_replay()
         self.updates = 0  # learner update calls made (the epsilon schedule's clock)
-        self.width = self.config.data.max_prompt_tokens + self.config.rollout.max_new_tokens
+        self.width = replay_width(self.config)
         self.rewards_seen: set[float] = set()  # distinct rewards of the first iterations
 
     def make_replay(self) -> ray.actor.ActorHandle:

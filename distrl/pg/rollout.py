@@ -347,38 +347,12 @@ class RolloutWorker(WorkerRole):
             example_ids: index of each example in the prompt set, returned with the batch.
             greedy: argmax decoding (for evaluation) instead of sampling.
         """
-        from distrl.envs.base import load_environment
-        from distrl.envs.episodes import Renderer, run_episodes, to_episodes
+        from distrl.envs.episodes import play
 
-        start = time.perf_counter()
-        env = self.env
-        if env is None or not env.name:
-            raise ValueError("generate_episodes needs an env config with a name")
-        cls = load_environment(env.name, env.options)
-        environments = [cls(**env.options) for _ in examples]
-        seeds = [self.seed * 1_000_003 + self.episodes_started + i for i in range(len(examples))]
-        self.episodes_started += len(examples)
-
-        def turn(seqs: list[list[int]]) -> tuple[list[list[int]], list[list[float]]]:
+        def turn(seqs: list[list[int]]) -> tuple[list[list[int]], dict[str, list[np.ndarray]]]:
             batch = self.generate(seqs, list(range(len(seqs))), greedy=greedy)
             lengths = batch.response_mask.sum(1).astype(int)
             ids = [row[:n].tolist() for row, n in zip(batch.response_ids, lengths)]
-            return ids, [row[:n].tolist() for row, n in zip(batch.logprobs, lengths)]
+            return ids, {"logprobs": [row[:n] for row, n in zip(batch.logprobs, lengths)]}
 
-        episodes = run_episodes(
-            generate=turn,
-            environments=environments,
-            examples=examples,
-            seeds=seeds,
-            renderer=Renderer(self.tokenizer, self.system_prompt, environments[0].tools()),
-            eos_id=self.tokenizer.eos_token_id,
-            max_turns=env.max_turns,
-            max_total_tokens=env.max_total_tokens,
-        )
-        return to_episodes(
-            episodes,
-            example_ids,
-            pad_id=self.tokenizer.pad_token_id,
-            version=self.version,
-            seconds=time.perf_counter() - start,
-        )
+        return play(self, examples, example_ids, turn=turn)
