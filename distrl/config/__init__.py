@@ -144,6 +144,16 @@ class EnvConfig:
     max_total_tokens: int = _f(
         256, "tokens of an episode after its prompt at most, model and environment turns", ge=1
     )
+    num_actors: int = _f(
+        0,
+        "environment actors per rollout worker (a step that hangs or dies costs its episodes, "
+        "not the batch); 0 = environments run in the rollout worker",
+        ge=0,
+    )
+    step_timeout_s: float = _f(
+        60.0, "with num_actors: seconds a turn's environment steps may take together", gt=0.0
+    )
+    cpus_per_actor: float = _f(0.1, "CPUs each environment actor holds", ge=0.0)
 
 
 @dataclass(frozen=True)

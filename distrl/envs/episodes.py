@@ -25,8 +25,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from distrl.config import EnvConfig
 from distrl.data.examples import Example
 from distrl.envs.base import Environment, Step
+from distrl.envs.pool import LocalEnvironments, RemoteEnvironments
 from distrl.errors import ModelError
 from distrl.models.tokenizers import Tokenizer
 from distrl.pg.rollout import ARRAY_FIELDS, Trajectories
@@ -167,6 +169,7 @@ class Episodes(Trajectories):
         failed: (B,) bool, the environment raised; the sample is not trained on.
         tool_calls, tool_errors: (B,) int64, the episode's tool calls and those that failed
             (a malformed call, an unknown tool, one that raised), from ``Step.info``.
+        env_restarts: environment actors replaced while the batch was played (hung or dead).
         texts: (B,) the model's last message.
     """
 
@@ -178,6 +181,12 @@ class Episodes(Trajectories):
     failed: np.ndarray = field(kw_only=True)
     tool_calls: np.ndarray = field(kw_only=True)
     tool_errors: np.ndarray = field(kw_only=True)
+    env_restarts: int = field(default=0, kw_only=True)
+
+    reducers: ClassVar[dict[str, Callable[[list], Any]]] = {
+        **Trajectories.reducers,
+        "env_restarts": sum,
+    }
 
     array_fields: ClassVar[tuple[str, ...]] = (
         *ARRAY_FIELDS,
@@ -204,7 +213,7 @@ Generate = Callable[[list[list[int]]], tuple[list[list[int]], dict[str, list[np.
 def run_episodes(
     *,
     generate: Generate,
-    environments: list[Environment],
+    environments: list[Environment] | LocalEnvironments | RemoteEnvironments,
     examples: list[Example],
     seeds: list[int],
     renderer: Renderer,
@@ -213,11 +222,13 @@ def run_episodes(
     max_total_tokens: int,
     columns: Columns = LOGPROBS,
 ) -> list[Transcript]:
-    """Play one episode per environment, the model's turns batched across episodes.
+    """Play one episode per example, the model's turns batched across episodes and every live
+    episode's environment step taken at once.
 
     Args:
         generate: one model turn for each unfinished episode, from its exact ids so far.
-        environments: a fresh environment per episode.
+        environments: the episodes' environments (``distrl.envs.pool``; a list: one per
+            episode, in this process).
         examples: the data example each episode starts from (``Environment.reset``).
         seeds: each episode's seed, for its ``reset``.
         renderer: the chat template.
@@ -226,17 +237,18 @@ def run_episodes(
         max_total_tokens: tokens after the prompt at most (model and environment turns).
         columns: what ``generate`` records per token besides its id.
     """
+    if isinstance(environments, list):
+        environments = LocalEnvironments(environments)
     episodes = []
-    for environment, example, seed in zip(environments, examples, seeds):
-        try:
-            first = list(environment.reset(example, seed))
-        except Exception as err:  # the user's code: this episode ends before it starts
-            first = example.prompt_messages
-            failed = f"reset raised {type(err).__name__}: {err}"
-            episode = Transcript(renderer.prompt(first), first, columns, done=True, failed=failed)
+    for example, first in zip(examples, environments.reset(examples, seeds)):
+        if isinstance(first, BaseException):  # this episode ends before it starts
+            messages = example.prompt_messages
+            failed = f"reset raised {type(first).__name__}: {first}"
+            episode = Transcript(renderer.prompt(messages), messages, columns, done=True)
+            episode.failed = failed
             episode.turns.append({"role": "environment", "error": failed})
         else:
-            episode = Transcript(renderer.prompt(first), first, columns)
+            episode = Transcript(renderer.prompt(list(first)), list(first), columns)
         episodes.append(episode)
     tokenizer = renderer.tokenizer
     for turn in range(max_turns):
@@ -244,6 +256,7 @@ def run_episodes(
         if not live:
             break
         ids, values = generate([episodes[i].prompt + episodes[i].tokens for i in live])
+        answered: list[int] = []
         for k, (i, new) in enumerate(zip(live, ids)):
             e = episodes[i]
             new = new[: max_total_tokens - len(e.tokens)]
@@ -252,11 +265,16 @@ def run_episodes(
             text = tokenizer.decode(new[:-1] if ended else new)
             e.messages.append({"role": "assistant", "content": text})
             e.turns.append({"role": "assistant", "content": text, "tokens": len(new)})
-            if not ended:  # cut by a length limit: the turn is unfinished, so is the episode
+            if ended:
+                answered.append(i)
+            else:  # cut by a length limit: the turn is unfinished, so is the episode
                 e.done = e.truncated = True
-                continue
+        texts = [episodes[i].messages[-1]["content"] for i in answered]
+        for i, step in zip(answered, environments.step(answered, texts)):
+            e = episodes[i]
             try:
-                step = environments[i].step(text)
+                if isinstance(step, BaseException):
+                    raise step
                 if not isinstance(step, Step):
                     raise TypeError(f"step returned {type(step).__name__}, not a Step")
                 reward = float(step.reward)
@@ -290,6 +308,7 @@ def to_episodes(
     version: int,
     seconds: float,
     cls: type[Episodes] = Episodes,
+    env_restarts: int = 0,
 ) -> Episodes:
     """Pad ``episodes`` into a batch of ``cls``: prompts on the left, the rest on the right;
     every recorded column becomes the field of its name."""
@@ -332,6 +351,7 @@ def to_episodes(
         failed=np.array([e.failed is not None for e in episodes], dtype=bool),
         tool_calls=np.array([e.tool_calls for e in episodes], dtype=np.int64),
         tool_errors=np.array([e.tool_errors for e in episodes], dtype=np.int64),
+        env_restarts=env_restarts,
         **columns,
     )
 
@@ -360,16 +380,19 @@ def play(
     env = worker.env
     if env is None or not env.name:
         raise ValueError("episodes need an env config with a name")
-    cls_env = load_environment(env.name, env.options)
-    environments = [cls_env(**env.options) for _ in examples]
     first = worker.seed * 1_000_003 + worker.episodes_started
     worker.episodes_started += len(examples)
+    if env.num_actors:
+        environments = RemoteEnvironments(env_hosts(worker), make_host(env), env.step_timeout_s)
+    else:
+        cls_env = load_environment(env.name, env.options)
+        environments = LocalEnvironments([cls_env(**env.options) for _ in examples])
     episodes = run_episodes(
         generate=turn,
         environments=environments,
         examples=examples,
         seeds=[first + i for i in range(len(examples))],
-        renderer=Renderer(worker.tokenizer, worker.system_prompt, environments[0].tools()),
+        renderer=Renderer(worker.tokenizer, worker.system_prompt, environments.tools()),
         eos_id=worker.tokenizer.eos_token_id,
         max_turns=env.max_turns,
         max_total_tokens=env.max_total_tokens,
@@ -382,4 +405,28 @@ def play(
         version=worker.version,
         seconds=time.perf_counter() - start,
         cls=cls,
+        env_restarts=environments.restarts,
     )
+
+
+def make_host(env: EnvConfig) -> Callable[[], Any]:
+    """What starts one environment actor of ``env``'s pool."""
+    from distrl.envs.pool import START_TIMEOUT_S, EnvHost
+    from distrl.runtime import actors
+
+    options = actors.actor_options(env.cpus_per_actor, **actors.STATEFUL)
+
+    def start() -> Any:
+        host = actors.make_actor(EnvHost, options, env.name, env.options)
+        actors.get(host.ready.remote(), timeout=START_TIMEOUT_S)
+        return host
+
+    return start
+
+
+def env_hosts(worker: Any) -> list[Any]:
+    """The worker's pool of environment actors, started on first use and kept."""
+    if getattr(worker, "env_pool", None) is None:
+        start = make_host(worker.env)
+        worker.env_pool = [start() for _ in range(worker.env.num_actors)]
+    return worker.env_pool

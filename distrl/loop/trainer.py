@@ -335,6 +335,7 @@ class Trainer:
         )
         if isinstance(batch, Episodes):
             self.faults["faults/env_errors"] += int(batch.failed.sum())
+            self.faults["faults/env_restarts"] += batch.env_restarts
         self.faults["faults/dropped_samples"] += scores.num_dropped
         for key, attribute in POOL_COUNTERS.items():
             self.faults[key] = self.counted[key] + getattr(self.pool, attribute)

@@ -42,6 +42,7 @@ FAULT_KEYS = (
     "faults/replay_restarts",
     "faults/weight_group_rebuilds",
     "faults/env_errors",
+    "faults/env_restarts",
 )
 
 
