@@ -122,6 +122,7 @@ def validate(
     from distrl.data.prompts import prepare, reward_batch
     from distrl.dqn.learner import QNET_FILE, is_dqn_checkpoint
     from distrl.dqn.rollout import QRolloutWorker
+    from distrl.envs.episodes import Episodes, with_episode_rewards
     from distrl.models.policy import reference_metrics
     from distrl.pg.rollout import RolloutWorker, Trajectories
     from distrl.rewards import RewardBatch, RewardScorer
@@ -151,12 +152,17 @@ def validate(
     for start in range(0, n, per_call):
         ids = list(range(start, min(start + per_call, n)))
         rows = [i for i in ids for _ in range(samples)]  # a prompt's samples side by side
-        parts.append(worker.generate([val.ids[i] for i in rows], rows, greedy=greedy))
+        if config.env.name:  # the run's environment plays its episodes
+            examples_ = [val.examples[i] for i in rows]
+            parts.append(worker.generate_episodes(examples_, rows, greedy=greedy))
+        else:
+            parts.append(worker.generate([val.ids[i] for i in rows], rows, greedy=greedy))
         bar.update(len(ids))
     bar.close()
     batch = Trajectories.concat(parts)
     say(f"scoring {len(batch.texts)} completions")
     scores = RewardScorer(config.reward, seed=config.seed).score(reward_batch(val, batch))
+    scores = with_episode_rewards(scores, batch)
     out = {k.replace("reward/", "validate/reward_"): v for k, v in scores.metrics().items()}
     if isinstance(worker, RolloutWorker):
         out.update(
@@ -171,6 +177,8 @@ def validate(
     for k in (1, 2):
         out[f"validate/distinct_{k}"] = float(np.mean(Diversity({"n": [k]})(texts)))
     out["validate/response_length"] = float(batch.response_mask.sum(1).mean())
+    if isinstance(batch, Episodes):
+        out["validate/episode_turns"] = float(batch.turns.mean())
     out["validate/examples"] = float(n)
     out["validate/samples"] = float(samples)
     used = config.dqn.boltzmann_temperature if dqn else config.rollout.temperature

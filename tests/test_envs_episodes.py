@@ -272,6 +272,11 @@ def test_a_multi_turn_run_trains_on_whole_episodes_and_logs_them(
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert all(s["reward/total"] == s["reward/env"] for s in samples)
     assert all(s["response"] == s["turns"][-1]["content"] for s in samples)
+    from distrl.validate import run_config_for, validate
+
+    final = str(run_dir / "final")  # validate plays the run's episodes too
+    report = validate(run_config_for(final, None), examples=2, checkpoint=final, progress=False)
+    assert report["validate/examples"] == 2 and report["validate/episode_turns"] >= 1
     if env == "guess":  # the random model's replies hold no number: told so, it tries again
         assert max(r["episode/turns"] for r in records) > 1
         longest = max(samples, key=lambda s: len(s["turns"]))

@@ -17,6 +17,7 @@ model did not see.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from distrl.envs.pool import LocalEnvironments, RemoteEnvironments
 from distrl.errors import ModelError
 from distrl.models.tokenizers import Tokenizer
 from distrl.pg.rollout import ARRAY_FIELDS, Trajectories
+from distrl.rewards.composite import ScoreResult
 
 if TYPE_CHECKING:
     from distrl.envs.tools import Tool
@@ -430,3 +432,21 @@ def env_hosts(worker: Any) -> list[Any]:
         start = make_host(worker.env)
         worker.env_pool = [start() for _ in range(worker.env.num_actors)]
     return worker.env_pool
+
+
+def with_episode_rewards(scores: ScoreResult, batch: Trajectories) -> ScoreResult:
+    """``scores`` of a batch of multi-turn episodes with their environments' rewards added
+    (component ``env``) and the episodes whose environment raised dropped; of any other
+    batch, ``scores`` as they are."""
+    if not isinstance(batch, Episodes):
+        return scores
+    failed = batch.failed | scores.dropped
+    total = np.where(failed, np.nan, scores.total + batch.env_rewards)
+    components = {**scores.components, "env": batch.env_rewards.astype(np.float64)}
+    errors = [
+        f"sample {i}: its environment's {json.loads(str(batch.transcripts[i]))[-1]['error']}"
+        for i in np.flatnonzero(batch.failed)
+    ]
+    return dataclasses.replace(
+        scores, total=total, components=components, dropped=failed, errors=scores.errors + errors
+    )

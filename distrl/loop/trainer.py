@@ -11,7 +11,6 @@ Weights reach the rollout workers through ``distrl.weights.publish``.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import signal
@@ -27,7 +26,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from distrl.config import RunConfig
 from distrl.data.prompts import Prompts, reward_batch
-from distrl.envs.episodes import Episodes
+from distrl.envs.episodes import Episodes, with_episode_rewards
 from distrl.errors import DistrlError
 from distrl.loop.plugins import Round, group_rows, plugin
 from distrl.loop.rundir import resume_hint
@@ -671,24 +670,6 @@ class Trainer:
         self.faults.update(state.get("faults", {}))
         self.count_from(self.faults)
         self.algo.load_state(state)
-
-
-def with_episode_rewards(scores: ScoreResult, batch: Trajectories) -> ScoreResult:
-    """``scores`` of a batch of multi-turn episodes with their environments' rewards added
-    (component ``env``) and the episodes whose environment raised dropped; of any other
-    batch, ``scores`` as they are."""
-    if not isinstance(batch, Episodes):
-        return scores
-    failed = batch.failed | scores.dropped
-    total = np.where(failed, np.nan, scores.total + batch.env_rewards)
-    components = {**scores.components, "env": batch.env_rewards.astype(np.float64)}
-    errors = [
-        f"sample {i}: its environment's {json.loads(str(batch.transcripts[i]))[-1]['error']}"
-        for i in np.flatnonzero(batch.failed)
-    ]
-    return dataclasses.replace(
-        scores, total=total, components=components, dropped=failed, errors=scores.errors + errors
-    )
 
 
 # Fault counters the reward pool keeps: key -> the pool's attribute.
