@@ -24,7 +24,7 @@ def positive(value) -> bool:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    sections = ["rollout", "learner", "publish", "replay", "attention", "pipeline"]
+    sections = ["rollout", "episodes", "learner", "publish", "replay", "attention", "pipeline"]
     cmd = [sys.executable, "-m", "distrl.bench", *sections, "--batch", "4", "--new-tokens", "16"]
     done = subprocess.run(
         [*cmd, "--model", "tiny", "--quick", "--device", "cpu", "--learner-workers", "1", "2"]
@@ -61,6 +61,18 @@ def test_rollout_figures(report):
         assert len(row["peak_rss_mb"]) == row["workers"]
         assert row["devices"] == ["cpu"] * row["workers"] and row["gpus_per_worker"] == 0
         assert all(positive(mb) for mb in row["peak_rss_mb"])
+
+
+def test_episode_figures(report):
+    episodes = report["episodes"]
+    assert episodes["note"] and episodes["engine"] == "hf" and episodes["episodes"] == 4
+    assert episodes["single_turn_max_new_tokens"] >= 1
+    rows = episodes["distrl"]
+    assert set(rows) == {"episodes, up to 4 turns", "single turn, same length"}
+    for row in rows.values():
+        assert positive(row["tokens_per_s"]) and positive(row["episodes_per_s"])
+        assert positive(row["ratio"]) and positive(row["model_tokens_per_episode"])
+    assert rows["episodes, up to 4 turns"]["turns_per_episode"] >= 1
 
 
 def test_learner_figures(report):

@@ -1,6 +1,6 @@
 """Throughput benchmarks.
 
-``python -m distrl.bench [rollout|learner|publish|replay|reward|attention|pipeline|all ...]
+``python -m distrl.bench [rollout|episodes|learner|publish|replay|reward|attention|pipeline|all ...]
 [--json OUT] [--model default|tiny] [--quick] [--batch B] [--new-tokens T]
 [--device auto|cpu|cuda] [--dtype auto|float32|bfloat16|float16] [--engine hf|vllm]``
 
@@ -18,6 +18,9 @@ Both sides of a comparison run on the same device, and the JSON says which: on a
   length and sampling settings in this process. With ``--engine vllm``: 1 worker with
   ``rollout.engine vllm`` against a plain vLLM ``LLM.generate`` (same engine arguments) and a
   plain ``model.generate``, generated tokens/s up to each row's EOS, engine builds apart.
+- ``episodes``: multi-turn episodes (the packaged ``guess`` environment, up to 4 model turns)
+  of one ``RolloutWorker`` on ``--engine``, episodes/s and the model's tokens/s, against the
+  same worker's single-turn generation of as many tokens per sequence.
 - ``learner``: tokens/s of ``Learner.train`` (in an actor with every CPU) on a batch from a real
   rollout, whole and its update phase alone, against a plain forward + backward + AdamW step
   of the same model on the same tokens in this process; and a learner with rank-8 LoRA
@@ -56,6 +59,7 @@ from typing import Any
 
 from distrl.bench.attention import bench_attention
 from distrl.bench.common import BATCH_SIZE, MAX_NEW_TOKENS, BenchOptions, local_ray, machine_info
+from distrl.bench.episodes import bench_episodes
 from distrl.bench.learner import bench_learner
 from distrl.bench.pipeline import bench_pipeline
 from distrl.bench.publish import bench_publish
@@ -66,6 +70,7 @@ from distrl.errors import ModelError
 
 SECTIONS: dict[str, Callable[[BenchOptions], dict[str, Any]]] = {
     "rollout": bench_rollout,
+    "episodes": bench_episodes,
     "learner": bench_learner,
     "publish": bench_publish,
     "reward": bench_reward,
