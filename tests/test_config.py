@@ -245,6 +245,10 @@ def test_a_base_that_goes_round_in_a_circle_is_named(tmp_path):
             "ppo.ce_coef > 0 runs on one learner worker",
         ),
         ({"reward.components": []}, "reward.components: give at least one reward component"),
+        (
+            {"env.name": "guess", "ppo.overlong_buffer": 4},
+            "ppo.overlong_buffer shapes single completions",
+        ),
     ],
 )
 def test_every_cross_field_rule_refuses_with_its_reason(overrides, fragment):

@@ -13,6 +13,9 @@ from distrl.errors import ConfigError, ModelError
 from distrl.pg.learner import Learner
 from distrl.pg.rollout import RolloutWorker
 
+needs_vllm = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("vllm") is None, reason="vLLM is not installed"
+)
 EXAMPLES = [
     Example((Message("user", "Guess my number from 1 to 8."),), target=str(n)) for n in (3, 6)
 ]
@@ -241,10 +244,15 @@ def early_stopping_model(folder, config):
 
 @pytest.mark.slow  # a run on Ray per algorithm
 @pytest.mark.parametrize(
-    "algo, env, data", [("ppo", "guess", "guess"), ("grpo", "calculator", "arithmetic")]
+    "algo, env, data, engine",
+    [
+        ("ppo", "guess", "guess", "hf"),
+        ("grpo", "calculator", "arithmetic", "hf"),
+        pytest.param("grpo", "guess", "guess", "vllm", marks=needs_vllm),
+    ],
 )
 def test_a_multi_turn_run_trains_on_whole_episodes_and_logs_them(
-    ray_session, tmp_path, algo, env, data
+    ray_session, tmp_path, algo, env, data, engine
 ):
     from distrl.loop.driver import train
     from distrl.outputs.metrics import read_metrics
@@ -262,7 +270,10 @@ def test_a_multi_turn_run_trains_on_whole_episodes_and_logs_them(
         "output.progress": False,
         "output.plots": False,
         "output.samples_logged": 16,
+        "rollout.engine": engine,
     }
+    if engine == "vllm":  # one engine: two would not fit beside the learner on 2 cores
+        overrides["rollout.num_workers"] = 1
     model = early_stopping_model(tmp_path / "model", load_config("tiny"))
     run_dir = train(load_config("tiny", {**overrides, "model.name": model}))
     records = read_metrics(run_dir / "metrics.jsonl")
@@ -284,9 +295,7 @@ def test_a_multi_turn_run_trains_on_whole_episodes_and_logs_them(
         assert longest["turns"][1]["content"] in ("Higher.", "Lower.", "Reply with only a number.")
 
 
-@pytest.mark.skipif(
-    __import__("importlib").util.find_spec("vllm") is None, reason="vLLM is not installed"
-)
+@needs_vllm
 @pytest.mark.slow  # builds a vLLM engine
 def test_vllm_plays_episodes_from_token_ids_and_the_learner_agrees(tmp_path):
     model = early_stopping_model(tmp_path / "model", load_config("tiny"))

@@ -533,6 +533,11 @@ class RunConfig:
                 "reward.components: give at least one reward component (or env.name, whose "
                 "rewards then score the episodes alone)"
             )
+        if self.env.name and p.overlong_buffer:
+            raise ConfigError(
+                "ppo.overlong_buffer shapes single completions near rollout.max_new_tokens; an "
+                "episode's turns have env.max_total_tokens between them: set it to 0 with env.name"
+            )
         if self.replay.beta_end < self.replay.beta_start:
             raise ConfigError("replay.beta_end must be >= replay.beta_start")
         d = self.dqn
