@@ -53,6 +53,28 @@ def test_tensorboard_holds_the_finite_scalars(tmp_path):
     assert [(s, pytest.approx(v)) for s, v in scalars(tmp_path, "learner/kl")] == [(2, 0.01)]
 
 
+def test_tensorboard_shows_an_episode_turn_by_turn(tmp_path):
+    turns = [
+        {"role": "assistant", "content": "4", "tokens": 2, "reward": 0.1},
+        {"role": "user", "content": "Higher."},
+        {"role": "assistant", "content": "a | b\nc", "error": "step raised ValueError: x"},
+    ]
+    logger = MetricsLogger(tmp_path)
+    logger.log_samples(3, [{"prompt": "Guess.", "response": "a", "turns": turns}])
+    logger.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    (text,) = events.Tensors("samples/text_summary")
+    table = text.tensor_proto.string_val[0].decode()
+    assert text.step == 3
+    assert (
+        "assistant: 4 (reward 0.1)<br>user: Higher.<br>"
+        "assistant: a \\| b c (error: step raised ValueError: x)"
+    ) in table
+    saved = json.loads((tmp_path / "samples.jsonl").read_text())
+    assert saved["turns"] == turns  # the file keeps every field as it is
+
+
 def test_resume_drops_a_truncated_last_line_and_appends(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text(

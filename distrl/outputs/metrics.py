@@ -221,16 +221,30 @@ def _sample_value(value: Any) -> Any:
 
 def markdown_table(rows: list[Record]) -> str:
     """Rows as a Markdown table (TensorBoard renders text as Markdown); columns in first-seen
-    order, floats to 4 significant digits, ``|`` and newlines escaped."""
+    order, floats to 4 significant digits, an episode's turns one per line (role, content,
+    reward), ``|`` and newlines escaped."""
     columns = list(dict.fromkeys(k for r in rows for k in r))
 
     def cell(value: Any) -> str:
-        text = f"{value:.4g}" if isinstance(value, float) else str(value)
+        if isinstance(value, list) and all(isinstance(t, dict) and "role" in t for t in value):
+            text = "\n".join(_turn(t) for t in value)
+        else:
+            text = f"{value:.4g}" if isinstance(value, float) else str(value)
         return text.replace("|", "\\|").replace("\n", "<br>")
 
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def _turn(turn: dict[str, Any]) -> str:
+    """One turn of an episode as a line: ``role: content``, then its reward or error."""
+    text = f"{turn['role']}: {' '.join(str(turn.get('content', '')).split())}"
+    if "reward" in turn:
+        text += f" (reward {turn['reward']:.4g})"
+    if "error" in turn:
+        text += f" (error: {turn['error']})"
+    return text
 
 
 def _is_number(value: Any) -> bool:
