@@ -72,6 +72,20 @@ def test_kl_shaped_rewards_put_score_on_last_token():
     assert torch.allclose(rewards, t([-0.05, 2.0, 0.0]))
 
 
+def test_an_episodes_turn_rewards_land_where_their_turns_ended():
+    # Model tokens 0-1, an environment turn (2-3), model tokens 4-5: 0.1 after the first turn.
+    mask = t([1, 1, 0, 0, 1, 1])
+    rewards, _ = kl_shaped_rewards(
+        scores=torch.tensor([1.0]),
+        logprobs=t([0.0] * 6),
+        ref_logprobs=t([0.0] * 6),
+        mask=mask,
+        kl_coef=0.1,
+        turn_rewards=t([0, 0.1, 0, 0, 0, 0]),
+    )
+    assert torch.allclose(rewards, t([0, 0.1, 0, 0, 0, 1.0]))
+
+
 def test_value_loss_clipped_and_plain():
     # v moves 0 -> 1 with clip 0.2: clipped value 0.2, (0.2 - 2)^2 = 3.24 > (1 - 2)^2 = 1.
     loss, frac = value_loss(

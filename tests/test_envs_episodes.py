@@ -247,6 +247,7 @@ def early_stopping_model(folder, config):
     "algo, env, data, engine",
     [
         ("ppo", "guess", "guess", "hf"),
+        ("ppo", "calculator", "arithmetic", "hf"),
         ("grpo", "calculator", "arithmetic", "hf"),
         pytest.param("grpo", "guess", "guess", "vllm", marks=needs_vllm),
     ],

@@ -52,15 +52,19 @@ def kl_shaped_rewards(
     ref_logprobs: torch.Tensor,
     mask: torch.Tensor,
     kl_coef: float,
+    turn_rewards: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token rewards: a KL penalty at every token plus the sequence score at the last one.
+    """Per-token rewards: a KL penalty at every token plus the sequence score at the last one
+    (and, in a multi-turn episode, each turn's reward on that turn's last token).
 
     Args:
-        scores: (B,) reward of each whole sequence.
+        scores: (B,) reward of each whole sequence (less its turns' rewards).
         logprobs: (B, T) sampled tokens' log-probabilities under the acting policy.
         ref_logprobs: (B, T) the same under the frozen reference model.
         mask: (B, T) response-token mask.
         kl_coef: penalty coefficient beta.
+        turn_rewards: (B, T) rewards that arrived during the sequence, on the tokens they
+            followed, or None.
 
     Returns:
         rewards (B, T) and the per-token KL estimate ``logprobs - ref_logprobs`` (B, T), masked.
@@ -69,6 +73,8 @@ def kl_shaped_rewards(
     rewards = -kl_coef * kl
     last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & (mask > 0)
     rewards = rewards + last.float() * scores.unsqueeze(-1)
+    if turn_rewards is not None:
+        rewards = rewards + turn_rewards * mask
     return rewards, kl
 
 

@@ -257,7 +257,9 @@ class Learner(LearnerRole):
 
         Args:
             batch: trajectories from the rollout workers.
-            scores: (B,) total reward per sequence from the reward pool.
+            scores: (B,) total reward per sequence from the reward pool (of a multi-turn
+                episode, with its environment rewards, which then arrive where their turns
+                ended: ``Episodes.token_rewards``).
             references: token ids of reference responses per sequence, for the optional
                 cross-entropy term (``ppo.ce_coef``); empty lists where there is none.
             groups: (B,) int group id per sequence (the samples of one prompt share one); the
@@ -312,12 +314,19 @@ class Learner(LearnerRole):
                     ref_logits, _ = self._forward(reference, ids[rows], mask[rows], start)
                 ref_logprobs = gathered(ppo.logprobs_from_logits(ref_logits, tokens[rows]))
                 del ref_logits
+            # An episode's environment rewards (part of its score) go where its turns ended.
+            turn_rewards = getattr(batch, "token_rewards", None)
+            final = np.array(scores, dtype=np.float64)
+            if turn_rewards is not None:
+                final = final - batch.env_rewards
+                turn_rewards = torch.from_numpy(np.array(turn_rewards)).to(self.device)
             rewards, kl = ppo.kl_shaped_rewards(
-                scores=torch.tensor(np.array(scores), dtype=torch.float32, device=self.device),
+                scores=torch.tensor(final, dtype=torch.float32, device=self.device),
                 logprobs=old_logprobs,
                 ref_logprobs=ref_logprobs,
                 mask=rmask,
                 kl_coef=self.kl.value if passes.kl_in_reward else 0.0,
+                turn_rewards=turn_rewards,
             )
         data = PPOBatch(
             ids, mask, tokens, rmask, old_logprobs, rewards, references, is_weights=is_weights
