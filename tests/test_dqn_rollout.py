@@ -106,7 +106,10 @@ def test_an_environment_turn_is_part_of_the_transition_and_its_reward_lands_on_t
         failed=np.array([False]),
         tool_calls=np.array([0]),
         tool_errors=np.array([0]),
+        env_restarts=1,
     )
+    joined = QEpisodes.concat([episode, episode])  # as the driver joins the workers' batches
+    assert joined.env_restarts == 2 and joined.candidates.shape == (2, 7, 2)
     # The total (the environment's 0.25 and 1.0 more from the reward pool) at gamma 0.5, 1 step.
     cols, prio = make_transitions(episode, np.array([1.25]), gamma=0.5, n_step=1, width=8)
     assert cols["action"].tolist() == [10, 11, 12, 11]  # the model's tokens only

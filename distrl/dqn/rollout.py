@@ -62,7 +62,7 @@ class QEpisodes(Episodes, QTrajectories):
     Q-values and candidates of the model's tokens (zeros on the environment's)."""
 
     array_fields = (*Episodes.array_fields, "q_taken", "q_max", "candidates")
-    reducers = QTrajectories.reducers
+    reducers = {**QTrajectories.reducers, **Episodes.reducers}
 
 
 def replay_width(config: RunConfig) -> int:
