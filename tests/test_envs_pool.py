@@ -73,7 +73,7 @@ def test_a_dead_environment_actor_costs_its_episodes_and_is_replaced(worker):
 def test_a_hung_step_is_cut_at_the_timeout_and_its_actor_replaced(worker):
     start = time.monotonic()
     batch = worker.generate_episodes(examples("hang", "ok", "ok", "ok"), [0, 1, 2, 3])
-    assert time.monotonic() - start < HANG / 4  # cut, not waited out (no tighter: the machine is shared)
+    assert time.monotonic() - start < HANG / 4  # cut, not waited out (the machine is shared)
     assert batch.failed.tolist() == [True, False, True, False]
     assert json_error(batch.transcripts[0]) == (
         f"step raised RuntimeError: environment actor 0 did not answer within {TIMEOUT:g} s"

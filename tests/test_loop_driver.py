@@ -7,6 +7,7 @@ import re
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ def tiny(tmp_path, **overrides):
     base = {
         "output.dir": str(tmp_path / "run"),
         "output.progress": False,
-        "output.plots": True,
+        "output.plots": False,
         "iterations": 4,
     }
     return load_config("tiny", {**base, **overrides})
@@ -33,7 +34,7 @@ def tiny(tmp_path, **overrides):
 
 @pytest.mark.slow  # a whole run on Ray
 def test_tiny_run_trains_logs_and_checkpoints(ray_session, tmp_path):
-    config = tiny(tmp_path)
+    config = tiny(tmp_path, **{"output.plots": True})
     run_dir = train(config)
     records = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4]
@@ -98,12 +99,25 @@ def test_tiny_run_trains_logs_and_checkpoints(ray_session, tmp_path):
     assert {"reward/total", "reward/diversity"} <= set(row)
 
 
+def trained_prompts(run_dir: Path) -> list[int]:
+    """The training prompt of every row ``samples.jsonl`` logged, in order."""
+    return [row["example"] for row in read_metrics(run_dir / "samples.jsonl")]
+
+
+def prompt_stream(config, n: int) -> list[int]:
+    """The first ``n`` training prompts an uninterrupted run draws."""
+    return prepare(config)[0].next(n)
+
+
 @pytest.mark.slow  # a run and its resume on Ray
+@pytest.mark.parametrize("lag", [0, 2])
 def test_resume_skips_a_torn_newest_checkpoint_and_continues_at_the_next_step(
-    ray_session, tmp_path
+    ray_session, tmp_path, lag
 ):
     # Checkpoints every few minutes too: here every step, though checkpoint_every is 5.
     minutes = {"output.checkpoint_every": 5, "output.checkpoint_minutes": 1e-6}
+    # Every row of every step logged: each prompt once (one sample each), 4 per worker.
+    minutes.update({"rollout.max_policy_lag": lag, "output.samples_logged": 8})
     train(tiny(tmp_path, iterations=2, **minutes))
     run_dir = tmp_path / "run"
     assert (run_dir / "checkpoints" / "step_1").is_dir()
@@ -116,6 +130,10 @@ def test_resume_skips_a_torn_newest_checkpoint_and_continues_at_the_next_step(
     assert steps == [1, 2, 3, 4]  # step 2 redone from step 1's state, none twice in the log
     state = torch.load(run_dir / "final" / "distrl_state.pt", weights_only=True)
     assert state["version"] == 4 and state["extra"]["step"] == 4
+    # Step 1's checkpoint was written while step 2's batches were drawn and in flight: the
+    # resumed run drew them again, so it trained the prompts an uninterrupted run trains.
+    config = tiny(tmp_path)
+    assert trained_prompts(run_dir) == prompt_stream(config, 4 * 8)
 
 
 def test_cli_rejects_bad_config_before_ray_starts(tmp_path, monkeypatch, capsys):
@@ -257,10 +275,15 @@ def test_dynamic_sampling_drops_groups_without_signal_and_says_so(ray_session, t
             "ppo.max_sampling_rounds": 3,
             "ppo.overlong_buffer": 4,
             "output.plots": False,
+            "output.samples_logged": 48,
+            "rollout.max_policy_lag": 0,  # each round drawn after the one before it
         },
     )
-    records = read_metrics(train(config) / "metrics.jsonl")
+    run_dir = train(config)
+    records = read_metrics(run_dir / "metrics.jsonl")
     assert records[0]["sampling/rounds"] == 3 and records[0]["sampling/kept_fraction"] == 0.0
+    # 3 rounds of new prompts (2 workers x 4, each sampled twice), none a round's repeat.
+    assert trained_prompts(run_dir) == [i for i in prompt_stream(config, 24) for _ in (0, 1)]
     assert records[0]["reward/overlong_penalty"] < 0  # 8-token replies hit the length limit
 
 

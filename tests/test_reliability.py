@@ -254,6 +254,12 @@ def test_a_sigkilled_driver_resumes_without_losing_or_repeating_a_step(ray_sessi
     ref = torch.load(reference / "final" / "distrl_state.pt", weights_only=True)
     assert state["version"] == ref["version"] == 6
     assert state["steps"] == ref["steps"]  # total optimizer updates equal an uninterrupted run
+    # The prompts in flight at the saved step were drawn again: every step trained the prompts
+    # of the uninterrupted run, in its order (samples.jsonl logs all 8 rows of every step).
+    examples = [
+        [r["example"] for r in read_metrics(d / "samples.jsonl")] for d in (run_dir, reference)
+    ]
+    assert examples[0] == examples[1] and len(examples[0]) == 6 * 8
 
 
 @pytest.mark.slow  # a whole run on Ray

@@ -53,6 +53,7 @@ import argparse
 import dataclasses
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -169,10 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     with local_ray():  # one Ray for every section: its start-up is paid once
         for name in names:
             # Other tenants of a shared machine show in the load average, not in our timings.
-            load = os.getloadavg()[0]
+            load, start = os.getloadavg()[0], time.monotonic()
             report[name] = SECTIONS[name](options)
             report[name]["load_average"] = [load, os.getloadavg()[0]]
-            print(f"1-min load average {load:.2f} before, {os.getloadavg()[0]:.2f} after")
+            report[name]["elapsed_s"] = time.monotonic() - start
+            print(
+                f"{name}: {report[name]['elapsed_s']:.0f} s; "
+                f"1-min load average {load:.2f} before, {os.getloadavg()[0]:.2f} after"
+            )
             if args.json:  # after every section, so an interrupted run keeps what it measured
                 args.json.parent.mkdir(parents=True, exist_ok=True)
                 args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

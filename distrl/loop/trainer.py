@@ -70,6 +70,11 @@ class Trainer:
         self.workers = [self.make_worker(i) for i in range(config.rollout.num_workers)]
         self.version = 0
         self.in_flight: dict[int, ray.ObjectRef] = {}
+        # Where the prompt stream stood before each batch not yet trained was drawn: worker i's
+        # in-flight batch, and those collected for the step under way. A checkpoint keeps the
+        # earliest, so a resumed run draws them again in the same order (none skipped).
+        self.drawn: dict[int, dict[str, int]] = {}
+        self.taken: list[dict[str, int]] = []
         self.crew = Crew(
             learner=lambda: self.learner,
             workers=lambda: self.workers,
@@ -259,9 +264,9 @@ class Trainer:
         version, renewed = self.publisher.to_worker(i)
         for j in renewed:  # their batches in flight died with them
             if j != i:
-                self.in_flight[j] = self.submit(self.workers[j])
+                self.in_flight[j] = self.submit(j)
         if resubmit:
-            self.in_flight[i] = self.submit(self.workers[i])
+            self.in_flight[i] = self.submit(i)
         return version
 
     # ---- stages ------------------------------------------------------------------------
@@ -273,17 +278,20 @@ class Trainer:
         version, renewed = self.publisher.publish()
         if self.config.rollout.max_policy_lag > 0:
             for i in renewed:
-                self.in_flight[i] = self.submit(self.workers[i])
+                self.in_flight[i] = self.submit(i)
         return version
 
-    def submit(self, worker: ray.actor.ActorHandle) -> ray.ObjectRef:
-        """Start a rollout on ``worker`` with the next prompts, each ``samples_per_prompt``
+    def submit(self, i: int) -> ray.ObjectRef:
+        """Start a rollout on worker ``i`` with the next prompts, each ``samples_per_prompt``
         times in a row (the rows of one prompt are its group)."""
         r = self.config.rollout
+        self.drawn[i] = self.train_prompts.state()
         idx = [
             i for i in self.train_prompts.next(r.batch_size) for _ in range(r.samples_per_prompt)
         ]
-        return self.rollout(worker, self.train_prompts, idx, **self.algo.generate_options())
+        return self.rollout(
+            self.workers[i], self.train_prompts, idx, **self.algo.generate_options()
+        )
 
     def rollout(
         self, worker: ray.actor.ActorHandle, prompts: Prompts, idx: list[int], **options: Any
@@ -300,7 +308,8 @@ class Trainer:
         self.wait_started([*self.stateful().values(), *self.workers], "the run's actors")
         self.publisher.reset()  # a new or restored learner serves a new weight group
         self.version = self.publish()
-        self.in_flight = {i: self.submit(w) for i, w in enumerate(self.workers)}
+        self.taken = []
+        self.in_flight = {i: self.submit(i) for i in range(len(self.workers))}
 
     def collect(self) -> list[Trajectories]:
         """Each worker's finished batch, resubmitting ahead when ``max_policy_lag`` allows."""
@@ -313,8 +322,9 @@ class Trainer:
                 self.faults["faults/stale_batches"] += 1
                 batch = self.wait_rollout(i, refresh=True)
             parts.append(batch)
+            self.taken.append(self.drawn.pop(i))
             if cfg.rollout.max_policy_lag > 0:  # generate the next batch while we learn
-                self.in_flight[i] = self.submit(self.workers[i])
+                self.in_flight[i] = self.submit(i)
         self.count_restarts(self.workers)
         return parts
 
@@ -347,6 +357,8 @@ class Trainer:
         step = self.step + 1
         with self.signals.abandonable(f"step {step}'s rollouts"):  # nothing learned yet
             while not rounds or self.algo.wants_more(rounds):
+                if rounds and self.config.rollout.max_policy_lag == 0:  # nothing ran ahead
+                    self.in_flight = {i: self.submit(i) for i in range(len(self.workers))}
                 t0 = time.perf_counter()
                 parts = self.collect()
                 t1 = time.perf_counter()
@@ -359,12 +371,13 @@ class Trainer:
         t2 = time.perf_counter()
         self.signals.doing = f"step {step}'s update"
         metrics = self.algo.learn(rounds, step=step)
+        self.taken = []  # trained
         t3 = time.perf_counter()
         self.signals.doing = f"step {step}'s publish"
         self.version = self.publish()
         times.update({"time/train_s": t3 - t2, "time/publish_s": time.perf_counter() - t3})
         if self.config.rollout.max_policy_lag == 0:
-            self.in_flight = {i: self.submit(w) for i, w in enumerate(self.workers)}
+            self.in_flight = {i: self.submit(i) for i in range(len(self.workers))}
         metrics.update(self.wait_stateful("learner", self.learner.publish_metrics.remote()))
         metrics.update(self.rollout_metrics(rounds, self.version))
         metrics.update(ScoreResult.concat([r.scores for r in rounds]).metrics())
@@ -384,6 +397,7 @@ class Trainer:
                 rewards = {"reward/total": r.scores.total[i]}
                 rewards.update({f"reward/{k}": v[i] for k, v in r.scores.components.items()})
                 row = {
+                    "example": int(r.batch.example_ids[i]),
                     "prompt": example.prompt_text,
                     "response": str(r.batch.texts[i]),
                     "version": int(r.batch.row_versions[i]),
@@ -654,10 +668,16 @@ class Trainer:
         self.algo.restore(path)
 
     def state(self) -> dict[str, Any]:
-        """The driver's share of a checkpoint: step, prompt position, best reward, faults."""
+        """The driver's share of a checkpoint: step, prompt position (before the first batch
+        drawn but not trained), best reward, faults."""
+        untrained = [*self.taken, *self.drawn.values()]
         return {
             "step": self.step,
-            "prompts": self.train_prompts.state(),
+            "prompts": min(
+                untrained,
+                key=lambda s: (s["epoch"], s["cursor"]),
+                default=self.train_prompts.state(),
+            ),
             "best": self.best,
             "faults": dict(self.faults),
             **self.algo.state(),
