@@ -44,6 +44,8 @@ def test_machine_and_sections(report):
     assert report["model"] == "tiny" and report["quick"] is True
     assert report["batch"] == 4 and report["new_tokens"] == 16 and report["device"] == "cpu"
     assert "reward" not in report  # only the sections asked for
+    for name in ("rollout", "episodes", "learner", "publish", "replay", "attention", "pipeline"):
+        assert positive(report[name]["elapsed_s"]) and len(report[name]["load_average"]) == 2
 
 
 def test_rollout_figures(report):
