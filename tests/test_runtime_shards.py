@@ -57,6 +57,9 @@ CASES = {
     "ppo/lora, bfloat16": {"algo": "ppo", "learner.lora.rank": 4, "model.dtype": "bfloat16"},
 }
 BF16_METRIC_TOLERANCE = 1e-3
+# The tests on the module's two gloo processes (every case trained in each, about a minute on 2
+# cores) are left out of the quick loop.
+GLOO_PAIR = pytest.mark.slow
 
 
 def case_config(over: dict):
@@ -269,7 +272,7 @@ def broadcast_to_a_worker(rank, world, path, out, queue, join) -> None:
         torch.save({"published": published, "bytes": sent, "buckets": buckets}, out / "sent.pt")
     else:
         receiver.join(timeout=60)
-        version_in, tensors = received[0]
+        version_in, tensors = received[0]  # checked against the digest sent after the buckets
         assert version_in == version
         torch.save({k: v.clone() for k, v in tensors.items()}, out / "received.pt")
     learner.shards.close()
@@ -290,6 +293,7 @@ def sharded(batch, tmp_path_factory):
     return out
 
 
+@GLOO_PAIR
 @pytest.mark.parametrize("name", list(CASES))
 def test_two_ranks_take_the_step_one_learner_takes(name, batch, sharded):
     single, metrics = train_one(CASES[name], batch)
@@ -314,6 +318,7 @@ def test_two_ranks_take_the_step_one_learner_takes(name, batch, sharded):
         assert two_metrics[key] == pytest.approx(metrics[key], rel=rel, abs=1e-6), key
 
 
+@GLOO_PAIR
 @pytest.mark.parametrize("name", list(DQN_CASES))
 def test_two_ranks_take_the_td_step_one_learner_takes(name, batch, sharded):
     """The online network, the target after its Polyak steps, the new priorities and the
@@ -341,6 +346,7 @@ def test_two_ranks_take_the_td_step_one_learner_takes(name, batch, sharded):
 MEMORY_SHARE = 0.6
 
 
+@GLOO_PAIR
 @pytest.mark.parametrize("name", ["ppo/critic, 2 epochs", "ppo/bfloat16", "dqn/bfloat16"])
 def test_each_of_two_ranks_holds_about_half_the_learner_state(name, batch, sharded):
     if name.startswith("dqn"):
@@ -357,6 +363,7 @@ def test_each_of_two_ranks_holds_about_half_the_learner_state(name, batch, shard
     assert one["optimizer"] == pytest.approx(2 * one["gradients"], rel=0.01)  # two moments
 
 
+@GLOO_PAIR
 def test_a_resume_continues_exactly_across_learner_counts(batch, sharded):
     """2 -> 1 and 1 -> 2 end where one learner's two uninterrupted steps end; the weights a
     sharded learner publishes are its whole policy."""
@@ -379,6 +386,7 @@ def test_a_resume_continues_exactly_across_learner_counts(batch, sharded):
     check(alone.weights().tensors())
 
 
+@GLOO_PAIR
 def test_a_group_resumes_its_own_shards_exactly_and_one_learner_reads_them(batch, sharded):
     """Each rank's shards of the optimizer state and float32 masters of a bfloat16 run: two
     ranks resume them and take the step the uninterrupted two take; one learner reads the
@@ -398,6 +406,7 @@ def test_a_group_resumes_its_own_shards_exactly_and_one_learner_reads_them(batch
     assert moments.keys() == set(alone.opt.names)
 
 
+@GLOO_PAIR
 def test_a_lora_resume_and_merge_continue_exactly_across_learner_counts(batch, sharded, tmp_path):
     """A LoRA learner's adapter saved by two ranks resumes on one, and one's on two, exactly;
     the policy merged by two ranks is the one a single learner merges."""
@@ -422,6 +431,7 @@ def test_a_lora_resume_and_merge_continue_exactly_across_learner_counts(batch, s
         assert float(gaps.max()) < 2 * LR * STEPS
 
 
+@GLOO_PAIR
 def test_a_sharded_learner_broadcasts_its_whole_policy_bucket_by_bucket(sharded):
     sent = torch.load(sharded / "sent.pt")
     received = torch.load(sharded / "received.pt")

@@ -1,27 +1,41 @@
 """Weights by torch.distributed broadcast: a gloo group of a learner and receivers (threads of
 this test, no Ray), then tiny runs on Ray with ``rollout.weight_sync: broadcast``."""
 
+import copy
+import dataclasses
 import pickle
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
+import ray
 import torch
 from test_reliability import run_with_kill  # the same fault injection
 from test_reliability import tiny as quiet_tiny
 from torch import nn
 
 from distrl.data.prompts import prepare
+from distrl.errors import DistrlError
 from distrl.loop.trainer import Trainer
 from distrl.models.loading import tiny_model
 from distrl.runtime import actors
 from distrl.runtime.roles import LearnerRole, WorkerRole
 from distrl.weights import sync
 from distrl.weights.sync import WeightGroup, WeightSyncError, host_store, plan_buckets
-from distrl.weights.tensors import published_names
+from distrl.weights.tensors import (
+    VersionedWeights,
+    WeightMismatch,
+    device_digest,
+    digest,
+    publish_weights,
+    published_names,
+    set_weights,
+)
 
 TIMEOUT_S = 3.0
 
@@ -223,6 +237,226 @@ def test_a_worker_outside_any_group_and_a_learner_without_one_say_so():
         Recorder().receive_weights()
     with pytest.raises(WeightSyncError, match="in no weight group"):
         Publisher(model(seed=0)).broadcast_weights()
+
+
+def flip_first_byte(tensor: torch.Tensor | np.ndarray) -> None:
+    """One bit of ``tensor``'s first byte flipped in place (a fault on the way)."""
+    raw = tensor.reshape(-1).view(torch.uint8 if isinstance(tensor, torch.Tensor) else np.uint8)
+    raw[0] ^= 1
+
+
+def test_a_bit_flipped_in_a_broadcast_is_detected_and_the_next_publication_loads(monkeypatch):
+    learner, receiver, recorder = Publisher(model(seed=0)), Receiver(model(seed=1)), Recorder()
+    form(learner, [receiver, recorder])
+    learner.weight_group.bucket_bytes = 4096
+    group, calls = receiver.weight_group, []
+    broadcast = group._broadcast
+
+    def flipping(tensor: torch.Tensor) -> None:  # the receiver's copy of the third bucket
+        broadcast(tensor)
+        calls.append(tensor)
+        if len(calls) == 4:  # after the header
+            flip_first_byte(tensor)
+
+    monkeypatch.setattr(group, "_broadcast", flipping)
+    learner.version = 3
+    sent, received, recorded = publish(learner, [receiver, recorder])
+    assert sent == recorded == 3  # the others took it intact
+    assert isinstance(received, WeightMismatch), received
+    assert "received weights have digest" in str(received)
+    # Checked before loading: the receiver still holds its own weights, whole, and says so.
+    assert receiver.version == 0 and not same_state(learner.module, receiver.module)
+    monkeypatch.setattr(group, "_broadcast", broadcast)
+    learner.version = 4
+    assert publish(learner, [receiver, recorder]) == [4, 4, 4]
+    assert same_state(learner.module, receiver.module)
+
+
+class LoadsElsewhere(Receiver):
+    """A worker whose loading misses the network it generates with (a copy takes the weights)."""
+
+    def apply_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        set_weights(copy.deepcopy(self.module), tensors)
+
+
+def test_a_worker_checks_what_it_received_and_what_it_holds_after_loading():
+    source = model(seed=0)
+    weights = publish_weights(source, version=5)
+    assert weights.digest == digest(weights.state.values())
+    state = {name: array.copy() for name, array in weights.state.items()}
+    flip_first_byte(state[next(iter(state))])
+    corrupted = dataclasses.replace(weights, state=state)
+    receiver = Receiver(model(seed=1))
+    before = copy.deepcopy(receiver.module)
+    with pytest.raises(WeightMismatch, match="received weights have digest"):
+        receiver.set_weights(corrupted)
+    assert receiver.version == 0 and same_state(before, receiver.module)  # nothing loaded
+    assert receiver.set_weights(weights) == 5 and same_state(source, receiver.module)
+    elsewhere = LoadsElsewhere(model(seed=1))
+    with pytest.raises(WeightMismatch, match="does not hold the weights it was sent"):
+        elsewhere.set_weights(weights)
+    assert elsewhere.version == -1  # no version: a batch it made would never pass as one
+    # Unstamped weights (no digest) load unchecked, as before.
+    assert LoadsElsewhere(model(seed=1)).set_weights(dataclasses.replace(weights, digest=None)) == 5
+
+
+def test_the_device_digest_sees_a_flipped_bit_and_a_moved_word():
+    a = torch.randn(1001)  # 4004 bytes: whole words, and a bfloat16 view with a 2-byte tail
+    b = a.clone()
+    assert device_digest([a]) == device_digest([b]) == device_digest([b.view(torch.int32)])
+    flip_first_byte(b)
+    assert device_digest([b]) != device_digest([a])
+    swapped = a.clone()
+    swapped[[3, 700]] = a[[700, 3]]
+    assert device_digest([swapped]) != device_digest([a])
+    odd = torch.randn(3).to(torch.bfloat16)  # 6 bytes: one word and a tail
+    flipped = odd.clone()
+    flipped.view(torch.uint8)[5] ^= 1
+    assert device_digest([flipped]) != device_digest([odd])
+    assert device_digest([a, odd]) != device_digest([odd, a])  # order counts
+
+
+@ray.remote
+class CorruptedOnTheWay(Receiver):
+    """A rollout worker whose first ``faults`` deliveries each arrive with one bit flipped."""
+
+    def __init__(self, faults: int) -> None:
+        super().__init__(model(seed=1))
+        self.faults = faults
+
+    def set_weights(self, weights: VersionedWeights) -> int:
+        if self.faults:
+            self.faults -= 1
+            state = {name: array.copy() for name, array in weights.state.items()}
+            flip_first_byte(state[next(iter(state))])
+            weights = dataclasses.replace(weights, state=state)
+        return super().set_weights(weights)
+
+    def holds(self, reference: VersionedWeights) -> bool:
+        return same_state(self.module, load_into(model(seed=2), reference))
+
+
+@ray.remote
+class ObjectStoreLearner(Publisher):
+    """The learner's half through the object store, at version 1 (workers start at 0)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module, self.version = module, 1
+
+    def weights(self) -> VersionedWeights:
+        return publish_weights(self.module, self.version)
+
+
+def load_into(module: nn.Module, weights: VersionedWeights) -> nn.Module:
+    set_weights(module, weights.tensors())
+    return module
+
+
+@pytest.mark.slow  # actors on Ray
+def test_a_corrupted_delivery_is_sent_again_and_counted_and_a_second_one_stops_the_run(
+    ray_session, capfd
+):
+    from distrl.config import FaultsConfig
+    from distrl.runtime.crew import Crew
+    from distrl.weights.publish import Publisher as WeightPublisher
+
+    # This module is not importable by Ray's workers: its classes travel by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    source = model(seed=0)
+    learner = ObjectStoreLearner.remote(source)
+    workers = [CorruptedOnTheWay.remote(0), CorruptedOnTheWay.remote(1)]
+    counted: list[str] = []
+
+    def no_call(*args: Any) -> Any:
+        raise AssertionError("not expected here")
+
+    crew = Crew(
+        learner=lambda: learner,
+        workers=lambda: workers,
+        wait=lambda role, ref: ray.get(ref),
+        renew_worker=no_call,
+        dead_role=lambda: None,
+        count_fault=counted.append,
+    )
+    publisher = WeightPublisher(crew, FaultsConfig(), broadcasts=False)
+    try:
+        ray.get([actor.__ray_ready__.remote() for actor in [learner, *workers]])
+        assert publisher.publish() == (1, [])
+        assert counted == ["faults/weight_mismatch"]
+        assert "rollout worker 1: received weights have digest" in capfd.readouterr().err
+        reference = publish_weights(source, 1)
+        assert ray.get([w.holds.remote(reference) for w in workers]) == [True, True]
+        workers[1] = CorruptedOnTheWay.remote(2)  # every delivery damaged: twice in a row
+        with pytest.raises(DistrlError, match="rollout worker 1: .* on two deliveries in a row"):
+            publisher.publish()
+    finally:
+        for actor in [learner, *workers]:
+            ray.kill(actor)
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+@ray.remote
+class FlippedInBroadcast(Receiver):
+    """A rollout worker in a weight group whose copy of the first ``faults`` buckets it receives
+    gets one bit flipped on arrival."""
+
+    def __init__(self, faults: int) -> None:
+        super().__init__(model(seed=1))
+        self.faults = faults
+
+    def join_weight_group(self, *args: Any, **kwargs: Any) -> str:
+        backend = super().join_weight_group(*args, **kwargs)
+        group = self.weight_group
+        broadcast = group._broadcast
+
+        def flipping(tensor: torch.Tensor) -> None:
+            broadcast(tensor)
+            if self.faults and tensor.numel() > 3:  # a bucket, not the header or the trailer
+                self.faults -= 1
+                flip_first_byte(tensor)
+
+        group._broadcast = flipping
+        return backend
+
+    def holds(self, reference: VersionedWeights) -> bool:
+        return same_state(self.module, load_into(model(seed=2), reference))
+
+
+@pytest.mark.slow  # actors on Ray
+def test_a_bit_flipped_in_a_broadcast_run_is_counted_said_and_the_group_sends_again(
+    ray_session, capfd
+):
+    from distrl.config import FaultsConfig
+    from distrl.runtime.crew import Crew
+    from distrl.weights.publish import Publisher as WeightPublisher
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    source = model(seed=0)
+    learner = ObjectStoreLearner.remote(source)
+    workers = [FlippedInBroadcast.remote(0), FlippedInBroadcast.remote(1)]
+    counted: list[str] = []
+    crew = Crew(
+        learner=lambda: learner,
+        workers=lambda: workers,
+        wait=lambda role, ref: ray.get(ref),
+        renew_worker=lambda i: pytest.fail("no worker is replaced"),
+        dead_role=lambda: None,
+        count_fault=counted.append,
+    )
+    publisher = WeightPublisher(crew, FaultsConfig(), broadcasts=True)
+    try:
+        ray.get([actor.__ray_ready__.remote() for actor in [learner, *workers]])
+        assert publisher.publish() == (1, [])
+        assert counted == ["faults/weight_mismatch", "faults/weight_group_rebuilds"]
+        err = capfd.readouterr().err
+        assert "the weight broadcast failed (rollout worker 1: received weights have" in err
+        assert "forming the group again" in err
+        reference = publish_weights(source, 1)
+        assert ray.get([w.holds.remote(reference) for w in workers]) == [True, True]
+    finally:
+        for actor in [learner, *workers]:
+            ray.kill(actor)
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
 
 # ---- tiny runs on Ray ----------------------------------------------------------------------

@@ -41,6 +41,7 @@ FAULT_KEYS = (
     "faults/learner_restarts",
     "faults/replay_restarts",
     "faults/weight_group_rebuilds",
+    "faults/weight_mismatch",
     "faults/env_errors",
     "faults/env_restarts",
 )

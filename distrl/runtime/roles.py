@@ -42,7 +42,13 @@ from distrl.weights.sync import (
     pack,
     plan_buckets,
 )
-from distrl.weights.tensors import VersionedWeights, published_names, set_weights
+from distrl.weights.tensors import (
+    VersionedWeights,
+    check_loaded,
+    check_received,
+    published_names,
+    set_weights,
+)
 
 
 class LearnerRole:
@@ -192,6 +198,11 @@ class LearnerRole:
                     sent += group.send_bucket(pack(bucket, entries))
                 except WeightSyncError as err:
                     error = err
+        if group is not None and error is None:
+            try:
+                group.finish()
+            except WeightSyncError as err:
+                error = err
         if error is not None:
             raise error
         self.published_bytes = sent
@@ -379,11 +390,38 @@ class WorkerRole:
             return torch.device(device)
         return next(self.trainable().parameters()).device
 
+    def loaded_module(self) -> nn.Module | None:
+        """The module received weights load into, read back to check a delivery; None where
+        an engine with its own weight loading holds them (vLLM: only the bytes received are
+        checked)."""
+        try:
+            return self.trainable()
+        except NotImplementedError:  # an engine with its own weight loading holds them
+            return None
+
+    def load_checked(self, version: int, tensors: dict[str, torch.Tensor], check: bool) -> int:
+        """Load ``tensors`` of ``version`` (already checked as received) and, if ``check``,
+        that the network holds them now; returns the version now held.
+
+        Raises:
+            WeightMismatch: it does not; this worker then holds no version (-1), so nothing it
+                generates passes for a version's, until a delivery succeeds.
+        """
+        self.version = -1  # until the new weights are in and checked: never half of a version
+        self.apply_weights(tensors)
+        module = self.loaded_module()
+        if check and module is not None:
+            check_loaded(module, tensors)
+        self.version = version
+        return version
+
     def set_weights(self, weights: VersionedWeights) -> int:
         """Load published weights; returns the version now held."""
         if weights.version != self.version:
-            self.apply_weights(weights.tensors())
-            self.version = weights.version
+            tensors = weights.tensors()
+            if weights.digest is not None:  # before anything is loaded: a bad copy changes nothing
+                check_received(tensors, weights.digest)
+            self.load_checked(weights.version, tensors, check=weights.digest is not None)
         return self.version
 
     def join_weight_group(
@@ -410,10 +448,8 @@ class WorkerRole:
         """
         if self.weight_group is None:
             raise WeightSyncError("this rollout worker is in no weight group (restarted?)")
-        version, tensors = self.weight_group.receive()
-        self.apply_weights(tensors)
-        self.version = version
-        return version
+        version, tensors = self.weight_group.receive()  # checked as received
+        return self.load_checked(version, tensors, check=True)
 
     def leave_weight_group(self) -> None:
         """Leave the weight group, if any."""

@@ -7,21 +7,28 @@ start, and again whenever its members change (a worker replaced or restarted by 
 restored), each forming after the first counted under ``faults/weight_group_rebuilds``.
 
 A worker that does not take the weights within ``faults.generate_timeout_s`` is replaced (its
-batch in flight is gone); a learner that does not answer is ``Lost``.
+batch in flight is gone); a learner that does not answer is ``Lost``. Every publication carries
+the digest of its bytes; each worker checks what it received and, where it holds the network
+itself, what it loaded (``distrl.weights.tensors.check_received``, ``check_loaded``). A mismatch
+is counted under ``faults/weight_mismatch`` and the weights are sent again; through the object
+store a second one in a row stops the run.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from distrl.config import FaultsConfig
+from distrl.errors import DistrlError
 from distrl.runtime import actors
 from distrl.runtime.crew import Crew
 from distrl.runtime.faults import Hung, Lost
 from distrl.weights.sync import WeightSyncError
+from distrl.weights.tensors import WeightMismatch
 
 # Beyond faults.generate_timeout_s, how long the driver waits for a weight group's members:
 # one blocked by a missing member gives up at the timeout and needs a moment to say so.
@@ -65,10 +72,17 @@ class Publisher:
             raise Lost("learner", why)
         refs = [w.set_weights.remote(weights_ref) for w in crew.workers()]
         done, _ = ray.wait(refs, num_returns=len(refs), timeout=f.generate_timeout_s)
-        try:
-            versions = actors.get([r for r in refs if r in done])
-        except RayActorError:  # the weights' owner died: the learner
-            raise Lost(crew.dead_role() or "learner", "died") from None
+        versions = []
+        for i, ref in enumerate(refs):
+            if ref not in done:
+                continue
+            try:
+                versions.append(actors.get(ref))
+            except RayActorError:  # the weights' owner died: the learner
+                raise Lost(crew.dead_role() or "learner", "died") from None
+            except WeightMismatch as err:
+                self.mismatched(i, err)
+                versions.append(self.send(i, again=True))
         renewed = [i for i, ref in enumerate(refs) if ref not in done]
         for i in renewed:  # hung
             crew.count_fault("faults/rollout_timeouts")
@@ -81,13 +95,25 @@ class Publisher:
         them again); returns what ``publish`` does."""
         return self.broadcast() if self.broadcasts else (self.send(i), [])
 
-    def send(self, i: int) -> int:
+    def mismatched(self, i: int, err: WeightMismatch) -> None:
+        """Count and say that worker ``i``'s delivery failed its check."""
+        self.crew.count_fault("faults/weight_mismatch")
+        print(
+            f"distrl: rollout worker {i}: {err}; sending the weights again",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def send(self, i: int, *, again: bool = False) -> int:
         """Worker ``i`` loads the learner's weights through the object store; its version.
+        A delivery that fails its check is counted and sent once more, unless this is that
+        second delivery (``again``).
 
         Raises:
             Lost: the learner died before its weights could be read (a restored learner
                 publishes again).
             Hung: the worker did not load them within ``faults.generate_timeout_s``.
+            DistrlError: two deliveries in a row failed their check.
         """
         weights_ref = self.crew.learner().weights.remote()
         worker = self.crew.workers()[i]
@@ -96,6 +122,14 @@ class Publisher:
             return actors.get(worker.set_weights.remote(weights_ref), timeout=timeout)
         except RayActorError:  # the weights' owner died: the learner
             raise Lost(self.crew.dead_role() or "learner", "died") from None
+        except WeightMismatch as err:
+            if again:
+                raise DistrlError(
+                    f"rollout worker {i}: {err}, on two deliveries in a row: the weights do "
+                    f"not reach it intact (memory or transport fault on its node?)"
+                ) from None
+            self.mismatched(i, err)
+            return self.send(i, again=True)
         except GetTimeoutError:
             raise Hung(
                 f"rollout worker {i} did not load the weights within "
@@ -115,16 +149,24 @@ class Publisher:
         renewed: list[int] = []
         why = ""
         for _ in range(f.call_retries + 1):
+            failed = ""  # why this try failed, if it did
             hung, pids = self.settle_workers()
             if not hung and self.group_pids is None:
-                hung, why = self.form_group(pids)
+                hung, failed = self.form_group(pids)
             if not hung and self.group_pids is not None:
                 receive_refs = [w.receive_weights.remote() for w in crew.workers()]
-                version, hung, why = self.group_call(
+                version, hung, failed = self.group_call(
                     crew.learner().broadcast_weights.remote(), receive_refs, "broadcast"
                 )
                 if version is not None:
                     return version, renewed
+            if failed:
+                why = failed
+                print(
+                    f"distrl: the weight broadcast failed ({why}); forming the group again",
+                    file=sys.stderr,
+                    flush=True,
+                )
             for i in hung:
                 crew.count_fault("faults/rollout_timeouts")
                 crew.renew_worker(i)
@@ -214,6 +256,9 @@ class Publisher:
             if ref in done:
                 try:
                     actors.get(ref)
+                except WeightMismatch as err:  # the group sends again on the next try
+                    self.crew.count_fault("faults/weight_mismatch")
+                    whys.append(f"rollout worker {i}: {err}")
                 except (WeightSyncError, RayActorError) as err:
                     whys.append(f"rollout worker {i}: {err}")
         if whys:

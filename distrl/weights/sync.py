@@ -14,8 +14,10 @@ The learner leads over the store, so a missing member makes every other one rais
 - publication ``n``: each receiver writes ``ready/n/<rank>`` and waits for ``go/n``; the learner
   waits until every receiver is ready, then writes ``go/n`` (or why it gives up) and
   broadcasts a header (version, tensor count, layout id) and one flat buffer per dtype (split
-  at ``bucket_bytes``; bfloat16 stays bfloat16). The layout (each bucket's dtype, names and
-  shapes) goes through the store whenever it changes: receivers need no names in advance.
+  at ``bucket_bytes``; bfloat16 stays bfloat16), then a trailer: the digest of every bucket's
+  bytes, which receivers check what they received and loaded against. The layout (each
+  bucket's dtype, names and shapes) goes through the store whenever it changes: receivers
+  need no names in advance.
 
 A group whose forming or broadcast failed is spent: rebuild it (a new store, a new port).
 """
@@ -33,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from distrl.errors import DistrlError
+from distrl.weights.tensors import WeightMismatch, device_digest, digest
 
 # Largest flat buffer per backend; a bucket's copy is the sender's extra memory. Gloo moves
 # small buffers faster (SmolLM2 float32 to two workers on one host: 0.57 s in 4 MiB buckets,
@@ -215,6 +218,7 @@ class WeightGroup:
         self.publications = 0  # publications so far: their store keys are numbered
         self.layout: Layout | None = None
         self.layout_id = 0
+        self.sent_digest = 0  # of the publication being sent (rank 0)
         self.spent = False
         device = torch.device(device)
         self.backend = self._rendezvous(device)
@@ -323,7 +327,9 @@ class WeightGroup:
         """
         layout = plan_buckets(tensors, self.bucket_bytes)
         self.announce(layout, version)
-        return sum(self.send_bucket(pack(tensors, entries)) for _, entries in layout)
+        sent = sum(self.send_bucket(pack(tensors, entries)) for _, entries in layout)
+        self.finish()
+        return sent
 
     def announce(self, layout: Layout, version: int) -> None:
         """Rank 0: start a publication of ``layout`` (``plan_buckets``) stamped with
@@ -350,6 +356,7 @@ class WeightGroup:
         count = sum(len(entries) for _, entries in layout)
         header = [version, count, self.layout_id]
         self._broadcast(torch.tensor(header, dtype=torch.int64, device=self.device))
+        self.sent_digest = 0
 
     def send_bucket(self, flat: torch.Tensor) -> int:
         """Rank 0: broadcast the announced layout's next bucket, its tensors flattened and
@@ -359,16 +366,36 @@ class WeightGroup:
             WeightSyncError: the broadcast failed; the group is then spent.
         """
         flat = flat.to(self.device)
+        self.sent_digest = self.digest([flat], self.sent_digest)
         self._broadcast(flat)
         return flat.numel() * flat.element_size()
 
+    def finish(self) -> None:
+        """Rank 0: end the publication with the digest of its buckets' bytes, which each
+        receiver checks what it received and loaded against.
+
+        Raises:
+            WeightSyncError: the broadcast failed; the group is then spent.
+        """
+        trailer = torch.tensor([self.sent_digest], dtype=torch.int64, device=self.device)
+        self._broadcast(trailer)
+
+    def digest(self, buffers: list[torch.Tensor], start: int = 0) -> int:
+        """What a publication's bytes are checked by: ``device_digest`` where they lie on a GPU
+        (NCCL), else the host's CRC-32 (``digest``)."""
+        if self.device.type == "cuda":
+            return device_digest(buffers, start)
+        return digest(buffers, start)
+
     def receive(self) -> tuple[int, dict[str, torch.Tensor]]:
         """A receiver: the next publication's version and tensors (views of this member's
-        buffers, on its device under NCCL, in host memory under gloo).
+        buffers, on its device under NCCL, in host memory under gloo), checked against the
+        digest the learner sent after them.
 
         Raises:
             WeightSyncError: the learner gave up or went quiet past the timeout, or the
                 broadcast failed; the group is then spent.
+            WeightMismatch: what arrived is not what was sent (the group stays usable).
         """
         if not self.rank:
             raise WeightSyncError("weight group rank 0 sends; it does not receive")
@@ -383,14 +410,23 @@ class WeightGroup:
             self.layout_id = layout_id
         assert self.layout is not None
         out: dict[str, torch.Tensor] = {}
+        got = 0
         for dtype, entries in self.layout:
             sizes = [math.prod(shape) for _, shape in entries]
             flat = torch.empty(sum(sizes), dtype=_dtype(dtype), device=self.device)
             self._broadcast(flat)
+            got = self.digest([flat], got)
             for (name, shape), part in zip(entries, flat.split(sizes)):
                 out[name] = part.view(shape)
+        trailer = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self._broadcast(trailer)
         if len(out) != count:
             raise self._fail(f"publication {n} announced {count} tensors, its layout {len(out)}")
+        sent = int(trailer.item())
+        if got != sent:
+            raise WeightMismatch(
+                f"received weights have digest {got:08x}, the learner published {sent:08x}"
+            )
         return version, out
 
     def close(self) -> None:
