@@ -352,35 +352,37 @@ def load_into(module: nn.Module, weights: VersionedWeights) -> nn.Module:
     return module
 
 
-@pytest.mark.slow  # actors on Ray
-def test_a_corrupted_delivery_is_sent_again_and_counted_and_a_second_one_stops_the_run(
-    ray_session, capfd
-):
+def publisher_of(learner: Any, workers: list[Any], counted: list[str], *, broadcasts: bool):
+    """The run's ``Publisher`` over this test's started actors; faults land in ``counted``, and
+    replacing a worker fails the test."""
     from distrl.config import FaultsConfig
     from distrl.runtime.crew import Crew
     from distrl.weights.publish import Publisher as WeightPublisher
 
+    ray.get([actor.__ray_ready__.remote() for actor in [learner, *workers]])
+    crew = Crew(
+        learner=lambda: learner,
+        workers=lambda: workers,
+        wait=lambda role, ref: ray.get(ref),
+        renew_worker=lambda i: pytest.fail("no worker is replaced"),
+        dead_role=lambda: None,
+        count_fault=counted.append,
+    )
+    return WeightPublisher(crew, FaultsConfig(), broadcasts=broadcasts)
+
+
+@pytest.mark.slow  # actors on Ray
+def test_a_corrupted_delivery_is_sent_again_and_counted_and_a_second_one_stops_the_run(
+    ray_session, capfd
+):
     # This module is not importable by Ray's workers: its classes travel by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     source = model(seed=0)
     learner = ObjectStoreLearner.remote(source)
     workers = [CorruptedOnTheWay.remote(0), CorruptedOnTheWay.remote(1)]
     counted: list[str] = []
-
-    def no_call(*args: Any) -> Any:
-        raise AssertionError("not expected here")
-
-    crew = Crew(
-        learner=lambda: learner,
-        workers=lambda: workers,
-        wait=lambda role, ref: ray.get(ref),
-        renew_worker=no_call,
-        dead_role=lambda: None,
-        count_fault=counted.append,
-    )
-    publisher = WeightPublisher(crew, FaultsConfig(), broadcasts=False)
     try:
-        ray.get([actor.__ray_ready__.remote() for actor in [learner, *workers]])
+        publisher = publisher_of(learner, workers, counted, broadcasts=False)
         assert publisher.publish() == (1, [])
         assert counted == ["faults/weight_mismatch"]
         assert "rollout worker 1: received weights have digest" in capfd.readouterr().err
@@ -426,26 +428,13 @@ class FlippedInBroadcast(Receiver):
 def test_a_bit_flipped_in_a_broadcast_run_is_counted_said_and_the_group_sends_again(
     ray_session, capfd
 ):
-    from distrl.config import FaultsConfig
-    from distrl.runtime.crew import Crew
-    from distrl.weights.publish import Publisher as WeightPublisher
-
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     source = model(seed=0)
     learner = ObjectStoreLearner.remote(source)
     workers = [FlippedInBroadcast.remote(0), FlippedInBroadcast.remote(1)]
     counted: list[str] = []
-    crew = Crew(
-        learner=lambda: learner,
-        workers=lambda: workers,
-        wait=lambda role, ref: ray.get(ref),
-        renew_worker=lambda i: pytest.fail("no worker is replaced"),
-        dead_role=lambda: None,
-        count_fault=counted.append,
-    )
-    publisher = WeightPublisher(crew, FaultsConfig(), broadcasts=True)
     try:
-        ray.get([actor.__ray_ready__.remote() for actor in [learner, *workers]])
+        publisher = publisher_of(learner, workers, counted, broadcasts=True)
         assert publisher.publish() == (1, [])
         assert counted == ["faults/weight_mismatch", "faults/weight_group_rebuilds"]
         err = capfd.readouterr().err
