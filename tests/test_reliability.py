@@ -155,6 +155,10 @@ def test_a_sigkilled_learner_rank_is_restored_with_its_group(ray_session, tmp_pa
     state = final_state(tmp_path / "run")
     assert state["version"] == 4
     assert state["steps"] == 4 * (config.rollout.batch_size * 2 // config.ppo.minibatch_size)
+    # Restored from step 2, the run drew step 3's prompts again: every step trained the prompts
+    # of the uninterrupted stream (all 8 rows of each step are in samples.jsonl).
+    trained = [r["example"] for r in read_metrics(tmp_path / "run" / "samples.jsonl")]
+    assert trained == prepare(config)[0].next(4 * 8)
 
 
 @pytest.mark.slow  # two DQN runs
