@@ -317,8 +317,9 @@ def test_the_device_digest_sees_a_flipped_bit_and_a_moved_word():
 
 
 @ray.remote
-class CorruptedOnTheWay(Receiver):
-    """A rollout worker whose first ``faults`` deliveries each arrive with one bit flipped."""
+class DamagedOnArrival(Receiver):
+    """A rollout worker whose first ``faults`` deliveries each arrive with one bit flipped:
+    through the object store, its copy of the weights; by broadcast, its copy of a bucket."""
 
     def __init__(self, faults: int) -> None:
         super().__init__(model(seed=1))
@@ -331,6 +332,20 @@ class CorruptedOnTheWay(Receiver):
             flip_first_byte(state[next(iter(state))])
             weights = dataclasses.replace(weights, state=state)
         return super().set_weights(weights)
+
+    def join_weight_group(self, *args: Any, **kwargs: Any) -> str:
+        backend = super().join_weight_group(*args, **kwargs)
+        group = self.weight_group
+        broadcast = group._broadcast
+
+        def flipping(tensor: torch.Tensor) -> None:
+            broadcast(tensor)
+            if self.faults and tensor.numel() > 3:  # a bucket, not the header or the trailer
+                self.faults -= 1
+                flip_first_byte(tensor)
+
+        group._broadcast = flipping
+        return backend
 
     def holds(self, reference: VersionedWeights) -> bool:
         return same_state(self.module, load_into(model(seed=2), reference))
@@ -350,6 +365,18 @@ class ObjectStoreLearner(Publisher):
 def load_into(module: nn.Module, weights: VersionedWeights) -> nn.Module:
     set_weights(module, weights.tensors())
     return module
+
+
+@pytest.fixture
+def test_actors(ray_session):
+    """A list the test puts the actors it makes in; they are killed after it. This module is not
+    importable by Ray's workers, so its classes travel by value meanwhile."""
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    made: list[Any] = []
+    yield made
+    for actor in made:
+        ray.kill(actor)
+    ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
 
 def publisher_of(learner: Any, workers: list[Any], counted: list[str], *, broadcasts: bool):
@@ -373,79 +400,42 @@ def publisher_of(learner: Any, workers: list[Any], counted: list[str], *, broadc
 
 @pytest.mark.slow  # actors on Ray
 def test_a_corrupted_delivery_is_sent_again_and_counted_and_a_second_one_stops_the_run(
-    ray_session, capfd
+    test_actors, capfd
 ):
-    # This module is not importable by Ray's workers: its classes travel by value.
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     source = model(seed=0)
     learner = ObjectStoreLearner.remote(source)
-    workers = [CorruptedOnTheWay.remote(0), CorruptedOnTheWay.remote(1)]
+    workers = [DamagedOnArrival.remote(0), DamagedOnArrival.remote(1)]
+    test_actors += [learner, *workers]
     counted: list[str] = []
-    try:
-        publisher = publisher_of(learner, workers, counted, broadcasts=False)
-        assert publisher.publish() == (1, [])
-        assert counted == ["faults/weight_mismatch"]
-        assert "rollout worker 1: received weights have digest" in capfd.readouterr().err
-        reference = publish_weights(source, 1)
-        assert ray.get([w.holds.remote(reference) for w in workers]) == [True, True]
-        workers[1] = CorruptedOnTheWay.remote(2)  # every delivery damaged: twice in a row
-        with pytest.raises(DistrlError, match="rollout worker 1: .* on two deliveries in a row"):
-            publisher.publish()
-    finally:
-        for actor in [learner, *workers]:
-            ray.kill(actor)
-        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-
-
-@ray.remote
-class FlippedInBroadcast(Receiver):
-    """A rollout worker in a weight group whose copy of the first ``faults`` buckets it receives
-    gets one bit flipped on arrival."""
-
-    def __init__(self, faults: int) -> None:
-        super().__init__(model(seed=1))
-        self.faults = faults
-
-    def join_weight_group(self, *args: Any, **kwargs: Any) -> str:
-        backend = super().join_weight_group(*args, **kwargs)
-        group = self.weight_group
-        broadcast = group._broadcast
-
-        def flipping(tensor: torch.Tensor) -> None:
-            broadcast(tensor)
-            if self.faults and tensor.numel() > 3:  # a bucket, not the header or the trailer
-                self.faults -= 1
-                flip_first_byte(tensor)
-
-        group._broadcast = flipping
-        return backend
-
-    def holds(self, reference: VersionedWeights) -> bool:
-        return same_state(self.module, load_into(model(seed=2), reference))
+    publisher = publisher_of(learner, workers, counted, broadcasts=False)
+    assert publisher.publish() == (1, [])
+    assert counted == ["faults/weight_mismatch"]
+    assert "rollout worker 1: received weights have digest" in capfd.readouterr().err
+    reference = publish_weights(source, 1)
+    assert ray.get([w.holds.remote(reference) for w in workers]) == [True, True]
+    workers[1] = DamagedOnArrival.remote(2)  # every delivery damaged: twice in a row
+    test_actors.append(workers[1])
+    with pytest.raises(DistrlError, match="rollout worker 1: .* on two deliveries in a row"):
+        publisher.publish()
 
 
 @pytest.mark.slow  # actors on Ray
 def test_a_bit_flipped_in_a_broadcast_run_is_counted_said_and_the_group_sends_again(
-    ray_session, capfd
+    test_actors, capfd
 ):
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     source = model(seed=0)
     learner = ObjectStoreLearner.remote(source)
-    workers = [FlippedInBroadcast.remote(0), FlippedInBroadcast.remote(1)]
+    workers = [DamagedOnArrival.remote(0), DamagedOnArrival.remote(1)]
+    test_actors += [learner, *workers]
     counted: list[str] = []
-    try:
-        publisher = publisher_of(learner, workers, counted, broadcasts=True)
-        assert publisher.publish() == (1, [])
-        assert counted == ["faults/weight_mismatch", "faults/weight_group_rebuilds"]
-        err = capfd.readouterr().err
-        assert "the weight broadcast failed (rollout worker 1: received weights have" in err
-        assert "forming the group again" in err
-        reference = publish_weights(source, 1)
-        assert ray.get([w.holds.remote(reference) for w in workers]) == [True, True]
-    finally:
-        for actor in [learner, *workers]:
-            ray.kill(actor)
-        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    publisher = publisher_of(learner, workers, counted, broadcasts=True)
+    assert publisher.publish() == (1, [])
+    assert counted == ["faults/weight_mismatch", "faults/weight_group_rebuilds"]
+    err = capfd.readouterr().err
+    assert "the weight broadcast failed (rollout worker 1: received weights have" in err
+    assert "forming the group again" in err
+    reference = publish_weights(source, 1)
+    assert ray.get([w.holds.remote(reference) for w in workers]) == [True, True]
 
 
 # ---- tiny runs on Ray ----------------------------------------------------------------------
