@@ -25,6 +25,7 @@ def positive(value) -> bool:
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     sections = ["rollout", "episodes", "learner", "publish", "replay", "attention", "pipeline"]
+    sections.append("asynchrony")
     cmd = [sys.executable, "-m", "distrl.bench", *sections, "--batch", "4", "--new-tokens", "16"]
     done = subprocess.run(
         [*cmd, "--model", "tiny", "--quick", "--device", "cpu", "--learner-workers", "1", "2"]
@@ -44,7 +45,8 @@ def test_machine_and_sections(report):
     assert report["model"] == "tiny" and report["quick"] is True
     assert report["batch"] == 4 and report["new_tokens"] == 16 and report["device"] == "cpu"
     assert "reward" not in report  # only the sections asked for
-    for name in ("rollout", "episodes", "learner", "publish", "replay", "attention", "pipeline"):
+    sections = ("rollout", "episodes", "learner", "publish", "replay", "attention", "pipeline")
+    for name in (*sections, "asynchrony"):
         assert positive(report[name]["elapsed_s"]) and len(report[name]["load_average"]) == 2
 
 
@@ -190,6 +192,20 @@ def test_pipeline_figures(report):
     # The tiny models use tiktoken, which TRL cannot take: the comparison says it was skipped.
     assert pipeline["trl_grpo"] is None and pipeline["trl_grpo_no_checkpointing"] is None
     assert "TRL comparison skipped" in pipeline["note"]
+
+
+def test_asynchrony_figures(report):
+    asynchrony = report["asynchrony"]
+    rows = asynchrony["throughput"]
+    assert list(rows) == ["sync_lag1", "async_lag1", "async_lag2", "async_lag4"]
+    assert rows["sync_lag1"]["ratio"] == 1.0
+    for name, row in rows.items():
+        assert positive(row["seconds_per_step"]) and positive(row["completions_per_s"])
+        assert positive(row["ratio"]) and len(row["seconds"]) == 3
+        assert 0 < row["learner_idle_share"] < 1 and 0 <= row["worker_idle_share"] < 1, name
+        # It ran that far ahead (step s can train batches at most s - 1 versions old).
+        assert row["policy_lag_max"] == min(row["max_policy_lag"], 3), name
+    assert "learning" not in asynchrony  # --quick leaves the learning runs out
 
 
 @pytest.mark.gpu

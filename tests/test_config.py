@@ -216,6 +216,15 @@ def test_a_base_that_goes_round_in_a_circle_is_named(tmp_path):
             "ppo.overlong_buffer (8) must be below rollout.max_new_tokens",
         ),
         (
+            {"rollout.mode": "async", "rollout.max_policy_lag": 0},
+            "rollout.mode async queues batches ahead of the learner: set "
+            "rollout.max_policy_lag to 1 or more",
+        ),
+        (
+            {"rollout.mode": "async", "rollout.weight_sync": "broadcast"},
+            "a broadcast needs every worker at once: use rollout.weight_sync object_store",
+        ),
+        (
             {"replay.beta_start": 0.8, "replay.beta_end": 0.5},
             "replay.beta_end must be >= replay.beta_start",
         ),

@@ -136,6 +136,37 @@ def test_resume_skips_a_torn_newest_checkpoint_and_continues_at_the_next_step(
     assert trained_prompts(run_dir) == prompt_stream(config, 4 * 8)
 
 
+@pytest.mark.slow  # a whole run on Ray
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_async_training_runs_ahead_within_its_staleness_bound_on_every_prompt_in_order(
+    ray_session, tmp_path, algo
+):
+    lag = 2
+    options = {"rollout.mode": "async", "rollout.max_policy_lag": lag}
+    config = tiny(tmp_path, algo=algo, iterations=5, **options, **{"output.samples_logged": 64})
+    run_dir = train(config)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    rows = read_metrics(run_dir / "samples.jsonl")
+    group = config.rollout.samples_per_prompt
+    per_step = config.rollout.batch_size * config.rollout.num_workers * group
+    assert len(rows) == 5 * per_step  # every sample of every step logged
+    # Step s trains from version s - 1: every sample was made at most ``lag`` versions before,
+    # and from step 3 on the batches queued ahead were made exactly that far behind.
+    lags = [r["step"] - 1 - r["version"] for r in rows]
+    assert min(lags) >= 0 and max(lags) == lag, lags
+    assert all(r["step"] - 1 - r["version"] == lag for r in rows if r["step"] >= 3)
+    assert [r["rollout/policy_lag"] for r in records] == [0, 1, 2, 2, 2]
+    assert all(r["rollout/queue_depth"] == lag * config.rollout.num_workers for r in records)
+    assert all(r["time/learner_idle_s"] >= r["time/rollout_wait_s"] for r in records)
+    # The prompts trained are those a synchronous run trains, in the same order.
+    stream = prompt_stream(config, 5 * per_step // group)
+    assert [r["example"] for r in rows] == [i for i in stream for _ in range(group)]
+    assert records[-1]["faults/stale_batches"] == 0
+    state = torch.load(run_dir / "final" / "distrl_state.pt", weights_only=True)
+    assert state["version"] == 5
+
+
 def test_cli_rejects_bad_config_before_ray_starts(tmp_path, monkeypatch, capsys):
     from distrl import run
     from distrl.config import cli

@@ -220,10 +220,15 @@ def descendants(pid: int) -> list[int]:
 
 
 @pytest.mark.slow  # two tiny runs, one of them in its own process with its own Ray
-def test_a_sigkilled_driver_resumes_without_losing_or_repeating_a_step(ray_session, tmp_path):
-    reference = train(tiny(tmp_path / "ref", iterations=6))
+@pytest.mark.parametrize("mode, lag", [("sync", 1), ("async", 2)])
+def test_a_sigkilled_driver_resumes_without_losing_or_repeating_a_step(
+    ray_session, tmp_path, mode, lag
+):
+    rollout = {"rollout.mode": mode, "rollout.max_policy_lag": lag}
+    reference = train(tiny(tmp_path / "ref", iterations=6, **rollout))
     run_dir = tmp_path / "killed"
     cmd = [sys.executable, "-m", "distrl.run", "--config", "tiny", "--iterations", "6"]
+    cmd += [f"--{key}={value}" for key, value in rollout.items()]
     cmd += ["--output-dir", str(run_dir), "--output.checkpoint_every", "1"]
     cmd += ["--output.eval_every", "0", "--output.progress", "false", "--output.plots", "false"]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
@@ -258,8 +263,9 @@ def test_a_sigkilled_driver_resumes_without_losing_or_repeating_a_step(ray_sessi
     ref = torch.load(reference / "final" / "distrl_state.pt", weights_only=True)
     assert state["version"] == ref["version"] == 6
     assert state["steps"] == ref["steps"]  # total optimizer updates equal an uninterrupted run
-    # The prompts in flight at the saved step were drawn again: every step trained the prompts
-    # of the uninterrupted run, in its order (samples.jsonl logs all 8 rows of every step).
+    # The prompts queued or in flight at the saved step were drawn again: every step trained
+    # the prompts of the uninterrupted run, in its order (samples.jsonl logs all 8 rows of
+    # every step).
     examples = [
         [r["example"] for r in read_metrics(d / "samples.jsonl")] for d in (run_dir, reference)
     ]

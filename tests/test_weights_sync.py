@@ -420,6 +420,29 @@ def test_a_corrupted_delivery_is_sent_again_and_counted_and_a_second_one_stops_t
 
 
 @pytest.mark.slow  # actors on Ray
+def test_weights_posted_behind_a_workers_batches_are_checked_once_it_has_loaded_them(
+    test_actors, capfd
+):
+    """Async mode: the weights are queued on every worker without waiting; the damaged copy is
+    found when its delivery is checked, counted, and sent again."""
+    source = model(seed=0)
+    learner = ObjectStoreLearner.remote(source)
+    workers = [DamagedOnArrival.remote(0), DamagedOnArrival.remote(1)]
+    test_actors += [learner, *workers]
+    counted: list[str] = []
+    publisher = publisher_of(learner, workers, counted, broadcasts=False)
+    version, posted = publisher.post()
+    assert version == 1 and len(posted) == 2 and counted == []  # nothing waited for
+    ray.wait(posted, num_returns=2)
+    for i, ref in enumerate(posted):
+        publisher.checked(i, ref)
+    assert counted == ["faults/weight_mismatch"]
+    assert "rollout worker 1: received weights have digest" in capfd.readouterr().err
+    reference = publish_weights(source, 1)
+    assert ray.get([w.holds.remote(reference) for w in workers]) == [True, True]
+
+
+@pytest.mark.slow  # actors on Ray
 def test_a_bit_flipped_in_a_broadcast_run_is_counted_said_and_the_group_sends_again(
     test_actors, capfd
 ):

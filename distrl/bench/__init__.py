@@ -1,7 +1,7 @@
 """Throughput benchmarks.
 
-``python -m distrl.bench [rollout|episodes|learner|publish|replay|reward|attention|pipeline|all ...]
-[--json OUT] [--model default|tiny] [--quick] [--batch B] [--new-tokens T]
+``python -m distrl.bench [rollout|episodes|learner|publish|replay|reward|attention|pipeline|
+asynchrony|all ...] [--json OUT] [--model default|tiny] [--quick] [--batch B] [--new-tokens T]
 [--device auto|cpu|cuda] [--dtype auto|float32|bfloat16|float16] [--engine hf|vllm]``
 
 Each section is a function returning a JSON-ready dict and printing a table; ``all`` runs every
@@ -39,6 +39,10 @@ Both sides of a comparison run on the same device, and the JSON says which: on a
 - ``pipeline``: end-to-end seconds per step and completions/s of distrl's PPO loop against
   TRL's ``GRPOTrainer`` (optional ``bench`` extra) on the same model, prompts, reward, batch,
   length and number of updates.
+- ``asynchrony``: GRPO with 2 rollout workers in sync mode and in async mode at
+  ``max_policy_lag`` 1, 2 and 4 (``rollout.mode``): seconds per step, completions/s and the
+  learner's and workers' idle shares; and (not ``--quick``) the packaged ``arithmetic`` task's
+  reward against samples and wall time, sync against async at lag 2.
 - ``reward``: samples/s of the ``RewardPool`` with 1 and 2 actors for the packaged ``default``
   config's reward (beside the same reward in-process, without Ray), and the cost of every
   built-in component alone, in ms per sample, measured in-process.
@@ -58,6 +62,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from distrl.bench.asynchrony import bench_asynchrony
 from distrl.bench.attention import bench_attention
 from distrl.bench.common import BATCH_SIZE, MAX_NEW_TOKENS, BenchOptions, local_ray, machine_info
 from distrl.bench.episodes import bench_episodes
@@ -78,6 +83,7 @@ SECTIONS: dict[str, Callable[[BenchOptions], dict[str, Any]]] = {
     "replay": bench_replay,
     "attention": bench_attention,
     "pipeline": bench_pipeline,
+    "asynchrony": bench_asynchrony,
 }
 
 

@@ -59,50 +59,61 @@ def device_and_dtype(options: BenchOptions) -> dict[str, str]:
     return {"device": str(device), "dtype": str(dtype).removeprefix("torch.")}
 
 
+def pipeline_overrides(
+    options: BenchOptions, steps: int, tmp: str, *, lag: int, threads: int, workers: int = 1
+) -> dict[str, Any]:
+    """The run config of the benchmark's work: GRPO on ``workers`` rollout workers (the
+    completions of a step split between them) at ``max_policy_lag`` ``lag``, for ``steps``
+    timed steps after a warm-up one, written under ``tmp``."""
+    gpus = gpu_share(options, workers + 1)
+    return {
+        "model.device": options.device,
+        "model.dtype": options.dtype,
+        "iterations": steps + 1,
+        "rollout.num_workers": workers,
+        "algo": "grpo",
+        "rollout.engine": options.engine,
+        "rollout.batch_size": COMPLETIONS // GENERATIONS // workers,
+        "rollout.samples_per_prompt": GENERATIONS,
+        "rollout.max_new_tokens": MAX_NEW_TOKENS,
+        "rollout.temperature": TEMPERATURE,
+        "rollout.max_policy_lag": lag,
+        "ppo.epochs": 1,
+        "ppo.minibatch_size": COMPLETIONS,
+        "ppo.kl_loss_coef": 0.0,  # TRL's default beta 0: no reference model in either
+        "learner.lr": LR,
+        "reward.components": [{"name": REWARD}],
+        "resources.torch_threads": threads,
+        "resources.rollout_cpus": 0.0,
+        "resources.rollout_gpus": gpus,
+        "resources.learner_cpus": 0.0,
+        "resources.learner_gpus": gpus,
+        "resources.reward_cpus": 0.0,
+        "output.dir": f"{tmp}/run",
+        "output.eval_every": 0,
+        "output.checkpoint_every": steps + 1,
+        "output.tensorboard": False,
+        "output.plots": False,
+        "output.progress": False,
+    }
+
+
+def timed_steps(records: list[dict[str, Any]]) -> list[float]:
+    """Seconds of each step after the first (a warm-up), the last one's final checkpoint left
+    out (TRL's step timing leaves saving out too)."""
+    return [r["time/iteration_s"] - r.get("time/checkpoint_s", 0.0) for r in records[1:]]
+
+
 def distrl_pipeline(options: BenchOptions, steps: int, overlap: bool) -> dict[str, Any]:
     """Seconds per iteration of ``distrl.loop.driver.train`` (algo grpo) on the benchmark's work."""
     from distrl.loop.driver import train
 
     threads = 1 if overlap else 2
-    gpus = gpu_share(options, 2)
     with tempfile.TemporaryDirectory() as tmp:
-        config = load_config(
-            options.model,
-            {
-                "model.device": options.device,
-                "model.dtype": options.dtype,
-                "iterations": steps + 1,
-                "rollout.num_workers": 1,
-                "algo": "grpo",
-                "rollout.engine": options.engine,
-                "rollout.batch_size": COMPLETIONS // GENERATIONS,
-                "rollout.samples_per_prompt": GENERATIONS,
-                "rollout.max_new_tokens": MAX_NEW_TOKENS,
-                "rollout.temperature": TEMPERATURE,
-                "rollout.max_policy_lag": 1 if overlap else 0,
-                "ppo.epochs": 1,
-                "ppo.minibatch_size": COMPLETIONS,
-                "ppo.kl_loss_coef": 0.0,  # TRL's default beta 0: no reference model in either
-                "learner.lr": LR,
-                "reward.components": [{"name": REWARD}],
-                "resources.torch_threads": threads,
-                "resources.rollout_cpus": 0.0,
-                "resources.rollout_gpus": gpus,
-                "resources.learner_cpus": 0.0,
-                "resources.learner_gpus": gpus,
-                "resources.reward_cpus": 0.0,
-                "output.dir": f"{tmp}/run",
-                "output.eval_every": 0,
-                "output.checkpoint_every": steps + 1,
-                "output.tensorboard": False,
-                "output.plots": False,
-                "output.progress": False,
-            },
-        )
+        overrides = pipeline_overrides(options, steps, tmp, lag=int(overlap), threads=threads)
+        config = load_config(options.model, overrides)
         records = read_metrics(train(config) / "metrics.jsonl")
-    # The first one warms up; the last one's final checkpoint is not training (TRL's step
-    # timing leaves saving out too).
-    seconds = [r["time/iteration_s"] - r.get("time/checkpoint_s", 0.0) for r in records[1:]]
+    seconds = timed_steps(records)
     per_step = statistics.median(seconds)
     return {
         **device_and_dtype(options),

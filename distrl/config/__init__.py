@@ -103,7 +103,16 @@ class RolloutConfig:
     top_p: float = _f(1.0, "nucleus sampling mass; 1 = off", gt=0.0, le=1.0)
     top_k: int = _f(0, "sample from the k most likely tokens; 0 = off", ge=0)
     max_policy_lag: int = _f(
-        1, "drop rollouts made by a policy more than this many versions old", ge=0
+        1,
+        "a batch made by a policy more than this many versions behind the learner is made "
+        "again, from the same prompts, with the newest weights",
+        ge=0,
+    )
+    mode: Literal["sync", "async"] = _f(
+        "sync",
+        "sync: each worker runs one batch ahead and the learner waits for every worker to "
+        "load its new weights; async: each worker keeps max_policy_lag batches queued and "
+        "loads new weights between them, and the learner waits only for the batches it trains",
     )
     engine: Literal["hf", "vllm"] = _f(
         "hf",
@@ -523,6 +532,17 @@ class RunConfig:
             )
         if spec.family == "q_learning" and r.samples_per_prompt != 1:
             raise ConfigError(f"rollout.samples_per_prompt must be 1 with algo {self.algo}")
+        if r.mode == "async" and r.max_policy_lag < 1:
+            raise ConfigError(
+                "rollout.mode async queues batches ahead of the learner: set "
+                "rollout.max_policy_lag to 1 or more (the batches each worker keeps queued)"
+            )
+        if r.mode == "async" and r.weight_sync == "broadcast":
+            raise ConfigError(
+                "rollout.mode async sends each worker its weights between its own batches; a "
+                "broadcast needs every worker at once: use rollout.weight_sync object_store "
+                "or rollout.mode sync"
+            )
         if p.overlong_buffer >= r.max_new_tokens:
             raise ConfigError(
                 f"ppo.overlong_buffer ({p.overlong_buffer}) must be below "

@@ -40,7 +40,7 @@ from distrl.envs.episodes import Episodes
 from distrl.errors import DistrlError
 from distrl.models.policy import build_model, build_tokenizer, left_pad
 from distrl.pg.rollout import ARRAY_FIELDS, RolloutWorker, Trajectories, response_texts
-from distrl.runtime.roles import WorkerRole
+from distrl.runtime.roles import WorkerRole, generating
 
 
 @dataclass
@@ -244,6 +244,7 @@ class QRolloutWorker(WorkerRole):
         del policy_worker["max_prompt_tokens"]  # a Q-worker's width covers it
         return {**policy_worker, "dqn_config": config.dqn, "width": replay_width(config)}
 
+    @generating
     def generate_episodes(
         self,
         examples: list[Example],
@@ -285,6 +286,7 @@ class QRolloutWorker(WorkerRole):
         else:
             super().apply_weights(tensors)
 
+    @generating
     def generate(
         self,
         prompts: list[list[int]],

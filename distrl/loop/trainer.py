@@ -16,7 +16,9 @@ import shutil
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,16 @@ from distrl.weights.publish import Publisher
 Report = Callable[[int, dict[str, float], "Path | None"], None]
 
 
+@dataclass
+class Request:
+    """A batch asked of a rollout worker: the call, its prompts, and where the prompt stream
+    stood before they were drawn (a checkpoint goes back to the earliest untrained one)."""
+
+    ref: ray.ObjectRef
+    idx: list[int]
+    drawn: dict[str, int]
+
+
 class Trainer:
     """Owns the actors of one run and steps the training loop; ``self.algo`` (chosen by
     ``config.algo`` by ``distrl.loop.plugins.plugin``) supplies the roles and the learning step."""
@@ -68,13 +80,17 @@ class Trainer:
         self.progress_keys = algorithm.progress_keys
         self.learner = self.make_learner()
         self.workers = [self.make_worker(i) for i in range(config.rollout.num_workers)]
-        self.version = 0
-        self.in_flight: dict[int, ray.ObjectRef] = {}
-        # Where the prompt stream stood before each batch not yet trained was drawn: worker i's
-        # in-flight batch, and those collected for the step under way. A checkpoint keeps the
-        # earliest, so a resumed run draws them again in the same order (none skipped).
-        self.drawn: dict[int, dict[str, int]] = {}
+        self.version = 0  # the newest the workers hold or, in async mode, have queued
+        self.asynchronous = config.rollout.mode == "async"
+        # Each worker's batches asked and not yet collected, oldest first: one ahead in sync
+        # mode (none at max_policy_lag 0 while the learner trains), max_policy_lag in async.
+        self.queues: dict[int, deque[Request]] = {}
+        # Where the prompt stream stood before each batch collected for the step under way was
+        # drawn. A checkpoint keeps the earliest of these and the queued ones, so a resumed run
+        # draws them again in the same order (none skipped, none repeated).
         self.taken: list[dict[str, int]] = []
+        self.posted: dict[int, list[ray.ObjectRef]] = {}  # async: deliveries not yet checked
+        self.stale_rows = 0  # rows made again this step for being too stale
         self.crew = Crew(
             learner=lambda: self.learner,
             workers=lambda: self.workers,
@@ -223,8 +239,8 @@ class Trainer:
                 if attempt:
                     self.replace_worker(i)
                 elif refresh:
-                    self.refresh(i)
-                return actors.get(self.in_flight[i], timeout=f.generate_timeout_s)
+                    self.refresh(i, redo="first")
+                return actors.get(self.queues[i][0].ref, timeout=f.generate_timeout_s)
             except GetTimeoutError:
                 self.faults["faults/rollout_timeouts"] += 1
         raise Hung(
@@ -233,17 +249,18 @@ class Trainer:
             f"fix the cause"
         )
 
-    def replace_worker(self, i: int, *, resubmit: bool = True) -> int:
+    def replace_worker(self, i: int) -> int:
         """Kill worker ``i`` (Ray SIGKILLs a hung process) and start a new one with the current
-        weights and, if ``resubmit``, a new batch in place of the one the old worker held."""
+        weights, asking it again for the batches the old one held."""
         self.renew_worker(i)
-        return self.refresh(i, resubmit=resubmit)
+        return self.refresh(i, redo="all")
 
     def renew_worker(self, i: int) -> None:
         """Kill worker ``i`` and wait for a new one (initial weights, in no weight group)."""
         self.count_restarts([self.workers[i]])  # its last ones, before it goes
         ray.kill(self.workers[i], no_restart=True)
         self.workers[i] = self.make_worker(i)
+        self.posted[i] = []  # died with the old worker
         self.publisher.reset()
         self.wait_started([self.workers[i]], f"rollout worker {i}")
 
@@ -258,40 +275,59 @@ class Trainer:
                 f"{what} did not start within faults.start_timeout_s={timeout:g} s"
             ) from None
 
-    def refresh(self, i: int, *, resubmit: bool = True) -> int:
-        """Send worker ``i`` the learner's current weights and start a new batch on it;
-        returns the version it holds. By broadcast every worker takes them again."""
+    def refresh(self, i: int, *, redo: str) -> int:
+        """Send worker ``i`` the learner's current weights and ask it again for its queued
+        batches (``redo``: ``"all"``, or the ``"first"``, which came back stale); returns the
+        version it holds. By broadcast every worker takes them again."""
         version, renewed = self.publisher.to_worker(i)
         for j in renewed:  # their batches in flight died with them
             if j != i:
-                self.in_flight[j] = self.submit(j)
-        if resubmit:
-            self.in_flight[i] = self.submit(i)
+                self.redo(j)
+        self.redo(i, first_only=redo == "first")
         return version
+
+    def redo(self, i: int, *, first_only: bool = False) -> None:
+        """Ask worker ``i`` again for its queued batches (or the first), the same prompts."""
+        queue = self.queues.get(i, deque())
+        for request in list(queue)[:1] if first_only else queue:
+            request.ref = self.ask(i, request.idx)
 
     # ---- stages ------------------------------------------------------------------------
 
-    def publish(self) -> int:
+    def publish(self, *, behind: bool = False) -> int:
         """Send the learner's weights to every worker (``distrl.weights.publish``); returns the
-        version they hold. A worker replaced on the way starts a new batch if batches run
-        ahead (``max_policy_lag`` > 0)."""
+        version they hold. A worker replaced on the way is asked again for its queued batches.
+        ``behind`` (async mode): queue them behind each worker's batches and do not wait."""
+        if behind:
+            version, refs = self.publisher.post()
+            for i, ref in enumerate(refs):
+                self.posted.setdefault(i, []).append(ref)
+            return version
         version, renewed = self.publisher.publish()
-        if self.config.rollout.max_policy_lag > 0:
-            for i in renewed:
-                self.in_flight[i] = self.submit(i)
+        for i in renewed:
+            self.redo(i)
         return version
 
-    def submit(self, i: int) -> ray.ObjectRef:
-        """Start a rollout on worker ``i`` with the next prompts, each ``samples_per_prompt``
+    def submit(self, i: int) -> None:
+        """Queue a rollout on worker ``i`` with the next prompts, each ``samples_per_prompt``
         times in a row (the rows of one prompt are its group)."""
         r = self.config.rollout
-        self.drawn[i] = self.train_prompts.state()
+        drawn = self.train_prompts.state()
         idx = [
             i for i in self.train_prompts.next(r.batch_size) for _ in range(r.samples_per_prompt)
         ]
+        self.queues.setdefault(i, deque()).append(Request(self.ask(i, idx), idx, drawn))
+
+    def ask(self, i: int, idx: list[int]) -> ray.ObjectRef:
+        """Worker ``i``'s rollout of training prompts ``idx``."""
         return self.rollout(
             self.workers[i], self.train_prompts, idx, **self.algo.generate_options()
         )
+
+    def submit_all(self) -> None:
+        """Queue a batch on every worker, in worker order (the order they are trained in)."""
+        for i in range(len(self.workers)):
+            self.submit(i)
 
     def rollout(
         self, worker: ray.actor.ActorHandle, prompts: Prompts, idx: list[int], **options: Any
@@ -309,24 +345,41 @@ class Trainer:
         self.publisher.reset()  # a new or restored learner serves a new weight group
         self.version = self.publish()
         self.taken = []
-        self.in_flight = {i: self.submit(i) for i in range(len(self.workers))}
+        self.queues, self.posted = {}, {}
+        r = self.config.rollout
+        for _ in range(r.max_policy_lag if self.asynchronous else 1):
+            self.submit_all()
 
     def collect(self) -> list[Trajectories]:
-        """Each worker's finished batch, resubmitting ahead when ``max_policy_lag`` allows."""
-        cfg = self.config
+        """Each worker's oldest batch, queueing the next when ``max_policy_lag`` allows.
+
+        A batch made by a policy more than ``max_policy_lag`` versions behind the learner's (a
+        restarted worker's initial weights, a delivery that failed its check) is made again
+        from the same prompts with the current weights: never trained on, never skipped.
+        """
+        lag = self.config.rollout.max_policy_lag
         parts = []
         for i in range(len(self.workers)):
             batch = self.wait_rollout(i)
-            while self.version - batch.version > cfg.rollout.max_policy_lag:
-                # A restarted worker comes back with its initial weights: resend, redo.
+            self.check_posted(i)
+            while self.version - batch.version > lag:
                 self.faults["faults/stale_batches"] += 1
+                self.stale_rows += len(batch.example_ids)
                 batch = self.wait_rollout(i, refresh=True)
             parts.append(batch)
-            self.taken.append(self.drawn.pop(i))
-            if cfg.rollout.max_policy_lag > 0:  # generate the next batch while we learn
-                self.in_flight[i] = self.submit(i)
+            self.taken.append(self.queues[i].popleft().drawn)
+            if lag > 0:  # generate the next batch while we learn
+                self.submit(i)
         self.count_restarts(self.workers)
         return parts
+
+    def check_posted(self, i: int) -> None:
+        """Check the weights posted to worker ``i`` that it has loaded by now (async mode)."""
+        pending = self.posted.get(i, [])
+        done, _ = ray.wait(pending, num_returns=len(pending), timeout=0) if pending else ([], [])
+        for ref in done:
+            pending.remove(ref)
+            self.publisher.checked(i, ref)
 
     def count_restarts(self, workers: list[ray.actor.ActorHandle]) -> None:
         """Count the restarts Ray made of ``workers`` since they were last counted, busy or
@@ -355,10 +408,11 @@ class Trainer:
         times = {"time/rollout_wait_s": 0.0, "time/score_s": 0.0}
         rounds: list[Round] = []
         step = self.step + 1
+        self.stale_rows = 0
         with self.signals.abandonable(f"step {step}'s rollouts"):  # nothing learned yet
             while not rounds or self.algo.wants_more(rounds):
                 if rounds and self.config.rollout.max_policy_lag == 0:  # nothing ran ahead
-                    self.in_flight = {i: self.submit(i) for i in range(len(self.workers))}
+                    self.submit_all()
                 t0 = time.perf_counter()
                 parts = self.collect()
                 t1 = time.perf_counter()
@@ -374,12 +428,16 @@ class Trainer:
         self.taken = []  # trained
         t3 = time.perf_counter()
         self.signals.doing = f"step {step}'s publish"
-        self.version = self.publish()
+        self.version = self.publish(behind=self.asynchronous)
         times.update({"time/train_s": t3 - t2, "time/publish_s": time.perf_counter() - t3})
         if self.config.rollout.max_policy_lag == 0:
-            self.in_flight = {i: self.submit(i) for i in range(len(self.workers))}
+            self.submit_all()
         metrics.update(self.wait_stateful("learner", self.learner.publish_metrics.remote()))
         metrics.update(self.rollout_metrics(rounds, self.version))
+        # What the learner did not train for: waiting on the rollouts, their scores, the publish.
+        times["time/learner_idle_s"] = (
+            times["time/rollout_wait_s"] + times["time/score_s"] + times["time/publish_s"]
+        )
         metrics.update(ScoreResult.concat([r.scores for r in rounds]).metrics())
         self.last_rounds = rounds
         return {**metrics, **times}
@@ -437,7 +495,7 @@ class Trainer:
             if self.signals.signum is not None:
                 self.stop_on_signal()
         # Let the last rollouts finish before their actors are killed (bounded like any wait).
-        refs = list(self.in_flight.values())
+        refs = [r.ref for queue in self.queues.values() for r in queue]
         ray.wait(refs, num_returns=len(refs), timeout=self.config.faults.generate_timeout_s)
 
     def _loop(self, bar: Any, progress: bool, report: Report | None) -> None:
@@ -572,16 +630,24 @@ class Trainer:
         )
 
     def rollout_metrics(self, rounds: list[Round], version: int) -> dict[str, float]:
-        """Rollout throughput, response length and policy lag of an iteration's rounds (the
-        workers of a round generate side by side, rounds one after another)."""
+        """Rollout throughput, response length, policy lag (per sample: max and mean), the
+        batches queued ahead, the samples made again for staleness and the workers' idle
+        seconds of an iteration's rounds (the workers of a round generate side by side, rounds
+        one after another)."""
         parts = [p for r in rounds for p in r.parts]
         gen_s = sum(max(p.seconds for p in r.parts) for r in rounds)
         lengths = np.concatenate([p.response_mask.sum(1) for p in parts])
+        # Per sample: how many versions the policy that made it was behind the one trained.
+        lags = version - 1 - np.concatenate([p.row_versions for p in parts])
         metrics = {
             "rollout/tokens_per_s": sum(p.num_tokens for p in parts) / max(gen_s, 1e-9),
             "rollout/response_length": float(lengths.mean()),
-            "rollout/policy_lag": float(version - 1 - min(p.version for p in parts)),
+            "rollout/policy_lag": float(lags.max()),
+            "rollout/policy_lag_mean": float(lags.mean()),
+            "rollout/queue_depth": float(sum(len(q) for q in self.queues.values())),
+            "rollout/stale_samples": float(self.stale_rows),
             "time/generate_s": gen_s,
+            "time/worker_idle_s": sum(p.idle_s for p in parts),
         }
         if isinstance(parts[0], Episodes):  # per episode: model turns, tool calls, failed calls
             for name in ("turns", "tool_calls", "tool_errors"):
@@ -596,7 +662,7 @@ class Trainer:
         prompts = [self.val.ids[i] for i in idx]
         f = self.config.faults
         for attempt in range(f.call_retries + 1):
-            if attempt:  # worker 0 hung: replace it, with a new training batch in flight
+            if attempt:  # worker 0 hung: replace it, its training batches asked again
                 self.replace_worker(0)
             ref = self.rollout(self.workers[0], self.val, idx, greedy=True)
             try:
@@ -624,7 +690,7 @@ class Trainer:
         for actor in self.stateful().values():
             actors.kill(actor)
         for i, worker in enumerate(self.workers):  # with the rollouts a signal abandoned
-            actors.kill(worker, [self.in_flight[i]] if i in self.in_flight else [])
+            actors.kill(worker, [r.ref for r in self.queues.get(i, ())])
         self.pool.shutdown()
 
     # ---- checkpoints -------------------------------------------------------------------
@@ -670,7 +736,7 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         """The driver's share of a checkpoint: step, prompt position (before the first batch
         drawn but not trained), best reward, faults."""
-        untrained = [*self.taken, *self.drawn.values()]
+        untrained = [*self.taken, *(r.drawn for q in self.queues.values() for r in q)]
         return {
             "step": self.step,
             "prompts": min(

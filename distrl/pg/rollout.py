@@ -34,7 +34,7 @@ from distrl.models.policy import (
     prefill_shared,
 )
 from distrl.models.tokenizers import Tokenizer
-from distrl.runtime.roles import WorkerRole
+from distrl.runtime.roles import WorkerRole, generating
 from distrl.weights.tensors import set_weights
 
 if TYPE_CHECKING:
@@ -66,6 +66,7 @@ class Trajectories:
         texts: (B,) decoded responses. example_ids: (B,) indices into the prompt set.
         version: policy version that generated the batch (of a joined batch: the oldest).
         seconds: generation wall time.
+        idle_s: how long the worker sat idle before it started this batch.
         row_versions: (B,) int64, the version that generated each row (filled from
             ``version`` when not given; kept row by row when batches are joined).
     """
@@ -80,10 +81,16 @@ class Trajectories:
     version: int
     seconds: float
     row_versions: np.ndarray | None = field(default=None, kw_only=True)
+    idle_s: float = field(default=0.0, kw_only=True)
 
     array_fields = ARRAY_FIELDS  # per-sequence arrays, cut by ``select``
-    # How ``concat`` joins the per-batch scalars: the oldest version, the slowest worker.
-    reducers: ClassVar[dict[str, Callable[[list], Any]]] = {"version": min, "seconds": max}
+    # How ``concat`` joins the per-batch scalars: the oldest version, the slowest worker, the
+    # workers' idle time together.
+    reducers: ClassVar[dict[str, Callable[[list], Any]]] = {
+        "version": min,
+        "seconds": max,
+        "idle_s": sum,
+    }
 
     def __post_init__(self) -> None:
         if self.row_versions is None:
@@ -277,6 +284,7 @@ class RolloutWorker(WorkerRole):
             pad_token_id=self.tokenizer.pad_token_id,
         )
 
+    @generating
     @torch.no_grad()
     def generate(
         self, prompts: list[list[int]], example_ids: list[int], *, greedy: bool = False
@@ -337,6 +345,7 @@ class RolloutWorker(WorkerRole):
             seconds=time.perf_counter() - start,
         )
 
+    @generating
     def generate_episodes(
         self, examples: list[Example], example_ids: list[int], *, greedy: bool = False
     ) -> Episodes:

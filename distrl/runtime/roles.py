@@ -11,11 +11,13 @@ role: how weights go from the learner to the workers, through Ray's object store
 from __future__ import annotations
 
 import datetime
+import functools
 import json
+import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -365,6 +367,24 @@ class LearnerRole:
         self.tokenizer.save_pretrained(folder)
 
 
+Call = TypeVar("Call", bound=Callable[..., Any])
+
+
+def generating(method: Call) -> Call:
+    """Mark a rollout worker's generating call: the batch it returns records how long the
+    worker sat idle before the call (``idle_s``: since its previous call ended)."""
+
+    @functools.wraps(method)
+    def call(self: WorkerRole, *args: Any, **kwargs: Any) -> Any:
+        idle = 0.0 if self.free_since is None else time.perf_counter() - self.free_since
+        batch = method(self, *args, **kwargs)
+        batch.idle_s = idle
+        self.free_since = time.perf_counter()
+        return batch
+
+    return call  # type: ignore[return-value]
+
+
 class WorkerRole:
     """What every rollout worker shares: the version it holds and how published weights reach
     it (object store: ``set_weights``; broadcast: ``receive_weights``), both ending in
@@ -372,6 +392,7 @@ class WorkerRole:
 
     version: int = 0
     weight_group: WeightGroup | None = None
+    free_since: float | None = None  # when its last call ended (None: none yet)
 
     def trainable(self) -> nn.Module:
         """The network the learner trains and publishes (the policy, or the Q-network)."""
@@ -422,6 +443,7 @@ class WorkerRole:
             if weights.digest is not None:  # before anything is loaded: a bad copy changes nothing
                 check_received(tensors, weights.digest)
             self.load_checked(weights.version, tensors, check=weights.digest is not None)
+        self.free_since = time.perf_counter()
         return self.version
 
     def join_weight_group(

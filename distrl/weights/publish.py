@@ -90,6 +90,41 @@ class Publisher:
             versions.append(self.send(i))
         return max(versions), renewed
 
+    def post(self) -> tuple[int, list[ray.ObjectRef]]:
+        """Queue the learner's weights on every worker behind the batches it holds, without
+        waiting for them (``rollout.mode: async``): each worker loads them between two batches.
+
+        Returns:
+            The version posted, and each worker's ``set_weights`` call, to be checked once the
+            worker is done with it (``checked``).
+        """
+        crew, f = self.crew, self.f
+        learner = crew.learner()
+        weights_ref = learner.weights.remote()
+        version_ref = learner.publish_version.remote()
+        done, _ = ray.wait([weights_ref, version_ref], num_returns=2, timeout=f.train_timeout_s)
+        if len(done) < 2:
+            why = f"did not answer within faults.train_timeout_s={f.train_timeout_s:g} s"
+            raise Lost("learner", why)
+        try:
+            version = actors.get(version_ref)
+        except RayActorError:
+            raise Lost(crew.dead_role() or "learner", "died") from None
+        return version, [w.set_weights.remote(weights_ref) for w in crew.workers()]
+
+    def checked(self, i: int, ref: ray.ObjectRef) -> None:
+        """Check worker ``i``'s posted delivery ``ref`` (done): one that failed its check is
+        counted and sent again, now and waited for (``send``). A worker that died with it was
+        restarted by Ray with its initial weights: its batches come back stale and are made
+        again."""
+        try:
+            actors.get(ref)
+        except RayActorError:
+            pass
+        except WeightMismatch as err:
+            self.mismatched(i, err)
+            self.send(i, again=True)
+
     def to_worker(self, i: int) -> tuple[int, list[int]]:
         """Send worker ``i`` the learner's current weights (by broadcast every worker takes
         them again); returns what ``publish`` does."""
