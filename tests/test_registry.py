@@ -193,7 +193,9 @@ def test_only_the_driver_imports_the_trainer():
         for p in PACKAGE.glob("*.py")
         if any(m.startswith("distrl.loop") for m in imported_modules(p.read_text()))
     )
-    assert _importers("distrl.loop", outside) == ["distrl/bench/pipeline.py"]
+    # The benches that time whole runs.
+    benches = ["distrl/bench/asynchrony.py", "distrl/bench/pipeline.py"]
+    assert _importers("distrl.loop", outside) == benches
     assert top == ["run.py", "tune.py"]
 
 
