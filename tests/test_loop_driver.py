@@ -137,12 +137,14 @@ def test_resume_skips_a_torn_newest_checkpoint_and_continues_at_the_next_step(
 
 
 @pytest.mark.slow  # a whole run on Ray
-@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+@pytest.mark.parametrize("algo", ["ppo", "grpo", "dqn"])
 def test_async_training_runs_ahead_within_its_staleness_bound_on_every_prompt_in_order(
     ray_session, tmp_path, algo
 ):
     lag = 2
     options = {"rollout.mode": "async", "rollout.max_policy_lag": lag}
+    if algo == "dqn":  # updates from the first step on
+        options.update({"dqn.learning_starts": 16, "dqn.batch_size": 16})
     config = tiny(tmp_path, algo=algo, iterations=5, **options, **{"output.samples_logged": 64})
     run_dir = train(config)
     records = read_metrics(run_dir / "metrics.jsonl")
