@@ -399,16 +399,26 @@ def publisher_of(learner: Any, workers: list[Any], counted: list[str], *, broadc
 
 
 @pytest.mark.slow  # actors on Ray
+@pytest.mark.parametrize("posted", [False, True], ids=["waited-for", "posted"])
 def test_a_corrupted_delivery_is_sent_again_and_counted_and_a_second_one_stops_the_run(
-    test_actors, capfd
+    test_actors, capfd, posted
 ):
+    """Waited for (sync mode), or posted behind a worker's batches and checked once loaded
+    (async mode, where nothing is waited for): the damaged copy is counted and sent again."""
     source = model(seed=0)
     learner = ObjectStoreLearner.remote(source)
     workers = [DamagedOnArrival.remote(0), DamagedOnArrival.remote(1)]
     test_actors += [learner, *workers]
     counted: list[str] = []
     publisher = publisher_of(learner, workers, counted, broadcasts=False)
-    assert publisher.publish() == (1, [])
+    if posted:
+        version, refs = publisher.post()
+        assert version == 1 and len(refs) == 2 and counted == []  # nothing waited for
+        ray.wait(refs, num_returns=2)
+        for i, ref in enumerate(refs):
+            publisher.checked(i, ref)
+    else:
+        assert publisher.publish() == (1, [])
     assert counted == ["faults/weight_mismatch"]
     assert "rollout worker 1: received weights have digest" in capfd.readouterr().err
     reference = publish_weights(source, 1)
@@ -416,30 +426,10 @@ def test_a_corrupted_delivery_is_sent_again_and_counted_and_a_second_one_stops_t
     workers[1] = DamagedOnArrival.remote(2)  # every delivery damaged: twice in a row
     test_actors.append(workers[1])
     with pytest.raises(DistrlError, match="rollout worker 1: .* on two deliveries in a row"):
-        publisher.publish()
-
-
-@pytest.mark.slow  # actors on Ray
-def test_weights_posted_behind_a_workers_batches_are_checked_once_it_has_loaded_them(
-    test_actors, capfd
-):
-    """Async mode: the weights are queued on every worker without waiting; the damaged copy is
-    found when its delivery is checked, counted, and sent again."""
-    source = model(seed=0)
-    learner = ObjectStoreLearner.remote(source)
-    workers = [DamagedOnArrival.remote(0), DamagedOnArrival.remote(1)]
-    test_actors += [learner, *workers]
-    counted: list[str] = []
-    publisher = publisher_of(learner, workers, counted, broadcasts=False)
-    version, posted = publisher.post()
-    assert version == 1 and len(posted) == 2 and counted == []  # nothing waited for
-    ray.wait(posted, num_returns=2)
-    for i, ref in enumerate(posted):
-        publisher.checked(i, ref)
-    assert counted == ["faults/weight_mismatch"]
-    assert "rollout worker 1: received weights have digest" in capfd.readouterr().err
-    reference = publish_weights(source, 1)
-    assert ray.get([w.holds.remote(reference) for w in workers]) == [True, True]
+        if posted:
+            publisher.checked(1, publisher.post()[1][1])
+        else:
+            publisher.publish()
 
 
 @pytest.mark.slow  # actors on Ray
